@@ -1,0 +1,1 @@
+"""Captioned image sources, transforms and caches (imported as ldm.data)."""

@@ -1,0 +1,1 @@
+"""Diagnostics and evaluation: per-timestep loss and bias, sampling drift, guidance, schedules."""

@@ -1,0 +1,93 @@
+"""Model folders in the diffusers layout: validation, safe loading, atomic saving.
+
+    folder/
+      model_index.json
+      unet/          config.json + diffusion_pytorch_model.safetensors
+      vae/           config.json + diffusion_pytorch_model.safetensors
+      text_encoder/  config.json + model.safetensors
+      tokenizer/     vocab.json, merges.txt, tokenizer.json ...
+      scheduler/     scheduler_config.json
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".ckpt", ".pt", ".pth")
+
+
+def check_model_folder(path: str, components=COMPONENTS) -> str:
+    """Returns the absolute folder path after checking that it exists and holds every component."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isfile(path):
+        raise ValueError(f"{path} is a single file; ldm loads model folders in the diffusers layout "
+                         f"({', '.join(COMPONENTS)}). Convert a single-file checkpoint with diffusers' "
+                         "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) first.")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path} does not exist; pass a folder written by "
+                                "Pipeline.save_pretrained (or `ldm create-model --preset tiny --out DIR`)")
+    for name in components:
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            raise FileNotFoundError(f"model folder {path} has no {name}/ component; copy {name}/ from the model "
+                                    "it came from, or re-save the whole pipeline with save_pretrained")
+    return path
+
+
+def weights_format(folder: str, component: str, allow_pickle: bool = False) -> str:
+    """Returns "safetensors" or "pickle" for a component's weights, refusing pickles unless allowed."""
+    sub = os.path.join(folder, component)
+    files = os.listdir(sub)
+    if any(f.endswith(SAFE_SUFFIXES) for f in files):
+        return "safetensors"
+    pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        if not allow_pickle:
+            raise ValueError(f"{component}/ in {folder} holds only pickled weights ({', '.join(pickled)}), which can "
+                             "run arbitrary code when loaded. Convert them to safetensors, or pass allow_pickle=True "
+                             "(--allow-pickle) if you trust where they came from.")
+        return "pickle"
+    raise FileNotFoundError(f"{component}/ in {folder} has no weights (*.safetensors); re-save the pipeline "
+                            "with save_pretrained")
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Yields a temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    A crash leaves the previous `path` intact (and at worst a stray `.tmp-` folder), never a half-written one.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+        os.rmdir(old)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,158 @@
+"""Model presets: plain functions returning a `ModelSpec`, collected in `MODEL_PRESETS` (DiT style).
+
+A spec holds the constructor arguments of each component, so every model can be built offline from code:
+    spec = MODEL_PRESETS["sd15"]()
+    unet = build_unet(spec)          # diffusers UNet2DConditionModel, random init
+Latents are always 1/8 of the image side for sd15/sd21; tiny and small use fewer VAE levels (see each preset).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build a latent diffusion model from nothing."""
+    name: str
+    resolution: int                      # native image side in pixels
+    unet: dict                           # UNet2DConditionModel kwargs
+    vae: dict                            # AutoencoderKL kwargs
+    text_encoder: dict                   # CLIPTextConfig kwargs
+    tokenizer_pad_token: str = "<|endoftext|>"
+    scheduler: dict = field(default_factory=dict)  # DDIMScheduler kwargs: the noise schedule, saved with the model
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _latent_scheduler(**overrides) -> dict:
+    # clip_sample=False: clipping x0 to [-1, 1] suits pixels, not latents (diffusers' DDPM default is True).
+    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return {**config, **overrides}
+
+
+def _clip_text(hidden: int, layers: int, heads: int, intermediate: int, act: str = "quick_gelu", **extra) -> dict:
+    return dict(vocab_size=49408, max_position_embeddings=77, hidden_size=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, intermediate_size=intermediate, hidden_act=act,
+                projection_dim=extra.pop("projection_dim", hidden), bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=extra.pop("pad_token_id", 49407), **extra)
+
+
+def tiny() -> ModelSpec:
+    """A few hundred thousand UNet parameters: unit tests. 64 px images -> 4x8x8 latents."""
+    return ModelSpec(
+        name="tiny", resolution=64,
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                  attention_head_dim=8, norm_num_groups=8),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                 block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64),
+        text_encoder=_clip_text(hidden=32, layers=2, heads=4, intermediate=64),
+        scheduler=_latent_scheduler(),
+    )
+
+
+def small() -> ModelSpec:
+    """The CPU demo model: 64 px images -> 4x16x16 latents, trains in minutes on two cores."""
+    return ModelSpec(
+        name="small", resolution=64,
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+                  attention_head_dim=32, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+                 block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                 up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64),
+        text_encoder=_clip_text(hidden=128, layers=2, heads=4, intermediate=256),
+        scheduler=_latent_scheduler(),
+    )
+
+
+def sd15() -> ModelSpec:
+    """Stable Diffusion 1.5's architecture: 512 px -> 4x64x64 latents, CLIP ViT-L/14 text encoder (77x768)."""
+    return ModelSpec(
+        name="sd15", resolution=512,
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215),
+        text_encoder=_clip_text(hidden=768, layers=12, heads=12, intermediate=3072),
+        scheduler=_latent_scheduler(),
+    )
+
+
+def sd21() -> ModelSpec:
+    """Stable Diffusion 2.1's architecture: 768 px v-prediction, OpenCLIP ViT-H/14 text tower (penultimate layer,
+    hence 23 layers), linear attention projections, 77x1024 embeddings padded with "!"."""
+    return ModelSpec(
+        name="sd21", resolution=768,
+        unet=dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+        vae=sd15().vae | dict(sample_size=768),
+        text_encoder=_clip_text(hidden=1024, layers=23, heads=16, intermediate=4096, act="gelu",
+                                projection_dim=512, pad_token_id=0),
+        tokenizer_pad_token="!",
+        scheduler=_latent_scheduler(prediction_type="v_prediction"),
+    )
+
+
+MODEL_PRESETS = {"tiny": tiny, "small": small, "sd15": sd15, "sd21": sd21}
+
+
+def get_spec(preset: str | ModelSpec) -> ModelSpec:
+    """Returns the spec for a preset name (or the spec itself)."""
+    if isinstance(preset, ModelSpec):
+        return preset
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[preset]()
+
+
+def build_unet(spec: ModelSpec) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**spec.unet)
+
+
+def build_vae(spec: ModelSpec) -> AutoencoderKL:
+    return AutoencoderKL(**spec.vae)
+
+
+def build_text_encoder(spec: ModelSpec) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+
+
+def build_scheduler(spec: ModelSpec) -> DDIMScheduler:
+    """Returns the folder's default sampler; any other (ldm.schedulers) is made from its config."""
+    return DDIMScheduler(**spec.scheduler)
+
+
+def build_components(preset: str | ModelSpec, seed: int = 0) -> dict:
+    """Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}, randomly initialised from `seed`."""
+    from ldm.tokenizer import build_clip_tokenizer
+
+    spec = get_spec(preset)
+    torch.manual_seed(seed)
+    return dict(unet=build_unet(spec), vae=build_vae(spec), text_encoder=build_text_encoder(spec),
+                tokenizer=build_clip_tokenizer(pad_token=spec.tokenizer_pad_token), scheduler=build_scheduler(spec))
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,1 @@
+"""Training logic shared by train/*.py, the CLI and tests."""

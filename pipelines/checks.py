@@ -1,0 +1,78 @@
+"""Input validation for Pipeline.__call__: every error names the problem and the fix."""
+from __future__ import annotations
+
+import torch
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _as_prompt_list(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        if len(value) == 0:
+            raise ValueError(f"{name} is an empty list; pass at least one string")
+        bad = [type(v).__name__ for v in value if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{name} must be a str or a list of str, but the list holds {', '.join(sorted(set(bad)))}; "
+                             "convert each item with str()")
+        return list(value)
+    raise ValueError(f"{name} must be a str or a list of str, not {type(value).__name__}")
+
+
+def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negative_prompt, num_images_per_prompt,
+                      eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
+                      callback_tensor_inputs) -> tuple[list[str] | None, list[str] | None]:
+    """Returns (prompts, negative_prompts) as lists after validating every argument of a pipeline call."""
+    f = pipe.vae_scale_factor
+    for name, side in (("height", height), ("width", width)):
+        if not isinstance(side, int) or side <= 0 or side % f:
+            near = max(f, round(side / f) * f) if isinstance(side, (int, float)) else 8 * f
+            raise ValueError(f"{name}={side} is not a positive multiple of {f} (the VAE's downsampling factor); "
+                             f"use {name}={near}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1 (e.g. 50)")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+    if not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a number (7.5 is typical), not {type(guidance_scale).__name__}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0.7 is the paper's choice)")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+    unknown = [k for k in callback_tensor_inputs if k not in pipe._callback_tensor_inputs]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; "
+                         f"choose from {pipe._callback_tensor_inputs}")
+
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt (str or list of str) and prompt_embeds (tensor)")
+    prompts = _as_prompt_list(prompt, "prompt") if prompt is not None else None
+    batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    negatives = None
+    if negative_prompt is not None:
+        if negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and batch > 1 and isinstance(negative_prompt, str):
+            negatives = negatives * batch  # one negative prompt string applies to every prompt
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {batch} prompts; "
+                             "pass one negative prompt per prompt, or a single string for all")
+    if prompt_embeds is not None and negative_prompt_embeds is not None and \
+            prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                         f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+
+    total = batch * num_images_per_prompt
+    if isinstance(generator, list) and len(generator) != total:
+        raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt); "
+                         "pass one generator per image or a single generator")
+    if latents is not None:
+        expected = (total, pipe.unet.config.in_channels, height // f, width // f)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a tensor of shape {expected} for these settings, got {got}")
+    return prompts, negatives

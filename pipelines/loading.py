@@ -1,0 +1,35 @@
+"""Loading pipeline components from a local folder, with the checks of ldm.folders."""
+from __future__ import annotations
+
+import diffusers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm.folders import check_model_folder, read_json, weights_format
+import os
+
+
+def load_scheduler(folder: str) -> SchedulerMixin:
+    """Returns the folder's scheduler; its class must be one of diffusers' schedulers."""
+    config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"scheduler/scheduler_config.json in {folder} names {config.get('_class_name')!r}, "
+                         "which is not a diffusers scheduler; set _class_name to e.g. DDIMScheduler")
+    return cls.from_pretrained(folder, subfolder="scheduler")
+
+
+def load_components(path, torch_dtype=None, allow_pickle: bool = False, variant: str | None = None) -> dict:
+    """Returns {"vae", "text_encoder", "tokenizer", "unet", "scheduler"} loaded offline from a folder."""
+    folder = check_model_folder(path)
+    safe = {name: weights_format(folder, name, allow_pickle) == "safetensors" for name in ("unet", "vae", "text_encoder")}
+    common = dict(torch_dtype=torch_dtype, variant=variant, local_files_only=True)
+    return dict(
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=safe["unet"], **common),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safe["vae"], **common),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
+                                                   use_safetensors=safe["text_encoder"], **common),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+        scheduler=load_scheduler(folder),
+    )

@@ -1,0 +1,56 @@
+"""What a pipeline call returns: images, and optionally a per-step trace for diagnostics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class StepRecord:
+    """One denoising step, on the CPU in float32. Predictions are in the model's prediction_type units
+    (noise for epsilon models, v for v-prediction); noise_pred_uncond is None without guidance.
+
+    step: loop index i; timestep: t; latents: x_t entering the step (B, C, h, w); x0_pred: the clean-latent
+    estimate at this step; noise_pred: the guided prediction the scheduler used; noise_pred_cond and
+    noise_pred_uncond: the two branches before guidance.
+    """
+    step: int
+    timestep: float
+    latents: torch.Tensor
+    x0_pred: torch.Tensor
+    noise_pred: torch.Tensor
+    noise_pred_cond: torch.Tensor
+    noise_pred_uncond: torch.Tensor | None
+
+    FIELDS = ("step", "timestep", "latents", "x0_pred", "noise_pred", "noise_pred_cond", "noise_pred_uncond")
+
+    @classmethod
+    def capture(cls, i, t, x_t, x0, noise_pred, pred_cond, pred_uncond) -> "StepRecord":
+        cpu = lambda x: None if x is None else x.detach().float().cpu()  # noqa: E731
+        return cls(i, float(t), cpu(x_t), cpu(x0), cpu(noise_pred), cpu(pred_cond), cpu(pred_uncond))
+
+
+@dataclass
+class PipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    trace: list[StepRecord] | None = None
+
+
+def predict_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+    """Returns x0 implied by a prediction at timestep t, for schedulers whose step() does not report it.
+
+    epsilon: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)  (Ho et al. 2020, Eq. 15)
+    v:       x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v        (Salimans & Ho 2022, Sec. 4)
+    x_t must be the (variance-preserving) model input, i.e. after scheduler.scale_model_input.
+    """
+    alpha_bar_t = scheduler.alphas_cumprod.to(x_t.device)[int(round(float(t)))].to(x_t.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - alpha_bar_t).sqrt() * model_output) / alpha_bar_t.sqrt()
+    if kind == "v_prediction":
+        return alpha_bar_t.sqrt() * x_t - (1 - alpha_bar_t).sqrt() * model_output
+    return model_output

@@ -1,0 +1,228 @@
+"""Text-to-image sampling: our own denoising loop over diffusers components.
+
+    pipe = Pipeline.from_pretrained("models/demo", scheduler="ddim")
+    images = pipe("a red circle on the left", guidance_scale=7.5).images
+
+Notation (Ho et al. 2020; Song et al. 2021): x_t = latents at timestep t, eps = predicted noise (or v / x0,
+per the scheduler's prediction_type), x0_pred = the model's estimate of the clean latents, w = guidance scale.
+The folder layout is diffusers': Stable Diffusion 1.x/2.x folders load here, and folders we save load in
+diffusers' StableDiffusionPipeline.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from ldm.folders import atomic_folder, read_json, write_json
+from ldm.guidance import cfg_combine, rescale_guidance
+from ldm.pipelines.checks import check_call_inputs
+from ldm.pipelines.loading import load_components
+from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
+from ldm.schedulers import make_scheduler
+
+
+class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """VAE + CLIP text encoder + cross-attention UNet + scheduler, sampled with classifier-free guidance."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._schedule_config = dict(scheduler.config)  # the model's noise schedule, kept across scheduler swaps
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, scheduler: str | None = None, torch_dtype: torch.dtype | None = None,
+                        allow_pickle: bool = False, device: str | torch.device | None = None, **kwargs) -> "Pipeline":
+        """Returns the pipeline stored in a local diffusers-layout folder (ours or Stable Diffusion's).
+
+        scheduler: a name from ldm.schedulers.SCHEDULERS ("ddpm", "ddim", "lms", ...) to replace the folder's.
+        allow_pickle: load .bin/.ckpt weights, which can run code; refused by default.
+        """
+        if scheduler is not None:
+            make_scheduler(scheduler, {})  # validate the name before loading gigabytes
+        pipe = cls(**load_components(path, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **kwargs))
+        if scheduler is not None:
+            pipe.set_scheduler(scheduler)
+        return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """Writes the pipeline as a diffusers folder with safetensors weights, atomically.
+
+        model_index.json names StableDiffusionPipeline so that diffusers' DiffusionPipeline.from_pretrained
+        opens the folder as Stable Diffusion (safety checker absent); our from_pretrained reads either name.
+        """
+        kwargs.setdefault("safe_serialization", True)
+        with atomic_folder(str(path)) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+            index_path = os.path.join(tmp, "model_index.json")
+            index = read_json(index_path)
+            index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
+                         feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+            write_json(index_path, index)
+
+    def set_scheduler(self, name_or_scheduler) -> None:
+        """Replaces the sampler, by name ("ddpm", "ddim", "lms", ...) or with any diffusers scheduler object."""
+        self._schedule_config.update(self.scheduler.config)
+        self.scheduler = make_scheduler(name_or_scheduler, self._schedule_config)
+
+    def enable_xformers(self) -> None:
+        """Uses xformers' memory-efficient attention; raises RuntimeError saying why when it cannot."""
+        try:
+            import xformers  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("xformers is not installed (pip install 'ldm[xformers]'); "
+                               "PyTorch's SDPA attention stays on, which is as fast on recent PyTorch") from e
+        if self.device.type != "cuda":
+            raise RuntimeError(f"xformers needs a CUDA device but the pipeline is on {self.device}; "
+                               "call pipe.to('cuda') first, or keep the default SDPA attention")
+        self.enable_xformers_memory_efficient_attention()
+
+    # ------------------------------------------------------------------ prompt encoding
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return ids  # (B, 77)
+
+    def _encode_ids(self, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+        """Returns text embeddings (B, 77, D): the last layer, or with clip_skip=k the k-th from last + final LN."""
+        input_ids = input_ids.to(self.text_encoder.device)
+        if clip_skip is None:
+            return self.text_encoder(input_ids)[0]
+        hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return self.text_encoder.text_model.final_layer_norm(hidden)
+
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
+                      do_cfg: bool, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D)."""
+        dtype = self.text_encoder.dtype
+        prompt_embeds = self._encode_ids(self._tokenize(prompt), clip_skip).to(self.device, dtype)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # (B*n, 77, D)
+        if not do_cfg:
+            return prompt_embeds, None
+        # The unconditional branch never uses clip_skip (as in diffusers) and "" when no negative prompt is given.
+        uncond = negative_prompt if negative_prompt is not None else [""] * len(prompt)
+        negative_embeds = self._encode_ids(self._tokenize(uncond), None).to(self.device, dtype)
+        return prompt_embeds, negative_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # (B*n, 77, D)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _step_kwargs(self, generator, eta: float) -> dict:
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta  # DDIM's eta (Song et al. 2021, Eq. 16): 0 = deterministic, 1 = DDPM-like
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
+                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False):
+        """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
+
+        guidance_scale <= 1 runs the conditional branch alone (one UNet call per step).
+        trace=True records a StepRecord per step (latents, x0 prediction, conditional and unconditional
+        predictions) on the CPU in float32, for ldm.diagnostics.
+        """
+        # 0. Defaults and input checks
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        prompt, negative_prompt = check_call_inputs(
+            self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
+            eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
+            callback_on_step_end_tensor_inputs)
+        batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        do_cfg = guidance_scale > 1.0
+
+        # 1. Encode the prompts: (B*n, 77, D) each; one batched UNet call per step later, uncond first
+        if prompt_embeds is None:
+            prompt_embeds, negative_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt,
+                                                                do_cfg, clip_skip)
+        else:
+            prompt_embeds = prompt_embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
+            negative_embeds = None
+            if do_cfg:
+                negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None
+                                   else self.encode_prompt([""] * batch, None, 1, False)[0])
+                negative_embeds = negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
+
+        # 2. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+
+        # 3. Initial noise x_T ~ N(0, sigma_max^2 I) in latent space: (B*n, 4, H/f, W/f)
+        shape = (batch * num_images_per_prompt, self.unet.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt_embeds.dtype)
+        latents = latents.to(self.device, prompt_embeds.dtype) * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        # 4. Denoising loop
+        records = [] if trace else None
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                # 4a. One UNet call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
+                x_in = torch.cat([latents, latents]) if do_cfg else latents
+                x_in = self.scheduler.scale_model_input(x_in, t)
+                context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+                model_out = self.unet(x_in, t, encoder_hidden_states=context,
+                                      cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+
+                # 4b. Classifier-free guidance (Ho & Salimans 2022), optionally rescaled (Lin et al. 2023)
+                if do_cfg:
+                    pred_uncond, pred_cond = model_out.chunk(2)  # (B*n, 4, h, w) each
+                    noise_pred = cfg_combine(pred_uncond, pred_cond, guidance_scale)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_guidance(noise_pred, pred_cond, guidance_rescale)
+                else:
+                    pred_uncond, pred_cond, noise_pred = None, model_out, model_out
+
+                # 4c. x_t -> x_{t-1}
+                x_t = latents
+                step = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
+                latents = step.prev_sample
+                if trace:
+                    x0 = getattr(step, "pred_original_sample", None)
+                    x0 = x0 if x0 is not None else predict_x0(self.scheduler, x_in[-x_t.shape[0]:], noise_pred, t)
+                    records.append(StepRecord.capture(i, t, x_t, x0, noise_pred, pred_cond, pred_uncond))
+
+                if callback_on_step_end is not None:
+                    tensors = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = out.pop("latents", latents)
+                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+                    negative_embeds = out.pop("negative_prompt_embeds", negative_embeds)
+                progress.update()
+
+        # 5. Decode z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, records)
+        return PipelineOutput(images=images, trace=records)
