@@ -91,3 +91,20 @@ def atomic_folder(path: str):
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state_dict(path: str, allow_pickle: bool = False) -> dict:
+    """Returns the tensors of a weights file: safetensors always, pickled files only with allow_pickle."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if not allow_pickle:
+        raise ValueError(f"{path} is a pickled checkpoint, which can run arbitrary code when loaded; convert it to "
+                         "safetensors, or pass allow_pickle=True (--allow-pickle) if you trust where it came from")
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)

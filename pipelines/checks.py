@@ -27,9 +27,9 @@ def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negati
     f = pipe.vae_scale_factor
     for name, side in (("height", height), ("width", width)):
         if not isinstance(side, int) or side <= 0 or side % f:
-            near = max(f, round(side / f) * f) if isinstance(side, (int, float)) else 8 * f
-            raise ValueError(f"{name}={side} is not a positive multiple of {f} (the VAE's downsampling factor); "
-                             f"use {name}={near}")
+            below = int(side // f * f) if isinstance(side, (int, float)) else 0
+            fix = f"use {name}={below} or {below + f}" if below >= f else f"use {name}={f} or larger"
+            raise ValueError(f"{name}={side} is not a positive multiple of {f} (the VAE's downsampling factor); {fix}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1 (e.g. 50)")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:

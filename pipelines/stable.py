@@ -26,6 +26,7 @@ from ldm.pipelines.checks import check_call_inputs
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.schedulers import make_scheduler
+from ldm.text_encoders import OpenCLIPTextEncoder
 
 
 class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -65,8 +66,12 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         opens the folder as Stable Diffusion (safety checker absent); our from_pretrained reads either name.
         """
         kwargs.setdefault("safe_serialization", True)
+        target = self
+        if isinstance(self.text_encoder, OpenCLIPTextEncoder):  # stored as the equivalent CLIPTextModel, as SD 2.x is
+            target = Pipeline(self.vae, self.text_encoder.to_clip_text_model(self.tokenizer.pad_token_id),
+                              self.tokenizer, self.unet, self.scheduler)
         with atomic_folder(str(path)) as tmp:
-            super().save_pretrained(tmp, **kwargs)
+            DiffusionPipeline.save_pretrained(target, tmp, **kwargs)
             index_path = os.path.join(tmp, "model_index.json")
             index = read_json(index_path)
             index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
@@ -103,7 +108,10 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if clip_skip is None:
             return self.text_encoder(input_ids)[0]
         hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        return self.text_encoder.text_model.final_layer_norm(hidden)
+        # transformers 5 flattened CLIPTextModel (no .text_model); 4.x nests it. diffusers 0.42's own clip_skip
+        # path assumes the nested layout and fails on transformers 5.
+        final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_norm(hidden)
 
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
                       do_cfg: bool, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

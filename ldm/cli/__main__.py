@@ -1,0 +1,5 @@
+import sys
+
+from ldm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""`ldm generate "PROMPT" --model DIR`: text to PNG files that record every generation parameter.
+
+Image i uses seed + i with its own CPU generator, so any single image can be remade with --seed S+i
+--num-images 1, on any device.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def add_arguments(p):
+    from ldm.schedulers import SCHEDULERS
+
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--model", required=True, help="a model folder (diffusers layout)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the folder's)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 rescale, 0..1")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, recorded)")
+    p.add_argument("--num-images", type=int, default=1, help="how many images")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's k-th layer from the end")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, float32 elsewhere")
+    p.add_argument("--out", default="outputs", help="a folder, or a file name ending in .png")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt weights (can run code)")
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def output_paths(out: str, seeds: list[int]) -> list[str]:
+    """Returns one new PNG path per image: OUT itself (or OUT-i.png) for a .png name, else OUT/NNNN-SEED.png."""
+    if out.lower().endswith(".png"):
+        stem = out[:-4]
+        return [out] if len(seeds) == 1 else [f"{stem}-{i}.png" for i in range(len(seeds))]
+    os.makedirs(out, exist_ok=True)
+    start = len([f for f in os.listdir(out) if f.endswith(".png")])
+    return [os.path.join(out, f"{start + i:04d}-{seed}.png") for i, seed in enumerate(seeds)]
+
+
+def run(args) -> int:
+    import torch
+
+    from ldm import Pipeline, __version__
+    from ldm.images import save_png
+    from ldm.schedulers import scheduler_name
+
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be >= 1")
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    pipe = Pipeline.from_pretrained(args.model, scheduler=args.scheduler, torch_dtype=dtype,
+                                    allow_pickle=args.allow_pickle).to(device)
+    first = args.seed if args.seed is not None else random.randrange(2**31)
+    seeds = [first + i for i in range(args.num_images)]
+    paths = output_paths(args.out, seeds)
+    params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, model=os.path.abspath(args.model),
+                  scheduler=scheduler_name(pipe.scheduler), steps=args.steps, guidance_scale=args.guidance_scale,
+                  guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
+                  height=args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                  width=args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                  device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__)
+    for start in range(0, len(seeds), args.batch_size):
+        chunk = seeds[start: start + args.batch_size]
+        began = time.perf_counter()
+        images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                      clip_skip=args.clip_skip, height=params["height"], width=params["width"],
+                      num_images_per_prompt=len(chunk),
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
+        seconds = (time.perf_counter() - began) / len(chunk)
+        for seed, image, path in zip(chunk, images, paths[start:]):
+            save_png(image, path, {**params, "seed": seed, "seconds": round(seconds, 3)})
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,96 @@
+"""Bad input raises ValueError / FileNotFoundError naming the problem and the fix."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from ldm import Pipeline
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(height=60), r"height=60 is not a positive multiple of 8.*use height=56 or 64"),
+    (dict(width=100), r"width=100 is not a positive multiple of 8.*use width=96 or 104"),
+    (dict(height=4), r"height=4 is not a positive multiple of 8.*use height=8 or larger"),
+    (dict(num_inference_steps=0), r"num_inference_steps=0 must be an integer >= 1"),
+    (dict(num_inference_steps=2.5), r"num_inference_steps=2.5 must be an integer"),
+    (dict(prompt=42), r"prompt must be a str or a list of str, not int"),
+    (dict(prompt=["ok", 3]), r"prompt must be a str or a list of str, but the list holds int"),
+    (dict(prompt=[]), r"prompt is an empty list"),
+    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), r"negative_prompt has 3 entries but there are 2 prompts"),
+    (dict(output_type="jpeg"), r"output_type='jpeg' is not one of pil, np, pt, latent"),
+    (dict(eta=2.0), r"eta=2.0 must be in \[0, 1\]"),
+    (dict(latents=torch.zeros(1, 4, 3, 3)), r"latents must be a tensor of shape \(1, 4, 8, 8\)"),
+    (dict(generator=[torch.Generator()] * 3), r"got 3 generators for 1 images"),
+])
+def test_bad_call_arguments(tiny_pipe, kw, match):
+    call = {"prompt": "a red circle", "num_inference_steps": 2, **kw}
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe(**call)
+
+
+def test_unknown_scheduler_lists_valid_names(tiny_folder, tiny_pipe):
+    with pytest.raises(ValueError, match=r"unknown scheduler 'dpm3'; valid names are ddpm, ddim, lms"):
+        tiny_pipe.set_scheduler("dpm3")
+    with pytest.raises(ValueError, match="valid names are"):
+        Pipeline.from_pretrained(tiny_folder, scheduler="nope")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model folder .*nowhere does not exist"):
+        Pipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def test_single_file_is_explained(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a single file.*from_single_file"):
+        Pipeline.from_pretrained(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"])
+def test_missing_component_is_named(tiny_folder, tmp_path, component):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_folder, copy)
+    shutil.rmtree(copy / component)
+    with pytest.raises(FileNotFoundError, match=rf"has no {component}/ component"):
+        Pipeline.from_pretrained(copy)
+
+
+def _pickle_unet(folder):
+    from safetensors.torch import load_file
+
+    unet = os.path.join(folder, "unet")
+    torch.save(load_file(os.path.join(unet, "diffusion_pytorch_model.safetensors")),
+               os.path.join(unet, "diffusion_pytorch_model.bin"))
+    os.remove(os.path.join(unet, "diffusion_pytorch_model.safetensors"))
+
+
+def test_pickled_weights_refused_unless_allowed(tiny_folder, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_folder, copy)
+    _pickle_unet(str(copy))
+    with pytest.raises(ValueError, match=r"unet/ .* pickled weights \(diffusion_pytorch_model.bin\).*allow_pickle=True"):
+        Pipeline.from_pretrained(copy)
+    pipe = Pipeline.from_pretrained(copy, allow_pickle=True)
+    ref = Pipeline.from_pretrained(tiny_folder)
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in ref.unet.state_dict().items())
+
+
+def test_component_without_weights(tiny_folder, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_folder, copy)
+    os.remove(copy / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"vae/ .* has no weights"):
+        Pipeline.from_pretrained(copy)
+
+
+def test_foreign_scheduler_class_is_refused(tiny_folder, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_folder, copy)
+    path = copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config["_class_name"] = "os.system"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a diffusers scheduler"):
+        Pipeline.from_pretrained(copy)

@@ -1,0 +1,50 @@
+"""Model presets build offline, quickly for tiny, and with Stable Diffusion's exact sizes for sd15."""
+import time
+
+import pytest
+import torch
+
+from ldm.presets import (MODEL_PRESETS, build_components, build_text_encoder, build_unet, build_vae,
+                         count_parameters, get_spec)
+
+
+def test_tiny_builds_fast_with_the_right_shapes():
+    start = time.perf_counter()
+    c = build_components("tiny")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5  # loose guard against accidental downloads or huge models, not a benchmark
+    spec = get_spec("tiny")
+    latents = torch.randn(1, 4, 8, 8)
+    ids = c["tokenizer"]("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    context = c["text_encoder"](ids)[0]
+    assert context.shape == (1, 77, spec.unet["cross_attention_dim"])
+    assert c["unet"](latents, 10, encoder_hidden_states=context).sample.shape == latents.shape
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert c["vae"].encode(image).latent_dist.mean.shape == (1, 4, 64 // spec.vae_scale_factor, 64 // spec.vae_scale_factor)
+
+
+@pytest.mark.slow
+def test_sd15_has_stable_diffusion_15_parameter_counts():
+    spec = get_spec("sd15")
+    torch.manual_seed(0)
+    unet, vae, text = build_unet(spec), build_vae(spec), build_text_encoder(spec)  # real random init, offline
+    assert count_parameters(unet) == 859_520_964
+    assert count_parameters(vae) == 83_653_863
+    assert count_parameters(text) == 123_060_480
+    assert spec.resolution // spec.vae_scale_factor == 64 and spec.text_encoder["hidden_size"] == 768
+    assert unet.conv_in.weight.std() > 0  # randomly initialised, not empty
+
+
+def test_sd21_sizes_on_meta_device():
+    from accelerate import init_empty_weights
+
+    spec = get_spec("sd21")
+    with init_empty_weights():
+        assert count_parameters(build_unet(spec)) == 865_910_724
+        assert count_parameters(build_text_encoder(spec)) == 340_387_840
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \['sd15', 'sd21', 'small', 'tiny'\]"):
+        get_spec("huge")
+    assert set(MODEL_PRESETS) >= {"tiny", "small", "sd15"}
