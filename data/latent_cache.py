@@ -1,0 +1,196 @@
+"""Latent cache: VAE latent distributions and token ids on disk, so training skips decoding and encoding.
+
+For every good sample the cache stores the VAE posterior N(mean, exp(logvar)) (Kingma & Welling 2014,
+arXiv:1312.6114; diffusers' DiagonalGaussianDistribution), not one draw, so training still samples
+z = mean + exp(logvar / 2) * eps each step (`sample_latents`), then multiplies by vae.config.scaling_factor.
+
+    out/cache.json                    manifest: key, its parts, count, skips, shards with sha256
+    out/latents-00000.safetensors     latent_mean (N,4,h,w), latent_logvar (N,4,h,w), input_ids (N,77) int64;
+                                      metadata {"captions": json list, "keys": json list}
+
+The key hashes the VAE weights and config, the tokenizer, the transform settings and the source's file list
+(names, sizes, mtimes). `ensure_latent_cache` reuses a cache only when its key matches, else rebuilds it;
+`open_latent_cache(dir, expected_key=...)` refuses a stale one. A shard holds one latent size (buckets).
+Note: a cached sample keeps one crop and one caption (for COCO, the pick of epoch 0).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from ldm.data.loader import make_dataloader
+from ldm.data.open import open_dataset
+from ldm.data.pack import sha256_file
+
+FORMAT = "ldm-latent-cache/1"
+MANIFEST = "cache.json"
+logger = logging.getLogger("ldm.data")
+
+
+def vae_fingerprint(vae) -> str:
+    """Returns the sha256 of the VAE's config and every weight (changes whenever the encoder does)."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Returns the sha256 of what decides token ids: vocabulary, padding token and length."""
+    parts = [sorted(tokenizer.get_vocab().items()), tokenizer.pad_token, tokenizer.model_max_length]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def source_fingerprint(dataset) -> str:
+    """Returns the sha256 of the source's units, with size and mtime for those that are files."""
+    digest = hashlib.sha256(type(dataset.source).__name__.encode())
+    for unit in dataset.source.units():
+        digest.update(repr(unit).encode())
+        path = unit[0] if isinstance(unit, tuple) else unit
+        path = os.path.join(getattr(dataset.source, "root", ""), path) if isinstance(path, str) else None
+        if path and os.path.isfile(path):
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size}/{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def cache_key_parts(dataset, vae, tokenizer) -> dict:
+    """Returns the parts of the cache key; the key is the sha256 of their JSON."""
+    return {"vae": vae_fingerprint(vae), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "transform": dataset.transform.settings(), "source": source_fingerprint(dataset), "seed": dataset.seed}
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_shard(out_dir: str, index: int, rows: list[dict]) -> dict:
+    name = f"latents-{index:05d}.safetensors"
+    tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in ("latent_mean", "latent_logvar", "input_ids")}
+    metadata = {"captions": json.dumps([r["caption"] for r in rows]), "keys": json.dumps([r["key"] for r in rows])}
+    save_file(tensors, os.path.join(out_dir, name), metadata=metadata)
+    return {"file": name, "count": len(rows), "sha256": sha256_file(os.path.join(out_dir, name)),
+            "latent_shape": list(rows[0]["latent_mean"].shape)}
+
+
+@torch.no_grad()
+def encode_batch(batch: dict, vae, tokenizer, device) -> list[dict]:
+    """Returns one row per sample: latent_mean/logvar (4,h,w) float32, input_ids (77,), caption, key."""
+    pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)  # (B, 3, H, W)
+    posterior = vae.encode(pixels).latent_dist
+    input_ids = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids  # (B, 77)
+    return [{"latent_mean": posterior.mean[i].float().cpu(), "latent_logvar": posterior.logvar[i].float().cpu(),
+             "input_ids": input_ids[i].long(), "caption": batch["caption"][i], "key": batch["key"][i]}
+            for i in range(len(batch["caption"]))]
+
+
+def build_latent_cache(spec, vae, tokenizer, out_dir: str, batch_size: int = 16, shard_size: int = 4096,
+                       num_workers: int = 0, device: str | torch.device = "cpu", **open_kwargs) -> dict:
+    """Returns the manifest after encoding every good sample of `spec` into `out_dir` (replacing a stale cache)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    dataset = open_dataset(spec, shuffle=False, **open_kwargs) if not hasattr(spec, "source") else spec
+    parts = cache_key_parts(dataset, vae, tokenizer)
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "latents-*.safetensors")) + [os.path.join(out_dir, MANIFEST)]:
+        if os.path.exists(stale):
+            os.remove(stale)  # the new manifest is written last: a half-built cache is never valid
+    vae = vae.to(device).eval()
+    loader = make_dataloader(dataset, batch_size=batch_size, num_workers=num_workers)
+    pending: dict[tuple, list[dict]] = {}
+    shards, count = [], 0
+    for batch in loader:
+        for row in encode_batch(batch, vae, tokenizer, device):
+            group = pending.setdefault(tuple(row["latent_mean"].shape), [])
+            group.append(row)
+            count += 1
+            if len(group) == shard_size:
+                shards.append(_write_shard(out_dir, len(shards), group))
+                group.clear()
+    for group in pending.values():
+        if group:
+            shards.append(_write_shard(out_dir, len(shards), group))
+    manifest = {"format": FORMAT, "key": cache_key(parts), "parts": parts, "spec": str(spec), "count": count,
+                "skipped": dict(loader.skips.counts), "shards": shards}
+    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def stale_reasons(manifest: dict | None, parts: dict) -> list[str]:
+    """Returns why a cache cannot be reused (empty when it can): missing, or which key parts changed."""
+    if manifest is None:
+        return ["no cache"]
+    if manifest.get("format") != FORMAT:
+        return [f"format {manifest.get('format')} != {FORMAT}"]
+    return [f"{name} changed" for name in parts if manifest["parts"].get(name) != parts[name]]
+
+
+def ensure_latent_cache(spec, vae, tokenizer, out_dir: str, **kwargs) -> tuple["LatentCacheDataset", bool]:
+    """Returns (the cache at out_dir, rebuilt?): reused when its key matches, else (re)built first."""
+    open_kwargs = {k: v for k, v in kwargs.items() if k not in ("batch_size", "shard_size", "num_workers", "device")}
+    dataset = open_dataset(spec, shuffle=False, **open_kwargs) if not hasattr(spec, "source") else spec
+    parts = cache_key_parts(dataset, vae, tokenizer)
+    reasons = stale_reasons(read_manifest(out_dir), parts)
+    if reasons:
+        logger.warning("latent cache %s: rebuilding (%s)", out_dir, ", ".join(reasons))
+        build_latent_cache(dataset, vae, tokenizer, out_dir, **{k: v for k, v in kwargs.items() if k not in open_kwargs})
+    return open_latent_cache(out_dir, expected_key=cache_key(parts)), bool(reasons)
+
+
+class LatentCacheDataset(Dataset):
+    """Map-style: item i is {"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,), "caption", "key"}."""
+
+    def __init__(self, out_dir: str, manifest: dict):
+        self.out_dir, self.manifest = out_dir, manifest
+        self.index = [(s["file"], row) for s in manifest["shards"] for row in range(s["count"])]
+        self._meta: dict[str, tuple[list, list]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        file, row = self.index[i]
+        with safe_open(os.path.join(self.out_dir, file), framework="pt") as f:
+            if file not in self._meta:
+                meta = f.metadata()
+                self._meta[file] = json.loads(meta["captions"]), json.loads(meta["keys"])
+            item = {name: f.get_slice(name)[row : row + 1][0] for name in ("latent_mean", "latent_logvar", "input_ids")}
+        captions, keys = self._meta[file]
+        return {**item, "caption": captions[row], "key": keys[row]}
+
+
+def open_latent_cache(out_dir: str, expected_key: str | None = None) -> LatentCacheDataset:
+    """Returns the cache in out_dir; raises if there is none, or if `expected_key` is given and differs."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no latent cache in {out_dir} ({MANIFEST} missing); build it with "
+                                f"`ldm cache-latents SRC --vae DIR --out {out_dir}`")
+    if expected_key is not None and manifest.get("key") != expected_key:
+        raise ValueError(f"latent cache {out_dir} is stale (built for another VAE, tokenizer, transform or "
+                         f"source); rebuild it with ensure_latent_cache or `ldm cache-latents`")
+    return LatentCacheDataset(out_dir, manifest)
+
+
+def sample_latents(latent_mean: torch.Tensor, latent_logvar: torch.Tensor, generator=None) -> torch.Tensor:
+    """Returns z = mean + exp(logvar / 2) * eps, a draw from the cached posterior (same shape as mean)."""
+    eps = torch.randn(latent_mean.shape, generator=generator, dtype=latent_mean.dtype, device=latent_mean.device)
+    return latent_mean + torch.exp(0.5 * latent_logvar.clamp(-30.0, 20.0)) * eps  # diffusers clamps logvar alike

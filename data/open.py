@@ -1,0 +1,108 @@
+"""open_dataset(spec): one entry point for every captioned image source.
+
+Spec forms (a prefix forces the kind; without one it is inferred):
+    shapes:N  |  shapes:N@R          the embedded shapes data set, N samples at R px (default 64)
+    folder:DIR  | DIR                a folder of images (recursive) with captions
+    wds:PATTERN | x.tar | "s/{000..009}.tar" | "s/*.tar" | a folder of .tar shards
+    parquet:PATH | x.parquet | "p/*.parquet" | a folder of .parquet files
+    coco:JSON   | captions_*.json    COCO captions plus its image folder (image_dir= to set it)
+    hf:DIR      | a save_to_disk folder
+Paths that do not exist and unknown forms raise before any data is read.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from ldm.data.dataset import ImageTextDataset
+from ldm.data.decode import MAX_PIXELS, MIN_SIDE
+from ldm.data.shapes import ShapesDataset
+from ldm.data.sources.coco import CocoSource
+from ldm.data.sources.folder import FolderSource
+from ldm.data.sources.hf_disk import HFDiskSource, is_saved_dataset
+from ldm.data.sources.mapstyle import MapSource
+from ldm.data.sources.parquet import ParquetSource
+from ldm.data.sources.webdataset import SHARD_SUFFIXES, WebDatasetSource
+from ldm.data.transforms import ImageTransform
+
+KINDS = ("shapes", "folder", "wds", "parquet", "coco", "hf")
+SPEC_HELP = ("use shapes:N[@R], a folder of images, .tar shards (path, glob or {000..009} pattern), "
+             ".parquet files, a COCO captions .json, or a save_to_disk folder (prefixes: " + ", ".join(KINDS) + ")")
+
+
+def parse_shapes(spec: str) -> tuple[int, int | None]:
+    """Returns (num_samples, resolution or None) of "shapes:N" / "shapes:N@R"."""
+    match = re.fullmatch(r"shapes:(\d+)(?:@(\d+))?", spec.strip())
+    if match is None:
+        raise ValueError(f"bad shapes spec {spec!r}; write shapes:N or shapes:N@R, e.g. shapes:2000@64")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+def infer_kind(spec: str) -> tuple[str, str]:
+    """Returns (kind, location) for a spec, inferring the kind from the path when there is no prefix."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in KINDS and not os.path.exists(spec):
+        return prefix, rest if prefix != "shapes" else spec
+    lower = spec.lower()
+    if lower.endswith(SHARD_SUFFIXES) or ("{" in spec and ".tar" in lower):
+        return "wds", spec
+    if lower.endswith(".parquet"):
+        return "parquet", spec
+    if lower.endswith(".json"):
+        return "coco", spec
+    if glob.has_magic(spec):
+        raise ValueError(f"cannot tell the format of {spec!r} from its pattern; {SPEC_HELP}")
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"data source {spec!r} does not exist; {SPEC_HELP}")
+    if os.path.isdir(spec):
+        if is_saved_dataset(spec):
+            return "hf", spec
+        names = [n.lower() for n in os.listdir(spec)]
+        if any(n.endswith(SHARD_SUFFIXES) for n in names):
+            return "wds", spec
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet", spec
+        return "folder", spec
+    raise ValueError(f"unknown data format {spec!r}; {SPEC_HELP}")
+
+
+def open_source(spec, caption: str | None = None, caption_column: str | None = None, image_dir: str | None = None,
+                split: str = "train", two_shape_fraction: float = 0.25, seed: int = 0):
+    """Returns (source, native resolution or None) for a spec string (or a map-style data set of raw samples)."""
+    if not isinstance(spec, str):
+        return MapSource(spec), None
+    kind, location = infer_kind(spec)
+    if kind == "shapes":
+        num_samples, resolution = parse_shapes(location)
+        shapes = ShapesDataset(num_samples, resolution or 64, seed=seed, two_shape_fraction=two_shape_fraction)
+        return MapSource(shapes, name="shapes"), resolution or 64
+    if kind == "folder":
+        return FolderSource(location, caption=caption, caption_column=caption_column or "text"), None
+    if kind == "wds":
+        return WebDatasetSource(location, caption_key=caption_column or "caption"), None
+    if kind == "parquet":
+        return ParquetSource(location, caption_column=caption_column), None
+    if kind == "coco":
+        return CocoSource(location, image_dir=image_dir), None
+    if not os.path.isdir(location) or not is_saved_dataset(location):
+        raise FileNotFoundError(f"{location!r} is not a save_to_disk folder (no dataset_info.json / state.json)")
+    return HFDiskSource(location, split=split, caption_column=caption_column), None
+
+
+def open_dataset(spec, resolution: int | None = None, center_crop: bool = True, random_flip: bool = False,
+                 caption: str | None = None, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 aspect_buckets: bool = False, caption_column: str | None = None, image_dir: str | None = None,
+                 split: str = "train", two_shape_fraction: float = 0.25, min_side: int = MIN_SIDE,
+                 max_pixels: int = MAX_PIXELS, shuffle_buffer: int = 0) -> ImageTextDataset:
+    """Returns an iterable of {"pixel_values": (3,R,R) in [-1,1], "caption": str, "key": str} for one rank.
+
+    resolution: output side (default: the spec's own for shapes:N@R, else 64). caption: instance prompt or
+    "{name}" template for folders. rank/world_size: e.g. accelerator.process_index / num_processes.
+    shuffle: a new unit order (shards, files, indices) each epoch; shuffle_buffer > 1 also mixes records
+    within shards. min_side / max_pixels: smaller / larger images are skipped (too_small / too_large).
+    """
+    source, native = open_source(spec, caption, caption_column, image_dir, split, two_shape_fraction, seed)
+    transform = ImageTransform(resolution or native or 64, center_crop, random_flip, aspect_buckets)
+    return ImageTextDataset(source, transform, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
+                            min_side=min_side, max_pixels=max_pixels, shuffle_buffer=shuffle_buffer)

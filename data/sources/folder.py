@@ -1,0 +1,95 @@
+"""A folder of images (recursive: jpg, jpeg, png, webp, bmp) with captions.
+
+Caption precedence for each image:
+  1. `metadata.jsonl` / `metadata.csv` anywhere in the tree (Hugging Face imagefolder convention: a
+     `file_name` relative to the metadata file plus a caption column, `text` by default, else `caption`);
+  2. a sidecar `NAME.txt` beside the image (UTF-8);
+  3. `caption`: an instance prompt ("a photo of sks dog") or a template with {name} ("a drawing of {name}");
+  4. the file name turned into words ("red_circle-03.png" -> "red circle").
+An image that has metadata or a sidecar but no usable caption there is skipped (missing_caption /
+bad_caption_encoding) unless `caption` is given; file-name captions apply only where no captions exist.
+
+Yields records {"image_path": str, "caption": str | bytes, "key": path relative to the root, no extension}.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+
+from ldm.data.skips import Skip
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def filename_words(path: str) -> str:
+    """Returns the file name as words: "red_circle-03.png" -> "red circle" (digit-only words dropped)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    words = [w for w in re.split(r"[\s_\-.]+", stem) if w and not w.isdigit()]
+    return " ".join(words)
+
+
+def _read_metadata(path: str, caption_column: str) -> dict[str, str | None]:
+    """Returns {file_name relative to the metadata's folder: caption or None} from one metadata file."""
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            rows = list(csv.DictReader(f))
+    if rows and "file_name" not in rows[0]:
+        raise ValueError(f"{path} has no 'file_name' column; the imagefolder convention needs file_name + {caption_column}")
+    column = caption_column if not rows or caption_column in rows[0] else "caption"
+    return {os.path.normpath(r["file_name"]): r.get(column) for r in rows}
+
+
+class FolderSource:
+    """Units are image paths relative to the root, sorted."""
+
+    def __init__(self, root: str, caption: str | None = None, caption_column: str = "text"):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root} does not exist; pass a folder of images "
+                                    f"({', '.join(IMAGE_EXTENSIONS)})")
+        self.root, self.caption_template, self.name = os.path.abspath(root), caption, "folder"
+        self.images, self.metadata = [], {}
+        for folder, _, files in os.walk(self.root):
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    self.images.append(os.path.relpath(path, self.root))
+                elif file in METADATA_FILES:
+                    relative_dir = os.path.relpath(folder, self.root)
+                    for name, text in _read_metadata(path, caption_column).items():
+                        self.metadata[os.path.normpath(os.path.join(relative_dir, name))] = text
+        self.images.sort()
+        if not self.images:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+    def units(self) -> list[str]:
+        return self.images
+
+    def _caption(self, relative: str):
+        """Returns the caption (str, or bytes to be checked as UTF-8) by the precedence in the module docstring."""
+        from_metadata = self.metadata.get(os.path.normpath(relative))
+        if from_metadata is not None and str(from_metadata).strip():
+            return from_metadata
+        sidecar = os.path.join(self.root, os.path.splitext(relative)[0] + ".txt")
+        if os.path.exists(sidecar):
+            with open(sidecar, "rb") as f:
+                text = f.read()
+            if text.strip() or self.caption_template is None:
+                return text  # empty or bad bytes become a counted skip in decode_caption
+        if self.caption_template is not None:
+            return self.caption_template.replace("{name}", filename_words(relative))
+        return None if self.metadata else filename_words(relative)
+
+    def read(self, unit: str, rng: random.Random):
+        key = os.path.splitext(unit)[0]
+        try:
+            caption = self._caption(unit)
+        except OSError:
+            yield Skip("unreadable_shard", key)
+            return
+        yield {"image_path": os.path.join(self.root, unit), "caption": caption, "key": key}

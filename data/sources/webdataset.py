@@ -1,0 +1,111 @@
+"""WebDataset `.tar` shards (https://github.com/webdataset/webdataset, "WebDataset format"), streamed.
+
+Shards are given as one path, a folder, a glob (`shards/*.tar`) or a brace pattern (`shards/{00000..00099}.tar`);
+`.tar.gz` streams too. Files are grouped into records by key: the path up to the first dot of the base name
+(`a/0001.jpg` + `a/0001.txt` -> key `a/0001`). Image from jpg/jpeg/png/webp/bmp; caption from `.txt`, else from
+`caption_key` (default "caption", then "text") inside `.json`.
+
+Yields records {"image_bytes": bytes, "caption": bytes | str | None, "key": str}; a shard cut off in the
+middle yields its complete records then Skip("truncated_shard"); a shard that cannot be opened Skip("unreadable_shard").
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import tarfile
+import zlib
+
+from ldm.data.skips import Skip
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def brace_expand(pattern: str) -> list[str]:
+    """Returns the expansion of `{a,b}` and `{000..099}` (zero padding kept), like bash and webdataset."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = numbers.groups()
+        width = len(first) if first.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
+    else:
+        options = body.split(",")
+    return [expanded for option in options for expanded in brace_expand(head + option + tail)]
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Returns the shard paths named by a path, folder, glob or brace pattern; raises if none exist."""
+    if os.path.isdir(spec):
+        paths = sorted(p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if p.endswith(SHARD_SUFFIXES))
+    else:
+        paths = []
+        for pattern in brace_expand(spec):
+            paths.extend(sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing or not paths:
+        raise FileNotFoundError(f"no webdataset shards at {spec!r}" + (f" (missing: {missing[:3]})" if missing else "")
+                                + "; pass a .tar path, a folder of shards, a glob or a brace pattern like "
+                                  "'shards/{00000..00009}.tar'")
+    return paths
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """Returns (key, extension) of a member name: "a/0001.seg.jpg" -> ("a/0001", "seg.jpg")."""
+    folder, base = os.path.split(name)
+    stem, _, extension = base.partition(".")
+    return os.path.join(folder, stem) if folder else stem, extension.lower()
+
+
+def group_to_record(key: str, files: dict[str, bytes], caption_key: str) -> dict:
+    """Returns the record of one key's files: image bytes and caption bytes/str (None when absent)."""
+    image = next((files[e] for e in IMAGE_KEYS if e in files), None)
+    caption = files.get("txt")
+    if caption is None and "json" in files:
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+            caption = meta.get(caption_key, meta.get("text")) if isinstance(meta, dict) else None
+        except (UnicodeDecodeError, ValueError):
+            caption = b"\xff"  # reported as bad_caption_encoding
+    return {"image_bytes": image, "caption": caption, "key": key}
+
+
+class WebDatasetSource:
+    """Units are shard paths; each is read as a stream, so shards of any size use little memory."""
+
+    def __init__(self, spec: str, caption_key: str = "caption"):
+        self.shards, self.caption_key, self.name = expand_shards(spec), caption_key, "webdataset"
+
+    def units(self) -> list[str]:
+        return self.shards
+
+    def read(self, unit: str, rng: random.Random):
+        shard_name = os.path.basename(unit)
+        try:
+            stream = tarfile.open(unit, "r|*")
+        except (tarfile.TarError, OSError, EOFError, zlib.error):
+            yield Skip("unreadable_shard", shard_name)
+            return
+        key, files = None, {}
+        try:
+            with stream:
+                for member in stream:
+                    if not member.isfile():
+                        continue
+                    member_key, extension = split_name(member.name)
+                    if member_key != key:  # the previous record is complete: yield it before reading on
+                        if files:
+                            yield group_to_record(key, files, self.caption_key)
+                        key, files = member_key, {}
+                    files[extension] = stream.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error):
+            yield Skip("truncated_shard", f"{shard_name}:{key}")  # the partial record goes with it
+            return
+        if files:
+            yield group_to_record(key, files, self.caption_key)

@@ -1,0 +1,102 @@
+"""Image transforms: any PIL image -> {"pixel_values": (3,H,W) float in [-1,1], "caption": str, "key": str}.
+
+Steps: EXIF orientation, any mode to RGB (alpha composited on white), resize the shorter side, centre or
+random crop, optional horizontal flip (off by default: it swaps "left" and "right" in captions), and
+optional aspect-ratio buckets (SDXL-style: each image goes to the bucket whose aspect is nearest, so
+mixed sizes keep their framing; Podell et al. 2023, arXiv:2307.01952, Sec. 2.3 / NovelAI bucketing).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Returns an upright RGB image: EXIF rotation applied, alpha on white, 16-bit and CMYK converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image) * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency becomes alpha
+    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """Returns (width, height) buckets of about resolution^2 pixels, sides multiples of `step`."""
+    step = min(step, resolution)
+    buckets = {(resolution, resolution)}
+    width = resolution
+    while True:
+        width += step
+        height = (resolution * resolution // width) // step * step
+        if height < step or width / height > max_aspect:
+            break
+        buckets |= {(width, height), (height, width)}
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """Returns the bucket whose log aspect ratio is nearest the image's."""
+    aspect = np.log(width / height)
+    return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - aspect))
+
+
+def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
+    """Returns `image` resized to cover `size` (width, height) and cropped to it (centre or random)."""
+    target_w, target_h = size
+    scale = max(target_w / image.width, target_h / image.height)
+    new_w, new_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if center_crop:
+        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    else:
+        left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
+    return image.crop((left, top, left + target_w, top + target_h))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """Returns a (3, H, W) float32 tensor in [-1, 1] from an RGB image."""
+    array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Raw sample -> training sample. `settings()` is part of the latent cache key."""
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    aspect_buckets: bool = False
+    bucket_step: int = 64
+
+    def __post_init__(self):
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 px, got {self.resolution}")
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+    def target_size(self, image: Image.Image) -> tuple[int, int]:
+        if not self.aspect_buckets:
+            return self.resolution, self.resolution
+        return nearest_bucket(image.width, image.height, make_buckets(self.resolution, self.bucket_step))
+
+    def __call__(self, sample: dict, rng: random.Random) -> dict:
+        image = to_rgb(sample["image"])
+        image = resize_and_crop(image, self.target_size(image), self.center_crop, rng)
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"pixel_values": to_tensor(image), "caption": sample["caption"], "key": sample["key"]}

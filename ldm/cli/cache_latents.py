@@ -1,0 +1,64 @@
+"""`ldm cache-latents SRC --vae DIR --out DIR`: encode a data set to VAE latent distributions and token ids.
+
+--vae is a VAE folder (config.json + weights) or a model folder with vae/ (its tokenizer/ is then used too).
+A valid cache is reused; one built for another VAE, tokenizer, transform or source is rebuilt.
+"""
+from __future__ import annotations
+
+import os
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src", help="data spec: shapes:N[@R], a folder, .tar shards, .parquet, COCO .json, hf folder")
+    parser.add_argument("--vae", required=True, help="VAE folder, or a model folder containing vae/")
+    parser.add_argument("--out", required=True, help="cache folder")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's, else CLIP's)")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--random-crop", action="store_true", help="random instead of centre crop (one crop is cached)")
+    parser.add_argument("--caption", default=None, help="instance prompt or '{name}' template for folders")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_vae_and_tokenizer(vae_dir: str, tokenizer_dir: str | None):
+    """Returns (AutoencoderKL, tokenizer) from a VAE folder or a model folder."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    from ldm.tokenizer import build_clip_tokenizer
+
+    if not os.path.isdir(vae_dir):
+        raise FileNotFoundError(f"VAE folder {vae_dir} does not exist; pass a VAE folder or a model folder with vae/")
+    model_dir = vae_dir if os.path.isdir(os.path.join(vae_dir, "vae")) else None
+    vae = AutoencoderKL.from_pretrained(os.path.join(vae_dir, "vae") if model_dir else vae_dir)
+    tokenizer_dir = tokenizer_dir or (os.path.join(model_dir, "tokenizer") if model_dir else None)
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        return vae, CLIPTokenizer.from_pretrained(tokenizer_dir)
+    return vae, build_clip_tokenizer()
+
+
+def run(args) -> int:
+    import shutil
+
+    from ldm.data.latent_cache import ensure_latent_cache
+
+    vae, tokenizer = load_vae_and_tokenizer(args.vae, args.tokenizer)
+    if args.force and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    cache, rebuilt = ensure_latent_cache(args.src, vae, tokenizer, args.out, resolution=args.resolution,
+                                         center_crop=not args.random_crop, caption=args.caption,
+                                         batch_size=args.batch_size, shard_size=args.shard_size,
+                                         num_workers=args.num_workers, device=args.device)
+    skipped = cache.manifest["skipped"]
+    print(f"{'built' if rebuilt else 'reused valid'} latent cache {args.out}: {len(cache)} samples, "
+          f"skipped {sum(skipped.values())} {skipped or ''}")
+    return 0
