@@ -83,6 +83,17 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self._schedule_config.update(self.scheduler.config)
         self.scheduler = make_scheduler(name_or_scheduler, self._schedule_config)
 
+    def compile(self, channels_last: bool = False, **compile_kwargs) -> "Pipeline":
+        """Compiles the UNet in place with torch.compile (CPU or GPU); returns self. The first call is slow.
+
+        channels_last: NHWC memory layout for the UNet, usually faster on GPUs. compile_kwargs go to
+        torch.compile (e.g. mode="max-autotune", fullgraph=True).
+        """
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.unet.compile(**compile_kwargs)
+        return self
+
     def enable_xformers(self) -> None:
         """Uses xformers' memory-efficient attention; raises RuntimeError saying why when it cannot."""
         try:
@@ -115,16 +126,19 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
                       do_cfg: bool, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D)."""
-        dtype = self.text_encoder.dtype
-        prompt_embeds = self._encode_ids(self._tokenize(prompt), clip_skip).to(self.device, dtype)
-        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # (B*n, 77, D)
+        """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D).
+
+        Both branches go through the text encoder in one batched call. clip_skip applies to both: a model
+        trained on the k-th layer from the end saw the empty prompt through that layer too (diffusers 0.42
+        applies it to the conditional branch only).
+        """
+        uncond = (negative_prompt if negative_prompt is not None else [""] * len(prompt)) if do_cfg else []
+        embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip)  # (2B or B, 77, D)
+        embeds = embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_cfg:
-            return prompt_embeds, None
-        # The unconditional branch never uses clip_skip (as in diffusers) and "" when no negative prompt is given.
-        uncond = negative_prompt if negative_prompt is not None else [""] * len(prompt)
-        negative_embeds = self._encode_ids(self._tokenize(uncond), None).to(self.device, dtype)
-        return prompt_embeds, negative_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # (B*n, 77, D)
+            return embeds, None
+        negative_embeds, prompt_embeds = embeds.chunk(2)  # (B*n, 77, D) each
+        return prompt_embeds, negative_embeds
 
     # ------------------------------------------------------------------ sampling
 
@@ -189,12 +203,12 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 4. Denoising loop
         records = [] if trace else None
+        context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B*n or B*n, 77, D)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 # 4a. One UNet call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
-                x_in = torch.cat([latents, latents]) if do_cfg else latents
-                x_in = self.scheduler.scale_model_input(x_in, t)
-                context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+                x_scaled = self.scheduler.scale_model_input(latents, t)  # sigma-schedulers' input scaling
+                x_in = torch.cat([x_scaled, x_scaled]) if do_cfg else x_scaled
                 model_out = self.unet(x_in, t, encoder_hidden_states=context,
                                       cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
 
@@ -213,15 +227,17 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 latents = step.prev_sample
                 if trace:
                     x0 = getattr(step, "pred_original_sample", None)
-                    x0 = x0 if x0 is not None else predict_x0(self.scheduler, x_in[-x_t.shape[0]:], noise_pred, t)
+                    x0 = x0 if x0 is not None else predict_x0(self.scheduler, x_scaled, noise_pred, t)
                     records.append(StepRecord.capture(i, t, x_t, x0, noise_pred, pred_cond, pred_uncond))
 
                 if callback_on_step_end is not None:
                     tensors = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
                     out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
                     latents = out.pop("latents", latents)
-                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
-                    negative_embeds = out.pop("negative_prompt_embeds", negative_embeds)
+                    if "prompt_embeds" in out or "negative_prompt_embeds" in out:
+                        prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+                        negative_embeds = out.pop("negative_prompt_embeds", negative_embeds)
+                        context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
                 progress.update()
 
         # 5. Decode z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)

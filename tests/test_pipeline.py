@@ -134,3 +134,31 @@ def test_negative_prompt_changes_the_result(tiny_pipe):
 def test_enable_xformers_explains_why_not(tiny_pipe):
     with pytest.raises(RuntimeError, match="xformers (is not installed|needs a CUDA device)"):
         tiny_pipe.enable_xformers()
+
+
+def test_clip_skip_applies_to_both_branches(tiny_pipe):
+    cond, uncond = tiny_pipe.encode_prompt(["a red circle"], ["blue"], 1, True, clip_skip=1)
+    te = tiny_pipe.text_encoder
+    for text, got in (("a red circle", cond), ("blue", uncond)):
+        hidden = te(tiny_pipe._tokenize([text]), output_hidden_states=True).hidden_states[-2]
+        assert torch.allclose(got, te.final_layer_norm(hidden), atol=1e-6)
+
+
+def test_memory_options_keep_the_images(tiny_pipe):
+    kw = dict(prompt=["a red circle", "a blue square"], num_inference_steps=3, output_type="np")
+    a = tiny_pipe(**kw, generator=seeded()).images
+    tiny_pipe.enable_attention_slicing(1)
+    tiny_pipe.vae.enable_slicing()
+    tiny_pipe.vae.enable_tiling()
+    b = tiny_pipe(**kw, generator=seeded()).images
+    assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_images_on_cpu(tiny_pipe, tmp_path):
+    kw = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
+    a = tiny_pipe(**kw, generator=seeded()).images
+    b = tiny_pipe.compile()(**kw, generator=seeded()).images
+    assert np.abs(a - b).max() <= 1e-4
+    tiny_pipe.save_pretrained(tmp_path / "saved")  # a compiled pipeline still saves a plain folder
+    assert Pipeline.from_pretrained(tmp_path / "saved").unet.config.sample_size == 8

@@ -1,0 +1,140 @@
+"""Our Pipeline against diffusers' StableDiffusionPipeline on identical weights and settings.
+
+Runs alternate (ours, theirs, ours, ...) in one process after warm-up; each figure is a median. Reported:
+end to end, text encoding, UNet time per guided step, VAE decode, and the ratio ours / diffusers. The
+ratios are printed last, one `ratio_<what>_<preset>: X` line each, so a script can read them.
+
+    python benchmarks/bench_pipeline.py --preset tiny --repeats 10
+    python benchmarks/bench_pipeline.py --preset sd15 --device cuda --dtype bfloat16 --compile   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["tiny", "small"], help="model presets to compare")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs of each pipeline (alternating)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet of both pipelines")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def load_pair(preset: str, folder: str, device: str, dtype: torch.dtype, compile_unet: bool):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm import Pipeline
+    from ldm.presets import build_components
+
+    Pipeline(**build_components(preset, seed=0)).save_pretrained(folder)
+    ours = Pipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dtype,
+                                                     local_files_only=True).to(device)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        if compile_unet:
+            pipe.unet = torch.compile(pipe.unet)
+    return ours, theirs
+
+
+def component_times(pipe, args, height: int, width: int) -> dict:
+    """Returns seconds for text encoding, one guided UNet call and one VAE decode, on this pipeline's modules."""
+    device, prompt = args.device, ["a red circle on the left"]
+    encode = (lambda: pipe.encode_prompt(prompt, None, args.batch, True)) if hasattr(pipe, "_tokenize") else \
+        (lambda: pipe.encode_prompt(prompt, device, args.batch, True))
+    cond, uncond = encode()
+    context = torch.cat([uncond, cond])  # (2B, 77, D)
+    f = pipe.vae_scale_factor
+    x = torch.randn(2 * args.batch, pipe.unet.config.in_channels, height // f, width // f, device=device,
+                    dtype=context.dtype)
+    with torch.inference_mode():
+        unet = lambda: pipe.unet(x, torch.tensor(500, device=device), encoder_hidden_states=context)  # noqa: E731
+        decode = lambda: pipe.vae.decode(x[: args.batch] / pipe.vae.config.scaling_factor)  # noqa: E731
+        return {"text_encoding": timed(encode, device), "unet_step": timed(unet, device),
+                "vae_decode": timed(decode, device)}
+
+
+def bench_preset(preset: str, args) -> dict:
+    from ldm.presets import get_spec
+
+    dtype = getattr(torch, args.dtype)
+    spec = get_spec(preset)
+    height = width = spec.resolution
+    with tempfile.TemporaryDirectory() as folder:
+        pipes = dict(zip(("ours", "diffusers"), load_pair(preset, folder, args.device, dtype, args.compile)))
+        call = dict(prompt="a red circle on the left", num_inference_steps=args.steps, height=height, width=width,
+                    guidance_scale=args.guidance_scale, num_images_per_prompt=args.batch, output_type="np")
+        run = {name: (lambda p=p: p(**call, generator=torch.Generator().manual_seed(0))) for name, p in pipes.items()}
+        times = {name: {"end_to_end": [], "text_encoding": [], "unet_step": [], "vae_decode": []} for name in pipes}
+        for i in range(args.warmup + args.repeats):
+            for name in pipes:  # alternate so drifts in machine load hit both alike
+                end_to_end = timed(run[name], args.device)
+                parts = component_times(pipes[name], args, height, width)
+                if i >= args.warmup:
+                    times[name]["end_to_end"].append(end_to_end)
+                    for k, v in parts.items():
+                        times[name][k].append(v)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    ratios = {k: medians["ours"][k] / medians["diffusers"][k] for k in medians["ours"]}
+    return {"preset": preset, "resolution": height, "medians_s": medians, "ratios": ratios,
+            "unet_it_s_ours": 1 / medians["ours"]["unet_step"], "peak_gib": peak}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    results = []
+    for preset in args.preset:
+        result = bench_preset(preset, args)
+        results.append(result)
+        print(f"\n== {preset} @ {result['resolution']} px, {args.steps} steps, guidance {args.guidance_scale}, "
+              f"batch {args.batch}, {args.device} {args.dtype}{' compiled' if args.compile else ''}, "
+              f"median of {args.repeats} alternating runs")
+        print(f"{'':14s}{'ours (s)':>12s}{'diffusers (s)':>15s}{'ratio':>8s}")
+        for k in result["ratios"]:
+            print(f"{k:14s}{result['medians_s']['ours'][k]:12.4f}{result['medians_s']['diffusers'][k]:15.4f}"
+                  f"{result['ratios'][k]:8.3f}")
+        print(f"UNet (guided batch) it/s, ours: {result['unet_it_s_ours']:.1f}")
+    if args.json:
+        meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    print()
+    for r in results:  # last lines: machine-readable ratios
+        print(f"ratio_end_to_end_{r['preset']}: {r['ratios']['end_to_end']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Smoke tests: each benchmark runs end to end with one tiny repetition, so none can rot. No timing asserts."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_pipeline_smoke(tmp_path):
+    stdout = run_benchmark("bench_pipeline.py", "--preset", "tiny", "--repeats", "1", "--warmup", "0",
+                           "--steps", "2", "--json", str(tmp_path / "r.json"))
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio_end_to_end_tiny: ") and float(last.split(": ")[1]) > 0
+    assert (tmp_path / "r.json").exists()
+
+
+def test_bench_data_smoke():
+    stdout = run_benchmark("bench_data.py", "--num-images", "8", "--resolution", "32", "--workers", "1",
+                           "--batch-size", "4", "--vae-preset", "tiny", "--cache-images", "4")
+    assert "samples/s" in stdout or "samples per second" in stdout, stdout
