@@ -29,3 +29,12 @@ def tiny_pipe(tiny_folder):
 
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a module's tests on one torch thread: tiny models on two shared cores are up to 10x slower otherwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

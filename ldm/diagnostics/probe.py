@@ -1,0 +1,97 @@
+"""A fixed probe set for per-timestep diagnostics: fixed images, fixed noise, fixed timesteps, so runs compare.
+
+    probe = make_probe(pipe, "shapes:16", num_images=8, n_bins=10, per_bin=4)
+    preds = predict_probe(pipe.unet, probe, prediction_type)     # (N, C, h, w) eps predictions
+
+The probe holds N = num_images * n_bins * per_bin rows: every image at every probe timestep, each with its own
+noise drawn from a fixed seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ldm.diagnostics.bias import probe_timesteps, to_parameterisations
+
+
+@dataclass
+class Probe:
+    x0: torch.Tensor              # (N, C, h, w) clean latents, scaled by the VAE's scaling_factor
+    eps: torch.Tensor             # (N, C, h, w) the noise
+    x_t: torch.Tensor             # (N, C, h, w) sqrt(a) x0 + sqrt(1 - a) eps
+    timesteps: torch.Tensor       # (N,) int64
+    context: torch.Tensor         # (N, L, D) text embeddings of the captions
+    alphas_cumprod: torch.Tensor  # (T,)
+    n_bins: int
+    captions: list[str]
+
+
+def load_probe_images(spec: str, resolution: int, num_images: int) -> tuple[torch.Tensor, list[str]]:
+    """Returns (pixel_values (n, 3, R, R) in [-1, 1], captions) of the first num_images of a data source
+    (anything ldm.data.open_dataset accepts: a folder, shards, "shapes:N", ...), in a fixed order."""
+    from ldm.data import open_dataset
+
+    pixels, captions = [], []
+    for sample in open_dataset(spec, resolution=resolution, shuffle=False):
+        pixels.append(sample["pixel_values"])
+        captions.append(sample["caption"])
+        if len(pixels) == num_images:
+            break
+    if not pixels:
+        raise ValueError(f"the data source {spec!r} yielded no images; point --data at a folder of images, "
+                         "shards or shapes:N")
+    return torch.stack(pixels), captions  # (n, 3, R, R)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Returns the VAE posterior means times scaling_factor, (n, C, h, w): the latents training sees."""
+    out = [vae.encode(pixel_values[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+           for i in range(0, len(pixel_values), batch_size)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def build_probe(latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor, n_bins: int = 10,
+                per_bin: int = 4, seed: int = 0, captions: list[str] | None = None) -> Probe:
+    """Returns the probe for latents (n, C, h, w) and their text embeddings (n, L, D): every latent at every
+    probe timestep, noise from `seed`."""
+    t, _ = probe_timesteps(len(alphas_cumprod), n_bins, per_bin)                     # (K,)
+    n, k = len(latents), len(t)
+    x0 = latents.float().repeat(k, 1, 1, 1)                                          # (K*n, C, h, w), t-major
+    timesteps = t.repeat_interleave(n)                                               # (K*n,)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))       # (K*n, C, h, w)
+    a = alphas_cumprod.double()[timesteps].float().reshape(-1, 1, 1, 1)              # (K*n, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps                                       # Ho et al. 2020, Eq. (4)
+    return Probe(x0, eps, x_t, timesteps, context.float().cpu().repeat(k, 1, 1), alphas_cumprod.double().cpu(),
+                 n_bins, list(captions or [""] * n) * k)
+
+
+@torch.no_grad()
+def predict_probe(unet, probe: Probe, prediction_type: str, batch_size: int = 64) -> torch.Tensor:
+    """Returns the model's noise prediction eps_pred (N, C, h, w) for every probe row (converted from v or x0)."""
+    dtype, device = unet.dtype, unet.device
+    out = []
+    for i in range(0, len(probe.timesteps), batch_size):
+        x_t, t = probe.x_t[i:i + batch_size], probe.timesteps[i:i + batch_size]
+        pred = unet(x_t.to(device, dtype), t.to(device), encoder_hidden_states=probe.context[i:i + batch_size]
+                    .to(device, dtype), return_dict=False)[0].float().cpu()
+        a = probe.alphas_cumprod[t]
+        out.append(to_parameterisations(pred, x_t, a, prediction_type)["eps"])
+    return torch.cat(out)
+
+
+def make_probe(pipe, data: str, num_images: int = 8, n_bins: int = 10, per_bin: int = 4, seed: int = 0) -> Probe:
+    """Returns the probe set of a pipeline for a data source: images -> VAE latents, captions -> embeddings."""
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels, captions = load_probe_images(data, resolution, num_images)
+    latents = encode_latents(pipe.vae, pixels)
+    context = pipe.encode_prompt(captions, None, 1, False)[0].float().cpu()          # (n, 77, D)
+    return build_probe(latents, context, pipe.scheduler.alphas_cumprod, n_bins, per_bin, seed, captions)
+
+
+def latent_channel_stats(pipe, data: str, num_images: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the per-channel mean and std (C,) of the data's scaled VAE latents: the forward process's x0."""
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latents = encode_latents(pipe.vae, load_probe_images(data, resolution, num_images)[0])  # (n, C, h, w)
+    return latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))

@@ -1,0 +1,87 @@
+"""`ldm diagnose schedule`: noise-schedule tables and plots, and the timesteps each sampler visits.
+
+schedule.json = {"num_train_timesteps", "variance", "schedules": {name: {"beta_start", "beta_end", "summary":
+{"alpha_bar_last", "snr_first", "snr_last", "vlb_weight_max_over_min"}}}, "visited": {scheduler: {spacing: [t]}},
+"num_inference_steps"}; schedule_<name>.csv has one row per t with the fields of
+ldm.diagnostics.schedule.schedule_table; schedule_timesteps.csv one row per (scheduler, spacing).
+PNGs: schedule_alpha_bar.png, schedule_posterior_variance.png, schedule_vlb_weights.png, schedule_timesteps.png.
+"""
+from __future__ import annotations
+
+import os
+
+from ldm.diagnostics.io import write_csv, write_json
+from ldm.diagnostics.plots import dot_plot, line_plot, panels_plot
+from ldm.diagnostics.schedule import TIMESTEP_SPACINGS, make_betas, schedule_table, visited_timesteps
+
+# Each schedule's usual (beta_start, beta_end): DDPM's for linear, Stable Diffusion's for scaled_linear.
+DEFAULT_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012),
+                      "squaredcos_cap_v2": (1e-4, 0.02), "sigmoid": (1e-4, 0.02)}
+
+
+def schedule_tables(names: list[str], num_train_timesteps: int = 1000, beta_start: float | None = None,
+                    beta_end: float | None = None, variance: str = "posterior") -> dict[str, dict]:
+    """Returns {name: {"beta_start", "beta_end", "table": schedule_table(...)}} for each beta schedule name."""
+    tables = {}
+    for name in names:
+        start, end = DEFAULT_BETA_RANGE.get(name, (1e-4, 0.02))
+        start, end = beta_start if beta_start is not None else start, beta_end if beta_end is not None else end
+        betas = make_betas(name, num_train_timesteps, start, end)
+        tables[name] = {"beta_start": start, "beta_end": end, "table": schedule_table(betas, variance)}
+    return tables
+
+
+def _summary(table: dict) -> dict:
+    w = table["vlb_weight_t"][1:]  # t = 0 is the decoder term, whose weight depends on the variance choice
+    return {"alpha_bar_last": float(table["alpha_bar_t"][-1]), "snr_first": float(table["snr_t"][0]),
+            "snr_last": float(table["snr_t"][-1]), "vlb_weight_max_over_min": float(w.max() / w.min())}
+
+
+def plot_schedules(tables: dict, visited: dict, out_dir: str) -> list[str]:
+    """Writes the four schedule PNGs."""
+    t = next(iter(tables.values()))["table"]["t"].tolist()
+    col = lambda key: {n: v["table"][key].tolist() for n, v in tables.items()}  # noqa: E731
+    paths = [panels_plot(os.path.join(out_dir, "schedule_alpha_bar.png"), t,
+                         {"alpha_bar_t": col("alpha_bar_t"), "log SNR(t)": col("log_snr_t")}, "timestep t",
+                         "Noise schedules")]
+    paths.append(line_plot(os.path.join(out_dir, "schedule_posterior_variance.png"), t, col("posterior_variance_t"),
+                           "timestep t", "beta_tilde_t", "Posterior variance (Ho et al. 2020, Eq. 7)", logy=True,
+                           markers=False))
+    weights = {f"VLB {n}": v["table"]["vlb_weight_normalised_t"].tolist() for n, v in tables.items()}
+    paths.append(line_plot(os.path.join(out_dir, "schedule_vlb_weights.png"), t, weights, "timestep t",
+                           "weight (mean 1)", "VLB weights (Ho et al. 2020, Eq. 12) vs the simple loss's",
+                           logy=True, hlines={"simple loss (1)": 1.0}, markers=False))
+    rows = {f"{s} / {sp}": ts for s, by in visited.items() for sp, ts in by.items()}
+    paths.append(dot_plot(os.path.join(out_dir, "schedule_timesteps.png"), rows, "timestep t",
+                          "Timesteps each sampler visits, per timestep_spacing"))
+    return paths
+
+
+def diagnose_schedule(names: list[str], out_dir: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
+                      beta_end: float | None = None, schedulers: list[str] = ("ddpm", "ddim", "lms"),
+                      num_inference_steps: int = 20, variance: str = "posterior",
+                      scheduler_config: dict | None = None) -> dict:
+    """Writes the schedule tables (JSON, CSV) and plots; returns the report (with "files").
+
+    scheduler_config: a model's scheduler config, used for the visited timesteps (its steps_offset included);
+    by default the first named schedule with steps_offset=0.
+    """
+    tables = schedule_tables(names, num_train_timesteps, beta_start, beta_end, variance)
+    first = next(iter(tables))
+    config = dict(num_train_timesteps=num_train_timesteps, beta_schedule=first,
+                  beta_start=tables[first]["beta_start"], beta_end=tables[first]["beta_end"], steps_offset=0)
+    config = dict(scheduler_config) if scheduler_config is not None else config
+    visited = visited_timesteps(list(schedulers), config, num_inference_steps, TIMESTEP_SPACINGS)
+    report = {"num_train_timesteps": num_train_timesteps, "variance": variance, "num_inference_steps": num_inference_steps,
+              "schedules": {n: {"beta_start": v["beta_start"], "beta_end": v["beta_end"], "summary": _summary(v["table"])}
+                            for n, v in tables.items()}, "visited": visited}
+    os.makedirs(out_dir, exist_ok=True)
+    files = [write_json(os.path.join(out_dir, "schedule.json"), report)]
+    for name, v in tables.items():
+        rows = [dict(zip(v["table"], values)) for values in zip(*(c.tolist() for c in v["table"].values()))]
+        files.append(write_csv(os.path.join(out_dir, f"schedule_{name}.csv"), rows))
+    files.append(write_csv(os.path.join(out_dir, "schedule_timesteps.csv"),
+                           [{"scheduler": s, "spacing": sp, "timesteps": " ".join(map(str, ts))}
+                            for s, by in visited.items() for sp, ts in by.items()]))
+    report["files"] = files + plot_schedules(tables, visited, out_dir)
+    return report
