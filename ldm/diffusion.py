@@ -1,0 +1,184 @@
+"""Diffusion training math as pure tensor functions: schedules, targets, SNR and loss weights, dropout.
+
+Notation (Ho et al. 2020, arXiv:2006.11239): beta_t the noise schedule, alpha_t = 1 - beta_t,
+alpha_bar_t = prod_{s<=t} alpha_s (`alphas_cumprod`), x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps,
+SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021, arXiv:2107.00630). Timesteps t are 0-based
+indices into the schedule (diffusers' convention), so t = 0 is the least noisy step.
+"""
+from __future__ import annotations
+
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+WEIGHTINGS = ("uniform", "min_snr", "vlb")
+
+
+def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+               beta_end: float = 0.012) -> torch.Tensor:
+    """Returns betas (T,) float64 of a named schedule, computed by diffusers' DDPMScheduler (one source of truth)."""
+    from diffusers import DDPMScheduler
+
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {BETA_SCHEDULES}")
+    if not 0 < beta_start < beta_end < 1:
+        raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=schedule,
+                              beta_start=beta_start, beta_end=beta_end)
+    return scheduler.betas.double()
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Returns betas rescaled so that SNR(T-1) = 0 while SNR(0) is kept.
+
+    Algorithm 1, Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", arXiv:2305.08891.
+    """
+    alpha_bar_sqrt = torch.cumprod(1 - betas.double(), dim=0).sqrt()
+    first, last = alpha_bar_sqrt[0].clone(), alpha_bar_sqrt[-1].clone()
+    alpha_bar_sqrt = (alpha_bar_sqrt - last) * first / (first - last)  # shift to 0 at T-1, rescale to keep t=0
+    alpha_bar = alpha_bar_sqrt ** 2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """Returns alpha_bar_t = prod_{s<=t} (1 - beta_s), (T,). Eq. (4) context, Ho et al. 2020."""
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Returns values[t] shaped (B, 1, ..., 1) to broadcast over a (B, ...) tensor of `ndim` dims."""
+    out = values.to(t.device)[t].float()
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+def snr(alpha_bar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Returns SNR(t) = alpha_bar_t / (1 - alpha_bar_t), (B,). Eq. (1)ff, Kingma et al. 2021."""
+    a = alpha_bar.to(t.device)[t].double()
+    return (a / (1 - a)).float()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Returns x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. Eq. (4), Ho et al. 2020."""
+    a = _gather(alpha_bar, t, x0.ndim)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
+                    kind: str) -> torch.Tensor:
+    """Returns what the network learns to predict: eps, v or x0.
+
+    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0: Sec. 4 / Appendix D, Salimans & Ho 2022, arXiv:2202.00512.
+    """
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        a = _gather(alpha_bar, t, x0.ndim)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
+
+
+def eps_loss_factor(snr_t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Returns c with ||eps - eps_pred||^2 = c ||target - pred||^2 for a prediction type, (B,).
+
+    From x_t = sqrt(a) x0 + sqrt(1-a) eps: an x0 error e gives an eps error sqrt(SNR) e, and a v error e gives an
+    eps error sqrt(a) e with a = SNR / (1 + SNR).
+    """
+    if kind == "epsilon":
+        return torch.ones_like(snr_t)
+    if kind == "sample":
+        return snr_t
+    if kind == "v_prediction":
+        return snr_t / (snr_t + 1)
+    raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
+
+
+def min_snr_weight(snr_t: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
+    """Returns the Min-SNR-gamma loss weight of the prediction type's MSE, (B,).
+
+    Eq. (7)ff, Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556: the eps-loss
+    weight is min(SNR, gamma) / SNR; for x0 it is min(SNR, gamma) and for v min(SNR, gamma) / (SNR + 1).
+    """
+    eps_weight = torch.clamp(snr_t, max=gamma) / snr_t.clamp(min=1e-20)
+    return eps_weight * eps_loss_factor(snr_t, kind)
+
+
+def vlb_weight(t: torch.Tensor, betas: torch.Tensor, kind: str) -> torch.Tensor:
+    """Returns the ELBO weight of each timestep's MSE relative to the simple (uniform) loss, (B,).
+
+    Eq. (12), Ho et al. 2020: L_{t-1} - C = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) ||eps - eps_pred||^2,
+    here with sigma_t^2 = beta_t (their fixed variance; defined at every t), i.e. beta_t / (2 alpha_t (1 - alpha_bar_t)).
+    The weights are divided by their mean over all T steps: the relative weighting is the ELBO's exactly, while the
+    loss keeps the simple loss's scale (the ELBO's overall scale only rescales the learning rate).
+    """
+    betas = betas.double()
+    alphas = 1 - betas
+    alpha_bar = torch.cumprod(alphas, dim=0)
+    lam = betas / (2 * alphas * (1 - alpha_bar))  # (T,) eps-MSE weights
+    lam = lam / lam.mean()
+    snr_t = snr(alpha_bar, t)
+    return lam.to(t.device)[t].float() * eps_loss_factor(snr_t, kind)
+
+
+def loss_weights(t: torch.Tensor, betas: torch.Tensor, weighting: str, kind: str, gamma: float = 5.0) -> torch.Tensor:
+    """Returns per-sample loss weights (B,) for a weighting name: uniform (DDPM's L_simple), min_snr or vlb."""
+    if weighting == "uniform":  # Eq. (14), Ho et al. 2020
+        return torch.ones(t.shape, device=t.device)
+    if weighting == "min_snr":
+        return min_snr_weight(snr(alphas_cumprod(betas.double()), t), gamma, kind)
+    if weighting == "vlb":
+        return vlb_weight(t, betas, kind)
+    raise ValueError(f"unknown timestep weighting {weighting!r}; choose one of {WEIGHTINGS}")
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float = 0.1) -> torch.Tensor:
+    """Returns the loss of each sample, mean over all but the batch dim, (B,): mse, l1 or pseudo-huber.
+
+    Pseudo-Huber sqrt(d^2 + c^2) - c: Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models".
+    """
+    diff = (pred.float() - target.float()).flatten(1)  # (B, C*H*W)
+    if kind == "mse":
+        return diff.pow(2).mean(1)
+    if kind == "l1":
+        return diff.abs().mean(1)
+    if kind == "huber":
+        return ((diff.pow(2) + huber_c ** 2).sqrt() - huber_c).mean(1)
+    raise ValueError(f"unknown loss {kind!r}; choose one of ('mse', 'huber', 'l1')")
+
+
+def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Returns eps + strength * n with one n ~ N(0, 1) per sample and channel, so the model can shift means.
+
+    Guttenberg 2023, "Diffusion with Offset Noise" (crosslabs.org blog).
+    """
+    if strength == 0:
+        return noise
+    shift = torch.randn(noise.shape[:2], generator=generator, device=noise.device, dtype=noise.dtype)  # (B, C)
+    return noise + strength * shift.reshape(*noise.shape[:2], *([1] * (noise.ndim - 2)))
+
+
+def drop_captions(captions: list[str], prob: float, generator: torch.Generator | None = None) -> list[str]:
+    """Returns the captions with each replaced by "" with probability `prob`: trains the unconditional model.
+
+    Sec. 3.2 / Algorithm 1, Ho & Salimans 2022, arXiv:2207.12598 (p_uncond); DiT's `token_drop`.
+    """
+    keep = torch.rand(len(captions), generator=generator) >= prob
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Returns t ~ U{0, ..., T-1}, (B,) int64. Algorithm 1, Ho et al. 2020."""
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+
+
+def stratified_timesteps(count: int, num_train_timesteps: int) -> torch.Tensor:
+    """Returns `count` evenly spread timesteps covering [0, T-1], (count,) int64: deterministic validation."""
+    return torch.linspace(0, num_train_timesteps - 1, count).round().long()
+
+
+def timestep_bins(t: torch.Tensor, num_train_timesteps: int, num_bins: int) -> torch.Tensor:
+    """Returns the bin index in [0, num_bins) of each timestep, equal-width bins over [0, T)."""
+    return torch.clamp((t * num_bins) // num_train_timesteps, max=num_bins - 1)
+

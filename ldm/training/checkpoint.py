@@ -1,0 +1,91 @@
+"""Checkpoints: Accelerate state + an inference-ready folder, written under a temporary name and renamed.
+
+    output_dir/checkpoints/checkpoint-00000500/
+        accelerate/            accelerator.save_state: model, optimiser, lr scheduler, EMA, RNG states
+        pipeline/ (or vae/)    what inference loads directly (EMA weights when EMA is on)
+        config.yaml            the resolved config of the run
+        trainer_state.json     step and counters; written last, so its presence marks a complete checkpoint
+
+Old checkpoints beyond the total limit are deleted only after the new one is renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Returns the complete checkpoint folders of a run, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _NAME.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    """Returns the checkpoint folder to resume from ("" -> None; "latest" -> newest or None), or raises."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise FileNotFoundError(f"{resume} is not a complete checkpoint (no {STATE_FILE}); pass a "
+                                f"{checkpoint_root(output_dir)}/checkpoint-N folder or 'latest'")
+    return resume
+
+
+def read_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, write_extra: Callable[[str], None],
+                    total_limit: int) -> str:
+    """Writes checkpoint-<step> atomically (all ranks call this) and returns its path.
+
+    write_extra(tmp_folder) runs on the main process only and writes the inference folder and config.
+    """
+    final = os.path.join(checkpoint_root(output_dir), f"checkpoint-{step:08d}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash mid-save
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(os.path.join(tmp, "accelerate"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_extra(tmp)
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({**state, "step": step}, f, indent=2)
+        if os.path.exists(final):  # the same step saved twice (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str, total_limit: int) -> list[str]:
+    """Deletes the oldest complete checkpoints beyond `total_limit` (<= 0: keep all); returns those deleted."""
+    found = list_checkpoints(output_dir)
+    doomed = found[:-total_limit] if total_limit > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

@@ -1,0 +1,212 @@
+"""`ldm demo`: a text-to-image model trained from nothing on the embedded shapes data, then graded.
+
+Steps: 1. render the shapes data set; 2. train the VAE (train_vae.main); 3. encode every image once to its
+posterior (an in-memory latent cache); 4. train the LDM on the cached latents with cached text embeddings
+(train_ldm.main); 5. sample a fixed list of single-shape prompts with DDPM, DDIM and LMS at guidance 1 and at
+the default guidance, grade them with ldm.adherence and write grids, report.json and a loss curve.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from ldm.training.ldm_config import TrainLDMConfig
+from ldm.training.train_vae import TrainVAEConfig
+
+SAMPLERS = ("ddpm", "ddim", "lms")
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    minutes: float = 15.0            # the whole run's budget: training phases get fixed shares of it
+    device: str = "cpu"
+    preset: str = "small"
+    resolution: int = 32
+    num_samples: int = 4000
+    vae_steps: int = 1000
+    vae_batch_size: int = 16
+    vae_learning_rate: float = 1e-3
+    ldm_steps: int = 1500
+    ldm_batch_size: int = 32
+    ldm_learning_rate: float = 1e-3
+    train_text_encoder: bool = True  # a random CLIP learns the colour words with the UNet
+    guidance: float = 4.0
+    sample_steps: int = 50
+    num_prompts: int = 30
+    threads: int = 0                 # torch CPU threads; 0 = half the cores (a busy machine punishes more)
+    seed: int = 0
+
+    def budget(self) -> tuple[float, float]:
+        """Returns (VAE minutes, LDM minutes): the time caps that keep the demo inside `minutes`."""
+        return 0.12 * self.minutes, 0.62 * self.minutes
+
+
+def eval_prompts(count: int) -> list[str]:
+    """Returns `count` distinct single-shape prompts in the canonical wording, balanced over colour/shape/position."""
+    from ldm.data.shapes import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES
+
+    colours = list(COLOURS)
+    prompts = []
+    for i in range(count):  # (i % 6, i % 5) is unique for i < 30 (Chinese remainder theorem); 12/12/6 shapes
+        colour, shape, where = colours[i % 6], SHAPES[(i // 6) % 3], POSITIONS[i % 5]
+        article = "an" if colour[0] in "aeiou" else "a"
+        prompts.append(f"{article} {colour} {shape} {POSITION_PHRASES[where][0]}")
+    return prompts
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """Map-style {"pixel_values": (3,R,R) in [-1,1], "caption": str} over the rendered shapes, in memory."""
+
+    def __init__(self, num_samples: int, resolution: int, seed: int):
+        from ldm.data import ShapesDataset
+        from ldm.data.transforms import to_tensor
+
+        shapes = ShapesDataset(num_samples, resolution=resolution, seed=seed)
+        samples = [shapes[i] for i in range(num_samples)]
+        self.pixels = torch.stack([to_tensor(s["image"]) for s in samples])  # (N, 3, R, R)
+        self.captions = [s["caption"] for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "caption": self.captions[i]}
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Map-style {"latent_mean", "latent_logvar": (4,h,w), "caption"}: every image encoded once."""
+
+    @torch.no_grad()
+    def __init__(self, pixels: PixelDataset, vae, device, batch_size: int = 256):
+        means, logvars = [], []
+        vae.eval()
+        for chunk in pixels.pixels.split(batch_size):
+            dist = vae.encode(chunk.to(device)).latent_dist
+            means.append(dist.mean.cpu())
+            logvars.append(dist.logvar.cpu())
+        self.mean, self.logvar, self.captions = torch.cat(means), torch.cat(logvars), pixels.captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "caption": self.captions[i]}
+
+
+def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
+    return TrainVAEConfig(model=cfg.preset, resolution=cfg.resolution, rec_loss="l1", kl_weight=1e-6,
+                          learning_rate=cfg.vae_learning_rate, batch_size=cfg.vae_batch_size, max_steps=cfg.vae_steps,
+                          max_minutes=cfg.budget()[0], output_dir=os.path.join(cfg.out, "vae_run"),
+                          checkpoint_every=10**9, checkpoints_total_limit=1, seed=cfg.seed)
+
+
+def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
+    return TrainLDMConfig(model=cfg.preset, vae=vae_dir, resolution=cfg.resolution, max_token_length=16,
+                          train_text_encoder=cfg.train_text_encoder, cache_text_embeddings=not cfg.train_text_encoder,
+                          learning_rate=cfg.ldm_learning_rate, lr_scheduler="cosine", lr_warmup_steps=100,
+                          batch_size=cfg.ldm_batch_size, max_steps=cfg.ldm_steps, max_minutes=cfg.budget()[1],
+                          use_ema=True, ema_decay=0.995, weight_decay=0.0, caption_dropout=0.1,
+                          output_dir=os.path.join(cfg.out, "ldm_run"), checkpoint_every=10**9,
+                          checkpoints_total_limit=1, validation_every=100, validation_prompts=[],
+                          val_loss_samples=32, log_every=25, report_to="tensorboard", seed=cfg.seed)
+
+
+def evaluate(pipe, prompts: list[str], samplers, guidances, steps: int, out: str, seed: int) -> dict:
+    """Returns {sampler: {guidance: adherence report}}; writes one grid PNG per (sampler, guidance)."""
+    from ldm.adherence import adherence_report
+    from ldm.training.validation import image_grid
+
+    table = {}
+    for name in samplers:
+        pipe.set_scheduler(name)
+        for guidance in guidances:
+            generator = torch.Generator().manual_seed(seed)
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
+            image_grid(images, columns=10).save(os.path.join(out, f"samples_{name}_g{guidance:g}.png"))
+            table.setdefault(name, {})[f"{guidance:g}"] = adherence_report(images, prompts)
+    return table
+
+
+def plot_losses(losses: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = list(losses), list(losses.values())
+    window = max(1, len(values) // 50)
+    smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+              for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, alpha=0.3, label="loss")
+    ax.plot(steps, smooth, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(table: dict) -> str:
+    """Returns the adherence table as markdown: one row per (sampler, guidance)."""
+    lines = ["| sampler | guidance | colour | shape | position | all three |", "|---|---|---|---|---|---|"]
+    for name, by_guidance in table.items():
+        for guidance, r in by_guidance.items():
+            lines.append(f"| {name} | {guidance} | {r['colour']:.0%} | {r['shape']:.0%} | {r['position']:.0%} "
+                         f"| **{r['all']:.0%}** |")
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
+    """Runs the whole demo; returns the report (also written to out/report.json)."""
+    from ldm.pipelines import Pipeline
+    from ldm.training import train_ldm, train_vae
+
+    started = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    # Small models on a CPU others also use: OpenMP threads waiting on each other cost more than they give.
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // 2))
+    torch.manual_seed(cfg.seed)
+    print(f"[1/5] rendering {cfg.num_samples} shapes images at {cfg.resolution} px", flush=True)
+    pixels = PixelDataset(cfg.num_samples, cfg.resolution, cfg.seed)
+
+    print("[2/5] training the VAE", flush=True)
+    vae_result = train_vae.main(vae_config(cfg), dataset=pixels)
+
+    print("[3/5] encoding the images to latents once", flush=True)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_result["vae_dir"]).to(cfg.device)
+    latents = LatentDataset(pixels, vae, cfg.device)
+
+    print("[4/5] training the latent diffusion model", flush=True)
+    ldm_result = train_ldm.main(ldm_config(cfg, vae_result["vae_dir"]), dataset=latents)
+    pipe_dir = os.path.join(cfg.out, "pipeline")
+    pipe = Pipeline.from_pretrained(os.path.join(ldm_result["checkpoint"], "pipeline"))
+    pipe.save_pretrained(pipe_dir)
+    plot_losses(ldm_result["losses"], os.path.join(cfg.out, "loss_curve.png"), "LDM training loss")
+    train_minutes = (time.time() - started) / 60
+
+    print(f"[5/5] sampling and grading {cfg.num_prompts} prompts", flush=True)
+    pipe = Pipeline.from_pretrained(pipe_dir, device=cfg.device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = eval_prompts(cfg.num_prompts)
+    table = evaluate(pipe, prompts, samplers, (1.0, cfg.guidance), cfg.sample_steps, cfg.out, cfg.seed)
+    report = {"minutes": (time.time() - started) / 60, "train_minutes": train_minutes, "pipeline": pipe_dir,
+              "vae_psnr": vae_result.get("psnr"), "vae_steps": vae_result["step"], "ldm_steps": ldm_result["step"],
+              "val_loss_history": [(v["step"], v["val_loss"]) for v in ldm_result["val"]],
+              "guidance": cfg.guidance, "sample_steps": cfg.sample_steps, "prompts": prompts, "adherence": table,
+              "config": cfg.__dict__}
+    with open(os.path.join(cfg.out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(format_table(table))
+    print(f"demo finished in {report['minutes']:.1f} min; model in {pipe_dir}; report in {cfg.out}/report.json")
+    return report
+
+
+__all__ = ["DemoConfig", "run_demo", "eval_prompts", "format_table", "replace"]

@@ -1,0 +1,93 @@
+"""TrainLDMConfig: every setting of train/train_ldm.py (`ldm train`), with its default."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, WEIGHTINGS
+
+LOSSES = ("mse", "huber", "l1")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainLDMConfig:
+    # data
+    data: str = "shapes:2000"             # any ldm.data spec: folder, shards, parquet, COCO json, hf folder, shapes:N
+    resolution: int = 64                   # image side; must be divisible by the VAE's downsampling factor
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = 0
+    # model
+    model: str = "tiny"                    # a preset name (tiny, small, sd15, sd21) or a pipeline folder to continue
+    vae: str = ""                          # a VAE folder (from train_vae.py); "" = the model folder's / preset's
+    train_text_encoder: bool = False       # False: frozen (and its embeddings cached per caption)
+    cache_text_embeddings: bool = False    # frozen encoder only: keep each caption's embedding (few distinct captions)
+    max_token_length: int = 0              # >0: pad/truncate prompts to this many tokens (saved with the tokenizer)
+    # noise schedule (saved with the model as its scheduler config)
+    noise_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    zero_terminal_snr: bool = False        # Lin et al. 2023 rescale (use with v_prediction)
+    prediction_type: str = "epsilon"
+    # loss
+    loss: str = "mse"
+    huber_c: float = 0.1
+    weighting: str = "uniform"             # uniform (L_simple), min_snr, vlb (Ho et al. 2020 eq. 12)
+    snr_gamma: float = 5.0
+    offset_noise: float = 0.0
+    caption_dropout: float = 0.1           # p_uncond for classifier-free guidance
+    # optimiser
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"   # any diffusers.optimization name (cosine, linear, constant ...)
+    lr_warmup_steps: int = 100
+    batch_size: int = 16                   # per process
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    max_steps: int = 1000
+    max_minutes: float = 0.0               # >0: stop (with a checkpoint) after this much training time
+    # checkpoints, logging, validation
+    output_dir: str = "runs/ldm"
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 3
+    resume: str = ""                       # "", "latest" or a checkpoint folder
+    max_nonfinite_steps: int = 10          # stop after this many non-finite losses in a row
+    log_every: int = 10
+    validation_every: int = 500            # sample validation_prompts into a PNG grid
+    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle on the left",
+                                                                   "a blue square at the top"])
+    validation_steps: int = 25             # DDIM steps for the validation grid
+    validation_guidance: float = 4.0
+    val_loss_samples: int = 16             # fixed images x fixed noise and timesteps
+    val_loss_bins: int = 5
+    report_to: str = "tensorboard"         # "tensorboard" or "none"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting."""
+        choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,
+                   "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION, "report_to": ("tensorboard", "none")}
+        for key, options in choices.items():
+            if getattr(self, key) not in options:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
+        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every",
+                    "num_train_timesteps", "max_nonfinite_steps", "val_loss_bins"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.cache_text_embeddings and self.train_text_encoder:
+            raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("zero_terminal_snr needs prediction_type v_prediction or sample: eps cannot be "
+                             "predicted at SNR 0 (Lin et al. 2023, Sec. 3.2)")

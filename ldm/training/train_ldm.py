@@ -1,0 +1,260 @@
+"""Latent diffusion training with Accelerate: the body of train/train_ldm.py and `ldm train`.
+
+    accelerate launch train/train_ldm.py --config configs/sd15.yaml --data /data/laion --resume latest
+
+Reads top to bottom: parse config, build, accelerator.prepare, loop with accelerator.accumulate, checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from ldm import diffusion
+from ldm.presets import MODEL_PRESETS, build_components
+from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
+from ldm.training.config import config_to_dict, format_config, save_config
+from ldm.training.ldm_config import TrainLDMConfig
+from ldm.training.signals import StopRequest
+from ldm.training.step import NoiseSchedule, TextEmbedder, batch_latents, diffusion_loss, step_generator
+from ldm.training.stream import BatchStream
+from ldm.training.validation import first_samples, make_val_set, sample_grid, validation_loss
+
+
+def cpu_only_multiprocess() -> bool:
+    """Returns True for several processes on a machine without GPUs (`accelerate launch --multi_gpu` on a CPU
+    box): Accelerate then needs cpu=True to join them with gloo instead of running each alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def build_models(cfg: TrainLDMConfig) -> dict:
+    """Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}: a preset (random init) or a folder."""
+    if cfg.model in MODEL_PRESETS:
+        parts = build_components(cfg.model, seed=cfg.seed)
+    elif os.path.isdir(cfg.model):
+        from ldm.pipelines.loading import load_components
+
+        parts = load_components(cfg.model)
+    else:
+        raise ValueError(f"model {cfg.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a pipeline folder")
+    if cfg.vae:
+        parts["vae"] = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)
+    if cfg.max_token_length:  # short prompts: fewer padding tokens to attend over; inference reads it from tokenizer/
+        parts["tokenizer"].model_max_length = cfg.max_token_length
+    return parts
+
+
+def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=None):
+    """Returns (training data for this rank, validation data): `dataset` itself, or ldm.data's for cfg.data."""
+    if dataset is not None:
+        return dataset, dataset
+    from ldm.data import open_dataset
+
+    common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, seed=cfg.seed)
+    train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common)
+    return train, open_dataset(cfg.data, shuffle=False, **common)
+
+
+def inference_pipeline(parts: dict, unet, ema, scheduler_config: dict):
+    """Returns an ldm.Pipeline of the current weights (EMA weights when EMA is on) for saving or sampling."""
+    from ldm.pipelines import Pipeline
+
+    if ema is not None:
+        unet = UNet2DConditionModel.from_config(unet.config)
+        ema.copy_to(unet.parameters())
+    pipe = Pipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=unet,
+                    scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(cfg: TrainLDMConfig, dataset=None) -> dict:
+    """Trains and returns {"step", "losses": {step: loss}, "val": [...], "checkpoint", "stopped_by"}."""
+    # 1. Accelerator and config
+    accelerator = Accelerator(cpu=cpu_only_multiprocess(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                                                  logging_dir=os.path.join(cfg.output_dir, "logs")))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        print(f"train_ldm config ({world} process(es)):\n{format_config(cfg)}", flush=True)
+    set_seed(cfg.seed)
+
+    # 2. Models, noise schedule, optimiser
+    parts = build_models(cfg)
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    schedule = NoiseSchedule.from_config(cfg)
+    scheduler_config = schedule.scheduler_config(parts["scheduler"].config, cfg.prediction_type, cfg.beta_start,
+                                                 cfg.beta_end)
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=unet.config) if cfg.use_ema else None
+
+    # 3. accelerator.prepare
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        text_encoder.to(accelerator.device)
+    vae.to(accelerator.device)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=cfg.cache_text_embeddings)
+    train_data, val_data = open_training_data(cfg, rank, world, dataset)
+    stream = BatchStream(train_data, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers)
+    val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), vae, embed, 10,
+                           schedule.num_train_timesteps, accelerator.device)
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("train_ldm", config={k: str(v) if isinstance(v, (list, tuple)) else v
+                                                       for k, v in config_to_dict(cfg).items()})
+
+    # 4. Resume: weights, optimiser, lr schedule, EMA and RNG from Accelerate; step and data position from us
+    state = {"step": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0, "data": stream.position()}
+    checkpoint = resolve_resume(cfg.resume, cfg.output_dir)
+    if checkpoint:
+        accelerator.load_state(os.path.join(checkpoint, "accelerate"))
+        state = read_state(checkpoint)
+        stream.seek(state["data"][rank] if isinstance(state["data"], list) else state["data"])
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+
+    def write_checkpoint() -> str:
+        positions = accelerator.gather_for_metrics([stream.position()], use_gather_object=True)
+        extra = lambda tmp: write_inference_folder(tmp, cfg, parts, accelerator.unwrap_model(unet), ema,  # noqa: E731
+                                                   scheduler_config)
+        return save_checkpoint(accelerator, cfg.output_dir, state["step"], {**state, "data": positions}, extra,
+                               cfg.checkpoints_total_limit)
+
+    # 5. Training loop
+    losses, val_history, last_checkpoint, stopped_by = {}, [], checkpoint, None
+    batches, started = iter(stream), time.time()
+    progress = _progress(accelerator, state["step"], cfg.max_steps)
+    with StopRequest() as stop:
+        while state["step"] < cfg.max_steps:
+            loss = train_step(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr_scheduler, batches,
+                              params, state, rank)
+            if ema is not None and state["nonfinite_in_a_row"] == 0:
+                ema.step(accelerator.unwrap_model(unet).parameters())
+            state["step"] += 1
+            state["data"] = stream.position()
+            losses[state["step"]] = loss
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+                raise RuntimeError(f"stopped: {state['nonfinite_in_a_row']} non-finite losses in a row at step "
+                                   f"{state['step']} (skipped {state['nonfinite_total']} in all); lower the "
+                                   "learning rate, use bf16 rather than fp16, or check the data")
+            if state["step"] % cfg.log_every == 0:
+                accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
+                                 "nonfinite_total": state["nonfinite_total"]}, step=state["step"])
+            if state["step"] % cfg.validation_every == 0 or state["step"] == cfg.max_steps:
+                val_history.append(run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule,
+                                                  scheduler_config, state["step"]))
+            stopped_by = _stop_reason(accelerator, stop, started, cfg)
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps or stopped_by:
+                last_checkpoint = write_checkpoint()
+            if stopped_by:
+                accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last_checkpoint}; "
+                                  f"continue with --resume latest")
+                break
+    progress.close()
+
+    # 6. The final model, ready for Pipeline.from_pretrained
+    if accelerator.is_main_process and last_checkpoint:
+        _write_losses(cfg.output_dir, losses)
+    accelerator.end_training()
+    return {"step": state["step"], "losses": losses, "val": val_history, "checkpoint": last_checkpoint,
+            "stopped_by": stopped_by, "nonfinite_total": state["nonfinite_total"]}
+
+
+def train_step(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr_scheduler, batches, params, state,
+               rank) -> float:
+    """Runs one optimiser step (gradient_accumulation_steps micro-batches); returns the mean loss over ranks."""
+    total = 0.0
+    for micro in range(cfg.gradient_accumulation_steps):
+        batch = next(batches)
+        if state["step"] == 0 and micro == 0 and "key" in batch:  # shows which part of the data each rank reads
+            print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
+        generator = step_generator(cfg.seed, state["step"], micro, rank)
+        with accelerator.accumulate(unet):
+            latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w)
+            captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
+            context = embed(captions, accelerator.device)  # (B, 77, D)
+            loss, _ = diffusion_loss(unet, latents, context, schedule, cfg, generator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                if torch.isfinite(torch.as_tensor(norm)):  # the same on every rank: gradients are all-reduced
+                    optimizer.step()
+                    state["nonfinite_in_a_row"] = 0
+                else:  # skip the update, count it
+                    state["nonfinite_in_a_row"] += 1
+                    state["nonfinite_total"] += 1
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        total += accelerator.reduce(loss.detach(), "mean").item() / cfg.gradient_accumulation_steps
+    return total
+
+
+def run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule, scheduler_config, step) -> dict:
+    """Logs the deterministic validation loss (training weights) and writes a prompt grid (saved weights)."""
+    model = accelerator.unwrap_model(unet)
+    model.eval()
+    report = validation_loss(model, val_set, schedule.alpha_bar, cfg.prediction_type, cfg.val_loss_bins)
+    model.train()
+    report["step"] = step
+    accelerator.log({k: v for k, v in report.items() if k != "step"}, step=step)
+    if accelerator.is_main_process and cfg.validation_prompts:
+        pipe = inference_pipeline(parts, model, ema, scheduler_config)
+        sample_grid(pipe, list(cfg.validation_prompts), os.path.join(cfg.output_dir, "samples", f"step-{step:08d}.png"),
+                    cfg.validation_steps, cfg.validation_guidance, seed=cfg.seed)
+        accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")
+    return report
+
+
+def write_inference_folder(folder: str, cfg, parts, unet, ema, scheduler_config) -> None:
+    """Writes pipeline/ (EMA weights when on) and config.yaml into a checkpoint folder."""
+    inference_pipeline(parts, unet, ema, scheduler_config).save_pretrained(os.path.join(folder, "pipeline"))
+    save_config(cfg, os.path.join(folder, "config.yaml"))
+
+
+def _stop_reason(accelerator, stop: StopRequest, started: float, cfg) -> str | None:
+    """Returns why to stop now ("SIGTERM", "SIGINT", "max_minutes") or None; all ranks agree."""
+    code = {None: 0, "SIGTERM": 1, "SIGINT": 2}.get(stop.signal_name, 1)
+    if code == 0 and cfg.max_minutes > 0 and time.time() - started > cfg.max_minutes * 60:
+        code = 3
+    if accelerator.num_processes > 1:
+        code = int(accelerator.reduce(torch.tensor(code, device=accelerator.device), "max").item())
+    return {0: None, 1: "SIGTERM", 2: "SIGINT", 3: "max_minutes"}[code]
+
+
+def _progress(accelerator, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train_ldm", disable=not accelerator.is_local_main_process)
+
+
+def _write_losses(output_dir: str, losses: dict) -> None:
+    with open(os.path.join(output_dir, "losses.jsonl"), "a", encoding="utf-8") as f:
+        for step, loss in losses.items():
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")

@@ -1,0 +1,87 @@
+"""Validation: a deterministic loss per timestep bin, and prompt grids as PNG.
+
+The validation loss uses fixed latents (posterior means of the first images), fixed noise and fixed, evenly
+spread timesteps, so two evaluations differ only by the weights: it goes down when (and only when) the model
+improves. It is the unweighted MSE of the model's own target (eps, v or x0).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from PIL import Image
+
+from ldm import diffusion
+from ldm.training.stream import collate_dicts
+
+
+def first_samples(dataset, count: int) -> dict:
+    """Returns the first `count` samples of a data set (map-style or stream) as one batch."""
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        samples = [dataset[i] for i in range(min(count, len(dataset)))]
+    else:
+        samples = []
+        for sample in dataset:
+            samples.append(sample)
+            if len(samples) == count:
+                break
+    if not samples:
+        raise ValueError("the validation data set is empty")
+    return collate_dicts(samples)
+
+
+@torch.no_grad()
+def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, num_train_timesteps: int, device) -> dict:
+    """Returns {"latents", "context", "noise", "t"}, each repeated over the timesteps: (N*K, ...)."""
+    if "latent_mean" in batch:
+        mean = batch["latent_mean"].float()
+    else:
+        mean = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.mean.float()
+    latents = mean.to(device) * vae.config.scaling_factor  # (N, 4, h, w)
+    context = embed(list(batch["caption"]), device)  # (N, 77, D)
+    n, k = latents.shape[0], timesteps_per_sample
+    t = diffusion.stratified_timesteps(n * k, num_train_timesteps)  # spread over [0, T)
+    t = t[torch.randperm(n * k, generator=torch.Generator().manual_seed(0))]
+    noise = torch.randn((n * k, *latents.shape[1:]), generator=torch.Generator().manual_seed(1234))
+    return {"latents": latents.repeat(k, 1, 1, 1), "context": context.repeat(k, 1, 1),  # (N*K, ...)
+            "noise": noise.to(device), "t": t.to(device)}
+
+
+@torch.no_grad()
+def validation_loss(unet, val: dict, alpha_bar: torch.Tensor, prediction_type: str, num_bins: int,
+                    batch_size: int = 64) -> dict:
+    """Returns {"val_loss": mean, "val_loss_bin0": ..., ...}: MSE per equal-width timestep bin (bin 0 = least noise)."""
+    losses = []
+    for i in range(0, len(val["t"]), batch_size):
+        t = val["t"][i:i + batch_size]
+        x0, noise = val["latents"][i:i + batch_size], val["noise"][i:i + batch_size]
+        x_t = diffusion.add_noise(x0, noise, t, alpha_bar)
+        target = diffusion.training_target(x0, noise, t, alpha_bar, prediction_type)
+        pred = unet(x_t, t, encoder_hidden_states=val["context"][i:i + batch_size].to(x_t.dtype)).sample
+        losses.append(diffusion.per_sample_loss(pred, target, "mse"))
+    losses = torch.cat(losses).cpu()  # (N*K,)
+    bins = diffusion.timestep_bins(val["t"].cpu(), len(alpha_bar), num_bins)
+    report = {"val_loss": float(losses.mean())}
+    for b in range(num_bins):
+        report[f"val_loss_bin{b}"] = float(losses[bins == b].mean()) if (bins == b).any() else float("nan")
+    return report
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Returns the images tiled row by row into one picture."""
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+@torch.no_grad()
+def sample_grid(pipeline, prompts: list[str], path: str, steps: int, guidance: float, seed: int = 0) -> str:
+    """Samples one image per prompt with a fixed seed and writes them side by side to `path` (PNG)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    image_grid(images, columns=len(images)).save(path)
+    return path

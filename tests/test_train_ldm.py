@@ -1,0 +1,144 @@
+"""train_ldm: short real runs on the tiny preset (CPU) — learning, exact resume, stops, guards, checkpoints."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.training import train_ldm
+from ldm.training.checkpoint import list_checkpoints
+from ldm.training.ldm_config import TrainLDMConfig
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_config(tmp_path, **overrides) -> TrainLDMConfig:
+    base = dict(model="tiny", data="shapes:48@32", resolution=32, batch_size=8, max_steps=6, learning_rate=2e-3,
+                lr_warmup_steps=0, output_dir=str(tmp_path / "run"), checkpoint_every=1000, validation_every=1000,
+                validation_prompts=[], val_loss_samples=4, report_to="none", log_every=1, ema_decay=0.9)
+    return TrainLDMConfig(**{**base, **overrides})
+
+
+def run(cfg, **kwargs):
+    cfg.validate()
+    return train_ldm.main(cfg, **kwargs)
+
+
+def val_losses(result):
+    return [v["val_loss"] for v in result["val"]]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(prediction_type="epsilon", weighting="uniform"),
+    dict(prediction_type="v_prediction", weighting="min_snr", loss="huber", noise_schedule="squaredcos_cap_v2"),
+    dict(prediction_type="sample", weighting="vlb", loss="l1", noise_schedule="sigmoid", offset_noise=0.05),
+    dict(prediction_type="v_prediction", weighting="vlb", zero_terminal_snr=True, noise_schedule="linear",
+         beta_start=1e-4, beta_end=0.02, resolution=64, data="shapes:48@64"),
+])
+def test_short_run_lowers_validation_loss(tmp_path, overrides):
+    result = run(tiny_config(tmp_path, max_steps=12, validation_every=1, use_ema=False, **overrides))
+    losses = val_losses(result)
+    assert len(losses) == 12 and min(losses[-3:]) < losses[0], losses
+    assert all(k in result["val"][0] for k in ("val_loss_bin0", "val_loss_bin4"))
+    folder = os.path.join(result["checkpoint"], "pipeline")
+    scheduler_config = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
+    assert scheduler_config["clip_sample"] is False
+    assert scheduler_config["prediction_type"] == overrides["prediction_type"]
+
+
+def test_checkpoint_pipeline_opens_in_ldm_and_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from ldm import Pipeline
+
+    result = run(tiny_config(tmp_path, max_steps=2, validation_prompts=["a red circle on the left"],
+                             validation_every=2, validation_steps=2))
+    folder = os.path.join(result["checkpoint"], "pipeline")
+    assert os.path.isfile(os.path.join(tmp_path, "run", "samples", "step-00000002.png"))
+    ours = Pipeline.from_pretrained(folder, scheduler="ddim")
+    image = ours("a red circle on the left", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (32, 32)
+    theirs = DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+    assert type(theirs).__name__ == "StableDiffusionPipeline"
+    # EMA weights (decay 0.9 with warmup) differ from the raw training weights saved in the Accelerate state
+    raw = load_file(os.path.join(result["checkpoint"], "accelerate", "model.safetensors"))
+    name = "conv_in.weight"
+    assert not torch.equal(raw[name], ours.unet.state_dict()[name])
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = run(tiny_config(tmp_path / "a", max_steps=6, checkpoint_every=3, caption_dropout=0.3))
+    half = run(tiny_config(tmp_path / "b", max_steps=3, caption_dropout=0.3))
+    resumed = run(tiny_config(tmp_path / "b", max_steps=6, resume="latest", caption_dropout=0.3))
+    assert list(resumed["losses"]) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(resumed["losses"][step] - straight["losses"][step]) <= 1e-6
+    for key in ("model.safetensors",):
+        a = load_file(os.path.join(straight["checkpoint"], "accelerate", key))
+        b = load_file(os.path.join(resumed["checkpoint"], "accelerate", key))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ema_a = load_file(os.path.join(straight["checkpoint"], "pipeline", "unet", "diffusion_pytorch_model.safetensors"))
+    ema_b = load_file(os.path.join(resumed["checkpoint"], "pipeline", "unet", "diffusion_pytorch_model.safetensors"))
+    assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) <= 1e-6
+    state = json.load(open(os.path.join(resumed["checkpoint"], "trainer_state.json")))
+    assert state["step"] == 6 and half["step"] == 3
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
+    original = train_ldm.train_step
+
+    def step_then_signal(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr, batches, params, state, rank):
+        loss = original(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr, batches, params, state, rank)
+        if state["step"] == 1:  # the second step: a real signal to this process, mid-run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train_ldm, "train_step", step_then_signal)
+    result = run(tiny_config(tmp_path, max_steps=50))
+    assert result["stopped_by"] == "SIGTERM" and result["step"] == 2
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "run"))] == ["checkpoint-00000002"]
+    monkeypatch.setattr(train_ldm, "train_step", original)
+    resumed = run(tiny_config(tmp_path, max_steps=3, resume="latest"))
+    assert list(resumed["losses"]) == [3]
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+def _nan_loss_at(steps):
+    original = train_ldm.diffusion_loss
+    calls = {"n": 0}
+
+    def loss_fn(*args, **kwargs):
+        loss, per_sample = original(*args, **kwargs)
+        calls["n"] += 1
+        if steps is None or calls["n"] in steps:
+            loss = loss * float("nan")
+        return loss, per_sample
+
+    return loss_fn
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_ldm, "diffusion_loss", _nan_loss_at({2}))
+    result = run(tiny_config(tmp_path, max_steps=4))
+    assert result["nonfinite_total"] == 1 and result["step"] == 4
+    weights = load_file(os.path.join(result["checkpoint"], "accelerate", "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_ldm, "diffusion_loss", _nan_loss_at(None))
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 3"):
+        run(tiny_config(tmp_path, max_steps=10, max_nonfinite_steps=3))
+
+
+def test_checkpoint_total_limit_keeps_the_newest(tmp_path):
+    result = run(tiny_config(tmp_path, max_steps=4, checkpoint_every=1, checkpoints_total_limit=2,
+                             gradient_accumulation_steps=2))
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["checkpoint-00000003", "checkpoint-00000004"]  # no .tmp leftovers
+    assert result["checkpoint"].endswith("checkpoint-00000004")
+    state = json.load(open(root / "checkpoint-00000004" / "trainer_state.json"))
+    assert state["step"] == 4 and state["data"][0]["batch_in_epoch"] == 2  # 4 steps x 2 micro-batches of 8 = 64 > 48
