@@ -10,6 +10,7 @@ diffusers' StableDiffusionPipeline.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Callable
@@ -18,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.folders import atomic_folder, read_json, write_json
@@ -27,6 +29,19 @@ from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.schedulers import make_scheduler
 from ldm.text_encoders import OpenCLIPTextEncoder
+
+
+@contextlib.contextmanager
+def _lora_scaled(text_encoder, lora_scale: float | None):
+    """Multiplies the module's PEFT LoRA layers by lora_scale inside the block (no-op without one)."""
+    if lora_scale is None or not USE_PEFT_BACKEND:
+        yield
+        return
+    scale_lora_layers(text_encoder, lora_scale)
+    try:
+        yield
+    finally:
+        unscale_lora_layers(text_encoder, lora_scale)
 
 
 class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -78,6 +93,20 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                          feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
             write_json(index_path, index)
 
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          scale: float = 1.0, **kwargs) -> None:
+        """Loads a LoRA file or folder (diffusers or kohya/web-UI keys) onto the UNet and text encoder.
+
+        scale: the adapter's weight (0 = the base model exactly, 1 = as trained). It can also be set per call
+        with cross_attention_kwargs={"scale": s}; the two multiply.
+        """
+        if adapter_name is None:
+            existing = {name for names in self.get_list_adapters().values() for name in names}
+            adapter_name = next(f"lora_{i}" for i in range(len(existing) + 1) if f"lora_{i}" not in existing)
+        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        if scale != 1.0:
+            self.set_adapters(adapter_name, adapter_weights=scale)
+
     def set_scheduler(self, name_or_scheduler) -> None:
         """Replaces the sampler, by name ("ddpm", "ddim", "lms", ...) or with any diffusers scheduler object."""
         self._schedule_config.update(self.scheduler.config)
@@ -125,15 +154,19 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return final_norm(hidden)
 
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
-                      do_cfg: bool, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      do_cfg: bool, clip_skip: int | None = None,
+                      lora_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D).
 
         Both branches go through the text encoder in one batched call. clip_skip applies to both: a model
         trained on the k-th layer from the end saw the empty prompt through that layer too (diffusers 0.42
-        applies it to the conditional branch only).
+        applies it to the conditional branch only). lora_scale multiplies the text encoder's LoRA adapters
+        for this call, as diffusers' encode_prompt does (the UNet's get the same scale through
+        cross_attention_kwargs={"scale": s}).
         """
         uncond = (negative_prompt if negative_prompt is not None else [""] * len(prompt)) if do_cfg else []
-        embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip)  # (2B or B, 77, D)
+        with _lora_scaled(self.text_encoder, lora_scale):
+            embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip)  # (2B or B, 77, D)
         embeds = embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_cfg:
             return embeds, None
@@ -179,8 +212,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 1. Encode the prompts: (B*n, 77, D) each; one batched UNet call per step later, uncond first
         if prompt_embeds is None:
+            lora_scale = (cross_attention_kwargs or {}).get("scale")
             prompt_embeds, negative_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt,
-                                                                do_cfg, clip_skip)
+                                                                do_cfg, clip_skip, lora_scale=lora_scale)
         else:
             prompt_embeds = prompt_embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
             negative_embeds = None
@@ -192,6 +226,12 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # 2. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
+        train_steps = self.scheduler.config.num_train_timesteps
+        if timesteps.max() >= train_steps:  # e.g. "leading" spacing with steps_offset=1 at T steps
+            raise ValueError(f"num_inference_steps={num_inference_steps} makes this scheduler's "
+                             f"{self.scheduler.config.get('timestep_spacing', 'leading')!r} spacing ask for "
+                             f"t={int(timesteps.max())} of a {train_steps}-step model; use fewer steps or "
+                             "pipe.set_scheduler(...) on a config with timestep_spacing='trailing'")
 
         # 3. Initial noise x_T ~ N(0, sigma_max^2 I) in latent space: (B*n, 4, H/f, W/f)
         shape = (batch * num_images_per_prompt, self.unet.config.in_channels,

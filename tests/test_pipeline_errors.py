@@ -94,3 +94,18 @@ def test_foreign_scheduler_class_is_refused(tiny_folder, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         Pipeline.from_pretrained(copy)
+
+
+def test_leading_spacing_at_all_train_steps_is_a_clear_error(tiny_pipe):
+    from diffusers import DDPMScheduler
+
+    tiny_pipe.scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config, timestep_spacing="leading",
+                                                    steps_offset=1)
+    with pytest.raises(ValueError, match=r"ask for t=1000 of a 1000-step model; use fewer steps"):
+        tiny_pipe("x", num_inference_steps=1000, output_type="latent")
+
+
+def test_our_models_sample_all_train_steps(tiny_pipe):
+    tiny_pipe.set_scheduler("ddpm")
+    out = tiny_pipe("x", num_inference_steps=1000, guidance_scale=1.0, output_type="latent", trace=True)
+    assert out.trace[0].timestep == 999 and out.trace[-1].timestep == 0 and torch.isfinite(out.images).all()

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from diffusers import AutoencoderKL
 
 from ldm.training import train_ldm, train_vae

@@ -33,6 +33,8 @@ def add_arguments(p):
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, float32 elsewhere")
     p.add_argument("--out", default="outputs", help="a folder, or a file name ending in .png")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt weights (can run code)")
+    p.add_argument("--lora", default=None, help="a LoRA .safetensors (from `ldm finetune`, or a web-UI LoRA)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = the base model, 1 = as trained")
 
 
 def resolve_device_dtype(device: str, dtype: str):
@@ -69,6 +71,10 @@ def run(args) -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     pipe = Pipeline.from_pretrained(args.model, scheduler=args.scheduler, torch_dtype=dtype,
                                     allow_pickle=args.allow_pickle).to(device)
+    if args.lora:
+        from ldm.lora import lora_path
+
+        pipe.load_lora_weights(lora_path(args.lora), scale=args.lora_scale)
     first = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [first + i for i in range(args.num_images)]
     paths = output_paths(args.out, seeds)
@@ -77,7 +83,8 @@ def run(args) -> int:
                   guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
                   height=args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
                   width=args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                  device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__)
+                  device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__,
+                  **({"lora": os.path.abspath(args.lora), "lora_scale": args.lora_scale} if args.lora else {}))
     for start in range(0, len(seeds), args.batch_size):
         chunk = seeds[start: start + args.batch_size]
         began = time.perf_counter()

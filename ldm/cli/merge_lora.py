@@ -1,0 +1,20 @@
+"""`ldm merge-lora --model DIR --lora FILE --out DIR`: a pipeline folder with the LoRA fused into its weights.
+
+The folder loads like any other (ldm.Pipeline, diffusers' StableDiffusionPipeline) and samples as the base
+model with the LoRA at --scale, without adapter layers at run time.
+"""
+from __future__ import annotations
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="the base pipeline folder the LoRA was trained on")
+    p.add_argument("--lora", required=True, help="a LoRA .safetensors (diffusers or web-UI keys) or its folder")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength to fuse (1 = as trained)")
+
+
+def run(args) -> int:
+    from ldm.lora import merge_lora
+
+    print(f"wrote {merge_lora(args.model, args.lora, args.out, args.scale)}")
+    return 0

@@ -1,0 +1,103 @@
+"""FinetuneConfig: every setting of train/finetune.py (`ldm finetune`), with its default.
+
+Zeros mean "scaled to the folder" (see `resolve_defaults`): a folder of 5 to 200 images gets a step count,
+learning rate and validation interval that suit it without tuning.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+METHODS = ("lora", "full")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class FinetuneConfig:
+    # inputs and outputs
+    model: str = ""                        # the base pipeline folder
+    data: str = ""                         # a folder of images (captions optional), or any ldm.data spec
+    out: str = "runs/finetune"
+    instance_prompt: str = ""              # e.g. "a painting in the style of sks"; prepended to captions if any
+    resolution: int = 0                    # 0 = the model's native size
+    aspect_buckets: bool = True            # mixed aspect ratios train at their own shape
+    random_flip: bool = False
+    # method
+    method: str = "lora"                   # lora: adapters on attention projections; full: every UNet weight
+    lora_rank: int = 8
+    lora_alpha: float = 0.0                # 0 = rank (scale 1)
+    lora_dropout: float = 0.0
+    train_text_encoder: bool = False       # LoRA: adapters on the text encoder too; full: train it whole
+    # DreamBooth prior preservation (Ruiz et al. 2023, arXiv:2208.12242, Eq. 2)
+    class_prompt: str = ""                 # e.g. "a painting"; "" = no prior preservation
+    num_class_images: int = 0              # 0 = as many as training images (at least 8) when class_prompt is set
+    prior_loss_weight: float = 1.0
+    class_sample_steps: int = 25
+    # optimisation (0 = scaled to the folder)
+    max_steps: int = 0
+    repeats: int = 10                      # passes over each image per "epoch" (kohya's repeats)
+    epochs: int = 10
+    learning_rate: float = 0.0
+    batch_size: int = 4
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    caption_dropout: float = 0.0            # DreamBooth trains without; > 0 also teaches the empty prompt the style
+    mixed_precision: str = "no"
+    # validation and the memorisation guard
+    holdout_fraction: float = 0.1          # held out for validation loss; leave-one-out below 10 images
+    validation_every: int = 0              # 0 = 4 times per run
+    validation_prompts: list[str] = field(default_factory=list)   # default: the instance prompt (or first captions)
+    num_validation_samples: int = 4
+    validation_sample_steps: int = 20
+    validation_guidance: float = 4.0
+    val_loss_bins: int = 5
+    near_copy_ratio: float = 0.35          # a sample closer than this x the typical training-image distance is a copy
+    max_loss_gap: float = 1.5              # held-out / training loss at low noise above this warns too
+    early_stop_on_memorization: bool = False
+    # outputs
+    export_webui: bool = False             # also write a kohya-format LoRA for AUTOMATIC1111 / ComfyUI
+    save_pipeline: bool = False            # LoRA: also write the fused pipeline folder (full always writes one)
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting and how to fix it."""
+        if not self.model:
+            raise ValueError("no base model: pass --model DIR (a pipeline folder, e.g. from `ldm train` or SD 1.x)")
+        if not self.data:
+            raise ValueError("no images: pass --data FOLDER (5 to 200 pictures; captions optional)")
+        for key, options in (("method", METHODS), ("mixed_precision", MIXED_PRECISION)):
+            if getattr(self, key) not in options:
+                raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of {options}")
+        if self.class_prompt and self.prior_loss_weight <= 0:
+            raise ValueError("--prior-loss-weight must be > 0 with --class-prompt (1.0 is DreamBooth's)")
+        if self.num_class_images and not self.class_prompt:
+            raise ValueError("--num-class-images needs --class-prompt (e.g. --class-prompt 'a painting')")
+        for key in ("batch_size", "repeats", "epochs", "lora_rank", "num_validation_samples", "val_loss_bins"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.resolution % 8:
+            raise ValueError(f"--resolution must be divisible by 8, got {self.resolution}")
+
+
+def default_learning_rate(method: str) -> float:
+    """Returns the usual starting point: 1e-4 for LoRA (diffusers' and kohya's default), 5e-6 for full weights."""
+    return 1e-4 if method == "lora" else 5e-6
+
+
+def auto_steps(num_images: int, batch_size: int, repeats: int, epochs: int) -> int:
+    """Returns ceil(num_images * repeats / batch_size) * epochs, kept within [200, 3000] optimiser steps."""
+    return min(3000, max(200, math.ceil(num_images * repeats / batch_size) * epochs))
+
+
+def resolve_defaults(cfg: FinetuneConfig, num_train_images: int, native_resolution: int) -> FinetuneConfig:
+    """Returns a copy with every 0 ("scaled to the folder") replaced by its value for this folder and model."""
+    steps = cfg.max_steps or auto_steps(num_train_images, cfg.batch_size, cfg.repeats, cfg.epochs)
+    class_images = cfg.num_class_images or (max(8, num_train_images) if cfg.class_prompt else 0)
+    return replace(cfg, max_steps=steps, resolution=cfg.resolution or native_resolution,
+                   learning_rate=cfg.learning_rate or default_learning_rate(cfg.method),
+                   lora_alpha=cfg.lora_alpha or float(cfg.lora_rank), num_class_images=class_images,
+                   validation_every=cfg.validation_every or max(1, steps // 4),
+                   lr_warmup_steps=cfg.lr_warmup_steps or min(50, steps // 10))

@@ -1,0 +1,162 @@
+"""End to end on the CPU: a small base model trained here on light-background shapes, then fine-tuned with LoRA on
+a folder of uncaptioned dark-background pictures (a style the base never saw) with an instance prompt.
+
+Runs single-threaded: on a shared 2-core machine one thread is many times faster than two for these sizes.
+"""
+import os
+import random
+
+import pytest
+import torch
+
+from ldm.presets import ModelSpec, _clip_text, _latent_scheduler, build_components
+
+INSTANCE = "a painting in the style of sks"
+OTHER = "a red circle on the left"
+DARK = (22, 22, 30)
+
+
+def micro_spec() -> ModelSpec:
+    """A 16 px model (VAE factor 2 -> 4x8x8 latents, 0.36 M UNet parameters) that learns shapes in a minute."""
+    return ModelSpec(
+        name="micro", resolution=16,
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                  norm_num_groups=8),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                 block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16),
+        text_encoder=_clip_text(hidden=32, layers=2, heads=4, intermediate=64), scheduler=_latent_scheduler())
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def train_vae(vae, steps: int = 300) -> None:
+    """Trains the autoencoder on shapes with light and dark backgrounds (a general VAE, as SD's saw everything)."""
+    from ldm.data import ShapesDataset
+    from ldm.data.shapes import render_scene
+    from ldm.data.transforms import to_tensor
+
+    shapes = ShapesDataset(256, resolution=16, seed=1)
+    images = []
+    for i in range(256):
+        objects, background, _ = shapes.scene(i)
+        images.append(to_tensor(render_scene(objects, 16, background if i % 2 else DARK)))
+    x = torch.stack(images)  # (256, 3, 16, 16)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = x[torch.randint(0, len(x), (32,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator)).sample, batch)
+        loss = loss + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval()
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """Returns a base pipeline folder: micro VAE trained above, UNet trained by `finetune --method full` on shapes."""
+    from ldm import Pipeline
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    root = tmp_path_factory.mktemp("base")
+    parts = build_components(micro_spec(), seed=0)
+    train_vae(parts["vae"])
+    Pipeline(**parts).save_pretrained(root / "init")
+    report = main(FinetuneConfig(model=str(root / "init"), data="shapes:400@16", out=str(root / "run"),
+                                 method="full", learning_rate=1e-3, max_steps=500, batch_size=16,
+                                 caption_dropout=0.1, num_validation_samples=1, validation_sample_steps=5,
+                                 validation_every=500, device="cpu"))
+    return report["outputs"]["pipeline"]
+
+
+def write_dark_folder(folder: str, count: int, seed: int = 0) -> str:
+    """Writes `count` uncaptioned PNGs: coloured shapes on a dark background."""
+    from ldm.data.shapes import COLOURS, POSITIONS, SHAPES, SceneObject, render_scene
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        obj = SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(POSITIONS))
+        render_scene([obj], 16, DARK).save(os.path.join(folder, f"art-{i:03d}.png"))
+    return folder
+
+
+def border_brightness(images: torch.Tensor) -> float:
+    """Returns the mean brightness in [0, 1] of the 2-pixel border (the background) of images (N, 3, H, W) in [0, 1]."""
+    mask = torch.ones(images.shape[-2:], dtype=torch.bool)
+    mask[2:-2, 2:-2] = False
+    return float(images[..., mask].mean())
+
+
+def sample(pipe, prompt: str, n: int = 8, **kwargs) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+    return pipe([prompt] * n, generator=generators, num_inference_steps=20, guidance_scale=4.0, output_type="pt",
+                **kwargs).images  # (n, 3, 16, 16) in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_model, tmp_path_factory):
+    """Fine-tunes with every default on 20 uncaptioned images and an instance prompt; returns (report, out)."""
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    root = tmp_path_factory.mktemp("lora")
+    folder = write_dark_folder(str(root / "art"), 20)
+    out = str(root / "run")
+    report = main(FinetuneConfig(model=base_model, data=folder, out=out, instance_prompt=INSTANCE,
+                                 export_webui=True, device="cpu"))
+    return report, out, folder
+
+
+def test_lora_moves_instance_prompt_to_the_folder_style(base_model, lora_run):
+    from ldm import Pipeline
+    from ldm.data.transforms import to_tensor
+    from PIL import Image
+
+    report, out, folder = lora_run
+    target = border_brightness(torch.stack([to_tensor(Image.open(os.path.join(folder, f)))
+                                            for f in sorted(os.listdir(folder))]) * 0.5 + 0.5)
+    base = Pipeline.from_pretrained(base_model)
+    before, other_before = border_brightness(sample(base, INSTANCE)), border_brightness(sample(base, OTHER))
+    tuned = Pipeline.from_pretrained(base_model)
+    tuned.load_lora_weights(report["outputs"]["lora"])
+    after, other_after = border_brightness(sample(tuned, INSTANCE)), border_brightness(sample(tuned, OTHER))
+    closed = (before - after) / (before - target)
+    print(f"border brightness: folder {target:.3f}; instance prompt {before:.3f} -> {after:.3f} (gap closed "
+          f"{closed:.0%}); '{OTHER}' {other_before:.3f} -> {other_after:.3f}; steps {report['steps']}")
+    assert closed >= 0.5
+    # scale 0 is the base model exactly
+    zero = sample(tuned, INSTANCE, cross_attention_kwargs={"scale": 0.0})
+    assert torch.equal(zero, sample(base, INSTANCE))
+
+
+def test_twenty_images_with_defaults_do_not_warn(lora_run):
+    report, out, _ = lora_run
+    last = report["history"][-1]
+    print("near-copy ratios", [round(r, 2) for r in last["memorization"]["ratios"]], "gap", last["gap"])
+    assert report["num_train_images"] == 18 and report["num_heldout_images"] == 2
+    assert not report["memorization_warning"]
+    assert set(last["val_heldout"]) == {"val_loss"} | {f"val_loss_bin{b}" for b in range(5)}
+    assert os.path.exists(os.path.join(out, "report.json")) and os.path.exists(last["samples"])
+
+
+def test_three_images_many_steps_warn_and_stop_early(base_model, tmp_path):
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    folder = write_dark_folder(str(tmp_path / "art"), 3, seed=5)
+    report = main(FinetuneConfig(model=base_model, data=folder, out=str(tmp_path / "run"), instance_prompt=INSTANCE,
+                                 max_steps=1200, learning_rate=1e-3, lora_rank=16, batch_size=2, validation_every=200,
+                                 early_stop_on_memorization=True, device="cpu"))
+    ratios = [round(min(r["memorization"]["ratios"]), 2) for r in report["history"]]
+    print("min near-copy ratio per check", ratios, "stopped at", report["steps"])
+    assert report["memorization_warning"] and "MEMORISATION WARNING" in report["warnings"][0]
+    assert report["stopped_by"] == "memorization" and report["steps"] < 1200
