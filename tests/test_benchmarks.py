@@ -25,3 +25,11 @@ def test_bench_data_smoke():
     stdout = run_benchmark("bench_data.py", "--num-images", "8", "--resolution", "32", "--workers", "1",
                            "--batch-size", "4", "--vae-preset", "tiny", "--cache-images", "4")
     assert "samples/s" in stdout or "samples per second" in stdout, stdout
+
+
+def test_bench_train_smoke(tmp_path):
+    stdout = run_benchmark("bench_train.py", "--preset", "tiny", "--resolution", "32", "--batch-size", "2",
+                           "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "t.json"))
+    lines = stdout.strip().splitlines()
+    assert lines[-4].startswith("ratio_ours_over_reference_tiny: ") and "ratio_cache_speedup_tiny" in stdout
+    assert (tmp_path / "t.json").exists()

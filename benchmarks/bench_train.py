@@ -1,0 +1,178 @@
+"""Training throughput: our train step (ldm.training.train_ldm.train_step, as `ldm train` runs it) against a
+minimal reference loop with the same model, batch and precision (the loop of diffusers' train_text_to_image,
+written plainly below), with and without the latent cache, and with gradient checkpointing off and on.
+
+Steps alternate between the variants in one process; each figure is the median images/s after warm-up.
+The ratios are printed last, one `ratio_<what>_<preset>: X` line each.
+
+    python benchmarks/bench_train.py --preset tiny small --resolution 64
+    python benchmarks/bench_train.py --preset sd15 --resolution 512 --device cuda --mixed-precision bf16   # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", nargs="+", default=["tiny", "small"])
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant (alternating)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Bench:
+    """One preset's models, a fixed batch (pixels and their cached posteriors), and the two train steps."""
+
+    def __init__(self, preset: str, args):
+        from accelerate import Accelerator
+
+        from ldm.data.shapes import ShapesDataset
+        from ldm.data.transforms import to_tensor
+        from ldm.presets import build_components
+        from ldm.training.ldm_config import TrainLDMConfig
+        from ldm.training.step import NoiseSchedule, TextEmbedder
+
+        self.args, self.device = args, torch.device(args.device)
+        parts = build_components(preset, seed=0)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = (parts[k] for k in
+                                                                  ("unet", "vae", "text_encoder", "tokenizer"))
+        self.cfg = TrainLDMConfig(model=preset, resolution=args.resolution, batch_size=args.batch_size,
+                                  learning_rate=1e-4, lr_warmup_steps=0, mixed_precision=args.mixed_precision,
+                                  use_ema=False, report_to="none")
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=self.device.type == "cpu")
+        self.vae.requires_grad_(False).eval().to(self.device)
+        self.text_encoder.requires_grad_(False).eval().to(self.device)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
+        self.unet, self.optimizer = self.accelerator.prepare(self.unet.train(), self.optimizer)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.schedule = NoiseSchedule.from_config(self.cfg)
+        self.embed = TextEmbedder(self.text_encoder, self.tokenizer)
+        shapes = ShapesDataset(args.batch_size, resolution=args.resolution, seed=0)
+        items = [shapes[i] for i in range(args.batch_size)]
+        self.pixels = torch.stack([to_tensor(s["image"]) for s in items])  # (B, 3, R, R)
+        self.captions = [s["caption"] for s in items]
+        with torch.no_grad():
+            dist = self.vae.encode(self.pixels.to(self.device)).latent_dist
+        self.cached = {"latent_mean": dist.mean.cpu(), "latent_logvar": dist.logvar.cpu(), "caption": self.captions}
+        self.state = {"step": 1, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
+
+    def ours(self, cached: bool) -> None:
+        from ldm.training.train_ldm import train_step
+
+        batch = self.cached if cached else {"pixel_values": self.pixels, "caption": self.captions}
+        train_step(self.cfg, self.accelerator, self.unet, self.embed, self.vae, self.schedule, self.optimizer,
+                   self.lr_scheduler, iter([batch]), list(self.unet.parameters()), self.state, 0)
+        self.state["step"] += 1
+
+    def reference(self, cached: bool) -> None:
+        """diffusers train_text_to_image's inner loop, plainly: encode, noise, predict, MSE, step."""
+        device, T = self.device, self.schedule.num_train_timesteps
+        with torch.no_grad():
+            if cached:
+                mean, logvar = self.cached["latent_mean"].to(device), self.cached["latent_logvar"].to(device)
+                latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            else:
+                latents = self.vae.encode(self.pixels.to(device)).latent_dist.sample()
+            latents = latents * self.vae.config.scaling_factor
+            ids = self.tokenizer(self.captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(device)
+            context = self.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, T, (latents.shape[0],), device=device)
+        alpha_bar = self.schedule.alpha_bar.to(device, torch.float32)[t].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        with self.accelerator.autocast():
+            pred = self.unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the reference logs its loss every step too
+
+    def images_per_s(self, variants: dict) -> dict:
+        """Runs the variants in turn for warmup + steps rounds; returns median images/s and peak memory of each."""
+        times = {name: [] for name in variants}
+        peak = {}
+        for i in range(self.args.warmup + self.args.steps):
+            for name, fn in variants.items():
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sync(self.device)
+                start = time.perf_counter()
+                fn()
+                sync(self.device)
+                if i >= self.args.warmup:
+                    times[name].append(time.perf_counter() - start)
+                if self.device.type == "cuda":
+                    peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
+        return {name: {"images_per_s": self.args.batch_size / statistics.median(t), "peak_gib": peak.get(name)}
+                for name, t in times.items()}
+
+
+def bench_preset(preset: str, args) -> dict:
+    bench = Bench(preset, args)
+    variants = {"ours": lambda: bench.ours(False), "reference": lambda: bench.reference(False),
+                "ours_cached": lambda: bench.ours(True), "reference_cached": lambda: bench.reference(True)}
+    results = bench.images_per_s(variants)
+    bench.accelerator.unwrap_model(bench.unet).enable_gradient_checkpointing()
+    results.update({f"{k}_checkpointing": v for k, v in bench.images_per_s(
+        {"ours": variants["ours_cached"], "reference": variants["reference_cached"]}).items()})
+    rate = {k: v["images_per_s"] for k, v in results.items()}
+    ratios = {"ours_over_reference": rate["ours"] / rate["reference"],
+              "ours_over_reference_cached": rate["ours_cached"] / rate["reference_cached"],
+              "cache_speedup": rate["ours_cached"] / rate["ours"],
+              "checkpointing_cost": rate["ours_checkpointing"] / rate["ours_cached"]}
+    return {"preset": preset, "results": results, "ratios": ratios}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    out = []
+    for preset in args.preset:
+        r = bench_preset(preset, args)
+        out.append(r)
+        print(f"\n== {preset} @ {args.resolution} px, batch {args.batch_size}, {args.device}, "
+              f"mixed precision {args.mixed_precision}, median of {args.steps} alternating steps")
+        print(f"{'variant':34s}{'images/s':>10s}{'peak GiB':>10s}")
+        for name, v in r["results"].items():
+            peak = f"{v['peak_gib']:.2f}" if v["peak_gib"] is not None else "-"
+            print(f"{name:34s}{v['images_per_s']:10.2f}{peak:>10s}")
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak resident memory of this process: {rss_gib:.2f} GiB")
+    if args.json:
+        meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"), "args": vars(args), "peak_rss_gib": rss_gib}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": out}, f, indent=2)
+    print()
+    for r in out:  # last lines: machine-readable ratios
+        for k, v in r["ratios"].items():
+            print(f"ratio_{k}_{r['preset']}: {v:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
