@@ -50,7 +50,8 @@ def test_eval_writes_every_metric(tiny_folder, assets, tmp_path):
     assert set(report["adherence"]) == {"colour", "shape", "position", "all", "n"} and report["adherence"]["n"] == 4
     assert report["fid"] >= 0 and set(report["kid"]) == {"mean", "std"} and report["num_reference"] == 6
     assert 0 <= report["clip_score"]["clip_score"] <= 100 and len(report["clip_score"]["per_image"]) == 4
-    assert len(report["memorisation"]["nearest"]) == 4 and report["memorisation"]["k"] == 6
+    assert len(report["memorisation"]["nearest"]) == 4 and len(report["memorisation"]["ratios"]) == 4
+    assert {"d_train", "near_copies", "warning", "message"} <= set(report["memorisation"])
     assert report["skipped"] == {}
 
 

@@ -8,7 +8,7 @@ from ldm.evaluation.features import (InceptionFeatures, TinyFeatureNet, extract_
                                      resolve_weights)
 from ldm.evaluation.fid import fid_from_features, frechet_distance, kernel_inception_distance
 from ldm.evaluation.images import load_image_folder
-from ldm.evaluation.memorisation import memorisation_distances
+from ldm.memorization import memorization_report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,9 +113,8 @@ def test_missing_weights_say_what_to_download(tmp_path, monkeypatch):
 
 def test_memorisation_flags_copies_only(folders):
     train = load_image_folder(folders["a"], size=16)
-    copies = train[:3]
-    fresh = load_image_folder(folders["b"], size=16)[:3]
-    report = memorisation_distances(torch.cat([copies, fresh]), train, k=10)
-    assert report["flagged"] == [0, 1, 2] and report["nearest_index"][:3] == [0, 1, 2]
-    assert report["nearest"][0] == pytest.approx(0.0, abs=1e-6)
-    assert min(report["ratio"][3:]) > report["threshold"]
+    copies, fresh = train[:3], load_image_folder(folders["b"], size=16)[:3]
+    report = memorization_report(torch.cat([copies, fresh]), train)
+    assert report.nearest[:3] == [0, 1, 2] and report.ratios[0] == pytest.approx(0.0, abs=1e-6)
+    assert max(report.ratios[:3]) < report.near_copy_ratio < min(report.ratios[3:])
+    assert report.near_copies == 3 and report.warning  # half the samples are copies

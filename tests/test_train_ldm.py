@@ -142,3 +142,19 @@ def test_checkpoint_total_limit_keeps_the_newest(tmp_path):
     assert result["checkpoint"].endswith("checkpoint-00000004")
     state = json.load(open(root / "checkpoint-00000004" / "trainer_state.json"))
     assert state["step"] == 4 and state["data"][0]["batch_in_epoch"] == 2  # 4 steps x 2 micro-batches of 8 = 64 > 48
+
+
+def test_latent_cache_option_builds_on_first_use_then_reuses(tmp_path, caplog):
+    import logging
+
+    cache = str(tmp_path / "latents")
+    with caplog.at_level(logging.WARNING, logger="ldm.data"):
+        first = run(tiny_config(tmp_path, latent_cache=cache, max_steps=3, output_dir=str(tmp_path / "a")))
+    assert "rebuilding" in caplog.text and os.path.isfile(os.path.join(cache, "cache.json"))
+    shards = {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm.data"):
+        second = run(tiny_config(tmp_path, latent_cache=cache, max_steps=3, output_dir=str(tmp_path / "b")))
+    assert "rebuilding" not in caplog.text  # valid cache: reused, not re-encoded
+    assert shards == {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)}
+    assert first["losses"] == second["losses"]  # same latents, same randomness

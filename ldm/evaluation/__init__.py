@@ -5,7 +5,6 @@ Nothing is downloaded: each metric that needs weights takes a local file and say
 """
 from ldm.evaluation.fid import feature_statistics, frechet_distance, kernel_inception_distance
 from ldm.evaluation.images import load_image_folder, to_tensor
-from ldm.evaluation.memorisation import memorisation_distances
 
 _LAZY = {"load_feature_extractor": "ldm.evaluation.features", "TinyFeatureNet": "ldm.evaluation.features",
          "InceptionFeatures": "ldm.evaluation.features", "extract_features": "ldm.evaluation.features",
@@ -22,4 +21,4 @@ def __getattr__(name):
 
 
 __all__ = ["feature_statistics", "frechet_distance", "kernel_inception_distance", "load_image_folder", "to_tensor",
-           "memorisation_distances", *_LAZY]
+           *_LAZY]

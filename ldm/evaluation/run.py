@@ -4,7 +4,7 @@ eval.json = {"model", "prompts", "num_images", "images_dir", and per metric:
     "adherence": {"colour", "shape", "position", "all", "n"}          shapes prompts (ldm.adherence)
     "fid": float, "kid": {"mean", "std"}, "feature_extractor": str     against --reference images
     "clip_score": {"clip_score", "per_image", "cosine"}              with local open_clip weights
-    "memorisation": ldm.evaluation.memorisation_distances(...)         against --train-data images
+    "memorisation": ldm.memorization.memorization_report(...).to_dict()  against --train-data images
  "skipped": {metric: why}}.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from ldm.diagnostics.io import write_json
 from ldm.evaluation.fid import fid_from_features, kernel_inception_distance
 from ldm.evaluation.images import load_image_folder, to_tensor
-from ldm.evaluation.memorisation import memorisation_distances
+from ldm.memorization import memorization_report
 
 
 @dataclass
@@ -101,7 +101,9 @@ def score_images(images, prompts: list[str], cfg: EvalConfig) -> dict:
         skipped["clip_score"] = "no --clip-model"
     if cfg.train_data:
         size = cfg.memorisation_size
-        result["memorisation"] = memorisation_distances(to_tensor(images, size), load_image_folder(cfg.train_data, size))
+        # The fine-tuning guard's measure: nearest-training-image distance / typical distance between training images
+        samples, train = to_tensor(images, size), load_image_folder(cfg.train_data, size)
+        result["memorisation"] = memorization_report(samples, train).to_dict()
     else:
         skipped["memorisation"] = "no --train-data image folder"
     return {**result, "skipped": skipped}

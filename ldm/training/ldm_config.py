@@ -17,6 +17,8 @@ class TrainLDMConfig:
     center_crop: bool = True
     random_flip: bool = False
     num_workers: int = 0
+    latent_cache: str = ""                 # a folder: VAE latents + token ids cached there on first use, reused
+                                           # while VAE and transforms match (ldm.data.ensure_latent_cache)
     # model
     model: str = "tiny"                    # a preset name (tiny, small, sd15, sd21) or a pipeline folder to continue
     vae: str = ""                          # a VAE folder (from train_vae.py); "" = the model folder's / preset's

@@ -52,11 +52,20 @@ def build_models(cfg: TrainLDMConfig) -> dict:
     return parts
 
 
-def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=None):
-    """Returns (training data for this rank, validation data): `dataset` itself, or ldm.data's for cfg.data."""
+def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=None, accelerator=None, parts=None):
+    """Returns (training data, validation data): `dataset` itself, the latent cache of cfg.data at
+    cfg.latent_cache (built by the main process on first use, rebuilt when stale), or ldm.data's for cfg.data."""
     if dataset is not None:
         return dataset, dataset
-    from ldm.data import open_dataset
+    from ldm.data import ensure_latent_cache, open_dataset
+
+    if cfg.latent_cache:
+        kwargs = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, device=accelerator.device)
+        if accelerator.is_main_process:
+            ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
+        accelerator.wait_for_everyone()  # the other ranks read the finished cache, never a half-built one
+        cache, _ = ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
+        return cache, cache
 
     common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, seed=cfg.seed)
     train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common)
@@ -121,7 +130,7 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=cfg.cache_text_embeddings)
-    train_data, val_data = open_training_data(cfg, rank, world, dataset)
+    train_data, val_data = open_training_data(cfg, rank, world, dataset, accelerator, parts)
     stream = BatchStream(train_data, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers)
     val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), vae, embed, 10,
                            schedule.num_train_timesteps, accelerator.device)
