@@ -17,15 +17,15 @@ def test_eval_prompts_are_distinct_and_balanced():
     assert sum("on the left" in p for p in prompts) == 6 and sum("triangle" in p for p in prompts) == 6
 
 
-def test_short_demo_learns_text_conditioning(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), minutes=6.0, num_samples=2000, vae_steps=250, ldm_steps=500,
+def test_short_demo_runs_end_to_end_and_its_validation_loss_falls(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), minutes=6.0, num_samples=2000, vae_steps=400, ldm_steps=500,
                      num_prompts=30, sample_steps=25)
     report = run_demo(cfg, samplers=("ddim",))
     table = report["adherence"]["ddim"]
     guided, plain = table[f"{cfg.guidance:g}"], table["1"]
     print(format_table(report["adherence"]))
     # The diffusion model learns: its deterministic validation loss falls. (Prompt adherence of this short run
-    # is printed, not asserted: at this length it is still near chance; see the report of the issue.)
+    # is printed, not asserted: at this length it is still near chance, e.g. DDIM g4 colour 37%, shape 47%.)
     history = [loss for _, loss in report["val_loss_history"]]
     assert len(history) >= 2 and history[-1] < 0.8 * history[0], history
     assert 0.0 <= guided["all"] <= 1.0 and plain["n"] == 30
