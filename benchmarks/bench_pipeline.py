@@ -69,7 +69,7 @@ def load_pair(preset: str, folder: str, device: str, dtype: torch.dtype, compile
 def component_times(pipe, args, height: int, width: int) -> dict:
     """Returns seconds for text encoding, one guided UNet call and one VAE decode, on this pipeline's modules."""
     device, prompt = args.device, ["a red circle on the left"]
-    encode = (lambda: pipe.encode_prompt(prompt, None, args.batch, True)) if hasattr(pipe, "_tokenize") else \
+    encode = (lambda: pipe.encode_prompt(prompt, None, args.batch, True, device=device)) if hasattr(pipe, "_tokenize") else \
         (lambda: pipe.encode_prompt(prompt, device, args.batch, True))
     cond, uncond = encode()
     context = torch.cat([uncond, cond])  # (2B, 77, D)

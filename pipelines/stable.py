@@ -142,9 +142,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                              truncation=True, return_tensors="pt").input_ids
         return ids  # (B, 77)
 
-    def _encode_ids(self, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+    def _encode_ids(self, input_ids: torch.Tensor, clip_skip: int | None, device=None) -> torch.Tensor:
         """Returns text embeddings (B, 77, D): the last layer, or with clip_skip=k the k-th from last + final LN."""
-        input_ids = input_ids.to(self.text_encoder.device)
+        input_ids = input_ids.to(device if device is not None else self._execution_device)
         if clip_skip is None:
             return self.text_encoder(input_ids)[0]
         hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
@@ -154,20 +154,22 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return final_norm(hidden)
 
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
-                      do_cfg: bool, clip_skip: int | None = None,
-                      lora_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      do_cfg: bool, clip_skip: int | None = None, lora_scale: float | None = None,
+                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D).
 
         Both branches go through the text encoder in one batched call. clip_skip applies to both: a model
         trained on the k-th layer from the end saw the empty prompt through that layer too (diffusers 0.42
         applies it to the conditional branch only). lora_scale multiplies the text encoder's LoRA adapters
         for this call, as diffusers' encode_prompt does (the UNet's get the same scale through
-        cross_attention_kwargs={"scale": s}).
+        cross_attention_kwargs={"scale": s}). device: where the UNet runs (default: the execution device; pass
+        it when known, since finding it walks every module).
         """
+        device = device if device is not None else self._execution_device
         uncond = (negative_prompt if negative_prompt is not None else [""] * len(prompt)) if do_cfg else []
         with _lora_scaled(self.text_encoder, lora_scale):
-            embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip)  # (2B or B, 77, D)
-        embeds = embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip, device)  # (2B or B, 77, D)
+        embeds = embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
         if not do_cfg:
             return embeds, None
         negative_embeds, prompt_embeds = embeds.chunk(2)  # (B*n, 77, D) each
@@ -209,22 +211,25 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             callback_on_step_end_tensor_inputs)
         batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
         do_cfg = guidance_scale > 1.0
+        # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
+        # .device would mislead; read once (the property walks every module).
+        device = self._execution_device
 
         # 1. Encode the prompts: (B*n, 77, D) each; one batched UNet call per step later, uncond first
         if prompt_embeds is None:
             lora_scale = (cross_attention_kwargs or {}).get("scale")
             prompt_embeds, negative_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt,
-                                                                do_cfg, clip_skip, lora_scale=lora_scale)
+                                                                do_cfg, clip_skip, lora_scale=lora_scale, device=device)
         else:
-            prompt_embeds = prompt_embeds.to(self.device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
+            prompt_embeds = prompt_embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
             negative_embeds = None
             if do_cfg:
                 negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None
-                                   else self.encode_prompt([""] * batch, None, 1, False)[0])
+                                   else self.encode_prompt([""] * batch, None, 1, False, device=device)[0])
                 negative_embeds = negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
 
         # 2. Timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         train_steps = self.scheduler.config.num_train_timesteps
         if timesteps.max() >= train_steps:  # e.g. "leading" spacing with steps_offset=1 at T steps
@@ -237,8 +242,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shape = (batch * num_images_per_prompt, self.unet.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=prompt_embeds.dtype)
-        latents = latents.to(self.device, prompt_embeds.dtype) * self.scheduler.init_noise_sigma
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        latents = latents.to(device, prompt_embeds.dtype) * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator, eta)
 
         # 4. Denoising loop
