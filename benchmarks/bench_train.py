@@ -63,8 +63,15 @@ class Bench:
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=self.device.type == "cpu")
         self.vae.requires_grad_(False).eval().to(self.device)
         self.text_encoder.requires_grad_(False).eval().to(self.device)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
-        self.unet, self.optimizer = self.accelerator.prepare(self.unet.train(), self.optimizer)
+        from ldm.training.train_ldm import make_optimizer
+
+        self.unet.train().to(self.device)
+        # Each loop with its own optimiser over the same UNet: ours as `ldm train` makes it (fused AdamW), the
+        # reference as diffusers' script does (torch.optim.AdamW with its defaults).
+        self.optimizer = make_optimizer(self.cfg, list(self.unet.parameters()), self.device)
+        self.ref_optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
+        self.unet, self.optimizer, self.ref_optimizer = self.accelerator.prepare(self.unet, self.optimizer,
+                                                                                 self.ref_optimizer)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         self.schedule = NoiseSchedule.from_config(self.cfg)
         self.embed = TextEmbedder(self.text_encoder, self.tokenizer)
@@ -107,8 +114,8 @@ class Bench:
         loss = F.mse_loss(pred.float(), noise.float())
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.unet.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ref_optimizer.step()
+        self.ref_optimizer.zero_grad(set_to_none=True)
         loss.item()  # the reference logs its loss every step too
 
     def images_per_s(self, variants: dict) -> dict:

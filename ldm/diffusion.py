@@ -12,6 +12,7 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -168,9 +169,20 @@ def drop_captions(captions: list[str], prob: float, generator: torch.Generator |
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Returns t ~ U{0, ..., T-1}, (B,) int64. Algorithm 1, Ho et al. 2020."""
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
+                     sampling: str = "uniform", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Returns training timesteps (B,) int64 in [0, T-1].
+
+    uniform:      t ~ U{0, ..., T-1} (Algorithm 1, Ho et al. 2020);
+    logit_normal: t / T = sigmoid(n), n ~ N(mean, std) (Esser et al. 2024, Sec. 3.1): most steps go to the middle
+                  noise levels, where layout is decided; mean > 0 leans toward noisier steps.
+    """
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    if sampling == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, dtype=torch.float64))
+        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+    raise ValueError(f"timestep sampling {sampling!r} is not one of {TIMESTEP_SAMPLING}")
 
 
 def stratified_timesteps(count: int, num_train_timesteps: int) -> torch.Tensor:

@@ -101,3 +101,17 @@ def test_timestep_helpers_and_errors():
         diffusion.training_target(t, t, t, t, "score")
     with pytest.raises(ValueError, match="unknown timestep weighting"):
         diffusion.loss_weights(t, diffusion.make_betas("linear"), "p2", "epsilon")
+
+
+def test_timestep_sampling_uniform_and_logit_normal():
+    g = torch.Generator().manual_seed(0)
+    uniform = diffusion.sample_timesteps(20000, 1000, g)
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.float().mean() - 499.5) < 10
+    middle = diffusion.sample_timesteps(20000, 1000, g, "logit_normal")  # sigmoid(N(0, 1)): a bump at T/2
+    assert middle.dtype == torch.int64 and 0 <= middle.min() and middle.max() <= 999
+    in_middle = lambda t: ((t >= 250) & (t < 750)).float().mean()  # noqa: E731
+    assert in_middle(middle) > 0.7 > 0.55 > in_middle(uniform)      # 0.73 vs 0.50
+    noisier = diffusion.sample_timesteps(20000, 1000, g, "logit_normal", mean=1.0)
+    assert noisier.float().mean() > middle.float().mean() + 100
+    with pytest.raises(ValueError, match="logit_normal"):
+        diffusion.sample_timesteps(4, 1000, g, "cosine")

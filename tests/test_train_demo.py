@@ -1,7 +1,8 @@
 """`ldm demo`, shortened: the whole chain (shapes -> VAE -> LDM -> samplers -> grader) learns text conditioning.
 
 The full demo's bar (>= 90% with DDIM and guidance) is measured by running `ldm demo` (README table); this
-shorter run (about 6 minutes) checks the whole chain runs and that the diffusion model learns.
+shorter run (about 3.5 minutes: 400 VAE steps, 600 LDM steps) checks that the whole chain learns to follow the
+prompt, with a lower bar: chance is 1/5 for position and 1/90 for all three.
 """
 import json
 import os
@@ -11,24 +12,31 @@ from ldm.training.demo import DemoConfig, eval_prompts, format_table, run_demo
 
 
 def test_eval_prompts_are_distinct_and_balanced():
+    import pytest
+
+    from ldm.adherence import parse_prompt
+
     prompts = eval_prompts(30)
     assert len(set(prompts)) == 30 and prompts[0] == "a red circle on the left"
     assert all(sum(c in p for p in prompts) == 5 for c in ("red", "orange", "yellow", "green", "blue", "purple"))
     assert sum("on the left" in p for p in prompts) == 6 and sum("triangle" in p for p in prompts) == 6
+    every = {tuple(parse_prompt(p).values()) for p in eval_prompts(90)}  # the demo's default: every combination
+    assert len(every) == 90 and eval_prompts(90)[:30] == prompts
+    with pytest.raises(ValueError, match="1 to 90"):
+        eval_prompts(91)
 
 
-def test_short_demo_runs_end_to_end_and_its_validation_loss_falls(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), minutes=6.0, num_samples=2000, vae_steps=400, ldm_steps=500,
+def test_short_demo_learns_to_follow_the_prompt(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), minutes=6.0, num_samples=2000, vae_steps=400, ldm_steps=600,
                      num_prompts=30, sample_steps=25)
     report = run_demo(cfg, samplers=("ddim",))
     table = report["adherence"]["ddim"]
     guided, plain = table[f"{cfg.guidance:g}"], table["1"]
     print(format_table(report["adherence"]))
-    # The diffusion model learns: its deterministic validation loss falls. (Prompt adherence of this short run
-    # is printed, not asserted: at this length it is still near chance, e.g. DDIM g4 colour 37%, shape 47%.)
+    # Measured here: 500 steps gave position 100%, all three 43% (guided); 800 steps 100% and 50%.
+    assert guided["position"] >= 0.7 and guided["all"] >= 0.25 and plain["n"] == 30, guided
     history = [loss for _, loss in report["val_loss_history"]]
     assert len(history) >= 2 and history[-1] < 0.8 * history[0], history
-    assert 0.0 <= guided["all"] <= 1.0 and plain["n"] == 30
     for name in ("report.json", "loss_curve.png", "samples_ddim_g1.png", "pipeline/model_index.json"):
         assert os.path.exists(os.path.join(cfg.out, name)), name
     assert json.load(open(os.path.join(cfg.out, "report.json")))["adherence"] == report["adherence"]

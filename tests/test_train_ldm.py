@@ -158,3 +158,35 @@ def test_latent_cache_option_builds_on_first_use_then_reuses(tmp_path, caplog):
     assert "rebuilding" not in caplog.text  # valid cache: reused, not re-encoded
     assert shards == {f: os.path.getmtime(os.path.join(cache, f)) for f in os.listdir(cache)}
     assert first["losses"] == second["losses"]  # same latents, same randomness
+
+
+def test_frozen_token_table_trains_the_rest_of_the_text_encoder(tmp_path):
+    from ldm.presets import build_components
+
+    result = run(tiny_config(tmp_path, max_steps=3, train_text_encoder=True, train_token_embeddings=False))
+    from transformers import CLIPTextModel
+
+    before = build_components("tiny", seed=0)["text_encoder"].state_dict()
+    after = CLIPTextModel.from_pretrained(os.path.join(result["checkpoint"], "pipeline", "text_encoder")).state_dict()
+    token_key = next(k for k in after if k.endswith("token_embedding.weight"))
+    assert torch.equal(after[token_key], before[token_key])  # the 49408-row table is untouched ...
+    changed = [k for k in after if k != token_key and not torch.equal(after[k], before[k])]
+    assert any("layers.0" in k for k in changed)             # ... and the transformer layers learned
+
+
+def test_optimizer_settings_are_checked_and_explained(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        tiny_config(tmp_path, optimizer="sgd").validate()
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install bitsandbytes"):
+            run(tiny_config(tmp_path, optimizer="adamw_8bit"))
+
+
+def test_channels_last_gives_the_same_losses(tmp_path):
+    plain = run(tiny_config(tmp_path / "a", max_steps=3, use_ema=False))
+    fast = run(tiny_config(tmp_path / "b", max_steps=3, use_ema=False, channels_last=True))
+    assert list(plain["losses"]) == list(fast["losses"]) == [1, 2, 3]
+    for a, b in zip(plain["losses"].values(), fast["losses"].values()):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a))

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, WEIGHTINGS
+from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SAMPLING, WEIGHTINGS
 
 LOSSES = ("mse", "huber", "l1")
+OPTIMIZERS = ("adamw", "adamw_8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -24,6 +25,8 @@ class TrainLDMConfig:
     vae: str = ""                          # a VAE folder (from train_vae.py); "" = the model folder's / preset's
     train_text_encoder: bool = False       # False: frozen (and its embeddings cached per caption)
     cache_text_embeddings: bool = False    # frozen encoder only: keep each caption's embedding (few distinct captions)
+    train_token_embeddings: bool = True    # with train_text_encoder: false freezes the token table (49408 rows; a
+                                           # from-scratch encoder still learns, and the optimiser skips most weights)
     max_token_length: int = 0              # >0: pad/truncate prompts to this many tokens (saved with the tokenizer)
     # noise schedule (saved with the model as its scheduler config)
     noise_schedule: str = "scaled_linear"
@@ -37,6 +40,9 @@ class TrainLDMConfig:
     huber_c: float = 0.1
     weighting: str = "uniform"             # uniform (L_simple), min_snr, vlb (Ho et al. 2020 eq. 12)
     snr_gamma: float = 5.0
+    timestep_sampling: str = "uniform"     # uniform, or logit_normal (SD3): t/T = sigmoid(N(timestep_mean, timestep_std))
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
     offset_noise: float = 0.0
     caption_dropout: float = 0.1           # p_uncond for classifier-free guidance
     # optimiser
@@ -50,7 +56,10 @@ class TrainLDMConfig:
     lr_warmup_steps: int = 100
     batch_size: int = 16                   # per process
     gradient_accumulation_steps: int = 1
+    optimizer: str = "adamw"               # adamw (PyTorch's fused kernel) or adamw_8bit (needs bitsandbytes)
     mixed_precision: str = "no"
+    compile: bool = False                  # torch.compile the UNet (works on the CPU too; the first steps compile)
+    channels_last: bool = False            # UNet and latents in channels_last memory format (faster convs on GPUs)
     gradient_checkpointing: bool = False
     use_ema: bool = True
     ema_decay: float = 0.999
@@ -76,7 +85,9 @@ class TrainLDMConfig:
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting."""
         choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,
-                   "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION, "report_to": ("tensorboard", "none")}
+                   "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
+                   "optimizer": OPTIMIZERS,
+                   "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none")}
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")

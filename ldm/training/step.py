@@ -77,22 +77,25 @@ def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch
     Takes cached posteriors ("latent_mean", "latent_logvar") when the batch has them, else encodes "pixel_values".
     """
     if "latent_mean" in batch:
-        mean, logvar = batch["latent_mean"].float(), batch["latent_logvar"].float()
+        mean = batch["latent_mean"].to(device, non_blocking=True)  # pinned batches: the copies overlap compute
+        logvar = batch["latent_logvar"].to(device, non_blocking=True)
     else:
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(device, vae.dtype)
-            moments = vae.encode(pixels).latent_dist
-            mean, logvar = moments.mean.float().cpu(), moments.logvar.float().cpu()
-    eps = torch.randn(mean.shape, generator=generator)
+            moments = vae.encode(batch["pixel_values"].to(device, vae.dtype, non_blocking=True)).latent_dist
+            mean, logvar = moments.mean, moments.logvar
+    mean, logvar = mean.float(), logvar.float()
+    eps = torch.randn(mean.shape, generator=generator).to(device, non_blocking=True)  # CPU draw: same on any device
     z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps  # reparameterised draw, as diffusers samples
-    return (z * vae.config.scaling_factor).to(device)
+    return z * vae.config.scaling_factor
 
 
 def diffusion_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, cfg,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020."""
     batch = latents.shape[0]
-    t = diffusion.sample_timesteps(batch, schedule.num_train_timesteps, generator)  # (B,)
+    t = diffusion.sample_timesteps(batch, schedule.num_train_timesteps, generator,  # (B,)
+                                   getattr(cfg, "timestep_sampling", "uniform"), getattr(cfg, "timestep_mean", 0.0),
+                                   getattr(cfg, "timestep_std", 1.0))
     noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), cfg.offset_noise, generator)
     t, noise = t.to(latents.device), noise.to(latents.device)
     x_t = diffusion.add_noise(latents, noise, t, schedule.alpha_bar)

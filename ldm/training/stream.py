@@ -26,8 +26,9 @@ class BatchStream:
     """Iterating yields batches forever; `position()` / `seek()` save and restore where it is."""
 
     def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, pin_memory: bool = False):
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that overlap with compute
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch_in_epoch = 0, 0
         self.streaming = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
@@ -46,7 +47,8 @@ class BatchStream:
         if self.streaming:
             from ldm.data import make_dataloader
 
-            loader = make_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+            loader = make_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                     pin_memory=self.pin_memory)
             loader.set_epoch(epoch)
             for i, batch in enumerate(loader):
                 if i >= start:  # resuming mid-epoch: the first `start` were consumed before the stop
@@ -56,7 +58,7 @@ class BatchStream:
         order = torch.randperm(len(self.dataset), generator=generator)[self.rank::self.world_size].tolist()
         batches = [order[i:i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches[start:], num_workers=self.num_workers,
-                            collate_fn=collate_dicts)
+                            collate_fn=collate_dicts, pin_memory=self.pin_memory)
         yield from loader
 
     def __iter__(self):

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm.presets import MODEL_PRESETS, build_vae, get_spec
@@ -42,6 +43,8 @@ class TrainVAEConfig:
     disc_weight: float = 0.5
     disc_learning_rate: float = 1e-4
     learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"       # any diffusers.optimization name (constant, cosine, linear, ...)
+    lr_warmup_steps: int = 0
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
@@ -119,11 +122,14 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
     disc = PatchDiscriminator() if use_disc else None
     perceptual = load_lpips(cfg.lpips_weights) if cfg.lpips_weights else None
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
     if use_disc:
         d_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_learning_rate, betas=(0.5, 0.9))
-        vae, disc, optimizer, d_optimizer = accelerator.prepare(vae, disc, optimizer, d_optimizer)
+        vae, disc, optimizer, d_optimizer, lr_scheduler = accelerator.prepare(vae, disc, optimizer, d_optimizer,
+                                                                              lr_scheduler)
     else:
-        vae, optimizer = accelerator.prepare(vae, optimizer)
+        vae, optimizer, lr_scheduler = accelerator.prepare(vae, optimizer, lr_scheduler)
     if perceptual is not None:
         perceptual.to(accelerator.device)
 
@@ -162,6 +168,7 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
                 loss, logs, x_rec = vae_loss(cfg, vae, disc, perceptual, pixels, generator, state["step"])
                 accelerator.backward(loss)
                 optimizer.step()
+                lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if use_disc and state["step"] >= cfg.disc_start:
                 with accelerator.accumulate(disc):
