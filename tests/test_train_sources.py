@@ -20,15 +20,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """Returns {kind: spec} for the same 32 shapes images written as a folder, webdataset shards and parquet."""
+    """Returns {kind: spec} for the same 32 shapes images as every source kind: the shapes spec, a folder,
+    webdataset shards, parquet, COCO captions and a datasets save_to_disk folder."""
     from ldm.data import pack_shards, write_folder
+
+    import datasets
+
+    from ldm.data import ShapesDataset
 
     root = tmp_path_factory.mktemp("sources")
     write_folder("shapes:32@32", str(root / "folder"))
     pack_shards("shapes:32@32", str(root / "wds"), format="webdataset", shard_size=16)
     pack_shards("shapes:32@32", str(root / "parquet"), format="parquet", shard_size=16)
+    samples = [ShapesDataset(32, resolution=32)[i] for i in range(32)]
+    # COCO captions: annotations/captions_*.json beside an image folder, two captions per image
+    os.makedirs(root / "coco" / "annotations")
+    os.makedirs(root / "coco" / "train2017")
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(32)]
+    for image, sample in zip(images, samples):
+        sample["image"].save(root / "coco" / "train2017" / image["file_name"], quality=95)
+    annotations = [{"image_id": i, "id": 2 * i + j, "caption": s["caption"] if j == 0 else s["caption"].upper()}
+                   for i, s in enumerate(samples) for j in range(2)]
+    coco = root / "coco" / "annotations" / "captions_train2017.json"
+    coco.write_text(json.dumps({"images": images, "annotations": annotations}))
+    # a Hugging Face datasets save_to_disk folder
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    rows = {"image": [s["image"] for s in samples], "text": [s["caption"] for s in samples]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root / "hf"))
     return {"shapes": "shapes:32@32", "folder": str(root / "folder"), "wds": str(root / "wds"),
-            "parquet": str(root / "parquet")}
+            "parquet": str(root / "parquet"), "coco": str(coco), "hf": str(root / "hf")}
 
 
 def ldm_config(tmp_path, **overrides) -> TrainLDMConfig:
@@ -38,7 +58,7 @@ def ldm_config(tmp_path, **overrides) -> TrainLDMConfig:
     return TrainLDMConfig(**{**base, **overrides})
 
 
-@pytest.mark.parametrize("kind", ["shapes", "folder", "wds", "parquet"])
+@pytest.mark.parametrize("kind", ["shapes", "folder", "wds", "parquet", "coco", "hf"])
 def test_ldm_learns_on_each_source_kind(tmp_path, sources, kind):
     result = train_ldm.main(ldm_config(tmp_path, data=sources[kind]))
     losses = [v["val_loss"] for v in result["val"]]
