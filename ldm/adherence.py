@@ -9,7 +9,7 @@ Grading finds the dominant non-background blob and measures it:
   shape:    the best-fitting template: a square, a circle and an upright triangle, each of the blob's area and
             centred on its centroid; the one with the highest overlap (IoU) with the blob wins. A stray pixel or
             a softened corner moves the IoU a little, where it moved the bounding-box fill ratio used before
-            across a threshold (VAE round trips of true squares read as circles 6% of the time);
+            across a threshold (7 of 120 VAE round trips of true renders, all squares, read as circles);
   position: the blob's bounding-box centre in the left/right third, else the top/bottom third, else center.
 Only single-shape prompts are graded; templates and thresholds at half contrast keep it robust to blur.
 """
