@@ -38,3 +38,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def short_demo(tmp_path_factory):
+    """`ldm demo` shortened (about 3.5 minutes: 400 VAE and 600 LDM steps, DDIM only), run once per session:
+    the demo test grades it and the fine-tuning test starts from its pipeline. Its VAE also saw the scenes on a
+    dark background (vae_dark_fraction), so that a LoRA can teach the model a dark style."""
+    from ldm.training.demo import DemoConfig, run_demo
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "demo"), minutes=6.0, num_samples=2000,
+                     vae_steps=400, ldm_steps=600, num_prompts=30, sample_steps=25, vae_dark_fraction=0.5,
+                     threads=1)
+    report = run_demo(cfg, samplers=("ddim",))
+    torch.set_num_threads(threads)
+    return cfg, report

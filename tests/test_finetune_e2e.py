@@ -77,7 +77,7 @@ def base_model(tmp_path_factory):
     return report["outputs"]["pipeline"]
 
 
-def write_dark_folder(folder: str, count: int, seed: int = 0) -> str:
+def write_dark_folder(folder: str, count: int, seed: int = 0, resolution: int = 16) -> str:
     """Writes `count` uncaptioned PNGs: coloured shapes on a dark background."""
     from ldm.data.shapes import COLOURS, POSITIONS, SHAPES, SceneObject, render_scene
 
@@ -85,7 +85,7 @@ def write_dark_folder(folder: str, count: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     for i in range(count):
         obj = SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(POSITIONS))
-        render_scene([obj], 16, DARK).save(os.path.join(folder, f"art-{i:03d}.png"))
+        render_scene([obj], resolution, DARK).save(os.path.join(folder, f"art-{i:03d}.png"))
     return folder
 
 
@@ -137,6 +137,35 @@ def test_lora_moves_instance_prompt_to_the_folder_style(base_model, lora_run):
     # scale 0 is the base model exactly
     zero = sample(tuned, INSTANCE, cross_attention_kwargs={"scale": 0.0})
     assert torch.equal(zero, sample(base, INSTANCE))
+
+
+def test_lora_on_the_demo_model_leaves_other_prompts_alone(short_demo, tmp_path):
+    """Language drift, on the (shortened) demo model: with prior preservation on a class prompt the base draws
+    well, the instance prompt takes the folder's dark style and prompts without "sks" keep their light
+    background. (On the 16 px base above, without prior preservation, every prompt turns dark.)"""
+    from PIL import Image
+
+    from ldm import Pipeline
+    from ldm.data.transforms import to_tensor
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    base_model = short_demo[1]["pipeline"]
+    folder = write_dark_folder(str(tmp_path / "art"), 20, resolution=32)
+    target = border_brightness(torch.stack([to_tensor(Image.open(os.path.join(folder, f)))
+                                            for f in sorted(os.listdir(folder))]) * 0.5 + 0.5)
+    report = main(FinetuneConfig(model=base_model, data=folder, out=str(tmp_path / "run"), instance_prompt=INSTANCE,
+                                 class_prompt="a green triangle in the center", learning_rate=3e-4, device="cpu"))
+    base, tuned = Pipeline.from_pretrained(base_model), Pipeline.from_pretrained(base_model)
+    tuned.load_lora_weights(report["outputs"]["lora"])
+    before, after = border_brightness(sample(base, INSTANCE)), border_brightness(sample(tuned, INSTANCE))
+    others = ["a red circle on the left", "a blue square at the top"]
+    drift = [border_brightness(sample(tuned, p)) - border_brightness(sample(base, p)) for p in others]
+    closed = (before - after) / (before - target)
+    print(f"demo base: instance prompt {before:.3f} -> {after:.3f} (folder {target:.3f}, gap closed {closed:.0%}); "
+          f"other prompts moved {[round(d, 3) for d in drift]}")
+    assert closed >= 0.5
+    assert sum(abs(d) for d in drift) / len(drift) <= 0.3 * (before - after)
 
 
 def test_twenty_images_with_defaults_do_not_warn(lora_run):
