@@ -33,3 +33,11 @@ def test_bench_train_smoke(tmp_path):
     lines = stdout.strip().splitlines()
     assert lines[-4].startswith("ratio_ours_over_reference_tiny: ") and "ratio_cache_speedup_tiny" in stdout
     assert (tmp_path / "t.json").exists()
+
+
+def test_bench_train_times_only_the_variants_asked_for():
+    stdout = run_benchmark("bench_train.py", "--preset", "tiny", "--resolution", "32", "--batch-size", "2",
+                           "--steps", "1", "--warmup", "0", "--variants", "ours", "ours_cached")
+    ratios = [line for line in stdout.strip().splitlines() if line.startswith("ratio_")]
+    assert ratios == [ratios[0]] and ratios[0].startswith("ratio_cache_speedup_tiny: "), stdout
+    assert "reference" not in stdout and "checkpointing" not in stdout, stdout
