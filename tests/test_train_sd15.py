@@ -1,7 +1,7 @@
 """configs/sd15.yaml is real: SD 1.5-sized training (860M-parameter UNet) at 512 px runs 2 steps on CPU.
 
 Slow (minutes; ~17 GB of RAM: fp32 weights, gradients and AdamW states of 860M parameters; EMA off here):
-marked slow, for a runner with >= 24 GB free.
+marked slow, for a runner with >= 24 GB of RAM and >= 16 GB of free disk (the checkpoint, deleted after).
 """
 import os
 import shutil
