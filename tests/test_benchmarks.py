@@ -41,3 +41,11 @@ def test_bench_train_times_only_the_variants_asked_for():
     ratios = [line for line in stdout.strip().splitlines() if line.startswith("ratio_")]
     assert ratios == [ratios[0]] and ratios[0].startswith("ratio_cache_speedup_tiny: "), stdout
     assert "reference" not in stdout and "checkpointing" not in stdout, stdout
+
+
+def test_compare_timestep_sampling_smoke(tmp_path):
+    stdout = run_benchmark("compare_timestep_sampling.py", "--seeds", "0", "--vae-steps", "5", "--ldm-steps", "5",
+                           "--num-prompts", "2", "--out", str(tmp_path))
+    rows = [line for line in stdout.splitlines() if " seed 0: val_loss " in line]
+    assert [r.split()[0] for r in rows] == ["uniform", "logit_normal"], stdout
+    assert (tmp_path / "results.json").exists()
