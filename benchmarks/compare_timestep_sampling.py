@@ -9,7 +9,6 @@ and per timestep bin, and the prompt adherence at guidance 1 and 4. About 3.7 mi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -22,13 +21,9 @@ def run(mode: str, seed: int, out: str, vae_steps: int = 400, ldm_steps: int = 6
     from ldm.training import demo
 
     cfg = demo.DemoConfig(out=os.path.join(out, f"{mode}_{seed}"), minutes=8.0, num_samples=2000, vae_steps=vae_steps,
-                          ldm_steps=ldm_steps, num_prompts=num_prompts, sample_steps=25, threads=1, seed=seed)
-    make_config = demo.ldm_config
-    demo.ldm_config = lambda c, vae_dir: dataclasses.replace(make_config(c, vae_dir), timestep_sampling=mode)
-    try:
-        report = demo.run_demo(cfg, samplers=("ddim",))
-    finally:
-        demo.ldm_config = make_config
+                          ldm_steps=ldm_steps, num_prompts=num_prompts, sample_steps=25, threads=1, seed=seed,
+                          timestep_sampling=mode)
+    report = demo.run_demo(cfg, samplers=("ddim",))
     last = read_history(os.path.join(cfg.out, "ldm_run", "logs"))[-1]
     bins = sorted(k for k in last if k.startswith("val_loss_bin"))
     return {"mode": mode, "seed": seed, "val_loss": report["val_loss_history"][-1][1],

@@ -49,3 +49,5 @@ def test_compare_timestep_sampling_smoke(tmp_path):
     rows = [line for line in stdout.splitlines() if " seed 0: val_loss " in line]
     assert [r.split()[0] for r in rows] == ["uniform", "logit_normal"], stdout
     assert (tmp_path / "results.json").exists()
+    for mode in ("uniform", "logit_normal"):  # each run trained with its own timestep sampling
+        assert f"timestep_sampling: {mode}\n" in (tmp_path / f"{mode}_0" / "ldm_run" / "config.yaml").read_text()
