@@ -1,5 +1,6 @@
-"""Uniform against logit-normal timestep sampling on the shortened demo recipe (the one tests/conftest.py runs:
-400 VAE and 600 LDM steps at 32 px, 30 prompts graded with DDIM at 25 steps), one run per mode and seed.
+"""Uniform against logit-normal timestep sampling on the shortened demo recipe (as tests/conftest.py runs it,
+without the dark VAE scenes: 400 VAE and 600 LDM steps at 32 px, 30 prompts graded with DDIM at 25 steps),
+one run per mode and seed.
 
 Prints, per run, the validation loss (fixed images, noise and timesteps, so comparable across modes) overall
 and per timestep bin, and the prompt adherence at guidance 1 and 4. About 3.7 minutes a run on one CPU thread.
