@@ -1,8 +1,11 @@
 """Our Pipeline against diffusers' StableDiffusionPipeline on identical weights and settings.
 
-Runs alternate (ours, theirs, ours, ...) in one process after warm-up; each figure is a median. Reported:
-end to end, text encoding, UNet time per guided step, VAE decode, and the ratio ours / diffusers. The
-ratios are printed last, one `ratio_<what>_<preset>: X` line each, so a script can read them.
+Both pipelines share the same UNet, VAE and text encoder instances, so only the pipelines' own code
+differs. Runs alternate in one process after warm-up, who goes first swapping every round; each figure is
+a median. Reported: end to end, text encoding (each pipeline's own prompt code), UNet time per guided step
+and VAE decode (the shared modules: their ratios show the measurement's noise), the ratio ours / diffusers,
+and the median of the per-round end-to-end ratios. The ratios are printed last, one
+`ratio_<what>_<preset>: X` line each, so a script can read them.
 
     python benchmarks/bench_pipeline.py --preset tiny --repeats 10
     python benchmarks/bench_pipeline.py --preset sd15 --device cuda --dtype bfloat16 --compile   # on a GPU
@@ -50,6 +53,10 @@ def timed(fn, device: str) -> float:
 
 
 def load_pair(preset: str, folder: str, device: str, dtype: torch.dtype, compile_unet: bool):
+    """Returns (ours, diffusers') pipelines over the same module instances (UNet, VAE, text encoder), loaded by
+    ours from a saved folder: only the pipelines' own code differs. Two separate loads of the same folder ran
+    5-8% apart on this CPU, following the module instance (swapping the UNets swapped the gap), which would
+    have measured memory placement, not pipelines."""
     from diffusers import StableDiffusionPipeline
 
     from ldm import Pipeline
@@ -57,12 +64,13 @@ def load_pair(preset: str, folder: str, device: str, dtype: torch.dtype, compile
 
     Pipeline(**build_components(preset, seed=0)).save_pretrained(folder)
     ours = Pipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
-    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dtype,
-                                                     local_files_only=True).to(device)
+    theirs = StableDiffusionPipeline(vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
+                                     unet=ours.unet, scheduler=type(ours.scheduler).from_config(ours.scheduler.config),
+                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if compile_unet:
+        ours.unet = theirs.unet = torch.compile(ours.unet)
     for pipe in (ours, theirs):
         pipe.set_progress_bar_config(disable=True)
-        if compile_unet:
-            pipe.unet = torch.compile(pipe.unet)
     return ours, theirs
 
 
@@ -83,6 +91,23 @@ def component_times(pipe, args, height: int, width: int) -> dict:
                 "vae_decode": timed(decode, device)}
 
 
+class ModuleClock:
+    """Seconds spent inside the shared modules' forward passes (UNet, text encoder, VAE decoder), via hooks.
+
+    End to end minus this is each pipeline's own cost (its loop, scheduler calls, prompt and image handling):
+    the part the two pipelines do not share. Meaningful only where calls run synchronously (CPU, eager).
+    """
+
+    def __init__(self, modules):
+        self.seconds, self._start = 0.0, {}
+        for m in modules:
+            m.register_forward_pre_hook(lambda mod, _: self._start.__setitem__(id(mod), time.perf_counter()))
+            m.register_forward_hook(lambda mod, _, __: self._add(time.perf_counter() - self._start.pop(id(mod))))
+
+    def _add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
 def bench_preset(preset: str, args) -> dict:
     from ldm.presets import get_spec
 
@@ -95,18 +120,30 @@ def bench_preset(preset: str, args) -> dict:
                     guidance_scale=args.guidance_scale, num_images_per_prompt=args.batch, output_type="np")
         run = {name: (lambda p=p: p(**call, generator=torch.Generator().manual_seed(0))) for name, p in pipes.items()}
         times = {name: {"end_to_end": [], "text_encoding": [], "unet_step": [], "vae_decode": []} for name in pipes}
+        shared = pipes["ours"]
+        clock = None if args.compile or args.device != "cpu" else \
+            ModuleClock([shared.unet, shared.text_encoder, shared.vae.post_quant_conv, shared.vae.decoder])
         for i in range(args.warmup + args.repeats):
-            for name in pipes:  # alternate so drifts in machine load hit both alike
+            # alternate, and swap who goes first every round (ABBA), so drifts in machine load hit both alike
+            for name in (list(pipes) if i % 2 == 0 else list(pipes)[::-1]):
+                if clock:
+                    clock.seconds = 0.0
                 end_to_end = timed(run[name], args.device)
+                inside = clock.seconds if clock else None
                 parts = component_times(pipes[name], args, height, width)
                 if i >= args.warmup:
                     times[name]["end_to_end"].append(end_to_end)
+                    if clock:
+                        times[name].setdefault("pipeline_own", []).append(end_to_end - inside)
                     for k, v in parts.items():
                         times[name][k].append(v)
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     ratios = {k: medians["ours"][k] / medians["diffusers"][k] for k in medians["ours"]}
-    return {"preset": preset, "resolution": height, "medians_s": medians, "ratios": ratios,
+    # Each round's two end-to-end runs are adjacent in time: the median of their per-round ratios cancels the
+    # machine's slow drifts (this VM's speed wanders by 10-15% over minutes) that the ratio of medians keeps.
+    paired = statistics.median(a / b for a, b in zip(times["ours"]["end_to_end"], times["diffusers"]["end_to_end"]))
+    return {"preset": preset, "resolution": height, "medians_s": medians, "ratios": ratios, "paired_end_to_end": paired,
             "unet_it_s_ours": 1 / medians["ours"]["unet_step"], "peak_gib": peak}
 
 
@@ -124,6 +161,7 @@ def main(argv=None) -> int:
         for k in result["ratios"]:
             print(f"{k:14s}{result['medians_s']['ours'][k]:12.4f}{result['medians_s']['diffusers'][k]:15.4f}"
                   f"{result['ratios'][k]:8.3f}")
+        print(f"median of the per-round end-to-end ratios: {result['paired_end_to_end']:.3f}")
         print(f"UNet (guided batch) it/s, ours: {result['unet_it_s_ours']:.1f}")
     if args.json:
         meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -133,6 +171,9 @@ def main(argv=None) -> int:
     print()
     for r in results:  # last lines: machine-readable ratios
         print(f"ratio_end_to_end_{r['preset']}: {r['ratios']['end_to_end']:.3f}")
+        print(f"ratio_end_to_end_paired_{r['preset']}: {r['paired_end_to_end']:.3f}")
+        if "pipeline_own" in r["ratios"]:
+            print(f"ratio_pipeline_own_{r['preset']}: {r['ratios']['pipeline_own']:.3f}")
     return 0
 
 

@@ -129,7 +129,8 @@ class Bench:
         times = {name: [] for name in variants}
         peak = {}
         for i in range(self.args.warmup + self.args.steps):
-            for name, fn in variants.items():
+            # who goes first swaps every round (ABBA), so drifts in machine load hit every variant alike
+            for name, fn in (list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]):
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 sync(self.device)

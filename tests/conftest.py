@@ -42,7 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def short_demo(tmp_path_factory):
-    """`ldm demo` shortened (about 3.5 minutes: 400 VAE and 600 LDM steps, DDIM only), run once per session:
+    """`ldm demo` shortened (about 2.5 minutes: 400 VAE and 600 LDM steps, DDIM only), run once per session:
     the demo test grades it and the fine-tuning test starts from its pipeline. Its VAE also saw the scenes on a
     dark background (vae_dark_fraction), so that a LoRA can teach the model a dark style."""
     from ldm.training.demo import DemoConfig, run_demo

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,9 +18,23 @@ def run_benchmark(name: str, *args: str) -> str:
 def test_bench_pipeline_smoke(tmp_path):
     stdout = run_benchmark("bench_pipeline.py", "--preset", "tiny", "--repeats", "1", "--warmup", "0",
                            "--steps", "2", "--json", str(tmp_path / "r.json"))
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("ratio_end_to_end_tiny: ") and float(last.split(": ")[1]) > 0
+    ratios = dict(line.split(": ") for line in stdout.strip().splitlines()[-3:])
+    assert set(ratios) == {"ratio_end_to_end_tiny", "ratio_end_to_end_paired_tiny", "ratio_pipeline_own_tiny"}
+    assert all(float(v) > 0 for v in ratios.values())
     assert (tmp_path / "r.json").exists()
+
+
+def test_bench_pipeline_pair_shares_the_modules_and_only_the_pipelines_differ(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_pipeline import load_pair
+    finally:
+        sys.path.pop(0)
+    ours, theirs = load_pair("tiny", str(tmp_path), "cpu", torch.float32, compile_unet=False)
+    assert type(ours).__module__.startswith("ldm") and type(theirs).__name__ == "StableDiffusionPipeline"
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        assert getattr(ours, name) is getattr(theirs, name)
+    assert ours.scheduler is not theirs.scheduler and dict(ours.scheduler.config) == dict(theirs.scheduler.config)
 
 
 def test_bench_data_smoke():

@@ -48,3 +48,21 @@ def test_unknown_preset_lists_choices():
     with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \['sd15', 'sd21', 'small', 'tiny'\]"):
         get_spec("huge")
     assert set(MODEL_PRESETS) >= {"tiny", "small", "sd15"}
+
+
+def head_widths(unet) -> set[int]:
+    """Channels per attention head over every attention layer of a UNet."""
+    from diffusers.models.attention_processor import Attention
+
+    return {m.inner_dim // m.heads for m in unet.modules() if isinstance(m, Attention)}
+
+
+def test_attention_heads_are_as_wide_as_intended():
+    """diffusers reads UNet2DConditionModel's `attention_head_dim` as the number of heads (SD 1.x's naming), so
+    a preset that means 16-channel heads must pass head counts. `small` once had 16 heads of 2 and 4 channels."""
+    from accelerate import init_empty_weights
+
+    assert head_widths(build_unet(get_spec("small"))) == {16}
+    with init_empty_weights():
+        assert head_widths(build_unet(get_spec("sd15"))) == {40, 80, 160}  # SD 1.5: 8 heads in every block
+        assert head_widths(build_unet(get_spec("sd21"))) == {64}  # SD 2.1: 64-channel heads

@@ -37,7 +37,7 @@ class DemoConfig:
     vae_rec_loss: str = "l2"         # L1 at 1e-3 still turned green/red orange and squares round after 300 steps
     vae_dark_fraction: float = 0.0   # > 0: also train the VAE on this share of the scenes on a dark background,
                                      # so that a LoRA can later teach the model a dark style (the LDM sees none)
-    ldm_steps: int = 2200            # what 2 CPU cores run in the LDM's share of 15 minutes (0.26 s a step)
+    ldm_steps: int = 2200            # 5.3 min on 2 CPU cores (0.14 s a step); the 15 minutes' LDM share is a cap
     ldm_batch_size: int = 32
     ldm_learning_rate: float = 2e-3
     train_text_encoder: bool = False # frozen random CLIP (token std 1, see presets.small), embeddings cached
