@@ -164,6 +164,8 @@ def test_lora_on_the_demo_model_leaves_other_prompts_alone(short_demo, tmp_path)
     closed = (before - after) / (before - target)
     print(f"demo base: instance prompt {before:.3f} -> {after:.3f} (folder {target:.3f}, gap closed {closed:.0%}); "
           f"other prompts moved {[round(d, 3) for d in drift]}")
+    # Measured: 0.929 -> 0.061, others moved -0.462 and -0.026 (mean 0.28x the instance move; with `small`'s
+    # former 2-4 channel attention heads 0.921 -> 0.075, -0.088 and +0.016: the wider heads drift more)
     assert closed >= 0.5
     assert sum(abs(d) for d in drift) / len(drift) <= 0.3 * (before - after)
 
