@@ -54,9 +54,9 @@ def timed(fn, device: str) -> float:
 
 def load_pair(preset: str, folder: str, device: str, dtype: torch.dtype, compile_unet: bool):
     """Returns (ours, diffusers') pipelines over the same module instances (UNet, VAE, text encoder), loaded by
-    ours from a saved folder: only the pipelines' own code differs. Two separate loads of the same folder ran
-    5-8% apart on this CPU, following the module instance (swapping the UNets swapped the gap), which would
-    have measured memory placement, not pipelines."""
+    ours from a saved folder: only the pipelines' own code differs. Loaded separately, the two pipelines' UNets
+    ran 5-8% apart on this CPU, and the gap followed the instance (swapping the UNets swapped it): that
+    measured where each load put its weights, not the pipelines."""
     from diffusers import StableDiffusionPipeline
 
     from ldm import Pipeline
