@@ -83,8 +83,8 @@ def small() -> ModelSpec:
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
                   # diffusers reads attention_head_dim as heads per block (SD 1.x's naming): 2 and 4 heads of 16
-                  # channels. The 16 heads this preset had (2 and 4 channels each) trained no better and made the
-                  # CPU's attention kernels 2.3x slower per training step (benchmarks/BENCHMARKS.md).
+                  # channels. The 16 heads this preset had (2 and 4 channels each) trained no better and made its
+                  # CPU training step 2.3x slower, mostly in attention (benchmarks/BENCHMARKS.md).
                   attention_head_dim=(2, 4), norm_num_groups=8,
                   # The prompt also reaches every ResNet block through the time embedding (attention-pooled text,
                   # as in unCLIP / Kandinsky): a global path that learns colour and shape in minutes.
