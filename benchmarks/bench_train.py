@@ -6,7 +6,8 @@ Steps alternate between the variants in one process; each figure is the median i
 The ratios are printed last, one `ratio_<what>_<preset>: X` line each.
 
     python benchmarks/bench_train.py --preset tiny small --resolution 64
-    python benchmarks/bench_train.py --preset sd15 --resolution 512 --device cuda --mixed-precision bf16   # GPU
+    python benchmarks/bench_train.py --preset sd15 --resolution 512 --device cuda --mixed-precision bf16 \
+        --batch-size 32 --compile --channels-last                                                         # GPU
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the (shared) UNet, as `ldm train --compile`")
+    p.add_argument("--channels-last", action="store_true", help="UNet and latents in channels_last, as `ldm train`")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="which loops to time (e.g. `ours ours_cached` alone for the cache speed-up of a model whose "
                         "two optimisers' states would not fit in memory; the reference's never allocate then)")
@@ -65,17 +68,22 @@ class Bench:
                                                                   ("unet", "vae", "text_encoder", "tokenizer"))
         self.cfg = TrainLDMConfig(model=preset, resolution=args.resolution, batch_size=args.batch_size,
                                   learning_rate=1e-4, lr_warmup_steps=0, mixed_precision=args.mixed_precision,
-                                  use_ema=False, report_to="none")
+                                  use_ema=False, report_to="none", compile=args.compile,
+                                  channels_last=args.channels_last)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=self.device.type == "cpu")
         self.vae.requires_grad_(False).eval().to(self.device)
         self.text_encoder.requires_grad_(False).eval().to(self.device)
         from ldm.training.train_ldm import make_optimizer
 
         self.unet.train().to(self.device)
+        if args.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         # Each loop with its own optimiser over the same UNet: ours as `ldm train` makes it (fused AdamW), the
         # reference as diffusers' script does (torch.optim.AdamW with its defaults).
         self.optimizer = make_optimizer(self.cfg, list(self.unet.parameters()), self.device)
         self.ref_optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
+        if args.compile:  # in place, as train_ldm does: both loops call the same compiled module
+            self.unet.compile()
         self.unet, self.optimizer, self.ref_optimizer = self.accelerator.prepare(self.unet, self.optimizer,
                                                                                  self.ref_optimizer)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
@@ -101,13 +109,14 @@ class Bench:
     def reference(self, cached: bool) -> None:
         """diffusers train_text_to_image's inner loop, plainly: encode, noise, predict, MSE, step."""
         device, T = self.device, self.schedule.num_train_timesteps
-        with torch.no_grad():
+        # diffusers' script casts the frozen VAE and text encoder to the mixed-precision dtype; autocast does the same
+        with torch.no_grad(), self.accelerator.autocast():
             if cached:
                 mean, logvar = self.cached["latent_mean"].to(device), self.cached["latent_logvar"].to(device)
                 latents = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
             else:
                 latents = self.vae.encode(self.pixels.to(device)).latent_dist.sample()
-            latents = latents * self.vae.config.scaling_factor
+            latents = latents.float() * self.vae.config.scaling_factor  # float32 into the UNet, as ours (one compile)
             ids = self.tokenizer(self.captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(device)
             context = self.text_encoder(ids)[0]
@@ -115,6 +124,8 @@ class Bench:
         t = torch.randint(0, T, (latents.shape[0],), device=device)
         alpha_bar = self.schedule.alpha_bar.to(device, torch.float32)[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        if self.args.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self.accelerator.autocast():
             pred = self.unet(noisy, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred.float(), noise.float())

@@ -67,3 +67,9 @@ def test_compare_timestep_sampling_smoke(tmp_path):
     assert (tmp_path / "results.json").exists()
     for mode in ("uniform", "logit_normal"):  # each run trained with its own timestep sampling
         assert f"timestep_sampling: {mode}\n" in (tmp_path / f"{mode}_0" / "ldm_run" / "config.yaml").read_text()
+
+
+def test_count_syncs_smoke():
+    stdout = run_benchmark("count_syncs.py", "--device", "cpu", "--steps", "2", "--schedulers", "ddim", "lms")
+    rows = [line for line in stdout.splitlines() if line.startswith("syncs_")]
+    assert rows == ["syncs_ddim: ours 0 diffusers 0", "syncs_lms: ours 0 diffusers 0"], stdout  # CUDA syncs only

@@ -162,3 +162,15 @@ def test_compiled_unet_gives_the_same_images_on_cpu(tiny_pipe, tmp_path):
     assert np.abs(a - b).max() <= 1e-4
     tiny_pipe.save_pretrained(tmp_path / "saved")  # a compiled pipeline still saves a plain folder
     assert Pipeline.from_pretrained(tmp_path / "saved").unet.config.sample_size == 8
+
+
+def test_fused_qkv_and_channels_last_keep_the_images_and_refuse_to_save(tiny_pipe, tmp_path):
+    kw = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
+    a = tiny_pipe(**kw, generator=seeded()).images
+    # backend="eager" runs TorchDynamo's capture without Inductor's code generation: seconds, not minutes
+    b = tiny_pipe.compile(channels_last=True, fuse_qkv=True, backend="eager")(**kw, generator=seeded()).images
+    assert np.abs(a - b).max() <= 1e-4
+    assert any(getattr(m, "fused_projections", False) for m in tiny_pipe.unet.modules())
+    with pytest.raises(RuntimeError, match="save the pipeline before fusing"):
+        tiny_pipe.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()  # nothing half-written

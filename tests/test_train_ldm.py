@@ -190,3 +190,41 @@ def test_channels_last_gives_the_same_losses(tmp_path):
     assert list(plain["losses"]) == list(fast["losses"]) == [1, 2, 3]
     for a, b in zip(plain["losses"].values(), fast["losses"].values()):
         assert abs(a - b) < 1e-4 * max(1.0, abs(a))
+
+
+@pytest.fixture()
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state whose mixed precision cannot change: reset it around the test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_runs_the_frozen_vae_and_text_encoder_in_bf16_and_keeps_their_weights(tmp_path, monkeypatch,
+                                                                                   fresh_accelerator_state):
+    seen, build_models = {}, train_ldm.build_models
+
+    def record(name):
+        def hook(module, inputs, out):  # returns None: a forward hook's return value would replace the output
+            seen.setdefault(name, set()).add(out.dtype)
+        return hook
+
+    def build_with_hooks(cfg):
+        parts = build_models(cfg)
+        first_linear = next(m for m in parts["text_encoder"].modules() if isinstance(m, torch.nn.Linear))
+        first_linear.register_forward_hook(record("text_encoder"))
+        parts["vae"].encoder.conv_in.register_forward_hook(record("vae"))
+        return parts
+
+    monkeypatch.setattr(train_ldm, "build_models", build_with_hooks)
+    result = run(tiny_config(tmp_path, max_steps=2, use_ema=False, mixed_precision="bf16"))
+    # the train steps encode in bf16, as diffusers' script does (the validation set, encoded once, in float32)
+    assert torch.bfloat16 in seen["vae"] and torch.bfloat16 in seen["text_encoder"], seen
+    assert all(torch.isfinite(torch.tensor(v)) for v in result["losses"].values())
+    folder = os.path.join(result["checkpoint"], "pipeline")
+    for part in ("vae", "text_encoder"):  # autocast, not a cast: the saved frozen weights stay float32
+        weights = load_file(next(os.path.join(folder, part, f) for f in os.listdir(os.path.join(folder, part))
+                                 if f.endswith(".safetensors")))
+        assert {w.dtype for w in weights.values()} == {torch.float32}, part

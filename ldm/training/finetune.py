@@ -195,13 +195,16 @@ def finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, o
     """
     device = accelerator.device
     generator = step_generator(cfg.seed, step)
-    latents = batch_latents(batch, vae, generator, device)  # (B, 4, h, w)
-    captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
-    loss, _ = diffusion_loss(unet, latents, embed(captions, device), schedule, loss_settings, generator)
+    with accelerator.autocast():  # the VAE and text encoder in the mixed-precision dtype too, as in train_ldm
+        latents = batch_latents(batch, vae, generator, device)  # (B, 4, h, w)
+        captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
+        context = embed(captions, device)  # (B, 77, D)
+    loss, _ = diffusion_loss(unet, latents, context, schedule, loss_settings, generator)
     if prior_batch is not None:
-        prior_latents = batch_latents(prior_batch, vae, generator, device)  # (B', 4, h, w)
-        prior_loss, _ = diffusion_loss(unet, prior_latents, embed(list(prior_batch["caption"]), device), schedule,
-                                       loss_settings, generator)
+        with accelerator.autocast():
+            prior_latents = batch_latents(prior_batch, vae, generator, device)  # (B', 4, h, w)
+            prior_context = embed(list(prior_batch["caption"]), device)
+        prior_loss, _ = diffusion_loss(unet, prior_latents, prior_context, schedule, loss_settings, generator)
         loss = loss + cfg.prior_loss_weight * prior_loss
     accelerator.backward(loss)
     if cfg.max_grad_norm > 0:

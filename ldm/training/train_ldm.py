@@ -229,11 +229,15 @@ def train_step(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr_sched
             print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
         generator = step_generator(cfg.seed, state["step"], micro, rank)
         with accelerator.accumulate(unet):
-            latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w)
+            # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their
+            # weights; autocast leaves the stored weights in float32): in fp32 the VAE encode of a batch at 512 px
+            # costs more than the UNet's step on a GPU.
+            with accelerator.autocast():
+                latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
+                captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
+                context = embed(captions, accelerator.device)  # (B, 77, D)
             if cfg.channels_last:
                 latents = latents.contiguous(memory_format=torch.channels_last)
-            captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
-            context = embed(captions, accelerator.device)  # (B, 77, D)
             loss, _ = diffusion_loss(unet, latents, context, schedule, cfg, generator)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
