@@ -11,6 +11,8 @@ diffusers' StableDiffusionPipeline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 import os
 from typing import Callable
@@ -42,6 +44,41 @@ def _lora_scaled(text_encoder, lora_scale: float | None):
         yield
     finally:
         unscale_lora_layers(text_encoder, lora_scale)
+
+
+def _use_no_grad(pipe) -> bool:
+    """True where inference mode would not pay or would harm: a compiled UNet (module.compile() or
+    torch.compile), or CPU offload, whose hooks move weights during the call (made inside inference mode,
+    they would come out as inference tensors that autograd refuses)."""
+    unet = pipe.unet
+    compiled = getattr(unet, "_compiled_call_impl", None) is not None or hasattr(unet, "_orig_mod")
+    return compiled or getattr(pipe, "_offload_device", None) is not None
+
+
+def _ordinary(x):
+    """Returns x with every inference-mode tensor in it cloned into an ordinary one (usable by autograd)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, StepRecord):
+        return dataclasses.replace(x, **{f: _ordinary(getattr(x, f)) for f in StepRecord.FIELDS})
+    if isinstance(x, PipelineOutput):
+        return PipelineOutput(images=_ordinary(x.images), trace=_ordinary(x.trace))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_ordinary(v) for v in x)
+    return x
+
+
+def _inference(call):
+    """Runs a pipeline call under torch.inference_mode, which skips autograd's per-operation bookkeeping
+    (version counters, view tracking): 8-9% of a `tiny` or `small` UNet call on the CPU. Tensors it returns
+    are ordinary ones. A compiled UNet has no such overhead to save and runs under no_grad, the mode its
+    graphs were captured and measured in (benchmarks/BENCHMARKS.md); so does a pipeline with CPU offload."""
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        with torch.no_grad() if _use_no_grad(self) else torch.inference_mode():
+            out = call(self, *args, **kwargs)
+        return _ordinary(out)
+    return wrapper
 
 
 class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -196,7 +233,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             kwargs["generator"] = generator
         return kwargs
 
-    @torch.no_grad()
+    @_inference
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,

@@ -166,11 +166,28 @@ def test_compiled_unet_gives_the_same_images_on_cpu(tiny_pipe, tmp_path):
 
 def test_fused_qkv_and_channels_last_keep_the_images_and_refuse_to_save(tiny_pipe, tmp_path):
     kw = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
+    modes = []
+    tiny_pipe.vae.decoder.register_forward_hook(
+        lambda m, i, o: modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled())) and None)
     a = tiny_pipe(**kw, generator=seeded()).images
     # backend="eager" runs TorchDynamo's capture without Inductor's code generation: seconds, not minutes
     b = tiny_pipe.compile(channels_last=True, fuse_qkv=True, backend="eager")(**kw, generator=seeded()).images
     assert np.abs(a - b).max() <= 1e-4
+    assert modes == [(True, False), (False, False)]  # a compiled UNet's pipeline runs under no_grad
     assert any(getattr(m, "fused_projections", False) for m in tiny_pipe.unet.modules())
     with pytest.raises(RuntimeError, match="save the pipeline before fusing"):
         tiny_pipe.save_pretrained(tmp_path / "fused")
     assert not (tmp_path / "fused").exists()  # nothing half-written
+
+
+def test_calls_run_in_inference_mode_and_return_ordinary_tensors(tiny_pipe):
+    modes = []
+    tiny_pipe.unet.register_forward_hook(lambda m, i, o: modes.append(torch.is_inference_mode_enabled()) and None)
+    out = tiny_pipe("a red circle", num_inference_steps=2, output_type="pt", trace=True, generator=seeded())
+    latents = tiny_pipe("a red circle", num_inference_steps=2, output_type="latent", generator=seeded()).images
+    assert modes and all(modes)  # no autograd bookkeeping inside the loop
+    tensors = [out.images, latents] + [getattr(r, f) for r in out.trace for f in ("latents", "x0_pred", "noise_pred")]
+    assert not any(t.is_inference() for t in tensors)
+    weight = torch.ones((), requires_grad=True)
+    (out.images * weight).sum().backward()  # inference tensors would be refused here
+    assert weight.grad is not None
