@@ -70,8 +70,8 @@ def _ordinary(x):
 
 def _inference(call):
     """Runs a pipeline call under torch.inference_mode, which skips autograd's per-operation bookkeeping
-    (version counters, view tracking): 8-9% of a `tiny` or `small` UNet call on the CPU. Tensors it returns
-    are ordinary ones. A compiled UNet has no such overhead to save and runs under no_grad, the mode its
+    (version counters, view tracking): 3-5% of a `tiny` or `small` pipeline call end to end on the CPU.
+    Tensors it returns are ordinary ones. A compiled UNet has no such overhead to save and runs under no_grad, the mode its
     graphs were captured and measured in (benchmarks/BENCHMARKS.md); so does a pipeline with CPU offload."""
     @functools.wraps(call)
     def wrapper(self, *args, **kwargs):
@@ -282,10 +282,10 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # timestep, which with a device tensor makes the CPU wait for the GPU at every step.
         host_timesteps = timesteps.cpu()
         train_steps = self.scheduler.config.num_train_timesteps
-        if timesteps.max() >= train_steps:  # e.g. "leading" spacing with steps_offset=1 at T steps
+        if host_timesteps.max() >= train_steps:  # e.g. "leading" spacing with steps_offset=1 at T steps
             raise ValueError(f"num_inference_steps={num_inference_steps} makes this scheduler's "
                              f"{self.scheduler.config.get('timestep_spacing', 'leading')!r} spacing ask for "
-                             f"t={int(timesteps.max())} of a {train_steps}-step model; use fewer steps or "
+                             f"t={int(host_timesteps.max())} of a {train_steps}-step model; use fewer steps or "
                              "pipe.set_scheduler(...) on a config with timestep_spacing='trailing'")
 
         # 3. Initial noise x_T ~ N(0, sigma_max^2 I) in latent space: (B*n, 4, H/f, W/f)
