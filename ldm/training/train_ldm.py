@@ -23,7 +23,7 @@ from ldm.presets import MODEL_PRESETS, build_components
 from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
 from ldm.training.config import config_to_dict, format_config, save_config
 from ldm.training.ldm_config import TrainLDMConfig
-from ldm.training.signals import StopRequest
+from ldm.training.signals import StopRequest, agreed_stop_reason
 from ldm.training.step import NoiseSchedule, TextEmbedder, batch_latents, diffusion_loss, step_generator
 from ldm.training.stream import BatchStream
 from ldm.training.validation import first_samples, make_val_set, sample_grid, validation_loss
@@ -187,7 +187,7 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
             if state["step"] % cfg.validation_every == 0 or state["step"] == cfg.max_steps:
                 val_history.append(run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule,
                                                   scheduler_config, state["step"]))
-            stopped_by = _stop_reason(accelerator, stop, started, cfg)
+            stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps or stopped_by:
                 last_checkpoint = write_checkpoint()
             if stopped_by:
@@ -274,16 +274,6 @@ def write_inference_folder(folder: str, cfg, parts, unet, ema, scheduler_config)
     """Writes pipeline/ (EMA weights when on) and config.yaml into a checkpoint folder."""
     inference_pipeline(parts, unet, ema, scheduler_config).save_pretrained(os.path.join(folder, "pipeline"))
     save_config(cfg, os.path.join(folder, "config.yaml"))
-
-
-def _stop_reason(accelerator, stop: StopRequest, started: float, cfg) -> str | None:
-    """Returns why to stop now ("SIGTERM", "SIGINT", "max_minutes") or None; all ranks agree."""
-    code = {None: 0, "SIGTERM": 1, "SIGINT": 2}.get(stop.signal_name, 1)
-    if code == 0 and cfg.max_minutes > 0 and time.time() - started > cfg.max_minutes * 60:
-        code = 3
-    if accelerator.num_processes > 1:
-        code = int(accelerator.reduce(torch.tensor(code, device=accelerator.device), "max").item())
-    return {0: None, 1: "SIGTERM", 2: "SIGINT", 3: "max_minutes"}[code]
 
 
 def _progress(accelerator, start: int, total: int):
