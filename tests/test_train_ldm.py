@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_config(tmp_path, **overrides) -> TrainLDMConfig:
     base = dict(model="tiny", data="shapes:48@32", resolution=32, batch_size=8, max_steps=6, learning_rate=2e-3,
                 lr_warmup_steps=0, output_dir=str(tmp_path / "run"), checkpoint_every=1000, validation_every=1000,
-                validation_prompts=[], val_loss_samples=4, report_to="none", log_every=1, ema_decay=0.9)
+                num_validation_prompts=0, val_loss_samples=4, report_to="none", log_every=1, ema_decay=0.9)
     return TrainLDMConfig(**{**base, **overrides})
 
 
@@ -97,13 +97,16 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(train_ldm, "train_step", step_then_signal)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     result = run(tiny_config(tmp_path, max_steps=50))
+    # the run's handlers are gone: the process's own ones are back, the very same objects
+    assert {sig: signal.getsignal(sig) for sig in before} == before
     assert result["stopped_by"] == "SIGTERM" and result["step"] == 2
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "run"))] == ["checkpoint-00000002"]
     monkeypatch.setattr(train_ldm, "train_step", original)
     resumed = run(tiny_config(tmp_path, max_steps=3, resume="latest"))
     assert list(resumed["losses"]) == [3]
-    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def _nan_loss_at(steps):
