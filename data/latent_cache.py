@@ -167,6 +167,10 @@ class LatentCacheDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Returns each item's latent shape (4, h, w), from the manifest (no shard is read): aspect buckets."""
+        return [tuple(s["latent_shape"]) for s in self.manifest["shards"] for _ in range(s["count"])]
+
     def __getitem__(self, i: int) -> dict:
         file, row = self.index[i]
         with safe_open(os.path.join(self.out_dir, file), framework="pt") as f:

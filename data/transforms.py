@@ -33,6 +33,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def default_bucket_step(resolution: int) -> int:
+    """Returns the bucket side step for `resolution`: resolution / 8 in multiples of the VAE factor 8, at most 64
+    (64 at 512 px and above, as SDXL and kohya's trainer use; 8 at 64 px, where a 64 step leaves one bucket)."""
+    return min(64, max(8, resolution // 64 * 8))
+
+
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
     """Returns (width, height) buckets of about resolution^2 pixels, sides multiples of `step`."""
     step = min(step, resolution)
@@ -80,11 +86,13 @@ class ImageTransform:
     center_crop: bool = True
     random_flip: bool = False
     aspect_buckets: bool = False
-    bucket_step: int = 64
+    bucket_step: int = 0               # bucket sides in multiples of this; 0: default_bucket_step(resolution)
 
     def __post_init__(self):
         if self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 px, got {self.resolution}")
+        if self.bucket_step == 0:  # resolved here, so settings() (part of the latent cache key) holds the number
+            object.__setattr__(self, "bucket_step", default_bucket_step(self.resolution))
 
     def settings(self) -> dict:
         return asdict(self)

@@ -8,6 +8,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ldm import diffusion
+
 # name -> (class, config overrides)
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}),
@@ -20,6 +22,19 @@ SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 
+# Our names -> the AUTOMATIC1111 web UI's sampler names, for the PNG "parameters" text (ldm.images).
+WEBUI_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "lms": "LMS", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+               "heun": "Heun", "dpm++": "DPM++ 2M"}
+
+# Samplers whose update stays finite at zero terminal SNR (alpha_bar_{T-1} = 0; Lin et al. 2023,
+# arXiv:2305.08891): with v-prediction x0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022, Sec. 4) holds at
+# a = 0. The others divide by alpha_bar_t (PNDM) or use sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (LMS,
+# Euler, Heun, DPM++), which is infinite at t = T-1.
+ZERO_SNR_EXACT = (DDPMScheduler, DDIMScheduler)
+# The alpha_bar_{T-1} the other samplers get instead of 0: diffusers' own value (EulerDiscreteScheduler with
+# rescale_betas_zero_snr=True). sigma_max = 4096 is so far above the data's scale that x_T is pure noise.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:
     """Returns our name for a scheduler object, or its class name when it has none."""
@@ -29,12 +44,34 @@ def scheduler_name(scheduler: SchedulerMixin) -> str:
     return type(scheduler).__name__
 
 
+def zero_snr_safe_config(cls: type, config) -> dict:
+    """Returns `config` for scheduler class `cls`, with a zero terminal SNR clamped where `cls` cannot take it.
+
+    A zero-SNR model (`--zero_terminal_snr true`) stores trained_betas with beta[T-1] = 1, i.e. alpha_bar[T-1] = 0;
+    a config may instead say rescale_betas_zero_snr=True, which LMS, PNDM and Heun ignore (they would sample a
+    schedule the model was not trained on). For every class outside ZERO_SNR_EXACT the exact betas are written
+    out with the last one lowered so that alpha_bar[T-1] = ZERO_SNR_ALPHA_BAR (one code path for all samplers,
+    rather than the flag that only some have). DDPM and DDIM keep the exact schedule.
+    """
+    config = dict(config)
+    if cls in ZERO_SNR_EXACT:
+        return config
+    betas = DDPMScheduler.from_config(config).betas.double()  # the schedule the config describes, rescale included
+    alpha_bar = diffusion.alphas_cumprod(betas)
+    if alpha_bar[-1] >= ZERO_SNR_ALPHA_BAR:
+        return config
+    target = min(ZERO_SNR_ALPHA_BAR, float(alpha_bar[-2]) / 2)  # keeps alpha_bar decreasing (beta[T-1] > 0)
+    betas[-1] = 1 - target / alpha_bar[-2]
+    return {**config, "trained_betas": betas.tolist(), "rescale_betas_zero_snr": False}
+
+
 def make_scheduler(name: str | SchedulerMixin, config) -> SchedulerMixin:
     """Returns a scheduler built from `config` (the model's noise schedule), chosen by name.
 
     Any diffusers scheduler object passes through unchanged. Clipping x0 to [-1, 1] suits pixels, not latents,
     so a config that does not say (an LMS or Euler config, say) gets clip_sample=False rather than DDPM's and
-    DDIM's default of True; a config that sets it explicitly is respected.
+    DDIM's default of True; a config that sets it explicitly is respected. A zero-terminal-SNR schedule is
+    clamped for the samplers that need it (zero_snr_safe_config).
     """
     if isinstance(name, SchedulerMixin):
         return name
@@ -44,4 +81,4 @@ def make_scheduler(name: str | SchedulerMixin, config) -> SchedulerMixin:
     cls, overrides = SCHEDULERS[name.lower()]
     if "clip_sample" not in config:
         overrides = {**overrides, "clip_sample": False}
-    return cls.from_config(config, **overrides)
+    return cls.from_config(zero_snr_safe_config(cls, config), **overrides)

@@ -1,7 +1,9 @@
-"""Input validation for Pipeline.__call__: every error names the problem and the fix."""
+"""Checks for Pipeline.__call__: its inputs, and its results (no NaN images). Every error names the problem and the fix."""
 from __future__ import annotations
 
 import torch
+
+from ldm.schedulers import ZERO_SNR_EXACT
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -76,3 +78,40 @@ def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negati
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a tensor of shape {expected} for these settings, got {got}")
     return prompts, negatives
+
+
+class NonFiniteError(RuntimeError):
+    """A pipeline call produced NaN or inf latents or pixels; the message names where and the likely causes."""
+
+
+def check_finite(finite_steps: list[torch.Tensor], timesteps: torch.Tensor, scheduler, dtype: torch.dtype,
+                 decoded: torch.Tensor | None = None) -> None:
+    """Raises NonFiniteError naming the first denoising step whose latents hold NaN or inf, or saying that the
+    VAE decoded finite latents to NaN or inf pixels.
+
+    finite_steps: one bool flag per step, "latents all finite", still on the device; decoded: the VAE's output
+    (B, 3, H, W), if any. Their values reach the host in one copy, the call's only sync for this check.
+    timesteps: the host copy of the scheduler's timesteps.
+    """
+    flags = finite_steps + ([torch.isfinite(decoded).all()] if decoded is not None else [])
+    flags = torch.stack(flags).cpu()  # (steps,) or (steps + 1,)
+    if bool(flags.all()):
+        return
+    steps = flags[:len(finite_steps)]
+    if bool(steps.all()):
+        raise NonFiniteError(f"the VAE decoded finite latents to NaN/inf pixels ({decoded.dtype}); likely cause: "
+                             "float16 overflow in the VAE (SD 1.x VAEs overflow in float16): load with "
+                             "torch_dtype=torch.bfloat16 or torch.float32, or use a VAE fixed for float16")
+    i = int((~steps).nonzero()[0])
+    causes = []
+    alpha_bar = getattr(scheduler, "alphas_cumprod", None)
+    if alpha_bar is not None and float(alpha_bar.min()) <= 0 and type(scheduler) not in ZERO_SNR_EXACT:
+        causes.append(f"the schedule has zero terminal SNR (alpha_bar = 0 at t = T-1), which "
+                      f"{type(scheduler).__name__} divides by: choose the sampler by name, e.g. "
+                      "pipe.set_scheduler('euler'), which clamps it (ldm.schedulers.zero_snr_safe_config)")
+    if dtype == torch.float16:
+        causes.append("float16 overflow: load with torch_dtype=torch.bfloat16 or torch.float32")
+    causes.append("a diverged model (check its training loss and validation images)")
+    raise NonFiniteError(f"the latents became NaN/inf at denoising step {i} of {len(steps)} "
+                         f"(timestep t={float(timesteps[i]):g}, {type(scheduler).__name__}); likely cause: "
+                         + "; or ".join(causes))

@@ -7,17 +7,19 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.folders import check_model_folder, read_json, weights_format
+from ldm.schedulers import zero_snr_safe_config
 import os
 
 
 def load_scheduler(folder: str) -> SchedulerMixin:
-    """Returns the folder's scheduler; its class must be one of diffusers' schedulers."""
+    """Returns the folder's scheduler; its class must be one of diffusers' schedulers. A zero-terminal-SNR
+    schedule is clamped where the class needs it (ldm.schedulers.zero_snr_safe_config)."""
     config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"scheduler/scheduler_config.json in {folder} names {config.get('_class_name')!r}, "
                          "which is not a diffusers scheduler; set _class_name to e.g. DDIMScheduler")
-    return cls.from_pretrained(folder, subfolder="scheduler")
+    return cls.from_config(zero_snr_safe_config(cls, config))
 
 
 def load_components(path, torch_dtype=None, allow_pickle: bool = False, variant: str | None = None) -> dict:

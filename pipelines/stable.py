@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.folders import atomic_folder, read_json, write_json
 from ldm.guidance import cfg_combine, rescale_guidance
-from ldm.pipelines.checks import check_call_inputs
+from ldm.pipelines.checks import check_call_inputs, check_finite
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.schedulers import make_scheduler
@@ -296,8 +296,12 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents = latents.to(device, prompt_embeds.dtype) * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(generator, eta)
 
-        # 4. Denoising loop
+        # 4. Denoising loop. Each step leaves a device flag "latents all finite"; they are read once, after the
+        # decode (one sync per call, none per step, so the CPU keeps queueing steps while the GPU works, and
+        # where a pil/np output waits for the GPU anyway), and a NaN/inf names its first step instead of
+        # coming back as a black image.
         records = [] if trace else None
+        finite = []
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B*n or B*n, 77, D)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
@@ -333,14 +337,14 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                         prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
                         negative_embeds = out.pop("negative_prompt_embeds", negative_embeds)
                         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+                finite.append(torch.isfinite(latents).all())
                 progress.update()
 
         # 5. Decode z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        decoded = None if output_type == "latent" else self.vae.decode(
+            latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # (B*n, 3, H, W)
+        check_finite(finite, host_timesteps, self.scheduler, latents.dtype, decoded)  # a float16 VAE can overflow too
+        images = latents if decoded is None else self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, records)

@@ -56,3 +56,29 @@ def short_demo(tmp_path_factory):
     report = run_demo(cfg, samplers=("ddim",))
     torch.set_num_threads(threads)
     return cfg, report
+
+
+def nan_loss_at(module, calls_to_poison):
+    """Returns a stand-in for module.diffusion_loss whose loss is NaN on the given call numbers (1-based; None:
+    every call): a non-finite loss as fp16 overflow or bad data would give."""
+    original = module.diffusion_loss
+    calls = {"n": 0}
+
+    def loss_fn(*args, **kwargs):
+        loss, per_sample = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls_to_poison is None or calls["n"] in calls_to_poison:
+            loss = loss * float("nan")
+        return loss, per_sample
+
+    return loss_fn
+
+
+def two_cpu_processes(script: str, *args: str) -> list[str]:
+    """Returns the command that runs train/SCRIPT under `accelerate launch` as two CPU processes (gloo)."""
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            os.path.join(repo, "train", script), *args]

@@ -31,7 +31,9 @@ def test_generate_writes_pngs_with_parameters_and_reproducible_seeds(tiny_folder
     assert params["prompt"] == "a red circle on the left" and params["negative_prompt"] == "blue"
     assert (params["seed"], params["steps"], params["scheduler"], params["guidance_scale"]) == (12, 3, "ddim", 5.0)
     assert {"model", "height", "width", "device", "dtype", "eta", "guidance_rescale", "ldm_version"} <= set(params)
-    assert "Negative prompt: blue" in PIL.Image.open(paths[1]).text["parameters"]
+    webui = PIL.Image.open(paths[1]).text["parameters"].splitlines()  # the web UIs' format (test_png_metadata.py)
+    assert webui[:2] == ["a red circle on the left", "Negative prompt: blue"]
+    assert webui[2].startswith("Steps: 3, Sampler: DDIM, CFG scale: 5.0, Seed: 12, Size: 64x64, Model: tiny, ")
 
     # The second image alone, from its own recorded seed, is the same picture (batch 1 vs 2 kernels differ by
     # float rounding only: at most one 8-bit level on a few pixels).
@@ -52,8 +54,6 @@ def test_create_model_then_generate(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "--model", "/no/such/model"], "does not exist"),
     (["generate", "x", "--model", "{tiny}", "--height", "30"], "height=30 is not a positive multiple of 8"),
-    (["generate", "x", "--model", "{tiny}", "--steps", "0"], "num_inference_steps=0 must be an integer >= 1"),
-    (["generate", "x", "--model", "{tiny}", "--num-images", "0"], "--num-images and --batch-size must be >= 1"),
     (["create-model", "--preset", "huge", "--out", "/tmp/x"], "unknown model preset 'huge'"),
 ])
 def test_errors_are_one_clear_line(tiny_folder, capsys, argv, message):
@@ -61,6 +61,16 @@ def test_errors_are_one_clear_line(tiny_folder, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [  # refused by argparse (ldm.training.config.int_in) before loading
+    (["--steps", "0"], "argument --steps: 0 is outside the allowed range [1, 1000]"),
+    (["--num-images", "0"], "argument --num-images: 0 is outside the allowed range [1, 100000]"),
+])
+def test_out_of_range_numbers_are_refused_before_loading(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--model", "/no/such/model", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_unknown_scheduler_flag_lists_choices(capsys):

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import torch
+from conftest import nan_loss_at
 from safetensors.torch import load_file
 
 from ldm.training import train_ldm
@@ -109,22 +110,8 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def _nan_loss_at(steps):
-    original = train_ldm.diffusion_loss
-    calls = {"n": 0}
-
-    def loss_fn(*args, **kwargs):
-        loss, per_sample = original(*args, **kwargs)
-        calls["n"] += 1
-        if steps is None or calls["n"] in steps:
-            loss = loss * float("nan")
-        return loss, per_sample
-
-    return loss_fn
-
-
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_ldm, "diffusion_loss", _nan_loss_at({2}))
+    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_loss_at(train_ldm, {2}))
     result = run(tiny_config(tmp_path, max_steps=4))
     assert result["nonfinite_total"] == 1 and result["step"] == 4
     weights = load_file(os.path.join(result["checkpoint"], "accelerate", "model.safetensors"))
@@ -132,7 +119,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
 
 
 def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_ldm, "diffusion_loss", _nan_loss_at(None))
+    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_loss_at(train_ldm, None))
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 3"):
         run(tiny_config(tmp_path, max_steps=10, max_nonfinite_steps=3))
 

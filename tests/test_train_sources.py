@@ -3,9 +3,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
+from conftest import two_cpu_processes
 from diffusers import AutoencoderKL
 
 from ldm.training import train_ldm, train_vae
@@ -53,7 +53,7 @@ def sources(tmp_path_factory):
 
 def ldm_config(tmp_path, **overrides) -> TrainLDMConfig:
     base = dict(model="tiny", resolution=32, batch_size=8, max_steps=8, learning_rate=2e-3, lr_warmup_steps=0,
-                output_dir=str(tmp_path / "run"), checkpoint_every=1000, validation_every=1, validation_prompts=[],
+                output_dir=str(tmp_path / "run"), checkpoint_every=1000, validation_every=1, num_validation_prompts=0,
                 val_loss_samples=4, report_to="none", use_ema=False)
     return TrainLDMConfig(**{**base, **overrides})
 
@@ -92,11 +92,10 @@ def test_vae_training_improves_psnr_and_stores_the_scaling_factor(tmp_path):
 
 def test_two_processes_under_accelerate_launch_read_disjoint_data(tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               os.path.join(REPO, "train", "train_ldm.py"), "--model", "tiny", "--data", "shapes:64@32",
-               "--resolution", "32", "--batch_size", "4", "--max_steps", "3", "--output_dir", str(out),
-               "--validation_prompts", "[]", "--report_to", "none", "--val_loss_samples", "4", "--checkpoint_every", "3"]
+    command = two_cpu_processes("train_ldm.py", "--model", "tiny", "--data", "shapes:64@32", "--resolution", "32",
+                                "--batch_size", "4", "--max_steps", "3", "--output_dir", str(out),
+                                "--validation_prompts", "[]", "--report_to", "none", "--val_loss_samples", "4",
+                                "--checkpoint_every", "3")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -106,3 +105,10 @@ def test_two_processes_under_accelerate_launch_read_disjoint_data(tmp_path):
     assert sorted(keys) == [0, 1] and not keys[0] & keys[1]
     state = json.load(open(out / "checkpoints" / "checkpoint-00000003" / "trainer_state.json"))
     assert state["step"] == 3 and len(state["data"]) == 2  # one data position per rank
+    # validation with two ranks: rank 0 alone samples the grid, of captions drawn from the data
+    from ldm.data import open_dataset
+
+    captions = {s["caption"] for s in open_dataset("shapes:64@32", shuffle=False)}
+    prompts = (out / "samples" / "prompts.txt").read_text().splitlines()
+    assert len(prompts) == 4 and set(prompts) <= captions, prompts
+    assert sorted(os.listdir(out / "samples")) == ["prompts.txt", "step-00000003.png"]

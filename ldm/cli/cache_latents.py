@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import os
 
+from ldm.training.config import int_in
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("src", help="data spec: shapes:N[@R], a folder, .tar shards, .parquet, COCO .json, hf folder")
     parser.add_argument("--vae", required=True, help="VAE folder, or a model folder containing vae/")
     parser.add_argument("--out", required=True, help="cache folder")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's, else CLIP's)")
-    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--resolution", type=int_in("[8, 8192]"), default=None)
     parser.add_argument("--random-crop", action="store_true", help="random instead of centre crop (one crop is cached)")
     parser.add_argument("--caption", default=None, help="instance prompt or '{name}' template for folders")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard-size", type=int, default=4096)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int_in("[1, 4096]"), default=16)
+    parser.add_argument("--shard-size", type=int_in("[1, 1e7]"), default=4096)
+    parser.add_argument("--num-workers", type=int_in("[0, 256]"), default=0)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
 

@@ -1,11 +1,13 @@
 """`ldm create-model --preset tiny --out DIR`: a randomly initialised model folder, built offline from a preset."""
 from __future__ import annotations
 
+from ldm.training.config import int_in
+
 
 def add_arguments(p):
     p.add_argument("--preset", default="tiny", help="tiny, small, sd15, sd21")
     p.add_argument("--out", required=True, help="folder to write (diffusers layout)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0, help="initialisation seed")
 
 
 def run(args) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ldm.training.config import float_in, int_in
+
 
 def _csv_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
@@ -20,14 +22,16 @@ def _add_timesteps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--data", required=True, help="probe images: a folder, shards or shapes:N (first --num-images)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--bins", type=int, default=10, help="timestep bins")
-    p.add_argument("--per-bin", type=int, default=4, help="probe timesteps per bin")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the probe set")
-    p.add_argument("--z-threshold", type=float, default=5.0, help="flag channels whose |bias| exceeds this many s.e.")
+    p.add_argument("--num-images", type=int_in("[1, 1e5]"), default=8)
+    p.add_argument("--bins", type=int_in("[1, 1000]"), default=10, help="timestep bins")
+    p.add_argument("--per-bin", type=int_in("[1, 1000]"), default=4, help="probe timesteps per bin")
+    p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0, help="noise seed of the probe set")
+    p.add_argument("--z-threshold", type=float_in("(0, 1e6]"), default=5.0,
+                   help="flag channels whose |bias| exceeds this many s.e.")
     p.add_argument("--gaussian-reference", action="store_true",
                    help="compare with the optimal predictor for a Gaussian fitted to the data's latents")
-    p.add_argument("--reference-images", type=int, default=64, help="images to fit the Gaussian reference on")
+    p.add_argument("--reference-images", type=int_in("[1, 1e6]"), default=64,
+                   help="images to fit the Gaussian reference on")
     p.add_argument("--device", default=None)
 
 
@@ -36,12 +40,14 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--schedulers", type=_csv_list, default=["ddpm", "ddim", "lms"], help="comma-separated names")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--strip", type=int, default=6, help="decoded x0 predictions per sampler in the strip image")
-    p.add_argument("--num-images", type=int, default=4, help="samples pooled into the per-step statistics")
+    p.add_argument("--steps", type=int_in("[1, 1000]"), default=25)
+    p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0)
+    p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5)
+    p.add_argument("--guidance-rescale", type=float_in("[0, 1]"), default=0.0)
+    p.add_argument("--strip", type=int_in("[1, 1000]"), default=6,
+                   help="decoded x0 predictions per sampler in the strip image")
+    p.add_argument("--num-images", type=int_in("[1, 1e5]"), default=4,
+                   help="samples pooled into the per-step statistics")
     p.add_argument("--data", default=None, help="data source whose latent mean/std define the forward marginal "
                    "(default: mean 0, std 1 per channel)")
     p.add_argument("--device", default=None)
@@ -53,11 +59,12 @@ def _add_schedule(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta-schedule", nargs="+", default=["linear", "scaled_linear", "squaredcos_cap_v2"],
                    choices=BETA_SCHEDULES, metavar="NAME", help=f"one or more of {', '.join(BETA_SCHEDULES)}")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-train-timesteps", type=int, default=1000)
-    p.add_argument("--beta-start", type=float, default=None, help="default: the schedule's usual value")
-    p.add_argument("--beta-end", type=float, default=None)
+    p.add_argument("--num-train-timesteps", type=int_in("[2, 100000]"), default=1000)
+    p.add_argument("--beta-start", type=float_in("(0, 1)"), default=None, help="default: the schedule's usual value")
+    p.add_argument("--beta-end", type=float_in("(0, 1)"), default=None)
     p.add_argument("--schedulers", type=_csv_list, default=["ddpm", "ddim", "lms"])
-    p.add_argument("--steps", type=int, default=20, help="inference steps for the visited-timesteps table")
+    p.add_argument("--steps", type=int_in("[1, 1000]"), default=20,
+                   help="inference steps for the visited-timesteps table")
     p.add_argument("--variance", choices=["posterior", "beta"], default="posterior",
                    help="reverse-process variance in the VLB weights: beta_tilde_t or beta_t")
 
@@ -76,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--data", default="shapes:64")
     p.add_argument("--prompt", default="a red circle on the left")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--num-images", type=int, default=8, help="probe images for the timestep diagnostics")
+    p.add_argument("--steps", type=int_in("[1, 1000]"), default=25)
+    p.add_argument("--num-images", type=int_in("[1, 1e5]"), default=8, help="probe images for the timestep diagnostics")
     p.add_argument("--history", default=None, help="validation history for the training heatmap (optional)")
     p.add_argument("--device", default=None)
 

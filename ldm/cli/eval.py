@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ldm.training.config import float_in, int_in
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder")
@@ -26,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-data", default=None, help="folder of training images: enables memorisation")
     parser.add_argument("--adherence", choices=["auto", "on", "off"], default="auto",
                         help="shapes-prompt adherence; auto: when every prompt is a shapes prompt")
-    parser.add_argument("--images-per-prompt", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--images-per-prompt", type=int_in("[1, 1000]"), default=1)
+    parser.add_argument("--steps", type=int_in("[1, 1000]"), default=25)
+    parser.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5)
     parser.add_argument("--scheduler", default=None, help="sampler name (default: the folder's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0)
     parser.add_argument("--device", default=None)
 
 

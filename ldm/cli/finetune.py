@@ -5,6 +5,9 @@ is accepted (dashes or underscores), plus `--config FILE.yaml`; a bool flag alon
 
     ldm finetune --model models/base --data my-art/ --out runs/my-art \
         --instance-prompt "a painting in the style of sks" --class-prompt "a painting" --export-webui
+
+Checkpoints (--checkpoint-every, and on SIGTERM/Ctrl-C or --max-minutes) go to OUT/checkpoints/; the same
+command with --resume latest continues the run exactly.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ import os
 import random
 import time
 
+from ldm.training.config import float_in, int_in
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -18,23 +20,27 @@ def add_arguments(p):
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", required=True, help="a model folder (diffusers layout)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the folder's)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2023 rescale, 0..1")
+    p.add_argument("--steps", type=int_in("[1, 1000]"), default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5,
+                   help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--guidance-rescale", type=float_in("[0, 1]"), default=0.0, help="Lin et al. 2023 rescale, 0..1")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, recorded)")
-    p.add_argument("--num-images", type=int, default=1, help="how many images")
-    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's k-th layer from the end")
+    p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=None,
+                   help="seed of the first image (default: random, recorded)")
+    p.add_argument("--num-images", type=int_in("[1, 100000]"), default=1, help="how many images")
+    p.add_argument("--batch-size", type=int_in("[1, 1024]"), default=4, help="images per pipeline call")
+    p.add_argument("--height", type=int_in("[8, 8192]"), default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int_in("[8, 8192]"), default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--eta", type=float_in("[0, 1]"), default=0.0, help="DDIM eta")
+    p.add_argument("--clip-skip", type=int_in("[0, 32]"), default=None,
+                   help="use the text encoder's k-th layer from the end")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, float32 elsewhere")
     p.add_argument("--out", default="outputs", help="a folder, or a file name ending in .png")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt weights (can run code)")
     p.add_argument("--lora", default=None, help="a LoRA .safetensors (from `ldm finetune`, or a web-UI LoRA)")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = the base model, 1 = as trained")
+    p.add_argument("--lora-scale", type=float_in("[-10, 10]"), default=1.0,
+                   help="LoRA strength: 0 = the base model, 1 = as trained")
 
 
 def resolve_device_dtype(device: str, dtype: str):

@@ -5,12 +5,14 @@ model with the LoRA at --scale, without adapter layers at run time.
 """
 from __future__ import annotations
 
+from ldm.training.config import float_in
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="the base pipeline folder the LoRA was trained on")
     p.add_argument("--lora", required=True, help="a LoRA .safetensors (diffusers or web-UI keys) or its folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--scale", type=float, default=1.0, help="LoRA strength to fuse (1 = as trained)")
+    p.add_argument("--scale", type=float_in("[-10, 10]"), default=1.0, help="LoRA strength to fuse (1 = as trained)")
 
 
 def run(args) -> int:

@@ -18,6 +18,7 @@ from ldm.diagnostics.io import write_json
 from ldm.evaluation.fid import fid_from_features, kernel_inception_distance
 from ldm.evaluation.images import load_image_folder, to_tensor
 from ldm.memorization import memorization_report
+from ldm.training.config import check_ranges
 
 
 @dataclass
@@ -34,6 +35,14 @@ class EvalConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     memorisation_size: int = 32           # images are compared as size x size pixels
+
+    # Allowed values of every int/float field (ldm.training.config.check_ranges).
+    RANGES = {"images_per_prompt": "[1, 1000]", "steps": "[1, 1000]", "guidance_scale": "[0, 100]",
+              "seed": "[0, 4294967295]", "memorisation_size": "[8, 1024]"}
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting."""
+        check_ranges(self)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -111,6 +120,7 @@ def score_images(images, prompts: list[str], cfg: EvalConfig) -> dict:
 
 def evaluate_model(pipe, prompts_file: str, out_dir: str, cfg: EvalConfig) -> dict:
     """Generates images for every prompt, scores them, writes eval.json; returns the report."""
+    cfg.validate()
     prompts = read_prompts(prompts_file)
     images_dir = os.path.join(out_dir, "images")
     images, image_prompts = generate(pipe, prompts, cfg, images_dir)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ldm.training.config import check_ranges
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.train_vae import TrainVAEConfig
 
@@ -47,6 +48,21 @@ class DemoConfig:
     num_prompts: int = 90            # every colour x shape x position once
     threads: int = 0                 # torch CPU threads; 0 = half the cores (a busy machine punishes more)
     seed: int = 0
+
+    # Allowed values of every int/float field (ldm.training.config.check_ranges).
+    RANGES = {
+        "minutes": "(0, 1e5]", "resolution": "[8, 1024]", "num_samples": "[1, 1e7]", "two_shape_fraction": "[0, 1]",
+        "vae_steps": "[1, 1e7]", "vae_batch_size": "[1, 4096]", "vae_learning_rate": "(0, 1]",
+        "vae_dark_fraction": "[0, 1]", "ldm_steps": "[1, 1e7]", "ldm_batch_size": "[1, 4096]",
+        "ldm_learning_rate": "(0, 1]", "guidance": "[0, 100]", "sample_steps": "[1, 1000]", "num_prompts": "[1, 90]",
+        "threads": "[0, 1024]", "seed": "[0, 4294967295]",
+    }
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting."""
+        check_ranges(self)
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
 
     def budget(self) -> tuple[float, float]:
         """Returns (VAE minutes, LDM minutes): the time caps that keep the demo inside `minutes`."""
@@ -146,7 +162,7 @@ def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
                           learning_rate=cfg.vae_learning_rate, lr_scheduler=cfg.vae_lr_scheduler, lr_warmup_steps=50,
                           batch_size=cfg.vae_batch_size, max_steps=cfg.vae_steps,
                           max_minutes=cfg.budget()[0], output_dir=os.path.join(cfg.out, "vae_run"),
-                          checkpoint_every=10**9, checkpoints_total_limit=1, seed=cfg.seed)
+                          checkpoint_every=0, checkpoints_total_limit=1, seed=cfg.seed)
 
 
 def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
@@ -156,8 +172,8 @@ def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
                           learning_rate=cfg.ldm_learning_rate, lr_scheduler="cosine", lr_warmup_steps=100,
                           batch_size=cfg.ldm_batch_size, max_steps=cfg.ldm_steps, max_minutes=cfg.budget()[1],
                           use_ema=True, ema_decay=0.995, weight_decay=0.0, caption_dropout=0.1,
-                          output_dir=os.path.join(cfg.out, "ldm_run"), checkpoint_every=10**9,
-                          checkpoints_total_limit=1, validation_every=100, validation_prompts=[],
+                          output_dir=os.path.join(cfg.out, "ldm_run"), checkpoint_every=0,
+                          checkpoints_total_limit=1, validation_every=100, num_validation_prompts=0,
                           val_loss_samples=32, log_every=25, report_to="tensorboard", seed=cfg.seed)
 
 
@@ -212,6 +228,7 @@ def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
     from ldm.pipelines import Pipeline
     from ldm.training import train_ldm, train_vae
 
+    cfg.validate()
     started = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     # Small models on a CPU others also use: OpenMP threads waiting on each other cost more than they give.

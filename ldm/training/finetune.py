@@ -5,8 +5,10 @@
 
 Steps: 1. read the folder into memory (5 to 200 images) and hold part of it out; 2. with --class-prompt, draw
 the class images with the base model (cached); 3. add LoRA adapters (or unfreeze the UNet); 4. train with the
-step helpers of ldm.training.step; every `validation_every` steps log the per-timestep-bin loss of training
-and held-out images, sample the instance prompt and check the samples for near-copies (ldm.memorization);
+step helpers of ldm.training.step and the guarded, accumulated optimiser step of ldm.training.loop (as
+`ldm train`); every `validation_every` steps log the per-timestep-bin loss of training and held-out images,
+sample the instance prompt and check the samples for near-copies (ldm.memorization); every `checkpoint_every`
+steps, and on SIGTERM/Ctrl-C or after max_minutes, write a checkpoint (`--resume latest` continues exactly);
 5. write pytorch_lora_weights.safetensors (+ the web-UI file) or a pipeline folder, and report.json.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,13 +24,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ldm import diffusion
+from ldm.data.buckets import batch_plan
 from ldm.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
-from ldm.training.config import format_config, save_config
+from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
+from ldm.training.config import every, format_config, save_config
 from ldm.training.finetune_config import FinetuneConfig, resolve_defaults
+from ldm.training.loop import accumulated_step, new_state, stop_if_nonfinite
+from ldm.training.signals import StopRequest, agreed_stop_reason
 from ldm.training.step import NoiseSchedule, TextEmbedder, batch_latents, diffusion_loss, step_generator
 from ldm.training.validation import image_grid, make_val_set, validation_loss
 
 NO_CAPTION = "\u0000no-caption\u0000"   # what the folder source returns for an image without a caption
+GUARD_FILE = "memorization_guard.safetensors"   # in a checkpoint: the weights an early stop would restore
 
 
 @dataclass
@@ -112,20 +120,6 @@ def encode_posteriors(samples: list[dict], vae, device) -> list[dict]:
     return samples
 
 
-def batch_plan(samples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Returns one epoch of batches (index lists), each from one aspect bucket, in a seeded random order."""
-    rng = random.Random(seed * 7919 + epoch)
-    buckets: dict[tuple, list[int]] = {}
-    for i, s in enumerate(samples):
-        buckets.setdefault(tuple(s["latent_mean"].shape), []).append(i)
-    batches = []
-    for indices in buckets.values():
-        rng.shuffle(indices)
-        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 def batches_forever(samples: list[dict], batch_size: int, seed: int, flip: bool):
     """Yields batches {"latent_mean", "latent_logvar": (B, 4, h, w), "caption": [str]} forever."""
     epoch = 0
@@ -187,14 +181,14 @@ def sampling_pipeline(parts: dict, unet, text_encoder):
     return pipe
 
 
-def finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, optimizer, lr_scheduler, params,
-                  batch: dict, prior_batch: dict | None, step: int) -> float:
-    """Runs one optimiser step; returns the loss.
+def finetune_loss(cfg, accelerator, unet, vae, embed, schedule, loss_settings, batch: dict, prior_batch: dict | None,
+                  step: int, micro: int) -> torch.Tensor:
+    """Returns the loss of one micro-batch of optimiser step `step` (1-based).
 
     With a prior batch: L_instance + w * L_prior, DreamBooth's prior preservation (Ruiz et al. 2023, Eq. 2).
     """
     device = accelerator.device
-    generator = step_generator(cfg.seed, step)
+    generator = step_generator(cfg.seed, step, micro)
     with accelerator.autocast():  # the VAE and text encoder in the mixed-precision dtype too, as in train_ldm
         latents = batch_latents(batch, vae, generator, device)  # (B, 4, h, w)
         captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
@@ -206,13 +200,20 @@ def finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, o
             prior_context = embed(list(prior_batch["caption"]), device)
         prior_loss, _ = diffusion_loss(unet, prior_latents, prior_context, schedule, loss_settings, generator)
         loss = loss + cfg.prior_loss_weight * prior_loss
-    accelerator.backward(loss)
-    if cfg.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return loss
+
+
+def finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, optimizer, lr_scheduler, params,
+                  batches, prior_batches, state: dict) -> float:
+    """Runs one optimiser step over gradient_accumulation_steps micro-batches (skipped if not finite, see
+    ldm.training.loop); returns the mean loss. Counts the batches drawn in state["batches_drawn"]."""
+    def micro_loss(micro: int) -> torch.Tensor:
+        state["batches_drawn"] += 1
+        return finetune_loss(cfg, accelerator, unet, vae, embed, schedule, loss_settings, next(batches),
+                             next(prior_batches) if prior_batches else None, state["step"] + 1, micro)
+
+    return accumulated_step(accelerator, unet, micro_loss, cfg.gradient_accumulation_steps, params, cfg.max_grad_norm,
+                            optimizer, lr_scheduler, state)
 
 
 def sample_prompts(cfg: FinetuneConfig, train: list[dict]) -> list[str]:
@@ -248,16 +249,24 @@ def validate(cfg, step: int, pipe, unet, vae, embed, schedule, prediction_type, 
             "memorization": memorization, "samples": path}
 
 
+def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: str) -> dict:
+    """Writes FOLDER/pytorch_lora_weights.safetensors (LoRA) or FOLDER/pipeline (full); returns {"lora", "pipeline"}."""
+    from ldm.lora import save_lora
+
+    if cfg.method == "full":
+        path = os.path.join(folder, "pipeline")
+        sampling_pipeline(parts, unet, text_encoder).save_pretrained(path)
+        return {"lora": None, "pipeline": path}
+    return {"lora": save_lora(folder, unet, text_encoder), "pipeline": None}
+
+
 def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder) -> dict:
     """Writes the LoRA file(s) or the pipeline folder; returns {"lora", "webui", "pipeline"} paths (or None)."""
-    from ldm.lora import merge_lora, save_lora, save_webui_lora
+    from ldm.lora import merge_lora, save_webui_lora
 
-    outputs = {"lora": None, "webui": None, "pipeline": None}
+    outputs = {"webui": None, **save_weights(cfg, parts, unet, text_encoder, cfg.out)}
     if cfg.method == "full":
-        outputs["pipeline"] = os.path.join(cfg.out, "pipeline")
-        sampling_pipeline(parts, unet, text_encoder).save_pretrained(outputs["pipeline"])
         return outputs
-    outputs["lora"] = save_lora(cfg.out, unet, text_encoder)
     if cfg.export_webui:
         info = {"ss_output_name": os.path.basename(os.path.abspath(cfg.out)), "ss_max_train_steps": str(cfg.max_steps),
                 "ss_resolution": str(cfg.resolution), "ss_tag_frequency": json.dumps({"instance": cfg.instance_prompt}),
@@ -268,6 +277,37 @@ def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder) -> dict:
     return outputs
 
 
+def write_checkpoint(cfg: FinetuneConfig, accelerator, parts: dict, unet, text_encoder, state: dict,
+                     snapshot: list[torch.Tensor] | None) -> str:
+    """Writes OUT/checkpoints/checkpoint-<step> (ldm.training.checkpoint): Accelerate state (weights, optimiser, lr
+    schedule, RNG), the weights as `save_weights` writes them, config.yaml, the memorisation guard's snapshot
+    and trainer_state.json (step, batches drawn, losses, validation history, non-finite counters)."""
+    from safetensors.torch import save_file
+
+    def extra(folder: str) -> None:
+        save_weights(cfg, parts, unet, text_encoder, folder)
+        save_config(cfg, os.path.join(folder, "config.yaml"))
+        if snapshot is not None:
+            save_file({str(i): p.cpu().contiguous() for i, p in enumerate(snapshot)}, os.path.join(folder, GUARD_FILE))
+
+    return save_checkpoint(accelerator, cfg.out, state["step"], state, extra, cfg.checkpoints_total_limit)
+
+
+def load_checkpoint(checkpoint: str, accelerator, params) -> tuple[dict, list[torch.Tensor] | None]:
+    """Loads a checkpoint of write_checkpoint into the prepared models, optimiser and lr schedule; returns the
+    trainer state and the memorisation guard's snapshot (None if the checkpoint has none)."""
+    from safetensors.torch import load_file
+
+    accelerator.load_state(os.path.join(checkpoint, "accelerate"))
+    state = read_state(checkpoint)
+    state["losses"] = {int(step): loss for step, loss in state["losses"].items()}  # JSON keys are strings
+    path = os.path.join(checkpoint, GUARD_FILE)
+    if not os.path.exists(path):
+        return state, None
+    saved = load_file(path)
+    return state, [saved[str(i)].to(p.device, p.dtype) for i, p in enumerate(params)]
+
+
 def main(cfg: FinetuneConfig) -> dict:
     """Fine-tunes and returns the report (also written to OUT/report.json)."""
     from diffusers.optimization import get_scheduler
@@ -275,7 +315,8 @@ def main(cfg: FinetuneConfig) -> dict:
     from ldm.pipelines.loading import load_components
 
     # 1. Accelerator, base model, images and the held-out split
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     set_seed(cfg.seed)
     if not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"base model folder {cfg.model} does not exist; pass --model DIR, a pipeline folder "
@@ -286,6 +327,7 @@ def main(cfg: FinetuneConfig) -> dict:
     images = read_images(cfg, cfg.resolution or native)
     train_idx, held_idx = holdout_split([s["key"] for s in images], cfg.holdout_fraction, cfg.seed)
     cfg = resolve_defaults(cfg, len(train_idx), native)
+    checkpoint = resolve_resume(cfg.resume, cfg.out)  # before any work: a bad --resume path fails at once
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
     accelerator.print(f"finetune: {len(train_idx)} training + {len(held_idx)} held-out images\n{format_config(cfg)}")
@@ -300,55 +342,87 @@ def main(cfg: FinetuneConfig) -> dict:
     held = encode_posteriors([images[i] for i in held_idx], vae, device)
     prior = encode_posteriors(prior, vae, device)
 
-    # 3. Trainable weights, optimiser, accelerator.prepare
+    # 3. Trainable weights, optimiser, accelerator.prepare (the text encoder too when trained: it is checkpointed)
     params = trainable_parameters(cfg, unet, text_encoder)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2 if cfg.method == "full" else 0.0)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_steps)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    world = accelerator.num_processes  # the prepared schedule steps once per process, as in train_ldm
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=cfg.max_steps * world)
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
     schedule = noise_schedule(dict(parts["scheduler"].config))
     loss_settings = LossSettings(prediction_type=parts["scheduler"].config.get("prediction_type", "epsilon"))
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=not cfg.train_text_encoder)
-    pipe = sampling_pipeline(parts, accelerator.unwrap_model(unet), text_encoder)
+    plain_unet, plain_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    pipe = sampling_pipeline(parts, plain_unet, plain_text_encoder)
 
-    # 4. Training loop with validation and the memorisation guard
+    # 4. Resume: weights, optimiser, lr schedule and RNG from Accelerate; step, data position, guard from us
+    state, snapshot = new_state(batches_drawn=0, losses={}, history=[]), None
+    if checkpoint:
+        state, snapshot = load_checkpoint(checkpoint, accelerator, params)
+        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    # the memorisation guard restores the weights of the last check without a warning (at first: these)
+    snapshot = (snapshot or [p.detach().clone() for p in params]) if cfg.early_stop_on_memorization else None
     batches = batches_forever(train, cfg.batch_size, cfg.seed, cfg.random_flip)
     prior_batches = batches_forever(prior, cfg.batch_size, cfg.seed + 1, cfg.random_flip) if prior else None
-    losses, history, stopped_by = {}, [], None
-    snapshot = [p.detach().clone() for p in params]
-    for step in range(1, cfg.max_steps + 1):
-        losses[step] = finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, optimizer,
-                                     lr_scheduler, params, next(batches),
-                                     next(prior_batches) if prior_batches else None, step)
-        if step % cfg.validation_every and step != cfg.max_steps:
-            continue
-        record = validate(cfg, step, pipe, accelerator.unwrap_model(unet), vae, embed, schedule,
-                          loss_settings.prediction_type, train, held)
-        record["train_loss"] = sum(list(losses.values())[-cfg.validation_every:]) / min(step, cfg.validation_every)
-        history.append(record)
-        accelerator.print(_format_record(record))
-        if record["memorization"]["warning"] and cfg.early_stop_on_memorization:
-            with torch.no_grad():
-                for p, saved in zip(params, snapshot):
-                    p.copy_(saved)
-            stopped_by = "memorization"
-            accelerator.print(f"early stop at step {step}: restored the weights of the last check without a warning")
-            break
-        if not record["memorization"]["warning"]:
-            snapshot = [p.detach().clone() for p in params]
+    for _ in range(state["batches_drawn"]):  # the streams are pure functions of the seed: replay to the position
+        next(batches)
+        if prior_batches:
+            next(prior_batches)
 
-    # 5. Outputs and the report
-    outputs = write_outputs(cfg, parts, accelerator.unwrap_model(unet), text_encoder)
+    # 5. Training loop with validation, the memorisation guard, checkpoints and stops
+    losses, history, last_checkpoint, stopped_by = state["losses"], state["history"], checkpoint, None
+    started = time.time()
+    with StopRequest() as stop:
+        while state["step"] < cfg.max_steps:
+            step = state["step"] + 1
+            losses[step] = finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, optimizer,
+                                         lr_scheduler, params, batches, prior_batches, state)
+            state["step"] = step
+            stop_if_nonfinite(state, cfg.max_nonfinite_steps)
+            if every(step, cfg.validation_every) or step == cfg.max_steps:
+                record = validate(cfg, step, pipe, plain_unet, vae, embed, schedule, loss_settings.prediction_type,
+                                  train, held)
+                recent = [losses[k] for k in range(max(1, step - cfg.validation_every + 1), step + 1)]
+                record["train_loss"] = sum(recent) / len(recent)
+                history.append(record)
+                accelerator.print(_format_record(record))
+                if record["memorization"]["warning"] and cfg.early_stop_on_memorization:
+                    with torch.no_grad():
+                        for p, saved in zip(params, snapshot):
+                            p.copy_(saved)
+                    stopped_by = "memorization"  # no checkpoint: its step would not match the restored weights
+                    accelerator.print(f"early stop at step {step}: restored the weights of the last check without "
+                                      "a warning")
+                    break
+                if snapshot is not None and not record["memorization"]["warning"]:
+                    snapshot = [p.detach().clone() for p in params]
+            stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
+            if every(step, cfg.checkpoint_every) or stopped_by:
+                last_checkpoint = write_checkpoint(cfg, accelerator, parts, plain_unet, plain_text_encoder, state,
+                                                   snapshot)
+            if stopped_by:
+                accelerator.print(f"stopped by {stopped_by} at step {step}; checkpoint {last_checkpoint} (with the "
+                                  "weights so far); continue with --resume latest")
+                break
+
+    # 6. Outputs (not after a signal or max_minutes: the run goes on with --resume) and the report
+    finished = stopped_by in (None, "memorization")
+    outputs = (write_outputs(cfg, parts, plain_unet, plain_text_encoder) if finished
+               else {"lora": None, "webui": None, "pipeline": None})
     warnings = [r["memorization"]["message"] for r in history if r["memorization"]["warning"]]
-    report = {"steps": step, "stopped_by": stopped_by, "num_train_images": len(train),
+    report = {"steps": state["step"], "stopped_by": stopped_by, "num_train_images": len(train),
               "num_heldout_images": len(held), "num_class_images": len(prior), "outputs": outputs,
+              "checkpoint": last_checkpoint, "nonfinite_total": state["nonfinite_total"],
               "memorization_warning": bool(warnings), "warnings": warnings, "history": history,
               "losses": losses, "config": asdict(cfg)}
     with open(os.path.join(cfg.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    accelerator.print(f"wrote {', '.join(p for p in outputs.values() if p)} and {cfg.out}/report.json")
+    accelerator.print(f"wrote {', '.join(p for p in outputs.values() if p) or 'no weights'} and {cfg.out}/report.json")
     return report
 
 

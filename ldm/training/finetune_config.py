@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from ldm.training.config import check_ranges
+
 METHODS = ("lora", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -39,8 +41,10 @@ class FinetuneConfig:
     epochs: int = 10
     learning_rate: float = 0.0
     batch_size: int = 4
+    gradient_accumulation_steps: int = 1   # micro-batches per optimiser step: batch_size x this images per update
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 10          # stop after this many non-finite losses in a row (each skips its update)
     caption_dropout: float = 0.0            # DreamBooth trains without; > 0 also teaches the empty prompt the style
     mixed_precision: str = "no"
     # validation and the memorisation guard
@@ -57,11 +61,31 @@ class FinetuneConfig:
     # outputs
     export_webui: bool = False             # also write a kohya-format LoRA for AUTOMATIC1111 / ComfyUI
     save_pipeline: bool = False            # LoRA: also write the fused pipeline folder (full always writes one)
+    # checkpoints and stops (OUT/checkpoints/checkpoint-N: Accelerate state, weights, trainer_state.json)
+    checkpoint_every: int = 500            # 0 = only when stopped by a signal or max_minutes
+    checkpoints_total_limit: int = 2       # keep the newest this many (0 = all)
+    resume: str = ""                       # "", "latest" or a checkpoint folder
+    max_minutes: float = 0.0               # >0: stop (with a checkpoint) after this much training time
     seed: int = 0
     device: str = "auto"
 
+    # Allowed values of every int/float field (ldm.training.config.check_ranges); 0 is allowed where it means
+    # "scaled to the folder" or "off".
+    RANGES = {
+        "resolution": "[0, 8192]", "lora_rank": "[1, 1024]", "lora_alpha": "[0, 1e4]", "lora_dropout": "[0, 1)",
+        "num_class_images": "[0, 1e5]", "prior_loss_weight": "[0, 1e3]", "class_sample_steps": "[1, 1000]",
+        "max_steps": "[0, 1e8]", "repeats": "[1, 1e4]", "epochs": "[1, 1e5]", "learning_rate": "[0, 1]",
+        "batch_size": "[1, 4096]", "gradient_accumulation_steps": "[1, 4096]", "lr_warmup_steps": "[0, 1e8]",
+        "max_grad_norm": "[0, 1e6]", "max_nonfinite_steps": "[1, 1e9]", "caption_dropout": "[0, 1)",
+        "holdout_fraction": "(0, 1)", "validation_every": "[0, 1e8]", "num_validation_samples": "[1, 1000]",
+        "validation_sample_steps": "[1, 1000]", "validation_guidance": "[0, 100]", "val_loss_bins": "[1, 1000]",
+        "near_copy_ratio": "(0, 10]", "max_loss_gap": "(0, 1e3]", "checkpoint_every": "[0, 1e9]",
+        "checkpoints_total_limit": "[0, 1e6]", "max_minutes": "[0, 1e7]", "seed": "[0, 4294967295]",
+    }
+
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting and how to fix it."""
+        check_ranges(self)
         if not self.model:
             raise ValueError("no base model: pass --model DIR (a pipeline folder, e.g. from `ldm train` or SD 1.x)")
         if not self.data:
@@ -73,11 +97,6 @@ class FinetuneConfig:
             raise ValueError("--prior-loss-weight must be > 0 with --class-prompt (1.0 is DreamBooth's)")
         if self.num_class_images and not self.class_prompt:
             raise ValueError("--num-class-images needs --class-prompt (e.g. --class-prompt 'a painting')")
-        for key in ("batch_size", "repeats", "epochs", "lora_rank", "num_validation_samples", "val_loss_bins"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
-        if not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.resolution % 8:
             raise ValueError(f"--resolution must be divisible by 8, got {self.resolution}")
 
@@ -94,7 +113,8 @@ def auto_steps(num_images: int, batch_size: int, repeats: int, epochs: int) -> i
 
 def resolve_defaults(cfg: FinetuneConfig, num_train_images: int, native_resolution: int) -> FinetuneConfig:
     """Returns a copy with every 0 ("scaled to the folder") replaced by its value for this folder and model."""
-    steps = cfg.max_steps or auto_steps(num_train_images, cfg.batch_size, cfg.repeats, cfg.epochs)
+    steps = cfg.max_steps or auto_steps(num_train_images, cfg.batch_size * cfg.gradient_accumulation_steps,
+                                        cfg.repeats, cfg.epochs)
     class_images = cfg.num_class_images or (max(8, num_train_images) if cfg.class_prompt else 0)
     return replace(cfg, max_steps=steps, resolution=cfg.resolution or native_resolution,
                    learning_rate=cfg.learning_rate or default_learning_rate(cfg.method),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SAMPLING, WEIGHTINGS
+from ldm.training.config import check_ranges
 
 LOSSES = ("mse", "huber", "l1")
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -17,6 +18,10 @@ class TrainLDMConfig:
     resolution: int = 64                   # image side; must be divisible by the VAE's downsampling factor
     center_crop: bool = True
     random_flip: bool = False
+    aspect_buckets: bool = False           # mixed aspect ratios keep most of each image: each goes to the bucket of
+                                           # nearest aspect (about resolution^2 px, sides multiples of 8 up to 2:1;
+                                           # ldm.data.transforms.make_buckets); each batch one size, every image
+                                           # once per epoch (a bucket's last batch may be smaller); latent cache too
     num_workers: int = 0
     latent_cache: str = ""                 # a folder: VAE latents + token ids cached there on first use, reused
                                            # while VAE and transforms match (ldm.data.ensure_latent_cache)
@@ -51,9 +56,9 @@ class TrainLDMConfig:
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0             # 0 = no clipping
     lr_scheduler: str = "constant_with_warmup"   # any diffusers.optimization name (cosine, linear, constant ...)
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: int = 100             # 0 = no warm-up
     batch_size: int = 16                   # per process
     gradient_accumulation_steps: int = 1
     optimizer: str = "adamw"               # adamw (PyTorch's fused kernel) or adamw_8bit (needs bitsandbytes)
@@ -64,17 +69,18 @@ class TrainLDMConfig:
     use_ema: bool = True
     ema_decay: float = 0.999
     max_steps: int = 1000
-    max_minutes: float = 0.0               # >0: stop (with a checkpoint) after this much training time
+    max_minutes: float = 0.0               # >0: stop (with a checkpoint) after this much training time; 0 = no limit
     # checkpoints, logging, validation
     output_dir: str = "runs/ldm"
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int = 3
+    checkpoint_every: int = 500            # 0 = only at the end (max_steps, max_minutes or a signal)
+    checkpoints_total_limit: int = 3       # 0 = keep every checkpoint
     resume: str = ""                       # "", "latest" or a checkpoint folder
     max_nonfinite_steps: int = 10          # stop after this many non-finite losses in a row
-    log_every: int = 10
-    validation_every: int = 500            # sample validation_prompts into a PNG grid
-    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle on the left",
-                                                                   "a blue square at the top"])
+    log_every: int = 10                    # 0 = off (no tracker logging)
+    validation_every: int = 500            # sample validation_prompts into a PNG grid; 0 = off (not even at the end)
+    validation_prompts: list[str] = field(default_factory=list)  # [] = num_validation_prompts captions of the
+                                           # validation images, picked by seed (samples/prompts.txt lists them)
+    num_validation_prompts: int = 4        # with validation_prompts []: how many captions; 0 = no grid
     validation_steps: int = 25             # DDIM steps for the validation grid
     validation_guidance: float = 4.0
     val_loss_samples: int = 16             # fixed images x fixed noise and timesteps
@@ -82,8 +88,26 @@ class TrainLDMConfig:
     report_to: str = "tensorboard"         # "tensorboard" or "none"
     seed: int = 0
 
+    # Allowed values of every int/float field (ldm.training.config.check_ranges); 0 is allowed where it means "off".
+    RANGES = {
+        "resolution": "[8, 8192]", "num_workers": "[0, 256]", "max_token_length": "[0, 77]",
+        "beta_start": "(0, 1)", "beta_end": "(0, 1)", "num_train_timesteps": "[2, 100000]",
+        "huber_c": "(0, 100]", "snr_gamma": "(0, 1e4]", "timestep_mean": "[-10, 10]", "timestep_std": "(0, 10]",
+        "offset_noise": "[0, 1]", "caption_dropout": "[0, 1)",
+        "learning_rate": "(0, 1]", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "weight_decay": "[0, 10]",
+        "adam_epsilon": "(0, 1]", "max_grad_norm": "[0, 1e6]", "lr_warmup_steps": "[0, 1e9]",
+        "batch_size": "[1, 65536]", "gradient_accumulation_steps": "[1, 65536]", "ema_decay": "[0, 1)",
+        "max_steps": "[1, 1e9]", "max_minutes": "[0, 1e7]",
+        "checkpoint_every": "[0, 1e9]", "checkpoints_total_limit": "[0, 1e6]", "max_nonfinite_steps": "[1, 1e9]",
+        "log_every": "[0, 1e9]", "validation_every": "[0, 1e9]", "validation_steps": "[1, 1000]",
+        "validation_guidance": "[0, 100]", "val_loss_samples": "[1, 1e6]", "val_loss_bins": "[1, 1000]",
+        "num_validation_prompts": "[0, 64]",
+        "seed": "[0, 4294967295]",
+    }
+
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting."""
+        check_ranges(self)
         choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,
                    "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
                    "optimizer": OPTIMIZERS,
@@ -93,12 +117,6 @@ class TrainLDMConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
-        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every",
-                    "num_train_timesteps", "max_nonfinite_steps", "val_loss_bins"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":

@@ -4,13 +4,22 @@ The order is a pure function of (seed, epoch, position), so a resumed run reads 
 uninterrupted one would have read:
   * map-style data sets (the latent cache, in-memory tensors): each epoch a permutation seeded by
     (seed, epoch); rank r takes indices r, r + world, ...; full batches only, so every rank has as many;
+  * map-style data sets of several sizes (a latent cache of aspect buckets; `dataset.shapes()` gives each
+    item's size): each epoch ldm.data.buckets.bucket_batches, batches of one size, every item once (a
+    bucket's last batch may be smaller); rank r takes batches r, r + world, ...;
   * ldm.data streams (ImageTextDataset, already split by rank): ldm.data.make_dataloader, epoch by epoch;
     resuming mid-epoch re-reads and drops that epoch's first batches.
 """
 from __future__ import annotations
 
+import math
+import random
+from collections import Counter
+
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+
+from ldm.data.buckets import bucket_batches
 
 
 def collate_dicts(samples: list[dict]) -> dict:
@@ -32,7 +41,14 @@ class BatchStream:
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch_in_epoch = 0, 0
         self.streaming = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
-        if not self.streaming and len(dataset) // world_size < batch_size:
+        shapes = None if self.streaming or not hasattr(dataset, "shapes") else dataset.shapes()
+        self.shapes = shapes if shapes and len(set(shapes)) > 1 else None  # None: one size, plain batches
+        if self.shapes is not None:
+            per_epoch = sum(math.ceil(n / batch_size) for n in Counter(self.shapes).values())
+            if per_epoch < world_size:
+                raise ValueError(f"the data set makes {per_epoch} bucket batches per epoch: too few for "
+                                 f"{world_size} process(es); lower batch_size or add data")
+        elif not self.streaming and len(dataset) // world_size < batch_size:
             raise ValueError(f"the data set has {len(dataset)} samples: too few for batch_size={batch_size} on "
                              f"{world_size} process(es); lower batch_size or add data")
 
@@ -54,9 +70,14 @@ class BatchStream:
                 if i >= start:  # resuming mid-epoch: the first `start` were consumed before the stop
                     yield batch
             return
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator)[self.rank::self.world_size].tolist()
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+        if self.shapes is not None:  # the same plan on every rank: the ranks' shares are disjoint
+            plan = bucket_batches(self.shapes, self.batch_size, random.Random(f"buckets/{self.seed}/{epoch}"))
+            batches = plan[self.rank::self.world_size]
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(len(self.dataset), generator=generator)[self.rank::self.world_size].tolist()
+            batches = [order[i:i + self.batch_size]
+                       for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
         loader = DataLoader(self.dataset, batch_sampler=batches[start:], num_workers=self.num_workers,
                             collate_fn=collate_dicts, pin_memory=self.pin_memory)
         yield from loader

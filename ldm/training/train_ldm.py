@@ -7,7 +7,6 @@ Reads top to bottom: parse config, build, accelerator.prepare, loop with acceler
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -21,12 +20,13 @@ from diffusers.training_utils import EMAModel
 from ldm import diffusion
 from ldm.presets import MODEL_PRESETS, build_components
 from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
-from ldm.training.config import config_to_dict, format_config, save_config
+from ldm.training.config import config_to_dict, every, format_config, save_config
 from ldm.training.ldm_config import TrainLDMConfig
+from ldm.training.loop import accumulated_step, new_state, stop_if_nonfinite
 from ldm.training.signals import StopRequest, agreed_stop_reason
 from ldm.training.step import NoiseSchedule, TextEmbedder, batch_latents, diffusion_loss, step_generator
 from ldm.training.stream import BatchStream
-from ldm.training.validation import first_samples, make_val_set, sample_grid, validation_loss
+from ldm.training.validation import draw_prompts, first_samples, make_val_set, sample_grid, validation_loss
 
 
 def cpu_only_multiprocess() -> bool:
@@ -60,14 +60,16 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
     from ldm.data import ensure_latent_cache, open_dataset
 
     if cfg.latent_cache:
-        kwargs = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, device=accelerator.device)
+        kwargs = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
+                      device=accelerator.device)
         if accelerator.is_main_process:
             ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
         accelerator.wait_for_everyone()  # the other ranks read the finished cache, never a half-built one
         cache, _ = ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
         return cache, cache
 
-    common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, seed=cfg.seed)
+    common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
+                  seed=cfg.seed)
     train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common)
     return train, open_dataset(cfg.data, shuffle=False, **common)
 
@@ -85,6 +87,22 @@ def inference_pipeline(parts: dict, unet, ema, scheduler_config: dict):
     return pipe
 
 
+def distributed_notes(distributed_type: str, cfg: TrainLDMConfig) -> list[str]:
+    """Returns the lines to print at start for this Accelerate distributed type ("FSDP", "DEEPSPEED", "MULTI_GPU",
+    ...); raises ValueError for a combination that cannot train correctly."""
+    if distributed_type == "FSDP" and cfg.use_ema:
+        # EMAModel keeps full copies of the UNet's parameters, while FSDP hands each rank only its shard of them.
+        raise ValueError("use_ema does not work under FSDP (each rank holds only a shard of the UNet's weights); "
+                         "train with --use_ema false, or DDP/DeepSpeed (configs/accelerate/multi_gpu.yaml or "
+                         "deepspeed_zero2.yaml)")
+    if distributed_type == "DEEPSPEED":
+        return ["DeepSpeed: the non-finite-loss guard (max_nonfinite_steps) is off: DeepSpeed clips gradients "
+                "(gradient_clipping in its config, not max_grad_norm) and steps the optimiser inside backward, "
+                "before the guard could skip a non-finite update; its fp16 loss scaler skips overflowing steps, "
+                "bf16 and fp32 steps are not checked"]
+    return []
+
+
 def main(cfg: TrainLDMConfig, dataset=None) -> dict:
     """Trains and returns {"step", "losses": {step: loss}, "val": [...], "checkpoint", "stopped_by"}."""
     # 1. Accelerator and config
@@ -93,6 +111,8 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
                               log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                                                   logging_dir=os.path.join(cfg.output_dir, "logs")))
+    for line in distributed_notes(accelerator.distributed_type.value, cfg):  # refuses before any work
+        accelerator.print(line)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -147,7 +167,7 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
                                                        for k, v in config_to_dict(cfg).items()})
 
     # 4. Resume: weights, optimiser, lr schedule, EMA and RNG from Accelerate; step and data position from us
-    state = {"step": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0, "data": stream.position()}
+    state = new_state(data=stream.position())
     checkpoint = resolve_resume(cfg.resume, cfg.output_dir)
     if checkpoint:
         accelerator.load_state(os.path.join(checkpoint, "accelerate"))
@@ -177,18 +197,15 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
             losses[state["step"]] = loss
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
-            if state["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
-                raise RuntimeError(f"stopped: {state['nonfinite_in_a_row']} non-finite losses in a row at step "
-                                   f"{state['step']} (skipped {state['nonfinite_total']} in all); lower the "
-                                   "learning rate, use bf16 rather than fp16, or check the data")
-            if state["step"] % cfg.log_every == 0:
+            stop_if_nonfinite(state, cfg.max_nonfinite_steps)
+            if every(state["step"], cfg.log_every):
                 accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
                                  "nonfinite_total": state["nonfinite_total"]}, step=state["step"])
-            if state["step"] % cfg.validation_every == 0 or state["step"] == cfg.max_steps:
+            if every(state["step"], cfg.validation_every) or (cfg.validation_every and state["step"] == cfg.max_steps):
                 val_history.append(run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule,
                                                   scheduler_config, state["step"]))
             stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps or stopped_by:
+            if every(state["step"], cfg.checkpoint_every) or state["step"] == cfg.max_steps or stopped_by:
                 last_checkpoint = write_checkpoint()
             if stopped_by:
                 accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last_checkpoint}; "
@@ -222,36 +239,24 @@ def make_optimizer(cfg, params, device) -> torch.optim.Optimizer:
 def train_step(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr_scheduler, batches, params, state,
                rank) -> float:
     """Runs one optimiser step (gradient_accumulation_steps micro-batches); returns the mean loss over ranks."""
-    total = 0.0
-    for micro in range(cfg.gradient_accumulation_steps):
+    def micro_loss(micro: int) -> torch.Tensor:
         batch = next(batches)
         if state["step"] == 0 and micro == 0 and "key" in batch:  # shows which part of the data each rank reads
             print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
         generator = step_generator(cfg.seed, state["step"], micro, rank)
-        with accelerator.accumulate(unet):
-            # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their
-            # weights; autocast leaves the stored weights in float32): in fp32 the VAE encode of a batch at 512 px
-            # costs more than the UNet's step on a GPU.
-            with accelerator.autocast():
-                latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
-                captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
-                context = embed(captions, accelerator.device)  # (B, 77, D)
-            if cfg.channels_last:
-                latents = latents.contiguous(memory_format=torch.channels_last)
-            loss, _ = diffusion_loss(unet, latents, context, schedule, cfg, generator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-                if torch.isfinite(torch.as_tensor(norm)):  # the same on every rank: gradients are all-reduced
-                    optimizer.step()
-                    state["nonfinite_in_a_row"] = 0
-                else:  # skip the update, count it
-                    state["nonfinite_in_a_row"] += 1
-                    state["nonfinite_total"] += 1
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        total += accelerator.reduce(loss.detach(), "mean").item() / cfg.gradient_accumulation_steps
-    return total
+        # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their
+        # weights; autocast leaves the stored weights in float32): in fp32 the VAE encode of a batch at 512 px
+        # costs more than the UNet's step on a GPU.
+        with accelerator.autocast():
+            latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
+            captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
+            context = embed(captions, accelerator.device)  # (B, 77, D)
+        if cfg.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        return diffusion_loss(unet, latents, context, schedule, cfg, generator)[0]
+
+    return accumulated_step(accelerator, unet, micro_loss, cfg.gradient_accumulation_steps, params, cfg.max_grad_norm,
+                            optimizer, lr_scheduler, state)
 
 
 def run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule, scheduler_config, step) -> dict:
@@ -260,14 +265,17 @@ def run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule, schedu
     model.eval()
     report = validation_loss(model, val_set, schedule.alpha_bar, cfg.prediction_type, cfg.val_loss_bins)
     model.train()
-    report["step"] = step
-    accelerator.log({k: v for k, v in report.items() if k != "step"}, step=step)
-    if accelerator.is_main_process and cfg.validation_prompts:
-        pipe = inference_pipeline(parts, model, ema, scheduler_config)
-        sample_grid(pipe, list(cfg.validation_prompts), os.path.join(cfg.output_dir, "samples", f"step-{step:08d}.png"),
-                    cfg.validation_steps, cfg.validation_guidance, seed=cfg.seed)
+    accelerator.log(report, step=step)
+    prompts = list(cfg.validation_prompts) or draw_prompts(val_set["caption"], cfg.num_validation_prompts, cfg.seed)
+    if accelerator.is_main_process and prompts:
+        samples = os.path.join(cfg.output_dir, "samples")
+        sample_grid(inference_pipeline(parts, model, ema, scheduler_config), prompts,
+                    os.path.join(samples, f"step-{step:08d}.png"), cfg.validation_steps, cfg.validation_guidance,
+                    seed=cfg.seed)
+        with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
+            f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
         accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")
-    return report
+    return {**report, "step": step, "prompts": prompts}
 
 
 def write_inference_folder(folder: str, cfg, parts, unet, ema, scheduler_config) -> None:

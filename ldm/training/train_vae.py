@@ -1,7 +1,9 @@
 """AutoencoderKL training: the body of train/train_vae.py and `ldm train-vae`.
 
-Loss = reconstruction (L1/L2) + kl_weight * KL [+ lpips_weight * LPIPS] [+ disc_weight * hinge GAN after
-disc_start steps], as in Rombach et al. 2022 (arXiv:2112.10752, Appendix G). At every checkpoint the latent
+Loss = reconstruction (L1/L2) + kl_weight * KL [+ lpips_weight * LPIPS] [+ disc_weight * lambda * hinge GAN
+after disc_start steps], as in Rombach et al. 2022 (arXiv:2112.10752, Appendix G); lambda is the adaptive weight
+of Esser et al. 2021 (arXiv:2012.09841, Eq. 7). The discriminator then has its own step on detached
+reconstructions. Several processes agree on when to stop (signals.agreed_stop_reason). At every checkpoint the latent
 scaling factor (1 / std of latents) is measured and stored in the VAE config; vae/ opens with
 AutoencoderKL.from_pretrained. Reconstruction grids and PSNR go to output_dir/samples and the log.
 """
@@ -21,13 +23,14 @@ from tqdm.auto import tqdm
 
 from ldm.presets import MODEL_PRESETS, build_vae, get_spec
 from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
-from ldm.training.config import format_config, save_config
-from ldm.training.signals import StopRequest
+from ldm.training.config import check_ranges, every, format_config, save_config
+from ldm.training.lpips import load_lpips
+from ldm.training.signals import StopRequest, agreed_stop_reason
 from ldm.training.stream import BatchStream
 from ldm.training.train_ldm import cpu_only_multiprocess
 from ldm.training.validation import first_samples, image_grid
-from ldm.training.vae_losses import (PatchDiscriminator, hinge_d_loss, hinge_g_loss, kl_loss, latent_scaling_factor,
-                                     psnr, reconstruction_loss)
+from ldm.training.vae_losses import (PatchDiscriminator, adaptive_disc_weight, hinge_d_loss, hinge_g_loss, kl_loss,
+                                     latent_scaling_factor, psnr, reconstruction_loss)
 
 
 @dataclass
@@ -37,10 +40,13 @@ class TrainVAEConfig:
     model: str = "small"                 # a preset name, or an AutoencoderKL folder to continue
     rec_loss: str = "l1"                 # l1 or l2
     kl_weight: float = 1e-6
-    lpips_weights: str = ""              # a local LPIPS (vgg) weights file; "" = no perceptual loss
+    lpips_weights: str = ""              # LPIPS linear heads file (ldm/training/lpips.py); "" = no perceptual loss
+    lpips_vgg_weights: str = ""          # torchvision VGG16 file, LPIPS's trunk; needed with lpips_weights
+    allow_pickle: bool = False           # accept pickled .pth/.bin LPIPS files (they can run code when loaded)
     lpips_weight: float = 1.0
     disc_start: int = -1                 # step that switches the patch discriminator on; -1 = never
-    disc_weight: float = 0.5
+    disc_weight: float = 0.05            # times the adaptive weight; taming's 0.5 assumes LPIPS and a trained VAE
+    disc_width: int = 64                 # the discriminator's first-layer channels (taming: 64); fewer is faster
     disc_learning_rate: float = 1e-4
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant"       # any diffusers.optimization name (constant, cosine, linear, ...)
@@ -49,23 +55,39 @@ class TrainVAEConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     max_steps: int = 2000
-    max_minutes: float = 0.0
+    max_minutes: float = 0.0             # 0 = no time limit
     output_dir: str = "runs/vae"
-    checkpoint_every: int = 500
-    checkpoints_total_limit: int = 2
+    checkpoint_every: int = 500          # 0 = only at the end (max_steps, max_minutes or a signal)
+    checkpoints_total_limit: int = 2     # 0 = keep every checkpoint
     resume: str = ""
-    log_every: int = 50
+    log_every: int = 50                  # print the step's losses every this many steps; 0 = never
     val_samples: int = 8
     num_workers: int = 0
     seed: int = 0
 
+    # Allowed values of every int/float field (ldm.training.config.check_ranges); 0 is allowed where it means "off".
+    RANGES = {
+        "resolution": "[8, 8192]", "kl_weight": "[0, 1e3]", "lpips_weight": "[0, 1e3]", "disc_start": "[-1, 1e9]",
+        "disc_weight": "[0, 1e3]", "disc_width": "[4, 4096]", "disc_learning_rate": "(0, 1]",
+        "learning_rate": "(0, 1]",
+        "lr_warmup_steps": "[0, 1e9]", "batch_size": "[1, 65536]", "gradient_accumulation_steps": "[1, 65536]",
+        "max_steps": "[1, 1e9]", "max_minutes": "[0, 1e7]", "checkpoint_every": "[0, 1e9]",
+        "checkpoints_total_limit": "[0, 1e6]", "log_every": "[0, 1e9]", "val_samples": "[1, 1e4]",
+        "num_workers": "[0, 256]", "seed": "[0, 4294967295]",
+    }
+
     def validate(self) -> None:
+        check_ranges(self)
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be l1 or l2, got {self.rec_loss!r}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
-        if self.lpips_weights and not os.path.isfile(self.lpips_weights):
-            raise FileNotFoundError(f"lpips_weights {self.lpips_weights} does not exist")
+        for name, path in (("lpips_weights", self.lpips_weights), ("lpips_vgg_weights", self.lpips_vgg_weights)):
+            if path and not os.path.isfile(path):
+                raise FileNotFoundError(f"{name} {path} does not exist")
+        if bool(self.lpips_weights) != bool(self.lpips_vgg_weights):
+            raise ValueError("LPIPS needs both lpips_weights (the linear heads) and lpips_vgg_weights (the VGG16 "
+                             "trunk); see ldm/training/lpips.py for the two files and where to get them")
 
 
 def build_vae_model(cfg: TrainVAEConfig) -> AutoencoderKL:
@@ -78,33 +100,61 @@ def build_vae_model(cfg: TrainVAEConfig) -> AutoencoderKL:
     raise ValueError(f"model {cfg.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a VAE folder")
 
 
-def load_lpips(path: str):
-    """Returns an LPIPS(vgg) module with weights from a local file (the `lpips` package is needed)."""
-    try:
-        import lpips
-    except ImportError as e:
-        raise ValueError("lpips_weights needs the lpips package: pip install lpips") from e
-    model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
-    return model.eval().requires_grad_(False)
+class Autoencode(torch.nn.Module):
+    """The VAE's training forward as one module call: DDP (several processes) syncs gradients only through
+    forward, and AutoencoderKL's forward does not return the posterior the KL term needs."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator):
+        """Returns (x_rec, posterior mean, posterior logvar), x_rec decoded from z ~ q(z|x) drawn with `generator`."""
+        posterior = self.vae.encode(pixels).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(pixels)
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
 
 
-def vae_loss(cfg, vae, disc, perceptual, pixels, generator, step):
-    """Returns (generator-side loss, logs, reconstruction)."""
-    posterior = vae.encode(pixels).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(pixels)
-    x_rec = vae.decode(z).sample
+def vae_loss(cfg, autoencode, pixels, generator, perceptual=None, disc=None, last_layer=None):
+    """Returns (loss, logs, x_rec). The loss's gradient w.r.t. the VAE is that of
+    L_rec + kl_weight * KL [+ disc_weight * lambda * L_GAN], L_rec = rec [+ lpips_weight * LPIPS].
+
+    disc: the discriminator module (unwrapped) while it is on, else None; last_layer: the decoder's last weight.
+    The discriminator never receives gradients here: the adversarial term enters only through dL_GAN/dx_rec.
+    """
+    x_rec, mean, logvar = autoencode(pixels, generator)  # (B, 3, H, W), (B, 4, h, w), (B, 4, h, w)
     rec = reconstruction_loss(x_rec, pixels, cfg.rec_loss)
-    kl = kl_loss(posterior.mean, posterior.logvar)
-    loss = rec + cfg.kl_weight * kl
+    kl = kl_loss(mean, logvar)
     logs = {"rec_loss": rec.item(), "kl": kl.item()}
+    nll = rec
     if perceptual is not None:
         p = perceptual(x_rec, pixels).mean()
-        loss, logs["lpips"] = loss + cfg.lpips_weight * p, p.item()
-    if disc is not None and step >= cfg.disc_start:
-        g = hinge_g_loss(disc(x_rec))
-        loss, logs["g_loss"] = loss + cfg.disc_weight * g, g.item()
+        nll, logs["lpips"] = nll + cfg.lpips_weight * p, p.item()
+    if disc is None:
+        return nll + cfg.kl_weight * kl, logs, x_rec
+    g = hinge_g_loss(disc(x_rec))
+    # Each term's gradient w.r.t. x_rec, taken once: the discriminator and LPIPS run backward once per step, and
+    # no gradient reaches the discriminator's weights (only x_rec is asked for).
+    nll_x, = torch.autograd.grad(nll, x_rec)  # (B, 3, H, W)
+    g_x, = torch.autograd.grad(g, x_rec)      # (B, 3, H, W)
+    # Their gradients at the decoder's last layer (chain rule through x_rec) give the adaptive weight
+    nll_last, g_last = (torch.autograd.grad(x_rec, last_layer, grad, retain_graph=True)[0] for grad in (nll_x, g_x))
+    weight = cfg.disc_weight * adaptive_disc_weight(nll_last, g_last)
+    logs.update(g_loss=g.item(), disc_weight=weight.item())
+    # d/dtheta [x_rec . (nll_x + weight * g_x)] = d/dtheta [L_rec + weight * L_GAN]: the same gradient
+    loss = (x_rec * (nll_x + weight * g_x)).sum() + cfg.kl_weight * kl
     return loss, logs, x_rec
+
+
+def discriminator_step(accelerator, disc, d_optimizer, pixels: torch.Tensor, x_rec: torch.Tensor) -> float:
+    """Updates the discriminator on real pixels and detached reconstructions; returns its hinge loss."""
+    with accelerator.accumulate(disc):
+        logits_real, logits_fake = disc(torch.cat([pixels, x_rec.detach()])).chunk(2)  # (B, 1, h', w') each
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        accelerator.backward(d_loss)
+        d_optimizer.step()
+        d_optimizer.zero_grad(set_to_none=True)
+    return d_loss.item()
 
 
 def main(cfg: TrainVAEConfig, dataset=None) -> dict:
@@ -117,10 +167,11 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
         print(f"train_vae config:\n{format_config(cfg)}", flush=True)
     set_seed(cfg.seed)
 
-    vae = build_vae_model(cfg).train()
+    vae = Autoencode(build_vae_model(cfg).train())
     use_disc = cfg.disc_start >= 0
-    disc = PatchDiscriminator() if use_disc else None
-    perceptual = load_lpips(cfg.lpips_weights) if cfg.lpips_weights else None
+    disc = PatchDiscriminator(width=cfg.disc_width) if use_disc else None
+    perceptual = (load_lpips(cfg.lpips_weights, cfg.lpips_vgg_weights, cfg.allow_pickle)
+                  if cfg.lpips_weights or cfg.lpips_vgg_weights else None)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=cfg.max_steps * world)
@@ -130,6 +181,8 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
                                                                               lr_scheduler)
     else:
         vae, optimizer, lr_scheduler = accelerator.prepare(vae, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(vae).vae
+    last_layer = unwrapped.decoder.conv_out.weight  # where the adaptive weight compares gradients (Esser et al.)
     if perceptual is not None:
         perceptual.to(accelerator.device)
 
@@ -151,8 +204,8 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
         stream.seek(state["data"])
 
     def write_checkpoint() -> tuple[str, dict]:
-        report = evaluate(cfg, accelerator.unwrap_model(vae), val_pixels, stream, accelerator.device, state["step"])
-        extra = lambda tmp: _write_vae_folder(tmp, cfg, accelerator.unwrap_model(vae), report)  # noqa: E731
+        report = evaluate(cfg, unwrapped, val_pixels, stream, accelerator.device, state["step"])
+        extra = lambda tmp: _write_vae_folder(tmp, cfg, unwrapped, report)  # noqa: E731
         return save_checkpoint(accelerator, cfg.output_dir, state["step"], {**state, **report}, extra,
                                cfg.checkpoints_total_limit), report
 
@@ -164,33 +217,34 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
         while state["step"] < cfg.max_steps:
             pixels = next(batches)["pixel_values"].to(accelerator.device)
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"] * 4099 + rank)
+            disc_on = use_disc and state["step"] >= cfg.disc_start
             with accelerator.accumulate(vae):
-                loss, logs, x_rec = vae_loss(cfg, vae, disc, perceptual, pixels, generator, state["step"])
+                loss, logs, x_rec = vae_loss(cfg, vae, pixels, generator, perceptual,
+                                             accelerator.unwrap_model(disc) if disc_on else None, last_layer)
                 accelerator.backward(loss)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            if use_disc and state["step"] >= cfg.disc_start:
-                with accelerator.accumulate(disc):
-                    d_loss = hinge_d_loss(disc(pixels), disc(x_rec.detach()))
-                    accelerator.backward(d_loss)
-                    d_optimizer.step()
-                    d_optimizer.zero_grad(set_to_none=True)
-                logs["d_loss"] = d_loss.item()
+            if disc_on:
+                logs["d_loss"] = discriminator_step(accelerator, disc, d_optimizer, pixels, x_rec)
             state["step"] += 1
             state["data"] = stream.position()
             losses[state["step"]] = logs["rec_loss"]
             progress.update(1)
             progress.set_postfix(rec=f"{logs['rec_loss']:.4f}")
-            stopped_by = stop.signal_name or ("max_minutes" if cfg.max_minutes > 0 and
-                                              time.time() - started > cfg.max_minutes * 60 else None)
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.max_steps or stopped_by:
+            if every(state["step"], cfg.log_every):
+                accelerator.print(f"train_vae step {state['step']}: "
+                                  + ", ".join(f"{key} {float(value):.4g}" for key, value in logs.items()))
+            stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
+            if every(state["step"], cfg.checkpoint_every) or state["step"] == cfg.max_steps or stopped_by:
                 last, report = write_checkpoint()
             if stopped_by:
+                accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last}; "
+                                  "continue with --resume latest")
                 break
     progress.close()
     vae_dir = os.path.join(last, "vae") if last else None
-    return {"step": state["step"], "losses": losses, "vae_dir": vae_dir, **report}
+    return {"step": state["step"], "losses": losses, "vae_dir": vae_dir, "stopped_by": stopped_by, **report}
 
 
 @torch.no_grad()

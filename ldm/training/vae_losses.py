@@ -59,6 +59,12 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
+def adaptive_disc_weight(rec_grad: torch.Tensor, gan_grad: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """Returns lambda = ||grad L_rec|| / (||grad L_GAN|| + 1e-4), clamped to [0, max_weight], detached: the two
+    losses' gradients at the decoder's last layer. Eq. 7, Esser et al. 2021 (arXiv:2012.09841)."""
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
 @torch.no_grad()
 def latent_scaling_factor(vae, batches, device, generator: torch.Generator | None = None) -> float:
     """Returns 1 / std of posterior samples over `batches`: latents scaled by it have unit variance (Rombach et al. 2022, Sec. 4.3.2)."""

@@ -7,6 +7,7 @@ improves. It is the unweighted MSE of the model's own target (eps, v or x0).
 from __future__ import annotations
 
 import os
+import random
 
 import torch
 from PIL import Image
@@ -16,23 +17,36 @@ from ldm.training.stream import collate_dicts
 
 
 def first_samples(dataset, count: int) -> dict:
-    """Returns the first `count` samples of a data set (map-style or stream) as one batch."""
-    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        samples = [dataset[i] for i in range(min(count, len(dataset)))]
-    else:
-        samples = []
-        for sample in dataset:
+    """Returns the first `count` samples of a data set (map-style or stream) as one batch; of aspect buckets
+    (several sizes), the first `count` of the first sample's size."""
+    mapped = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    samples = []
+    for sample in (dataset[i] for i in range(len(dataset))) if mapped else dataset:
+        if not samples or _size(sample) == _size(samples[0]):
             samples.append(sample)
-            if len(samples) == count:
-                break
+        if len(samples) == count:
+            break
     if not samples:
         raise ValueError("the validation data set is empty")
     return collate_dicts(samples)
 
 
+def _size(sample: dict):
+    image = sample.get("latent_mean", sample.get("pixel_values"))
+    return None if image is None else tuple(image.shape)
+
+
+def draw_prompts(captions: list[str], count: int, seed: int) -> list[str]:
+    """Returns `count` distinct non-empty captions picked by `seed` (all of them when fewer), in their order."""
+    distinct = list(dict.fromkeys(c for c in captions if c.strip()))
+    picked = random.Random(seed).sample(range(len(distinct)), min(count, len(distinct)))
+    return [distinct[i] for i in sorted(picked)]
+
+
 @torch.no_grad()
 def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, num_train_timesteps: int, device) -> dict:
-    """Returns {"latents", "context", "noise", "t"}, each repeated over the timesteps: (N*K, ...)."""
+    """Returns {"latents", "context", "noise", "t"}, each repeated over the timesteps: (N*K, ...), and the N
+    images' "caption" list."""
     if "latent_mean" in batch:
         mean = batch["latent_mean"].float()
     else:
@@ -44,7 +58,7 @@ def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, num_train_t
     t = t[torch.randperm(n * k, generator=torch.Generator().manual_seed(0))]
     noise = torch.randn((n * k, *latents.shape[1:]), generator=torch.Generator().manual_seed(1234))
     return {"latents": latents.repeat(k, 1, 1, 1), "context": context.repeat(k, 1, 1),  # (N*K, ...)
-            "noise": noise.to(device), "t": t.to(device)}
+            "noise": noise.to(device), "t": t.to(device), "caption": list(batch["caption"])}  # caption: (N,)
 
 
 @torch.no_grad()
