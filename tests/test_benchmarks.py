@@ -69,15 +69,16 @@ def test_compare_timestep_sampling_smoke(tmp_path):
         assert f"timestep_sampling: {mode}\n" in (tmp_path / f"{mode}_0" / "ldm_run" / "config.yaml").read_text()
 
 
-def test_count_syncs_runs_and_ours_reads_no_more_tensor_values_than_diffusers():
+def test_count_syncs_runs_and_ours_reads_no_more_tensor_values_than_diffusers_but_the_nan_guard():
     """CUDA sync counts are 0 on a CPU by construction, so the CPU run checks what it can: the host reads of tensor
     values (each a sync on a GPU), ours against diffusers' pipeline on the same model and scheduler."""
-    stdout = run_benchmark("count_syncs.py", "--device", "cpu", "--steps", "3", "--schedulers", "ddim", "lms")
+    stdout = run_benchmark("count_syncs.py", "--device", "cpu", "--steps", "3", "--schedulers", "ddim", "lms", "euler")
     rows = dict(line.split(": ", 1) for line in stdout.splitlines() if line.startswith("host_reads_"))
-    assert set(rows) == {"host_reads_ddim", "host_reads_lms"}, stdout
+    assert set(rows) == {"host_reads_ddim", "host_reads_lms", "host_reads_euler"}, stdout
     for name, row in rows.items():
         _, ours, _, theirs = row.split()
-        assert int(ours) <= int(theirs), f"{name}: ours reads {ours} tensor values, diffusers {theirs}"
+        # + 1: our NaN guard reads its per-step flags once per call, after the loop (pipelines/checks.py)
+        assert int(ours) <= int(theirs) + 1, f"{name}: ours reads {ours} tensor values, diffusers {theirs}"
     assert any(line.startswith("syncs_ddim: ours ") for line in stdout.splitlines()), stdout
 
 

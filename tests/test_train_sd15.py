@@ -46,7 +46,8 @@ def _train_two_steps(tmp_path):
     cfg = parse_config(TrainLDMConfig, ["--config", "configs/sd15.yaml", "--data", str(folder), "--batch_size", "1",
                                         "--max_steps", "2", "--mixed_precision", "no", "--num_workers", "0",
                                         "--output_dir", str(tmp_path / "run"), "--resume", "", "--report_to", "none",
-                                        "--num_validation_prompts", "0", "--val_loss_samples", "1", "--lr_warmup_steps", "1",
+                                        "--num_validation_prompts", "0", "--val_loss_samples", "1",
+                                        "--lr_warmup_steps", "1",
                                         "--checkpoint_every", "1000000", "--use_ema", "false"])
     assert cfg.model == "sd15" and cfg.resolution == 512 and cfg.gradient_checkpointing
     result = train_ldm.main(cfg)

@@ -61,6 +61,9 @@ def test_no_grid_when_asked_for_none(tmp_path):
     write_pet_folder(tmp_path / "pets")
     result = pet_run(tmp_path, "none", num_validation_prompts=0)
     assert result["val"][-1]["prompts"] == [] and not (tmp_path / "none" / "samples").exists()
+    # 0 turns the grid off even where the config lists prompts (configs/sd15.yaml does)
+    result = pet_run(tmp_path, "listed", num_validation_prompts=0, validation_prompts=["a cat"])
+    assert result["val"][-1]["prompts"] == [] and not (tmp_path / "listed" / "samples").exists()
 
 
 def test_empty_prompt_list_passes_through_yaml_and_flags(tmp_path):

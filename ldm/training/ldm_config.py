@@ -80,7 +80,7 @@ class TrainLDMConfig:
     validation_every: int = 500            # sample validation_prompts into a PNG grid; 0 = off (not even at the end)
     validation_prompts: list[str] = field(default_factory=list)  # [] = num_validation_prompts captions of the
                                            # validation images, picked by seed (samples/prompts.txt lists them)
-    num_validation_prompts: int = 4        # with validation_prompts []: how many captions; 0 = no grid
+    num_validation_prompts: int = 4        # with validation_prompts []: how many captions; 0 = no grid at all
     validation_steps: int = 25             # DDIM steps for the validation grid
     validation_guidance: float = 4.0
     val_loss_samples: int = 16             # fixed images x fixed noise and timesteps

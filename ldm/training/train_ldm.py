@@ -266,7 +266,8 @@ def run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule, schedu
     report = validation_loss(model, val_set, schedule.alpha_bar, cfg.prediction_type, cfg.val_loss_bins)
     model.train()
     accelerator.log(report, step=step)
-    prompts = list(cfg.validation_prompts) or draw_prompts(val_set["caption"], cfg.num_validation_prompts, cfg.seed)
+    prompts = [] if cfg.num_validation_prompts == 0 else (
+        list(cfg.validation_prompts) or draw_prompts(val_set["caption"], cfg.num_validation_prompts, cfg.seed))
     if accelerator.is_main_process and prompts:
         samples = os.path.join(cfg.output_dir, "samples")
         sample_grid(inference_pipeline(parts, model, ema, scheduler_config), prompts,
