@@ -56,7 +56,7 @@ def test_checkpoint_pipeline_opens_in_ldm_and_diffusers(tmp_path):
     from ldm import Pipeline
 
     result = run(tiny_config(tmp_path, max_steps=2, validation_prompts=["a red circle on the left"],
-                             validation_every=2, validation_steps=2))
+                             num_validation_prompts=1, validation_every=2, validation_steps=2))
     folder = os.path.join(result["checkpoint"], "pipeline")
     assert os.path.isfile(os.path.join(tmp_path, "run", "samples", "step-00000002.png"))
     ours = Pipeline.from_pretrained(folder, scheduler="ddim")
