@@ -5,7 +5,8 @@ resize, crop) with 2 workers, and the speed-up of training input from the latent
     python benchmarks/bench_data.py --num-images 64 --vae-preset tiny   # a quick check
 
 "Training input" is what each step needs before the UNet: latents z ~ q(z|x) and token ids. Without the
-cache that is load + transform + VAE encode + tokenize; with it, read (mean, logvar, ids) + sample z.
+cache that is load + transform + VAE encode + tokenize; with it, read (mean, logvar, ids) + sample z. Both
+encode and draw z as training does (ldm.models.vae: encode_posterior, sample_latents).
 """
 from __future__ import annotations
 
@@ -47,15 +48,17 @@ def training_input_rates(spec: str, resolution: int, preset: str, workers: int, 
                          device: str = "cpu"):
     """Returns (samples/s without cache, samples/s from the cache, seconds to build the cache)."""
     from ldm.data import make_dataloader
-    from ldm.data.latent_cache import build_latent_cache, open_latent_cache, sample_latents
-    from ldm.presets import build_vae, get_spec
-    from ldm.tokenizer import build_clip_tokenizer
+    from ldm.data.latent_cache import build_latent_cache, open_latent_cache
+    from ldm.models.presets import build_vae, get_spec
+    from ldm.models.tokenizer import build_clip_tokenizer
+    from ldm.models.vae import encode_posterior, sample_latents
 
     vae, tokenizer = build_vae(get_spec(preset)).eval().to(device), build_clip_tokenizer()
+    scale = vae.config.scaling_factor
     loader = make_dataloader(spec, batch_size=batch_size, num_workers=workers, resolution=resolution)
     start, count = time.perf_counter(), 0
     for batch in loader:
-        latents = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample()  # (B, 4, h, w)
+        latents = sample_latents(*encode_posterior(vae, batch["pixel_values"]), None, scale)  # (B, 4, h, w)
         tokenizer(batch["caption"], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         count += latents.shape[0]
     uncached = count / (time.perf_counter() - start)
@@ -68,7 +71,8 @@ def training_input_rates(spec: str, resolution: int, preset: str, workers: int, 
     cached_loader = torch.utils.data.DataLoader(cache, batch_size=batch_size, shuffle=True, num_workers=0)
     start, count = time.perf_counter(), 0
     for batch in cached_loader:
-        latents = sample_latents(batch["latent_mean"].to(device), batch["latent_logvar"].to(device))  # (B, 4, h, w)
+        mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
+        latents = sample_latents(mean, logvar, None, scale)  # (B, 4, h, w)
         count += latents.shape[0]
     return uncached, count / (time.perf_counter() - start), build_seconds
 

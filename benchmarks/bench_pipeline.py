@@ -66,12 +66,12 @@ def timed(fn, device: str) -> float:
 def load_pair(preset: str, folder: str, device: str, dtype: torch.dtype, compile_unet: bool, **compile_options):
     """Returns (ours, diffusers') pipelines over the same module instances (UNet, VAE, text encoder), loaded by
     ours from a saved folder: only the pipelines' own code differs. Loaded separately, the two pipelines' UNets
-    ran 5-8% apart on this CPU, and the gap followed the instance (swapping the UNets swapped it): that
-    measured where each load put its weights, not the pipelines."""
+    ran measurably apart, and the gap followed the instance (swapping the UNets swapped it): that measured where
+    each load put its weights, not the pipelines (benchmarks/BENCHMARKS.md, Sampling)."""
     from diffusers import StableDiffusionPipeline
 
     from ldm import Pipeline
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     Pipeline(**build_components(preset, seed=0)).save_pretrained(folder)
     ours = Pipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -139,7 +139,7 @@ def compile_options(args) -> dict:
 
 
 def bench_preset(preset: str, args, options: dict) -> dict:
-    from ldm.presets import get_spec
+    from ldm.models.presets import get_spec
 
     dtype = getattr(torch, args.dtype)
     spec = get_spec(preset)
@@ -185,7 +185,7 @@ def bench_preset(preset: str, args, options: dict) -> dict:
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     ratios = {k: medians["ours"][k] / medians["diffusers"][k] for k in medians["ours"]}
     # Each round's two end-to-end runs are adjacent in time: the median of their per-round ratios cancels the
-    # machine's slow drifts (this VM's speed wanders by 10-15% over minutes) that the ratio of medians keeps.
+    # machine's slow drifts in speed (benchmarks/BENCHMARKS.md, Sampling) that the ratio of medians keeps.
     paired = statistics.median(a / b for a, b in zip(times["ours"]["end_to_end"], times["diffusers"]["end_to_end"]))
     return {"preset": preset, "resolution": height, "medians_s": medians, "ratios": ratios, "paired_end_to_end": paired,
             "unet_it_s": 1 / medians["ours"]["unet_step"],

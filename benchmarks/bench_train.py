@@ -1,4 +1,5 @@
-"""Training throughput: our train step (ldm.training.train_ldm.train_step, as `ldm train` runs it) against a
+"""Training throughput: our train step (ldm.training.loop.accumulated_step over train_ldm's LDMTrainer, as `ldm train`
+runs it) against a
 minimal reference loop with the same model, batch and precision (the loop of diffusers' train_text_to_image,
 written plainly below), with and without the latent cache, and with gradient checkpointing off and on.
 
@@ -58,9 +59,13 @@ class Bench:
 
         from ldm.data.shapes import ShapesDataset
         from ldm.data.transforms import to_tensor
-        from ldm.presets import build_components
+        from ldm.models.presets import build_components
+        from ldm.models.vae import encode_posterior
         from ldm.training.ldm_config import TrainLDMConfig
-        from ldm.training.step import NoiseSchedule, TextEmbedder
+        from ldm.objectives import NoiseSchedule, ObjectiveSettings, make_objective
+        from ldm.training import loop
+        from ldm.training.step import TextEmbedder
+        from ldm.training.train_ldm import LDMTrainer
 
         self.args, self.device = args, torch.device(args.device)
         parts = build_components(preset, seed=0)
@@ -73,37 +78,41 @@ class Bench:
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=self.device.type == "cpu")
         self.vae.requires_grad_(False).eval().to(self.device)
         self.text_encoder.requires_grad_(False).eval().to(self.device)
-        from ldm.training.train_ldm import make_optimizer
-
         self.unet.train().to(self.device)
         if args.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         # Each loop with its own optimiser over the same UNet: ours as `ldm train` makes it (fused AdamW), the
         # reference as diffusers' script does (torch.optim.AdamW with its defaults).
-        self.optimizer = make_optimizer(self.cfg, list(self.unet.parameters()), self.device)
+        cfg = self.cfg
+        self.optimizer = loop.make_optimizer(list(self.unet.parameters()), cfg.learning_rate, self.device,
+                                             (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, cfg.adam_epsilon)
         self.ref_optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
         if args.compile:  # in place, as train_ldm does: both loops call the same compiled module
             self.unet.compile()
         self.unet, self.optimizer, self.ref_optimizer = self.accelerator.prepare(self.unet, self.optimizer,
                                                                                  self.ref_optimizer)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.schedule = NoiseSchedule.from_config(self.cfg)
+        objective = make_objective(cfg.prediction_type, NoiseSchedule.from_config(cfg), ObjectiveSettings.from_config(cfg))
+        self.schedule = objective.schedule
         self.embed = TextEmbedder(self.text_encoder, self.tokenizer)
+        self.trainer = LDMTrainer(cfg, self.accelerator, parts, objective, self.embed, stream=[])
+        self.trainer.model, self.trainer.params = self.unet, list(self.unet.parameters())
+        self.trainer.optimizer, self.trainer.lr_scheduler = self.optimizer, self.lr_scheduler
+        self.settings = loop.LoopSettings(output_dir="", max_steps=0, max_grad_norm=cfg.max_grad_norm)
         shapes = ShapesDataset(args.batch_size, resolution=args.resolution, seed=0)
         items = [shapes[i] for i in range(args.batch_size)]
         self.pixels = torch.stack([to_tensor(s["image"]) for s in items])  # (B, 3, R, R)
         self.captions = [s["caption"] for s in items]
-        with torch.no_grad():
-            dist = self.vae.encode(self.pixels.to(self.device)).latent_dist
-        self.cached = {"latent_mean": dist.mean.cpu(), "latent_logvar": dist.logvar.cpu(), "caption": self.captions}
+        mean, logvar = encode_posterior(self.vae, self.pixels)  # (B, 4, h, w) each: what the latent cache holds
+        self.cached = {"latent_mean": mean.cpu(), "latent_logvar": logvar.cpu(), "caption": self.captions}
         self.state = {"step": 1, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
 
     def ours(self, cached: bool) -> None:
-        from ldm.training.train_ldm import train_step
+        from ldm.training import loop
 
         batch = self.cached if cached else {"pixel_values": self.pixels, "caption": self.captions}
-        train_step(self.cfg, self.accelerator, self.unet, self.embed, self.vae, self.schedule, self.optimizer,
-                   self.lr_scheduler, iter([batch]), list(self.unet.parameters()), self.state, 0)
+        self.trainer.batches = iter([batch])
+        loop.accumulated_step(self.accelerator, self.trainer, self.settings, self.state)
         self.state["step"] += 1
 
     def reference(self, cached: bool) -> None:

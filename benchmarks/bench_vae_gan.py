@@ -27,9 +27,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ldm.presets import build_vae, get_spec  # noqa: E402
+from ldm.models.presets import build_vae, get_spec  # noqa: E402
+from ldm.models.vae import encode_posterior  # noqa: E402
 from ldm.training import train_vae  # noqa: E402
-from ldm.training.train_vae import Autoencode, TrainVAEConfig, discriminator_step, vae_loss  # noqa: E402
+from ldm.training.train_vae import Autoencode, TrainVAEConfig, discriminator_loss, vae_loss  # noqa: E402
 from ldm.training.vae_losses import (PatchDiscriminator, adaptive_disc_weight, hinge_d_loss, hinge_g_loss,  # noqa: E402
                                      kl_loss, psnr, reconstruction_loss)
 
@@ -70,8 +71,9 @@ def train_and_score(args, disc_start: int, held_out: torch.Tensor, folder: str) 
                          checkpoint_every=0, checkpoints_total_limit=1, val_samples=4)
     cfg.validate()
     vae = AutoencoderKL.from_pretrained(train_vae.main(cfg)["vae_dir"]).eval()
+    mean, _ = encode_posterior(vae, held_out)  # (N, 4, h, w)
     with torch.no_grad():
-        return float(psnr(vae.decode(vae.encode(held_out).latent_dist.mean).sample, held_out))
+        return float(psnr(vae.decode(mean).sample, held_out))
 
 
 def taming_step(cfg, vae, disc, optimizer, d_optimizer, pixels, generator):
@@ -135,7 +137,9 @@ def time_steps(args) -> dict:
         sync()
         t2 = time.perf_counter()
         if disc_on:
-            discriminator_step(accelerator, disc, d_optimizer, pixels, x_rec)
+            discriminator_loss(disc, pixels, x_rec).backward()
+            d_optimizer.step()
+            d_optimizer.zero_grad(set_to_none=True)
             parts["forward_and_gan_grads"].append(t1 - t0)
             parts["vae_backward"].append(t2 - t1)
             parts["disc_step"].append(time.perf_counter() - t2)

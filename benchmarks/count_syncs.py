@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     from diffusers import StableDiffusionPipeline
 
     from ldm import Pipeline
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:

@@ -2,7 +2,8 @@
 
 For every good sample the cache stores the VAE posterior N(mean, exp(logvar)) (Kingma & Welling 2014,
 arXiv:1312.6114; diffusers' DiagonalGaussianDistribution), not one draw, so training still samples
-z = mean + exp(logvar / 2) * eps each step (`sample_latents`), then multiplies by vae.config.scaling_factor.
+z = mean + exp(logvar / 2) * eps each step and multiplies it by vae.config.scaling_factor
+(ldm.models.vae.sample_latents; encoding is ldm.models.vae.encode_posterior).
 
     out/cache.json                    manifest: key, its parts, count, skips, shards with sha256
     out/latents-00000.safetensors     latent_mean (N,4,h,w), latent_logvar (N,4,h,w), input_ids (N,77) int64;
@@ -29,6 +30,8 @@ from torch.utils.data import Dataset
 from ldm.data.loader import make_dataloader
 from ldm.data.open import open_dataset
 from ldm.data.pack import sha256_file
+from ldm.models.vae import encode_posterior
+from ldm.models.vae import sample_latents as sample_scaled_latents
 
 FORMAT = "ldm-latent-cache/1"
 MANIFEST = "cache.json"
@@ -90,15 +93,13 @@ def _write_shard(out_dir: str, index: int, rows: list[dict]) -> dict:
             "latent_shape": list(rows[0]["latent_mean"].shape)}
 
 
-@torch.no_grad()
-def encode_batch(batch: dict, vae, tokenizer, device) -> list[dict]:
+def encode_batch(batch: dict, vae, tokenizer) -> list[dict]:
     """Returns one row per sample: latent_mean/logvar (4,h,w) float32, input_ids (77,), caption, key."""
-    pixels = batch["pixel_values"].to(device=device, dtype=vae.dtype)  # (B, 3, H, W)
-    posterior = vae.encode(pixels).latent_dist
+    mean, logvar = encode_posterior(vae, batch["pixel_values"])  # (B, 4, h, w) each, on the VAE's device
     input_ids = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids  # (B, 77)
-    return [{"latent_mean": posterior.mean[i].float().cpu(), "latent_logvar": posterior.logvar[i].float().cpu(),
-             "input_ids": input_ids[i].long(), "caption": batch["caption"][i], "key": batch["key"][i]}
+    return [{"latent_mean": mean[i].cpu(), "latent_logvar": logvar[i].cpu(), "input_ids": input_ids[i].long(),
+             "caption": batch["caption"][i], "key": batch["key"][i]}
             for i in range(len(batch["caption"]))]
 
 
@@ -118,7 +119,7 @@ def build_latent_cache(spec, vae, tokenizer, out_dir: str, batch_size: int = 16,
     pending: dict[tuple, list[dict]] = {}
     shards, count = [], 0
     for batch in loader:
-        for row in encode_batch(batch, vae, tokenizer, device):
+        for row in encode_batch(batch, vae, tokenizer):
             group = pending.setdefault(tuple(row["latent_mean"].shape), [])
             group.append(row)
             count += 1
@@ -195,6 +196,6 @@ def open_latent_cache(out_dir: str, expected_key: str | None = None) -> LatentCa
 
 
 def sample_latents(latent_mean: torch.Tensor, latent_logvar: torch.Tensor, generator=None) -> torch.Tensor:
-    """Returns z = mean + exp(logvar / 2) * eps, a draw from the cached posterior (same shape as mean)."""
-    eps = torch.randn(latent_mean.shape, generator=generator, dtype=latent_mean.dtype, device=latent_mean.device)
-    return latent_mean + torch.exp(0.5 * latent_logvar.clamp(-30.0, 20.0)) * eps  # diffusers clamps logvar alike
+    """Returns z = mean + exp(logvar / 2) * eps, an unscaled draw from the cached posterior (same shape as mean):
+    ldm.models.vae.sample_latents with scaling_factor 1."""
+    return sample_scaled_latents(latent_mean, latent_logvar, generator, 1.0)

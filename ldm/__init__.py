@@ -10,11 +10,11 @@ _LAZY = {
     "Pipeline": "ldm.pipelines",
     "PipelineOutput": "ldm.pipelines",
     "StepRecord": "ldm.pipelines",
-    "MODEL_PRESETS": "ldm.presets",
-    "build_components": "ldm.presets",
-    "build_clip_tokenizer": "ldm.tokenizer",
-    "make_scheduler": "ldm.schedulers",
-    "SCHEDULERS": "ldm.schedulers",
+    "MODEL_PRESETS": "ldm.models.presets",
+    "build_components": "ldm.models.presets",
+    "build_clip_tokenizer": "ldm.models.tokenizer",
+    "make_scheduler": "ldm.pipelines.schedulers",
+    "SCHEDULERS": "ldm.pipelines.schedulers",
 }
 
 

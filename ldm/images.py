@@ -25,7 +25,7 @@ def webui_parameters(params: dict) -> str:
 
     Size is width x height; Model is the folder's name; further parameters follow as "Key name: value".
     """
-    from ldm.schedulers import WEBUI_NAMES
+    from ldm.pipelines.schedulers import WEBUI_NAMES
 
     named = {"Steps": params.get("steps"), "Sampler": WEBUI_NAMES.get(params.get("scheduler"), params.get("scheduler")),
              "CFG scale": params.get("guidance_scale"), "Seed": params.get("seed"),
@@ -55,12 +55,13 @@ def read_png_params(path: str) -> dict:
         return json.loads(image.text["ldm"])
 
 
-def image_grid(images: list[PIL.Image.Image], cols: int | None = None) -> PIL.Image.Image:
-    """Returns the images tiled row by row on one canvas (all the size of the first)."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
+def image_grid(images: list[PIL.Image.Image], columns: int | None = None) -> PIL.Image.Image:
+    """Returns the images tiled row by row on one white canvas, `columns` wide (default: a near-square grid),
+    each cell the size of the first image."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
     w, h = images[0].size
-    grid = PIL.Image.new("RGB", (cols * w, rows * h), "white")
+    grid = PIL.Image.new("RGB", (columns * w, rows * h), "white")
     for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return grid

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.schedulers import ZERO_SNR_EXACT
+from ldm.pipelines.schedulers import ZERO_SNR_EXACT
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -108,7 +108,7 @@ def check_finite(finite_steps: list[torch.Tensor], timesteps: torch.Tensor, sche
     if alpha_bar is not None and float(alpha_bar.min()) <= 0 and type(scheduler) not in ZERO_SNR_EXACT:
         causes.append(f"the schedule has zero terminal SNR (alpha_bar = 0 at t = T-1), which "
                       f"{type(scheduler).__name__} divides by: choose the sampler by name, e.g. "
-                      "pipe.set_scheduler('euler'), which clamps it (ldm.schedulers.zero_snr_safe_config)")
+                      "pipe.set_scheduler('euler'), which clamps it (ldm.pipelines.schedulers.zero_snr_safe_config)")
     if dtype == torch.float16:
         causes.append("float16 overflow: load with torch_dtype=torch.bfloat16 or torch.float32")
     causes.append("a diverged model (check its training loss and validation images)")

@@ -7,13 +7,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.folders import check_model_folder, read_json, weights_format
-from ldm.schedulers import zero_snr_safe_config
+from ldm.pipelines.schedulers import zero_snr_safe_config
 import os
 
 
 def load_scheduler(folder: str) -> SchedulerMixin:
     """Returns the folder's scheduler; its class must be one of diffusers' schedulers. A zero-terminal-SNR
-    schedule is clamped where the class needs it (ldm.schedulers.zero_snr_safe_config)."""
+    schedule is clamped where the class needs it (ldm.pipelines.schedulers.zero_snr_safe_config)."""
     config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):

@@ -40,17 +40,11 @@ class PipelineOutput(BaseOutput):
     trace: list[StepRecord] | None = None
 
 
-def predict_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
-    """Returns x0 implied by a prediction at timestep t, for schedulers whose step() does not report it.
-
-    epsilon: x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)  (Ho et al. 2020, Eq. 15)
-    v:       x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v        (Salimans & Ho 2022, Sec. 4)
-    x_t must be the (variance-preserving) model input, i.e. after scheduler.scale_model_input.
+def predict_x0(step_output, objective, x_t: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor:
+    """Returns the x0 estimate of one denoising step: the scheduler's own (step_output.pred_original_sample)
+    where its step() reports one, else the one the model's objective implies (objective.to_x0, which takes
+    fractional t as LMS/Euler interpolate). x_t must be the (variance-preserving) model input, i.e. after
+    scheduler.scale_model_input; `objective` is ldm.objectives.objective_for(scheduler.config).
     """
-    alpha_bar_t = scheduler.alphas_cumprod.to(x_t.device)[int(round(float(t)))].to(x_t.dtype)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (x_t - (1 - alpha_bar_t).sqrt() * model_output) / alpha_bar_t.sqrt()
-    if kind == "v_prediction":
-        return alpha_bar_t.sqrt() * x_t - (1 - alpha_bar_t).sqrt() * model_output
-    return model_output
+    x0 = getattr(step_output, "pred_original_sample", None)
+    return x0 if x0 is not None else objective.to_x0(model_output, x_t, t)

@@ -25,12 +25,14 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.folders import atomic_folder, read_json, write_json
-from ldm.guidance import cfg_combine, rescale_guidance
+from ldm.models.denoiser import denoise
+from ldm.models.text_encoders import OpenCLIPTextEncoder
+from ldm.objectives import objective_for
 from ldm.pipelines.checks import check_call_inputs, check_finite
+from ldm.pipelines.guidance import cfg_combine, rescale_guidance
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
-from ldm.schedulers import make_scheduler
-from ldm.text_encoders import OpenCLIPTextEncoder
+from ldm.pipelines.schedulers import make_scheduler
 
 
 @contextlib.contextmanager
@@ -70,9 +72,9 @@ def _ordinary(x):
 
 def _inference(call):
     """Runs a pipeline call under torch.inference_mode, which skips autograd's per-operation bookkeeping
-    (version counters, view tracking): 3-5% of a `tiny` or `small` pipeline call end to end on the CPU.
-    Tensors it returns are ordinary ones. A compiled UNet has no such overhead to save and runs under no_grad, the mode its
-    graphs were captured and measured in (benchmarks/BENCHMARKS.md); so does a pipeline with CPU offload."""
+    (version counters, view tracking; its gain on the CPU: benchmarks/BENCHMARKS.md, Sampling). Tensors it
+    returns are ordinary ones. A compiled UNet has no such overhead to save and runs under no_grad, the mode its
+    graphs were captured and benchmarked in; so does a pipeline with CPU offload."""
     @functools.wraps(call)
     def wrapper(self, *args, **kwargs):
         with torch.no_grad() if _use_no_grad(self) else torch.inference_mode():
@@ -101,7 +103,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                         allow_pickle: bool = False, device: str | torch.device | None = None, **kwargs) -> "Pipeline":
         """Returns the pipeline stored in a local diffusers-layout folder (ours or Stable Diffusion's).
 
-        scheduler: a name from ldm.schedulers.SCHEDULERS ("ddpm", "ddim", "lms", ...) to replace the folder's.
+        scheduler: a name from ldm.pipelines.schedulers.SCHEDULERS ("ddpm", "ddim", "lms", ...) to replace the
+        folder's.
         allow_pickle: load .bin/.ckpt weights, which can run code; refused by default.
         """
         if scheduler is not None:
@@ -159,9 +162,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         channels_last: NHWC memory layout for the UNet, usually faster on GPUs. fuse_qkv: one matrix product for
         each attention's query, key and value (key and value in cross-attention; diffusers'
         fuse_qkv_projections): fewer, larger GEMMs; load LoRA weights before fusing. compile_kwargs go to
-        torch.compile. On a GPU use mode="reduce-overhead" (CUDA graphs: one launch per UNet call): SD 1.5 at
-        512 px in bf16 on an H100 ran 149 denoising steps/s with guidance against 32 eager, after about a minute
-        of compiling (benchmarks/BENCHMARKS.md). mode="max-autotune" had not finished compiling after 12 minutes.
+        torch.compile. On a GPU use mode="reduce-overhead" (CUDA graphs: one launch per UNet call, so the CPU's
+        kernel launches stop bounding the step); mode="max-autotune" compiles for far longer. Speeds and compile
+        times: benchmarks/BENCHMARKS.md, GPU.
         """
         if fuse_qkv:
             self.unet.fuse_qkv_projections()
@@ -256,26 +259,54 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
             callback_on_step_end_tensor_inputs)
-        batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
         # .device would mislead; read once (the property walks every module).
         device = self._execution_device
 
         # 1. Encode the prompts: (B*n, 77, D) each; one batched UNet call per step later, uncond first
-        if prompt_embeds is None:
-            lora_scale = (cross_attention_kwargs or {}).get("scale")
-            prompt_embeds, negative_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt,
-                                                                do_cfg, clip_skip, lora_scale=lora_scale, device=device)
-        else:
-            prompt_embeds = prompt_embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
-            negative_embeds = None
-            if do_cfg:
-                negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None
-                                   else self.encode_prompt([""] * batch, None, 1, False, device=device)[0])
-                negative_embeds = negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
+        prompt_embeds, negative_embeds = self._prompt_embeddings(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, do_cfg, clip_skip,
+            (cross_attention_kwargs or {}).get("scale"), device)
 
-        # 2. Timesteps
+        # 2. Timesteps, and 3. the initial noise x_T: (B*n, 4, H/f, W/f)
+        timesteps, host_timesteps = self._timesteps(num_inference_steps, device)
+        latents = self._initial_latents(len(prompt_embeds), height, width, generator, latents, prompt_embeds.dtype,
+                                        device)
+
+        # 4. Denoising loop, with no sync per step (the finite flags are read once, in 5.)
+        latents, finite, records = self._denoise(
+            latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance_scale, guidance_rescale,
+            self._step_kwargs(generator, eta), cross_attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, trace)
+
+        # 5. Decode z -> x, check that every step and the pixels are finite
+        images = self._decode(latents, output_type, generator, finite, host_timesteps)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, records)
+        return PipelineOutput(images=images, trace=records)
+
+    def _prompt_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                           num_images_per_prompt: int, do_cfg: bool, clip_skip: int | None, lora_scale: float | None,
+                           device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (prompt_embeds, negative_embeds), each (B*n, 77, D), negative_embeds None without guidance:
+        the prompts encoded, or the given embeddings repeated per image (the empty prompt's when no negative
+        embeddings are given)."""
+        if prompt_embeds is None:
+            return self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
+                                      lora_scale=lora_scale, device=device)
+        batch = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
+        if not do_cfg:
+            return prompt_embeds, None
+        negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None
+                           else self.encode_prompt([""] * batch, None, 1, False, device=device)[0])
+        return prompt_embeds, negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
+
+    def _timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the sampler's timesteps on `device` and a copy on the host; raises ValueError when the spacing
+        asks for a timestep the model was not trained on."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         # One copy to the host before the loop: the scheduler indexes its host tables (alphas_cumprod) with the
@@ -287,65 +318,87 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                              f"{self.scheduler.config.get('timestep_spacing', 'leading')!r} spacing ask for "
                              f"t={int(host_timesteps.max())} of a {train_steps}-step model; use fewer steps or "
                              "pipe.set_scheduler(...) on a config with timestep_spacing='trailing'")
+        return timesteps, host_timesteps
 
-        # 3. Initial noise x_T ~ N(0, sigma_max^2 I) in latent space: (B*n, 4, H/f, W/f)
-        shape = (batch * num_images_per_prompt, self.unet.config.in_channels,
-                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+    def _initial_latents(self, count: int, height: int, width: int, generator, latents: torch.Tensor | None,
+                         dtype: torch.dtype, device) -> torch.Tensor:
+        """Returns x_T ~ N(0, sigma_max^2 I) in latent space, (count, 4, H/f, W/f): drawn with `generator`, or
+        the given latents, scaled by the sampler's initial sigma."""
+        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        latents = latents.to(device, prompt_embeds.dtype) * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator, eta)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
-        # 4. Denoising loop. Each step leaves a device flag "latents all finite"; they are read once, after the
-        # decode (one sync per call, none per step, so the CPU keeps queueing steps while the GPU works, and
-        # where a pil/np output waits for the GPU anyway), and a NaN/inf names its first step instead of
-        # coming back as a black image.
-        records = [] if trace else None
-        finite = []
+    def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance_scale: float,
+                 guidance_rescale: float, step_kwargs: dict, cross_attention_kwargs: dict | None,
+                 callback: Callable | None, callback_inputs, trace: bool):
+        """Returns (x_0 latents, one device flag "latents all finite" per step, the trace or None).
+
+        The flags are read once, after the decode (one sync per call, none per step, so the CPU keeps queueing
+        steps while the GPU works, and where a pil/np output waits for the GPU anyway), and a NaN/inf names its
+        first step instead of coming back as a black image.
+        """
+        do_cfg = guidance_scale > 1.0
+        records, finite = ([] if trace else None), []
+        objective = objective_for(self.scheduler.config) if trace else None  # x0 for samplers that do not report it
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B*n or B*n, 77, D)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
-                # 4a. One UNet call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
-                x_scaled = self.scheduler.scale_model_input(latents, t_host)  # sigma-schedulers' input scaling
-                x_in = torch.cat([x_scaled, x_scaled]) if do_cfg else x_scaled
-                model_out = self.unet(x_in, t, encoder_hidden_states=context,
-                                      cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
-
-                # 4b. Classifier-free guidance (Ho & Salimans 2022), optionally rescaled (Lin et al. 2023)
-                if do_cfg:
-                    pred_uncond, pred_cond = model_out.chunk(2)  # (B*n, 4, h, w) each
-                    noise_pred = cfg_combine(pred_uncond, pred_cond, guidance_scale)
-                    if guidance_rescale > 0:
-                        noise_pred = rescale_guidance(noise_pred, pred_cond, guidance_rescale)
-                else:
-                    pred_uncond, pred_cond, noise_pred = None, model_out, model_out
+                x_scaled, noise_pred, pred_cond, pred_uncond = self._guided_prediction(
+                    latents, t, t_host, context, guidance_scale, guidance_rescale, cross_attention_kwargs)
 
                 # 4c. x_t -> x_{t-1}
                 x_t = latents
                 step = self.scheduler.step(noise_pred, t_host, latents, **step_kwargs, return_dict=True)
                 latents = step.prev_sample
                 if trace:
-                    x0 = getattr(step, "pred_original_sample", None)
-                    x0 = x0 if x0 is not None else predict_x0(self.scheduler, x_scaled, noise_pred, t)
+                    x0 = predict_x0(step, objective, x_scaled, noise_pred, t_host)
                     records.append(StepRecord.capture(i, t, x_t, x0, noise_pred, pred_cond, pred_uncond))
 
-                if callback_on_step_end is not None:
-                    tensors = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
-                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                    latents = out.pop("latents", latents)
-                    if "prompt_embeds" in out or "negative_prompt_embeds" in out:
-                        prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
-                        negative_embeds = out.pop("negative_prompt_embeds", negative_embeds)
-                        context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+                if callback is not None:
+                    latents, prompt_embeds, negative_embeds, context = self._run_callback(
+                        callback, callback_inputs, i, t, latents, prompt_embeds, negative_embeds, context, do_cfg)
                 finite.append(torch.isfinite(latents).all())
                 progress.update()
+        return latents, finite, records
 
-        # 5. Decode z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)
+    def _guided_prediction(self, latents, t, t_host, context, guidance_scale: float, guidance_rescale: float,
+                           cross_attention_kwargs: dict | None):
+        """Returns (x_scaled, noise_pred, pred_cond, pred_uncond) at one step: the model input, the guided
+        prediction and the two branches (pred_uncond None without guidance), each (B*n, 4, h, w)."""
+        # 4a. One UNet call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
+        x_scaled = self.scheduler.scale_model_input(latents, t_host)  # sigma-schedulers' input scaling
+        do_cfg = guidance_scale > 1.0
+        x_in = torch.cat([x_scaled, x_scaled]) if do_cfg else x_scaled
+        model_out = denoise(self.unet, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
+        if not do_cfg:
+            return x_scaled, model_out, model_out, None
+
+        # 4b. Classifier-free guidance (Ho & Salimans 2022), optionally rescaled (Lin et al. 2023)
+        pred_uncond, pred_cond = model_out.chunk(2)  # (B*n, 4, h, w) each
+        noise_pred = cfg_combine(pred_uncond, pred_cond, guidance_scale)
+        if guidance_rescale > 0:
+            noise_pred = rescale_guidance(noise_pred, pred_cond, guidance_rescale)
+        return x_scaled, noise_pred, pred_cond, pred_uncond
+
+    def _run_callback(self, callback: Callable, inputs, i: int, t, latents, prompt_embeds, negative_embeds, context,
+                      do_cfg: bool):
+        """Returns (latents, prompt_embeds, negative_embeds, context) after callback_on_step_end, which sees the
+        tensors named in `inputs` and may replace them; the UNet's context is rebuilt only when embeddings change."""
+        tensors = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+        out = callback(self, i, t, {k: tensors[k] for k in inputs})
+        latents = out.pop("latents", latents)
+        if "prompt_embeds" in out or "negative_prompt_embeds" in out:
+            prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
+            negative_embeds = out.pop("negative_prompt_embeds", negative_embeds)
+            context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        return latents, prompt_embeds, negative_embeds, context
+
+    def _decode(self, latents, output_type: str, generator, finite: list, host_timesteps):
+        """Returns the images of x_0 latents in `output_type` (the latents themselves for "latent"); raises
+        NonFiniteError naming the first step or the VAE when the latents or the pixels are not finite."""
+        # z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)
         decoded = None if output_type == "latent" else self.vae.decode(
             latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # (B*n, 3, H, W)
         check_finite(finite, host_timesteps, self.scheduler, latents.dtype, decoded)  # a float16 VAE can overflow too
-        images = latents if decoded is None else self.image_processor.postprocess(decoded, output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, records)
-        return PipelineOutput(images=images, trace=records)
+        return latents if decoded is None else self.image_processor.postprocess(decoded, output_type=output_type)

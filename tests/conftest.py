@@ -11,7 +11,7 @@ import torch
 def tiny_folder(tmp_path_factory):
     """A tiny random pipeline saved by our save_pretrained; returns its path."""
     from ldm import Pipeline
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     Pipeline(**build_components("tiny", seed=0)).save_pretrained(path)
@@ -72,6 +72,24 @@ def nan_loss_at(module, calls_to_poison):
         return loss, per_sample
 
     return loss_fn
+
+
+def sigterm_after_step(monkeypatch, stop_step: int) -> None:
+    """Makes the shared training loop send this process a real SIGTERM right after optimiser step `stop_step`
+    (1-based), whichever trainer runs it."""
+    import signal
+
+    from ldm.training import loop
+
+    original = loop.accumulated_step
+
+    def step_then_signal(accelerator, trainer, settings, state):
+        result = original(accelerator, trainer, settings, state)
+        if state["step"] + 1 == stop_step:  # state["step"] counts up after the call returns
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(loop, "accumulated_step", step_then_signal)
 
 
 def two_cpu_processes(script: str, *args: str) -> list[str]:

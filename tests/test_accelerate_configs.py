@@ -130,7 +130,7 @@ def test_main_refuses_ema_under_fsdp_before_any_work(tmp_path, monkeypatch):
         def __init__(self, **kwargs):
             pass
 
-    monkeypatch.setattr(train_ldm, "Accelerator", FsdpAccelerator)
+    monkeypatch.setattr("accelerate.Accelerator", FsdpAccelerator)  # what ldm.training.loop.make_accelerator builds
     cfg = TrainLDMConfig(model="tiny", output_dir=str(tmp_path / "run"), use_ema=True)
     with pytest.raises(ValueError, match="use_ema does not work under FSDP"):
         train_ldm.main(cfg)

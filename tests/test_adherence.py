@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ldm.adherence import adherence_report, describe_image, grade_image, parse_prompt
+from ldm.evaluation.adherence import adherence_report, describe_image, grade_image, parse_prompt
 from ldm.data.shapes import (COLOURS, POSITIONS, SHAPES, SINGLE_SIZE, SceneObject, ShapesDataset, caption_scene,
                              random_background, render_scene)
 

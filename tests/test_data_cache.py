@@ -8,8 +8,8 @@ import torch
 from ldm.cli import main as cli_main
 from ldm.data.latent_cache import (build_latent_cache, ensure_latent_cache, open_latent_cache, read_manifest,
                                    sample_latents)
-from ldm.presets import build_vae, get_spec
-from ldm.tokenizer import build_clip_tokenizer
+from ldm.models.presets import build_vae, get_spec
+from ldm.models.tokenizer import build_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

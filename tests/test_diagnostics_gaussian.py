@@ -12,7 +12,7 @@ from ldm.diagnostics.bias import per_bin_report
 from ldm.diagnostics.gaussian import (GaussianEpsModel, gaussian_marginal, gaussian_optimal_eps, gaussian_pipeline,
                                       gaussian_prompt_embeds, random_gaussian, sample_moments)
 from ldm.diagnostics.probe import build_probe
-from ldm.diagnostics.schedule import alpha_bar, make_betas
+from ldm.diffusion import alphas_cumprod as alpha_bar, make_betas
 
 LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
 SHAPE = (4, 2, 2)
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def gaussian():
     mu, sigma = random_gaussian(16, seed=0)
     mu_uncond = -0.3 * torch.ones(16, dtype=torch.float64)
-    return mu, mu_uncond, sigma, alpha_bar(make_betas("linear"))
+    return mu, mu_uncond, sigma, alpha_bar(make_betas("linear", 1000, 1e-4, 0.02))  # LINEAR, DDPM's betas
 
 
 def test_optimal_eps_matches_monte_carlo_regression(gaussian):

@@ -68,7 +68,9 @@ def test_vlb_weight_is_ho_eq_12_normalised():
     t = torch.arange(1000)
     weights = diffusion.vlb_weight(t, betas, "epsilon").double()
     alphas, alpha_bar = 1 - betas, torch.cumprod(1 - betas, 0)
-    sigma2 = betas  # sigma_t^2 = beta_t
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    sigma2 = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas  # sigma_t^2 = beta_tilde_t, Eq. (7) (DDPM's sampler)
+    sigma2[0] = betas[0]  # beta_tilde_0 = 0: the decoder term takes beta_0
     lam = betas ** 2 / (2 * sigma2 * alphas * (1 - alpha_bar))  # Eq. (12)
     torch.testing.assert_close(weights, lam / lam.mean(), rtol=1e-5, atol=1e-7)
     assert abs(weights.mean().item() - 1) < 1e-5 and weights[0] > weights[500]
@@ -115,3 +117,10 @@ def test_timestep_sampling_uniform_and_logit_normal():
     assert noisier.float().mean() > middle.float().mean() + 100
     with pytest.raises(ValueError, match="logit_normal"):
         diffusion.sample_timesteps(4, 1000, g, "cosine")
+
+
+def test_alpha_bar_at_is_exact_and_finite_at_zero_terminal_snr():
+    alpha_bar = diffusion.alphas_cumprod(diffusion.rescale_zero_terminal_snr(diffusion.make_betas("scaled_linear")))
+    values = diffusion.alpha_bar_at(alpha_bar, torch.tensor([0.0, 500.0, 998.0, 998.5, 999.0]))
+    assert not values.isnan().any() and values[-1] == 0 and values[-2] == 0
+    assert torch.allclose(values[[0, 1, 2]], alpha_bar[[0, 500, 998]])

@@ -8,7 +8,7 @@ from ldm.evaluation.features import (InceptionFeatures, TinyFeatureNet, extract_
                                      resolve_weights)
 from ldm.evaluation.fid import fid_from_features, frechet_distance, kernel_inception_distance
 from ldm.evaluation.images import load_image_folder
-from ldm.memorization import memorization_report
+from ldm.evaluation.memorization import memorization_report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -82,7 +82,7 @@ def test_auto_defaults_scale_with_the_folder():
 
 
 def test_holdout_split_is_deterministic_and_leaves_one_out_when_tiny():
-    from ldm.memorization import holdout_split
+    from ldm.evaluation.memorization import holdout_split
 
     assert [len(x) for x in holdout_split([f"k{i}" for i in range(5)])] == [4, 1]
     assert [len(x) for x in holdout_split([f"k{i}" for i in range(40)])] == [36, 4]
@@ -92,7 +92,7 @@ def test_holdout_split_is_deterministic_and_leaves_one_out_when_tiny():
 
 
 def test_memorization_report_flags_copies_not_new_images():
-    from ldm.memorization import memorization_report
+    from ldm.evaluation.memorization import memorization_report
 
     generator = torch.Generator().manual_seed(0)
     train = torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ldm.presets import ModelSpec, _clip_text, _latent_scheduler, build_components
+from ldm.models.presets import ModelSpec, _clip_text, _latent_scheduler, build_components
 
 INSTANCE = "a painting in the style of sks"
 OTHER = "a red circle on the left"

@@ -6,10 +6,10 @@ import signal
 
 import pytest
 import torch
-from conftest import nan_loss_at
+from conftest import nan_loss_at, sigterm_after_step
 from safetensors.torch import load_file
 
-from ldm.training import finetune
+from ldm.training import finetune, loop, step
 from ldm.training.checkpoint import list_checkpoints
 from ldm.training.finetune_config import FinetuneConfig
 
@@ -46,19 +46,6 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def signal_after(monkeypatch, stop_step: int) -> None:
-    """Makes finetune send itself a real SIGTERM right after optimiser step `stop_step`."""
-    original = finetune.finetune_step
-
-    def step_then_signal(*args):
-        loss = original(*args)
-        if args[-1]["step"] + 1 == stop_step:  # state["step"] counts up after the call returns
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(finetune, "finetune_step", step_then_signal)
-
-
 def test_resume_reproduces_the_uninterrupted_run(tiny_folder, art, tmp_path):
     # accumulation, caption dropout, flips, LoRA dropout (global RNG) and prior batches all have to resume exactly
     common = dict(gradient_accumulation_steps=2, caption_dropout=0.3, random_flip=True, lora_dropout=0.1,
@@ -75,18 +62,18 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_folder, art, tmp_path):
     assert max_difference(lora(tmp_path / "a"), lora(tmp_path / "b")) <= 1e-6
     assert max_difference(lora(tmp_path / "a"), first) > 1e-3  # steps 4-6 moved the weights: the check can fail
     state = json.load(open(os.path.join(resumed["checkpoint"], "trainer_state.json")))
-    assert state["step"] == 6 and state["batches_drawn"] == 12 and state["nonfinite_total"] == 0
+    assert state["step"] == 6 and state["data"] == [12] and state["nonfinite_total"] == 0
 
 
 def test_gradient_accumulation_steps_the_optimizer_once_per_micro_batches(tiny_folder, art, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = finetune.diffusion_loss
+    original = step.diffusion_loss
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "diffusion_loss", counted)
+    monkeypatch.setattr(step, "diffusion_loss", counted)
     report = run(tiny_folder, art, tmp_path, max_steps=3, gradient_accumulation_steps=2, checkpoint_every=3)
     assert calls["n"] == 6 and list(report["losses"]) == [1, 2, 3]
     optimizer = torch.load(os.path.join(report["checkpoint"], "accelerate", "optimizer.bin"), weights_only=False)
@@ -96,7 +83,7 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_micro_batches(tiny_f
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tiny_folder, art, tmp_path, monkeypatch):
-    monkeypatch.setattr(finetune, "diffusion_loss", nan_loss_at(finetune, {2}))
+    monkeypatch.setattr(step, "diffusion_loss", nan_loss_at(step, {2}))
     report = run(tiny_folder, art, tmp_path, max_steps=4)
     assert report["nonfinite_total"] == 1 and report["steps"] == 4 and report["stopped_by"] is None
     weights = lora(tmp_path)
@@ -105,13 +92,13 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tiny_folder, art, tmp_pa
 
 
 def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(tiny_folder, art, tmp_path, monkeypatch):
-    monkeypatch.setattr(finetune, "diffusion_loss", nan_loss_at(finetune, None))
+    monkeypatch.setattr(step, "diffusion_loss", nan_loss_at(step, None))
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 3"):
         run(tiny_folder, art, tmp_path, max_steps=10, max_nonfinite_steps=3)
 
 
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tiny_folder, art, tmp_path, monkeypatch):
-    signal_after(monkeypatch, 2)
+    sigterm_after_step(monkeypatch, 2)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     report = run(tiny_folder, art, tmp_path, max_steps=50, checkpoint_every=0)
     assert {sig: signal.getsignal(sig) for sig in before} == before  # the run's handlers are gone again
@@ -128,7 +115,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tiny_folder, art, tmp_p
 def test_memorization_early_stop_after_resume_restores_the_checkpointed_snapshot(tiny_folder, art, tmp_path,
                                                                                 monkeypatch):
     """Checks at steps 2 and 4; a warning at 4 restores the step-2 weights, also when the run resumed at step 3."""
-    original, original_step = finetune.validate, finetune.finetune_step
+    original, original_step = finetune.validate, loop.accumulated_step
 
     def warn_at_4(cfg, step, *args):
         record = original(cfg, step, *args)
@@ -139,10 +126,10 @@ def test_memorization_early_stop_after_resume_restores_the_checkpointed_snapshot
     common = dict(max_steps=6, validation_every=2, checkpoint_every=0, early_stop_on_memorization=True)
     straight = run(tiny_folder, art, tmp_path / "a", **common)
     assert straight["stopped_by"] == "memorization" and straight["steps"] == 4
-    signal_after(monkeypatch, 3)
+    sigterm_after_step(monkeypatch, 3)
     stopped = run(tiny_folder, art, tmp_path / "b", **common)
     assert stopped["stopped_by"] == "SIGTERM" and stopped["steps"] == 3
-    monkeypatch.setattr(finetune, "finetune_step", original_step)
+    monkeypatch.setattr(loop, "accumulated_step", original_step)
     resumed = run(tiny_folder, art, tmp_path / "b", resume="latest", **common)
     assert resumed["stopped_by"] == "memorization" and [r["step"] for r in resumed["history"]] == [2, 4]
     # without the snapshot in the checkpoint the resumed run would restore its step-3 weights instead

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from ldm.lora import LoraSettings, add_lora, kohya_key, merge_lora, read_lora_file, save_lora, save_webui_lora
+from ldm.models.lora import LoraSettings, add_lora, kohya_key, merge_lora, read_lora_file, save_lora, save_webui_lora
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +20,7 @@ def run(pipe, **kwargs):
 def adapted(tmp_path_factory):
     """A tiny base folder, and a pipeline with random (non-zero) LoRA adapters on the UNet and text encoder."""
     from ldm import Pipeline
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     root = tmp_path_factory.mktemp("lora")
     parts = build_components("tiny", seed=0)
@@ -36,7 +36,7 @@ def adapted(tmp_path_factory):
 
 
 def test_adapters_start_at_zero_and_train_only_lora():
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     parts = build_components("tiny", seed=0)
     before = {k: v.clone() for k, v in parts["unet"].state_dict().items()}
@@ -104,8 +104,8 @@ def test_webui_keys_follow_kohya_naming_for_sd15():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
-    from ldm.presets import sd15
+    from ldm.models.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS
+    from ldm.models.presets import sd15
 
     spec = sd15()
     with torch.device("meta"):
@@ -142,7 +142,7 @@ def test_webui_file_has_kohya_layout_and_converts_back(adapted):
 
 
 def test_missing_lora_file_says_what_to_pass(tmp_path):
-    from ldm.lora import lora_path
+    from ldm.models.lora import lora_path
 
     with pytest.raises(FileNotFoundError, match="ldm finetune"):
         lora_path(str(tmp_path / "nope.safetensors"))

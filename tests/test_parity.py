@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ldm import Pipeline
-from ldm.schedulers import make_scheduler
+from ldm.pipelines.schedulers import make_scheduler
 
 CALL = dict(prompt=["a red circle on the left", "a blue square above a yellow triangle"],
             negative_prompt=["blurry", "a green circle"], num_images_per_prompt=2, guidance_scale=7.5,

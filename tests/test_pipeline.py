@@ -8,8 +8,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from ldm import Pipeline, StepRecord
-from ldm.presets import build_components
-from ldm.schedulers import SCHEDULERS
+from ldm.models.presets import build_components
+from ldm.pipelines.schedulers import SCHEDULERS
 
 from conftest import seeded
 

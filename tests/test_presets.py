@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from ldm.presets import (MODEL_PRESETS, build_components, build_text_encoder, build_unet, build_vae,
+from ldm.models.presets import (MODEL_PRESETS, build_components, build_text_encoder, build_unet, build_vae,
                          count_parameters, get_spec)
 
 

@@ -6,9 +6,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
 from ldm import Pipeline
-from ldm.presets import build_components
-from ldm.text_encoders import OpenCLIPTextEncoder
-from ldm.tokenizer import build_clip_tokenizer, save_clip_tokenizer
+from ldm.models.presets import build_components
+from ldm.models.text_encoders import OpenCLIPTextEncoder
+from ldm.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 
 from conftest import seeded
 

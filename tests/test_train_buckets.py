@@ -52,7 +52,7 @@ def test_streamed_buckets_see_every_key_once_per_epoch_over_ranks_and_workers(tm
 
 def test_latent_cache_buckets_see_every_key_once_per_epoch_over_ranks_and_resume(tmp_path):
     from ldm.data import build_latent_cache, open_latent_cache
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
     from ldm.training.stream import BatchStream
 
     sizes = write_mixed_folder(tmp_path / "mixed")

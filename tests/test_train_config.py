@@ -10,7 +10,8 @@ def test_yaml_then_flags_override_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 1e-4\nbatch_size: 8\nprediction_type: v_prediction\nuse_ema: false\n")
     cfg = parse_config(TrainLDMConfig, ["--config", str(path), "--batch-size", "4", "--learning_rate=3e-5",
-                                        "--gradient_checkpointing", "--validation_prompts", "a red circle,a blue square"])
+                                        "--gradient_checkpointing", "--validation_prompts", "a red circle",
+                                        "--validation-prompts", "a blue square"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.prediction_type) == (4, 3e-5, "v_prediction")
     assert cfg.use_ema is False and cfg.gradient_checkpointing is True
     assert cfg.validation_prompts == ["a red circle", "a blue square"]

@@ -14,7 +14,7 @@ from ldm.training.demo import eval_prompts, format_table
 def test_eval_prompts_are_distinct_and_balanced():
     import pytest
 
-    from ldm.adherence import parse_prompt
+    from ldm.evaluation.adherence import parse_prompt
 
     prompts = eval_prompts(30)
     assert len(set(prompts)) == 30 and prompts[0] == "a red circle on the left"
@@ -47,3 +47,43 @@ def test_demo_cli_parses_its_options():
     args = build_parser(["demo"]).parse_args(["demo", "--out", "x", "--minutes", "3", "--device", "cpu"])
     assert (args.out, args.minutes, args.device) == ("x", 3.0, "cpu")
     assert cli_main(["train", "--max_steps", "two"]) == 2  # a user error: a message, exit code 2, no traceback
+
+
+# What the shared loop (ldm.training.loop) gives the demo: stops that end it with a checkpoint, --resume, the guard.
+
+def tiny_demo(out, **overrides):
+    from ldm.training.demo import DemoConfig
+
+    base = dict(out=str(out), minutes=30.0, preset="tiny", num_samples=32, vae_steps=4, vae_batch_size=8,
+                ldm_steps=4, ldm_batch_size=8, num_prompts=2, sample_steps=2, threads=1)
+    return DemoConfig(**{**base, **overrides})
+
+
+def test_demo_stopped_by_sigterm_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    from conftest import sigterm_after_step
+
+    from ldm.training.checkpoint import list_checkpoints
+    from ldm.training.demo import run_demo
+
+    sigterm_after_step(monkeypatch, 2)  # in the VAE phase: the demo ends there, with the VAE's checkpoint
+    stopped = run_demo(tiny_demo(tmp_path), samplers=("ddim",))
+    assert stopped == {"stopped_by": "SIGTERM", "vae_steps": 2, "ldm_steps": 0}
+    assert "--resume" in capsys.readouterr().out and not os.path.exists(tmp_path / "ldm_run")
+    monkeypatch.undo()
+    report = run_demo(tiny_demo(tmp_path, resume=True), samplers=("ddim",))
+    assert report["stopped_by"] is None and (report["vae_steps"], report["ldm_steps"]) == (4, 4)
+    assert "resumed from" in capsys.readouterr().out  # steps 3-4 of the VAE, not a fresh run
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "vae_run"))] == ["checkpoint-00000004"]
+    longer = run_demo(tiny_demo(tmp_path, resume=True, ldm_steps=6), samplers=("ddim",))  # more steps: on from 4
+    assert (longer["vae_steps"], longer["ldm_steps"]) == (4, 6) and os.path.exists(longer["pipeline"])
+
+
+def test_demo_skips_a_nonfinite_update_and_reports_it(tmp_path, monkeypatch):
+    from conftest import nan_loss_at
+
+    from ldm.training import step
+    from ldm.training.demo import run_demo
+
+    monkeypatch.setattr(step, "diffusion_loss", nan_loss_at(step, {2}))  # the LDM's second step
+    report = run_demo(tiny_demo(tmp_path), samplers=("ddim",))
+    assert report["nonfinite_total"] == {"vae": 0, "ldm": 1} and report["ldm_steps"] == 4

@@ -5,10 +5,10 @@ import signal
 
 import pytest
 import torch
-from conftest import nan_loss_at
+from conftest import nan_loss_at, sigterm_after_step
 from safetensors.torch import load_file
 
-from ldm.training import train_ldm
+from ldm.training import step, train_ldm
 from ldm.training.checkpoint import list_checkpoints
 from ldm.training.ldm_config import TrainLDMConfig
 
@@ -89,29 +89,24 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path, monkeypatch):
-    original = train_ldm.train_step
+    from ldm.training import loop
 
-    def step_then_signal(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr, batches, params, state, rank):
-        loss = original(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr, batches, params, state, rank)
-        if state["step"] == 1:  # the second step: a real signal to this process, mid-run
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(train_ldm, "train_step", step_then_signal)
+    original = loop.accumulated_step
+    sigterm_after_step(monkeypatch, 2)  # the second step: a real signal to this process, mid-run
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     result = run(tiny_config(tmp_path, max_steps=50))
     # the run's handlers are gone: the process's own ones are back, the very same objects
     assert {sig: signal.getsignal(sig) for sig in before} == before
     assert result["stopped_by"] == "SIGTERM" and result["step"] == 2
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "run"))] == ["checkpoint-00000002"]
-    monkeypatch.setattr(train_ldm, "train_step", original)
+    monkeypatch.setattr(loop, "accumulated_step", original)
     resumed = run(tiny_config(tmp_path, max_steps=3, resume="latest"))
     assert list(resumed["losses"]) == [3]
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_loss_at(train_ldm, {2}))
+    monkeypatch.setattr(step, "diffusion_loss", nan_loss_at(step, {2}))
     result = run(tiny_config(tmp_path, max_steps=4))
     assert result["nonfinite_total"] == 1 and result["step"] == 4
     weights = load_file(os.path.join(result["checkpoint"], "accelerate", "model.safetensors"))
@@ -119,7 +114,7 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
 
 
 def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_loss_at(train_ldm, None))
+    monkeypatch.setattr(step, "diffusion_loss", nan_loss_at(step, None))
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 3"):
         run(tiny_config(tmp_path, max_steps=10, max_nonfinite_steps=3))
 
@@ -151,7 +146,7 @@ def test_latent_cache_option_builds_on_first_use_then_reuses(tmp_path, caplog):
 
 
 def test_frozen_token_table_trains_the_rest_of_the_text_encoder(tmp_path):
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     result = run(tiny_config(tmp_path, max_steps=3, train_text_encoder=True, train_token_embeddings=False))
     from transformers import CLIPTextModel

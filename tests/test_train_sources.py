@@ -67,7 +67,7 @@ def test_ldm_learns_on_each_source_kind(tmp_path, sources, kind):
 
 def test_ldm_learns_from_the_latent_cache(tmp_path, sources):
     from ldm.data import build_latent_cache, open_latent_cache
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     parts = build_components("tiny")
     build_latent_cache(sources["shapes"], parts["vae"], parts["tokenizer"], str(tmp_path / "cache"), resolution=32)

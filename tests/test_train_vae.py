@@ -97,3 +97,60 @@ def test_two_processes_stop_at_the_same_step_when_only_one_gets_sigterm(tmp_path
     step = json.load(open(os.path.join(checkpoints[0], "trainer_state.json")))["step"]
     assert checkpoints[0].endswith(f"checkpoint-{step:08d}") and 2 <= step < 100000
     assert f"stopped by SIGTERM at step {step}" in text  # printed by rank 0, which got no signal
+
+
+# What the shared loop (ldm.training.loop) gives VAE training: exact resume, the non-finite guard, accumulation.
+
+def vae_config(tmp_path, name="vae", **overrides) -> TrainVAEConfig:
+    base = dict(model="tiny", data="shapes:16@32", resolution=32, batch_size=4, max_steps=4, learning_rate=1e-3,
+                output_dir=str(tmp_path / name), checkpoint_every=0, val_samples=2, log_every=0)
+    return TrainVAEConfig(**{**base, **overrides})
+
+
+def vae_weights(result) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(result["vae_dir"], "diffusion_pytorch_model.safetensors"))
+
+
+def test_vae_resume_reproduces_the_uninterrupted_run(tmp_path):
+    straight = train_vae.main(vae_config(tmp_path, "a", disc_start=1, disc_width=8))
+    half = train_vae.main(vae_config(tmp_path, "b", disc_start=1, disc_width=8, max_steps=2))
+    resumed = train_vae.main(vae_config(tmp_path, "b", disc_start=1, disc_width=8, resume="latest"))
+    assert half["step"] == 2 and resumed["step"] == 4 and list(resumed["losses"]) == [3, 4]
+    for step in (3, 4):
+        assert abs(resumed["losses"][step] - straight["losses"][step]) <= 1e-6
+    a, b, first = vae_weights(straight), vae_weights(resumed), vae_weights(half)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - first[k]).abs().max().item() for k in a) > 1e-4  # steps 3-4 moved the weights
+
+
+def test_vae_nonfinite_loss_skips_the_update_and_is_counted(tmp_path, monkeypatch):
+    original, calls = train_vae.vae_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, logs, x_rec = original(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), logs, x_rec
+
+    monkeypatch.setattr(train_vae, "vae_loss", poisoned)
+    result = train_vae.main(vae_config(tmp_path))
+    assert result["nonfinite_total"] == 1 and result["step"] == 4
+    assert all(w.isfinite().all() for w in vae_weights(result).values())
+
+
+def test_vae_gradient_accumulation_steps_the_optimizer_once_per_micro_batches(tmp_path, monkeypatch):
+    import torch
+
+    original, calls = train_vae.vae_loss, {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_vae, "vae_loss", counted)
+    result = train_vae.main(vae_config(tmp_path, max_steps=3, gradient_accumulation_steps=2))
+    assert calls["n"] == 6 and list(result["losses"]) == [1, 2, 3]
+    checkpoint = os.path.dirname(result["vae_dir"])
+    optimizer = torch.load(os.path.join(checkpoint, "accelerate", "optimizer.bin"), weights_only=False)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {3}  # AdamW stepped 3 times, not 6

@@ -4,9 +4,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from ldm.presets import build_vae, get_spec
+from ldm.models.presets import build_vae, get_spec
 from ldm.training.lpips import LPIPS, TAPS, load_lpips, vgg16_features
-from ldm.training.train_vae import Autoencode, TrainVAEConfig, discriminator_step, vae_loss
+from ldm.training.train_vae import Autoencode, TrainVAEConfig, discriminator_loss, vae_loss
 from ldm.training.vae_losses import PatchDiscriminator, hinge_g_loss, kl_loss, reconstruction_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,7 @@ def test_generator_loss_leaves_no_gradient_on_the_discriminator(parts):
     assert all(p.grad is not None for p in vae.parameters())
 
 
-def test_discriminator_step_lowers_its_own_loss():
+def test_discriminator_loss_steps_lower_its_own_loss():
     torch.manual_seed(0)
     accelerator = Accelerator()  # cpu=True would clash with a GPU state that earlier tests set up
     disc = PatchDiscriminator(width=16)
@@ -66,7 +66,14 @@ def test_discriminator_step_lowers_its_own_loss():
     device = accelerator.device
     real = torch.rand(4, 3, 32, 32, device=device) * 2 - 1
     fake = torch.rand(4, 3, 32, 32, device=device).requires_grad_()  # other statistics than `real`
-    losses = [discriminator_step(accelerator, disc, d_optimizer, real, fake) for _ in range(30)]
+    def step() -> float:  # as VAETrainer does it: backward per micro-batch, the optimiser after the update
+        loss = discriminator_loss(disc, real, fake)
+        accelerator.backward(loss)
+        d_optimizer.step()
+        d_optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    losses = [step() for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
     assert fake.grad is None  # the reconstruction is detached
 

@@ -72,7 +72,7 @@ def test_empty_prompt_list_passes_through_yaml_and_flags(tmp_path):
     cfg = parse_config(TrainLDMConfig, ["--config", str(tmp_path / "c.yaml")])
     assert cfg.validation_prompts == [] and cfg.num_validation_prompts == 2
     assert parse_config(TrainLDMConfig, ["--validation_prompts", "[]"]).validation_prompts == []
-    flags = parse_config(TrainLDMConfig, ["--validation_prompts", "a cat,a dog"])
+    flags = parse_config(TrainLDMConfig, ["--validation_prompts", "a cat", "--validation_prompts", "a dog"])
     assert flags.validation_prompts == ["a cat", "a dog"]
     sd15 = parse_config(TrainLDMConfig, ["--config", os.path.join(REPO, "configs", "sd15.yaml")])
     assert sd15.validation_prompts[0] == "a photograph of an astronaut riding a horse"

@@ -6,8 +6,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from ldm import Pipeline, diffusion
 from ldm.pipelines import NonFiniteError
-from ldm.schedulers import SCHEDULERS, ZERO_SNR_ALPHA_BAR, make_scheduler
-from ldm.training.step import NoiseSchedule
+from ldm.pipelines.schedulers import SCHEDULERS, ZERO_SNR_ALPHA_BAR, make_scheduler
+from ldm.objectives import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def zero_snr_folder(tmp_path_factory):
     """A tiny v-prediction model whose scheduler config is what train_ldm saves with --zero_terminal_snr true."""
-    from ldm.presets import build_components
+    from ldm.models.presets import build_components
 
     parts = build_components("tiny", seed=0)
     betas = diffusion.rescale_zero_terminal_snr(diffusion.make_betas("scaled_linear"))

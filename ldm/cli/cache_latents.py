@@ -36,7 +36,7 @@ def load_vae_and_tokenizer(vae_dir: str, tokenizer_dir: str | None):
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    from ldm.tokenizer import build_clip_tokenizer
+    from ldm.models.tokenizer import build_clip_tokenizer
 
     if not os.path.isdir(vae_dir):
         raise FileNotFoundError(f"VAE folder {vae_dir} does not exist; pass a VAE folder or a model folder with vae/")

@@ -12,7 +12,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ldm import Pipeline
-    from ldm.presets import build_components, count_parameters, get_spec
+    from ldm.models.presets import build_components, count_parameters, get_spec
 
     spec = get_spec(args.preset)
     pipe = Pipeline(**build_components(spec, seed=args.seed))

@@ -54,7 +54,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _add_schedule(p: argparse.ArgumentParser) -> None:
-    from ldm.diagnostics.schedule import BETA_SCHEDULES
+    from ldm.diffusion import BETA_SCHEDULES
 
     p.add_argument("--beta-schedule", nargs="+", default=["linear", "scaled_linear", "squaredcos_cap_v2"],
                    choices=BETA_SCHEDULES, metavar="NAME", help=f"one or more of {', '.join(BETA_SCHEDULES)}")

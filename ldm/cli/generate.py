@@ -15,7 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def add_arguments(p):
-    from ldm.schedulers import SCHEDULERS
+    from ldm.pipelines.schedulers import SCHEDULERS
 
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", required=True, help="a model folder (diffusers layout)")
@@ -70,7 +70,7 @@ def run(args) -> int:
 
     from ldm import Pipeline, __version__
     from ldm.images import save_png
-    from ldm.schedulers import scheduler_name
+    from ldm.pipelines.schedulers import scheduler_name
 
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
@@ -78,7 +78,7 @@ def run(args) -> int:
     pipe = Pipeline.from_pretrained(args.model, scheduler=args.scheduler, torch_dtype=dtype,
                                     allow_pickle=args.allow_pickle).to(device)
     if args.lora:
-        from ldm.lora import lora_path
+        from ldm.models.lora import lora_path
 
         pipe.load_lora_weights(lora_path(args.lora), scale=args.lora_scale)
     first = args.seed if args.seed is not None else random.randrange(2**31)

@@ -1,14 +1,22 @@
 """`ldm train`: train a latent diffusion model (the same as `accelerate launch train/train_ldm.py`).
 
-Every `--key value` of ldm/training/ldm_config.py is accepted, plus `--config FILE.yaml`.
+Every field of ldm/training/ldm_config.py is a flag (`--key value` or `--key-with-dashes value`), plus
+`--config FILE.yaml`; `ldm train --help` lists them with their defaults. The conventions (bools, lists) are in
+ldm/training/config.py's docstring.
 """
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 
-def config_command(config_module: str, config_name: str, main_module: str):
-    """Returns (add_arguments, run) for a command whose flags are a training config dataclass's fields."""
+def config_command(config_module: str, config_name: str, main_module: str, main_name: str = "main",
+                   before: Callable | None = None, after: Callable | None = None):
+    """Returns (add_arguments, run) for a command whose flags are the fields of a config dataclass.
+
+    run builds the config from the flags (ldm.training.config.config_from_args: defaults, the YAML file of
+    --config, the flags; validated), calls `before(cfg)`, then `main_module.main_name(cfg)`, then
+    `after(cfg, result)`. Modules are imported only when used, so `ldm --help` stays instant."""
     def config_cls():
         return getattr(importlib.import_module(config_module), config_name)
 
@@ -18,9 +26,14 @@ def config_command(config_module: str, config_name: str, main_module: str):
         add_config_arguments(parser, config_cls())
 
     def run(args) -> int:
-        from ldm.training.config import argv_from_args, parse_config
+        from ldm.training.config import config_from_args
 
-        importlib.import_module(main_module).main(parse_config(config_cls(), argv_from_args(args, config_cls())))
+        cfg = config_from_args(config_cls(), args)
+        if before is not None:
+            before(cfg)
+        result = getattr(importlib.import_module(main_module), main_name)(cfg)
+        if after is not None:
+            after(cfg, result)
         return 0
 
     return add_arguments, run

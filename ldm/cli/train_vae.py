@@ -1,6 +1,7 @@
 """`ldm train-vae`: train the VAE (the same as `accelerate launch train/train_vae.py`).
 
-Every `--key value` of ldm/training/train_vae.py is accepted, plus `--config FILE.yaml`.
+Every field of TrainVAEConfig (ldm/training/train_vae.py) is a flag, plus `--config FILE.yaml`;
+`ldm train-vae --help` lists them with their defaults.
 """
 from ldm.cli.train import config_command
 

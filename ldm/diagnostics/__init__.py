@@ -1,13 +1,13 @@
 """Diagnostics: per-timestep loss and bias, sampling drift, guidance breakdown, schedules, the Gaussian reference.
 
-    schedule.py          pure schedule math: make_betas, alpha_bar, snr, posterior_variance, vlb_weights
     gaussian.py          closed-form optimal eps for x0 ~ N(mu, Sigma); GaussianEpsModel, a stand-in UNet
     bias.py              per-bin loss (eps / v / x0), per-channel bias and its z-score, norm ratio
     probe.py             the fixed probe set (images, noise, timesteps) and the model's predictions on it
     timesteps.py         `ldm diagnose timesteps`: timesteps.json / .csv and PNGs
     sampling.py          per-step statistics of a pipeline trace: drift, marginal distance, guidance
     sampling_report.py   `ldm diagnose sampling`: several samplers from one seed, JSON / CSV / PNGs
-    schedule_report.py   `ldm diagnose schedule`: schedule tables, VLB weights, visited timesteps
+    schedule_report.py   `ldm diagnose schedule`: schedule tables, VLB weights, visited timesteps (the formulas
+                         themselves are ldm.diffusion's, the ones training uses)
     training_heatmap.py  per-bin validation loss over training as a heatmap
     render.py            `ldm diagnose all`: every figure of one model folder (the README's)
 """
@@ -17,7 +17,7 @@ _LAZY = {
     "render_all": "ldm.diagnostics.render", "GaussianEpsModel": "ldm.diagnostics.gaussian",
     "gaussian_optimal_eps": "ldm.diagnostics.gaussian", "gaussian_pipeline": "ldm.diagnostics.gaussian",
     "per_bin_report": "ldm.diagnostics.bias", "trace_report": "ldm.diagnostics.sampling",
-    "vlb_weights": "ldm.diagnostics.schedule", "schedule_table": "ldm.diagnostics.schedule",
+    "schedule_table": "ldm.diagnostics.schedule_report",
 }
 
 

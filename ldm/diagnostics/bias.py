@@ -13,29 +13,12 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ldm.diffusion import to_parameterisations, velocity
+
 
 
 def _bcast(alpha_bar_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return alpha_bar_t.to(like).reshape(-1, *([1] * (like.ndim - 1)))  # (N, 1, 1, 1)
-
-
-def to_parameterisations(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
-                         prediction_type: str) -> dict[str, torch.Tensor]:
-    """Returns {"eps", "x0", "v"} implied by a prediction of the given type, each shaped like x_t (N, C, h, w)."""
-    a = _bcast(alpha_bar_t, x_t)
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()           # Ho et al. 2020, Eq. (15)
-    elif prediction_type == "v_prediction":
-        x0 = a.sqrt() * x_t - (1 - a).sqrt() * model_output   # Salimans & Ho 2022, Sec. 4
-        eps = (1 - a).sqrt() * x_t + a.sqrt() * model_output
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
-    return {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}
 
 
 def probe_timesteps(num_train_timesteps: int, n_bins: int, per_bin: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +51,7 @@ def bin_stats(eps_pred: torch.Tensor, eps: torch.Tensor, x0: torch.Tensor, x_t: 
               alpha_bar_t: torch.Tensor, z_threshold: float = 5.0) -> dict:
     """Returns the statistics of one bin's samples (each (n, C, h, w)) as JSON-ready floats and lists."""
     pred = to_parameterisations(eps_pred, x_t, alpha_bar_t, "epsilon")
-    target_v = _bcast(alpha_bar_t, x_t).sqrt() * eps - (1 - _bcast(alpha_bar_t, x_t)).sqrt() * x0
+    target_v = velocity(x0, eps, _bcast(alpha_bar_t, x_t))
     mse = lambda a, b: float((a.double() - b.double()).pow(2).mean())  # noqa: E731
     bias, se = channel_bias(eps_pred, eps)
     z = (bias / se).abs()

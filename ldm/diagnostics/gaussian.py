@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ldm.diagnostics.schedule import alpha_bar_at
+from ldm.diffusion import alpha_bar_at
 
 
 def gaussian_optimal_eps(x_t: torch.Tensor, alpha_bar_t: torch.Tensor, mu: torch.Tensor, eigvals: torch.Tensor,
@@ -71,7 +71,7 @@ def random_gaussian(dim: int, seed: int = 0, scale: float = 1.0) -> tuple[torch.
 class GaussianEpsModel(nn.Module):
     """A stand-in for UNet2DConditionModel returning eps* for x0 ~ N(mu_cond or mu_uncond, Sigma).
 
-    Rows whose encoder_hidden_states average above 0.5 are conditional (see `gaussian_prompt_embeds`), the rest
+    Rows whose text context averages above 0.5 are conditional (see `gaussian_prompt_embeds`), the rest
     unconditional. The pipeline feeds it scale_model_input(x), which for every diffusers scheduler is the
     variance-preserving x_t, so the closed form above applies as written.
     """
@@ -113,12 +113,12 @@ class GaussianEpsModel(nn.Module):
         eps = gaussian_optimal_eps(x, alpha_bar_t, mu, self.eigvals, self.eigvecs)
         return (eps + self.bias).reshape(x_t.shape).to(x_t.dtype)
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **kwargs):
+    def forward(self, latents, time, text_context=None, pooled_text=None, **kwargs):
+        """The denoiser interface (ldm.models.denoiser): returns eps* (B, C, h, w)."""
         conditional = None
-        if encoder_hidden_states is not None:
-            conditional = encoder_hidden_states.flatten(1).float().mean(1) > 0.5  # (B,)
-        eps = self.predict(sample, timestep, conditional)
-        return (eps,) if not return_dict else SimpleNamespace(sample=eps)
+        if text_context is not None:
+            conditional = text_context.flatten(1).float().mean(1) > 0.5  # (B,)
+        return self.predict(latents, time, conditional)
 
 
 def gaussian_prompt_embeds(batch: int, seq_len: int = 77, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +131,8 @@ def gaussian_pipeline(model: GaussianEpsModel, schedule_config: dict, scheduler:
     """Returns an ldm.Pipeline whose UNet is `model` (tiny random VAE and text encoder, unused with
     output_type="latent" and prompt_embeds), sampling with the named scheduler over the given noise schedule."""
     from ldm.pipelines import Pipeline
-    from ldm.presets import build_components
-    from ldm.schedulers import make_scheduler
+    from ldm.models.presets import build_components
+    from ldm.pipelines.schedulers import make_scheduler
 
     components = build_components("tiny")
     components["unet"] = model

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.diagnostics.bias import probe_timesteps, to_parameterisations
+from ldm.diagnostics.bias import probe_timesteps
+from ldm.diffusion import add_noise, to_parameterisations
+from ldm.models.denoiser import denoise
+from ldm.models.vae import encode_posterior
 
 
 @dataclass
@@ -44,12 +47,10 @@ def load_probe_images(spec: str, resolution: int, num_images: int) -> tuple[torc
     return torch.stack(pixels), captions  # (n, 3, R, R)
 
 
-@torch.no_grad()
 def encode_latents(vae, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Returns the VAE posterior means times scaling_factor, (n, C, h, w): the latents training sees."""
-    out = [vae.encode(pixel_values[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
-           for i in range(0, len(pixel_values), batch_size)]
-    return torch.cat(out) * vae.config.scaling_factor
+    """Returns the VAE posterior means times scaling_factor, (n, C, h, w) on the CPU: the latents training sees."""
+    mean, _ = encode_posterior(vae, pixel_values, batch_size)  # (n, C, h, w) float32
+    return mean.cpu() * vae.config.scaling_factor
 
 
 def build_probe(latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor, n_bins: int = 10,
@@ -61,8 +62,7 @@ def build_probe(latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: to
     x0 = latents.float().repeat(k, 1, 1, 1)                                          # (K*n, C, h, w), t-major
     timesteps = t.repeat_interleave(n)                                               # (K*n,)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))       # (K*n, C, h, w)
-    a = alphas_cumprod.double()[timesteps].float().reshape(-1, 1, 1, 1)              # (K*n, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps                                       # Ho et al. 2020, Eq. (4)
+    x_t = add_noise(x0, eps, timesteps, alphas_cumprod)                              # (K*n, C, h, w)
     return Probe(x0, eps, x_t, timesteps, context.float().cpu().repeat(k, 1, 1), alphas_cumprod.double().cpu(),
                  n_bins, list(captions or [""] * n) * k)
 
@@ -74,8 +74,8 @@ def predict_probe(unet, probe: Probe, prediction_type: str, batch_size: int = 64
     out = []
     for i in range(0, len(probe.timesteps), batch_size):
         x_t, t = probe.x_t[i:i + batch_size], probe.timesteps[i:i + batch_size]
-        pred = unet(x_t.to(device, dtype), t.to(device), encoder_hidden_states=probe.context[i:i + batch_size]
-                    .to(device, dtype), return_dict=False)[0].float().cpu()
+        context = probe.context[i:i + batch_size].to(device, dtype)
+        pred = denoise(unet, x_t.to(device, dtype), t.to(device), context).float().cpu()
         a = probe.alphas_cumprod[t]
         out.append(to_parameterisations(pred, x_t, a, prediction_type)["eps"])
     return torch.cat(out)

@@ -18,8 +18,8 @@ import math
 import numpy as np
 import torch
 
-from ldm.diagnostics.schedule import alpha_bar_at
-from ldm.guidance import cfg_combine, rescale_guidance
+from ldm.diffusion import alpha_bar_at
+from ldm.pipelines.guidance import cfg_combine, rescale_guidance
 
 HISTOGRAM_BINS = 60
 

@@ -3,20 +3,50 @@
 schedule.json = {"num_train_timesteps", "variance", "schedules": {name: {"beta_start", "beta_end", "summary":
 {"alpha_bar_last", "snr_first", "snr_last", "vlb_weight_max_over_min"}}}, "visited": {scheduler: {spacing: [t]}},
 "num_inference_steps"}; schedule_<name>.csv has one row per t with the fields of
-ldm.diagnostics.schedule.schedule_table; schedule_timesteps.csv one row per (scheduler, spacing).
+schedule_table below; schedule_timesteps.csv one row per (scheduler, spacing).
 PNGs: schedule_alpha_bar.png, schedule_posterior_variance.png, schedule_vlb_weights.png, schedule_timesteps.png.
 """
 from __future__ import annotations
 
 import os
 
+import torch
+
 from ldm.diagnostics.io import write_csv, write_json
 from ldm.diagnostics.plots import dot_plot, line_plot, panels_plot
-from ldm.diagnostics.schedule import TIMESTEP_SPACINGS, make_betas, schedule_table, visited_timesteps
+from ldm.diffusion import alphas_cumprod, make_betas, posterior_variance, snr, vlb_weights
+
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 # Each schedule's usual (beta_start, beta_end): DDPM's for linear, Stable Diffusion's for scaled_linear.
 DEFAULT_BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012),
                       "squaredcos_cap_v2": (1e-4, 0.02), "sigmoid": (1e-4, 0.02)}
+
+
+def schedule_table(betas: torch.Tensor, variance: str = "posterior") -> dict[str, torch.Tensor]:
+    """Returns {"t", "beta_t", "alpha_bar_t", "snr_t", "log_snr_t", "posterior_variance_t", "vlb_weight_t",
+    "vlb_weight_normalised_t"} (each (T,)), all from ldm.diffusion; the normalised VLB weights have mean 1, like the
+    simple loss's, and with the default variance are exactly training's `--weighting vlb` for epsilon models."""
+    a_bar = alphas_cumprod(betas)
+    weights = vlb_weights(betas, variance)
+    return {"t": torch.arange(len(betas)), "beta_t": betas, "alpha_bar_t": a_bar, "snr_t": snr(a_bar),
+            "log_snr_t": snr(a_bar).log(), "posterior_variance_t": posterior_variance(betas),
+            "vlb_weight_t": weights, "vlb_weight_normalised_t": weights / weights.mean()}
+
+
+def visited_timesteps(scheduler_names: list[str], schedule_config: dict, num_inference_steps: int,
+                      spacings: tuple[str, ...] = TIMESTEP_SPACINGS) -> dict[str, dict[str, list[float]]]:
+    """Returns {scheduler: {spacing: timesteps the scheduler visits}} for each timestep_spacing."""
+    from ldm.pipelines.schedulers import make_scheduler
+
+    visited = {}
+    for name in scheduler_names:
+        visited[name] = {}
+        for spacing in spacings:
+            scheduler = make_scheduler(name, {**schedule_config, "timestep_spacing": spacing})
+            scheduler.set_timesteps(num_inference_steps)
+            visited[name][spacing] = [round(float(t), 3) for t in scheduler.timesteps]
+    return visited
 
 
 def schedule_tables(names: list[str], num_train_timesteps: int = 1000, beta_start: float | None = None,

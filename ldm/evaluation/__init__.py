@@ -4,7 +4,7 @@
 Nothing is downloaded: each metric that needs weights takes a local file and says where to get it when missing.
 """
 from ldm.evaluation.fid import feature_statistics, frechet_distance, kernel_inception_distance
-from ldm.evaluation.images import load_image_folder, to_tensor
+from ldm.evaluation.images import load_image_folder, to_unit_batch
 
 _LAZY = {"load_feature_extractor": "ldm.evaluation.features", "TinyFeatureNet": "ldm.evaluation.features",
          "InceptionFeatures": "ldm.evaluation.features", "extract_features": "ldm.evaluation.features",
@@ -20,5 +20,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'ldm.evaluation' has no attribute {name!r}")
 
 
-__all__ = ["feature_statistics", "frechet_distance", "kernel_inception_distance", "load_image_folder", "to_tensor",
+__all__ = ["feature_statistics", "frechet_distance", "kernel_inception_distance", "load_image_folder", "to_unit_batch",
            *_LAZY]

@@ -24,8 +24,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """Returns the Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6).
 
     Tr((S_1 S_2)^{1/2}) is computed as the sum of sqrt(eig(S_1^{1/2} S_2 S_1^{1/2})), a symmetric PSD matrix with
-    the same eigenvalues as S_1 S_2: two symmetric eigendecompositions instead of scipy's sqrtm, stable when the
-    covariances are singular (fewer images than features) and several times faster at d = 2048.
+    the same eigenvalues as S_1 S_2: two symmetric eigendecompositions instead of scipy's sqrtm (a general,
+    complex Schur-based square root), stable when the covariances are singular (fewer images than features).
     """
     diff = mu1 - mu2
     w, v = linalg.eigh(sigma1)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 from PIL import Image
+
+from ldm.data.transforms import to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -21,15 +22,16 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-def to_tensor(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
-    """Returns images as (N, 3, H, W) float in [0, 1], resized to size x size (bicubic) when given."""
+def to_unit_batch(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
+    """Returns images as one (N, 3, H, W) float32 batch in [0, 1] (what the feature extractors take), in RGB,
+    resized to size x size (bicubic) when given; the pixels go through ldm.data.transforms.to_tensor."""
     out = []
     for image in images:
         image = image.convert("RGB")
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))  # (3, H, W)
-    return torch.stack(out)
+        out.append(to_tensor(image))  # (3, H, W) in [-1, 1]
+    return torch.stack(out).add_(1.0).div_(2.0)  # (N, 3, H, W) in [0, 1]
 
 
 def load_image_folder(folder: str, size: int | None = None, limit: int | None = None) -> torch.Tensor:
@@ -39,4 +41,4 @@ def load_image_folder(folder: str, size: int | None = None, limit: int | None = 
     for p in paths:
         with Image.open(p) as im:
             images.append(im.convert("RGB"))
-    return to_tensor(images, size)
+    return to_unit_batch(images, size)

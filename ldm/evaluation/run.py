@@ -1,10 +1,10 @@
 """`ldm eval`: generate images for a prompt file with a model, then score them with every metric asked for.
 
 eval.json = {"model", "prompts", "num_images", "images_dir", and per metric:
-    "adherence": {"colour", "shape", "position", "all", "n"}          shapes prompts (ldm.adherence)
+    "adherence": {"colour", "shape", "position", "all", "n"}          shapes prompts (ldm.evaluation.adherence)
     "fid": float, "kid": {"mean", "std"}, "feature_extractor": str     against --reference images
     "clip_score": {"clip_score", "per_image", "cosine"}              with local open_clip weights
-    "memorisation": ldm.memorization.memorization_report(...).to_dict()  against --train-data images
+    "memorisation": ldm.evaluation.memorization.memorization_report(...).to_dict()  against --train-data images
  "skipped": {metric: why}}.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from ldm.diagnostics.io import write_json
 from ldm.evaluation.fid import fid_from_features, kernel_inception_distance
-from ldm.evaluation.images import load_image_folder, to_tensor
-from ldm.memorization import memorization_report
+from ldm.evaluation.images import load_image_folder, to_unit_batch
+from ldm.evaluation.memorization import memorization_report
 from ldm.training.config import check_ranges
 
 
@@ -72,7 +72,7 @@ def generate(pipe, prompts: list[str], cfg: EvalConfig, images_dir: str) -> tupl
 
 
 def _adherence(images, prompts, mode: str) -> dict:
-    from ldm.adherence import adherence_report, parse_prompt
+    from ldm.evaluation.adherence import adherence_report, parse_prompt
 
     try:
         for p in prompts:
@@ -95,7 +95,7 @@ def score_images(images, prompts: list[str], cfg: EvalConfig) -> dict:
          else result.__setitem__("adherence", adherence))
     if cfg.reference:
         extractor = load_feature_extractor(cfg.features, cfg.feature_weights)
-        fake = extract_features(extractor, to_tensor(images))
+        fake = extract_features(extractor, to_unit_batch(images))
         real = extract_features(extractor, load_image_folder(cfg.reference, size=images[0].width))
         kid_mean, kid_std = kernel_inception_distance(real, fake)
         result.update(fid=fid_from_features(real, fake), kid={"mean": kid_mean, "std": kid_std},
@@ -111,7 +111,7 @@ def score_images(images, prompts: list[str], cfg: EvalConfig) -> dict:
     if cfg.train_data:
         size = cfg.memorisation_size
         # The fine-tuning guard's measure: nearest-training-image distance / typical distance between training images
-        samples, train = to_tensor(images, size), load_image_folder(cfg.train_data, size)
+        samples, train = to_unit_batch(images, size), load_image_folder(cfg.train_data, size)
         result["memorisation"] = memorization_report(samples, train).to_dict()
     else:
         skipped["memorisation"] = "no --train-data image folder"

@@ -2,8 +2,26 @@
 
     cfg = parse_config(TrainLDMConfig, ["--config", "configs/sd15.yaml", "--learning_rate", "5e-5"])
 
-Unknown keys and values of the wrong type raise ValueError naming the key. Flags accept `--key value`,
-`--key=value`, and dashes for underscores (`--learning-rate`). A bool flag given alone means true.
+One way from a config dataclass to command-line flags, used by every command that has one (`ldm train`,
+`ldm train-vae`, `ldm finetune`, `ldm demo`, through ldm.cli.train.config_command) and by the train/*.py scripts:
+
+    add_config_arguments(parser, cls)   # --config FILE.yaml, and one option per field of cls
+    cfg = config_from_args(cls, args)   # defaults, then the YAML file, then the flags given; then cfg.validate()
+
+`parse_config(cls, argv)` is those two on a parser of its own whose errors raise ValueError instead of exiting.
+
+Flag conventions:
+  * each field `name` is `--name VALUE` or `--name-with-dashes VALUE`; `--name=VALUE` works too. Unknown flags
+    and abbreviations are errors. `--help` lists every field with its default and its comment in the source.
+  * bool fields: `--flag` alone means true; `--flag false` (or true/yes/no/on/off/1/0) sets it either way.
+  * list fields (e.g. validation_prompts): repeat the flag, one item per occurrence, taken verbatim, so an item
+    may hold commas: `--validation_prompts "a red, round thing" --validation_prompts "a blue square"`. The
+    flags replace the list of the YAML file or the default as a whole; `--validation_prompts []` (the text `[]`
+    alone) empties it.
+  * optional fields: the text none (or null, ~) means None.
+  * numbers: typed here, then range-checked by the class's `validate()` (below), before any work starts.
+
+Unknown keys and values of the wrong type, from the YAML file or from a flag, raise ValueError naming the key.
 
 Every int/float field has an allowed range, declared in the class's RANGES dict ("[1, 1e6]", "(0, 1]", "[0, inf]";
 brackets include the bound, parentheses exclude it); `check_ranges` (called first by each `validate`) refuses a
@@ -12,9 +30,17 @@ value outside it, naming the field and the range. Argparse commands use `number_
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
+import functools
+import inspect
+import io
 import math
 import re
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 
@@ -79,7 +105,7 @@ def apply_overrides(cfg, overrides: dict, source: str = "overrides"):
 
 
 def _from_text(key: str, text: str, hint):
-    """Returns a flag's text parsed for a field of type `hint` (then checked by _coerce)."""
+    """Returns a flag's text parsed for a scalar field of type `hint` (then checked by _coerce)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if text.lower() in ("none", "null", "~"):
@@ -98,36 +124,7 @@ def _from_text(key: str, text: str, hint):
         except ValueError:
             raise ValueError(f"config key {key!r} wants {'an integer' if hint is int else 'a number'}, "
                              f"got {text!r}") from None
-    value = yaml.safe_load(text)  # lists: "[1, 2]" or "1,2"
-    return value if isinstance(value, list) else [yaml.safe_load(v) for v in text.split(",")]
-
-
-def flags_to_dict(argv: list[str], cls) -> tuple[str | None, dict]:
-    """Returns (yaml path from --config or None, {key: value}) parsed from `--key value` flags."""
-    types_ = _field_types(cls)
-    config_path, out, i = None, {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; write --key value")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if types_.get(key) is bool and not takes_value:
-                value = "true"
-            elif not takes_value:
-                raise ValueError(f"flag --{key} needs a value")
-            else:
-                value, i = argv[i + 1], i + 1
-        i += 1
-        if key == "config":
-            config_path = value
-            continue
-        if key not in types_:
-            raise ValueError(f"unknown flag --{key}; valid keys: {sorted(types_)}")
-        out[key] = _from_text(key, value, types_[key])
-    return config_path, out
+    raise TypeError(f"config key {key!r} has an unsupported type {hint} for a flag")
 
 
 def load_yaml(path: str) -> dict:
@@ -139,15 +136,13 @@ def load_yaml(path: str) -> dict:
 
 
 def parse_config(cls, argv: list[str] | None = None):
-    """Returns cls() updated by the YAML file of `--config PATH` and then by the other `--key value` flags."""
-    config_path, flags = flags_to_dict(list(argv or []), cls)
-    cfg = cls()
-    if config_path:
-        cfg = apply_overrides(cfg, load_yaml(config_path), source=config_path)
-    cfg = apply_overrides(cfg, flags, source="command-line flags")
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    """Returns cls() updated by the YAML file of `--config PATH` and then by the other `--key value` flags
+    (the conventions are in this module's docstring), validated. Bad flags raise ValueError naming the flag;
+    `--help` prints every field with its default and exits."""
+    module = sys.modules.get(cls.__module__)
+    parser = ConfigArgumentParser(description=_first_line(getattr(module, "__doc__", None)), allow_abbrev=False)
+    add_config_arguments(parser, cls)
+    return config_from_args(cls, parser.parse_args(list(argv or [])))
 
 
 def config_to_dict(cfg) -> dict:
@@ -165,25 +160,178 @@ def format_config(cfg) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()
 
 
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise ValueError naming the flag, instead of printing usage and exiting
+    (for parse_config: scripts and tests get an exception, as from a bad YAML key)."""
+
+    def error(self, message: str):
+        missing = re.match(r"argument (-[^/:\s]+)\S*: expected one argument", message)
+        if missing:
+            raise ValueError(f"flag {missing.group(1)} needs a value")
+        unrecognized = re.match(r"unrecognized arguments: (.*)", message)
+        if unrecognized:
+            first = unrecognized.group(1).split()[0]
+            if not first.startswith("-"):
+                raise ValueError(f"unexpected argument {first!r}; write --key value")
+            flag = first.partition("=")[0]
+            close = difflib.get_close_matches(flag, [s for s in self._option_string_actions if s.startswith("--")],
+                                              n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"unknown flag {flag}{hint} (--help lists every flag)")
+        raise ValueError(message)
+
+
+def _first_line(text: str | None) -> str | None:
+    return text.strip().splitlines()[0] if text and text.strip() else None
+
+
+def _unwrap_optional(hint):
+    """Returns `hint` without its None option (int | None -> int)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _list_item(hint):
+    """Returns the item type of a list/tuple field (optional ones too), or None for a scalar field."""
+    hint = _unwrap_optional(hint)
+    if typing.get_origin(hint) in (list, tuple) or hint in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return args[0] if args else str
+    return None
+
+
+def _flag_text_type(key: str, hint):
+    """Returns an argparse `type=`: the text parsed by _from_text, or the text itself where it does not parse,
+    for config_from_args to refuse with the key's name (a ValueError: `ldm` prints it and exits with 2)."""
+    def convert(text: str):
+        try:
+            return _from_text(key, text, hint)
+        except ValueError:
+            return text
+
+    convert.__name__ = getattr(_unwrap_optional(hint), "__name__", "value")
+    return convert
+
+
+class _ListItemAction(argparse.Action):
+    """Appends one item per occurrence of the flag; the text `[]` empties the list."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, [] if value == "[]" else items + [value])
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls) -> dict[str, str]:
+    """Returns {field: its trailing `# comment` in the class's source, continuation lines joined}; {} where the
+    source cannot be read (a frozen install, a class made at run time)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+        comments = {tok.start[0]: (tok.start[1], tok.string) for tok in
+                    tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError, IndentationError):
+        return {}
+    lines = source.splitlines()
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    out = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        row = node.end_lineno
+        if row not in comments:
+            continue
+        parts = [comments[row][1]]
+        row += 1  # comment-only lines indented past the field continue its comment
+        while row in comments and lines[row - 1].lstrip().startswith("#") and comments[row][0] > node.col_offset:
+            parts.append(comments[row][1])
+            row += 1
+        out[node.target.id] = " ".join(p.lstrip("#").strip() for p in parts).strip()
+    return out
+
+
+def show_default(value) -> str:
+    """Returns a default as --help shows it: bools as true/false (a flag's spelling), None as none, else repr."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return repr(list(value) if isinstance(value, tuple) else value)
+
+
+_METAVARS = {bool: "BOOL", int: "INT", float: "NUM", str: "TEXT"}
+
+
+def _conventions(cls) -> str:
+    """Returns the --help epilog: where settings come from, and how bool and list flags are written."""
+    hints = _field_types(cls)
+    text = ["Settings: the defaults above, then --config FILE.yaml, then the flags given."]
+    if any(_unwrap_optional(h) is bool for h in hints.values()):
+        text.append("A bool flag alone means true (--flag false sets false).")
+    lists = [name for name, h in hints.items() if _list_item(h) is not None]
+    if lists:
+        text.append(f"A list setting takes one item per flag, repeated, commas kept: --{lists[0]} 'a red, round "
+                    f"thing' --{lists[0]} 'a cat'; --{lists[0]} [] empties it.")
+    text.append("Numbers outside their ranges are refused before any work.")
+    return " ".join(text)
+
+
 def add_config_arguments(parser, cls) -> None:
-    """Adds `--config` and one `--key VALUE` option per field of `cls` to an argparse parser (for the CLI)."""
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="a YAML file of config keys (flags override it)")
-    defaults = cls()
+    """Adds `--config FILE.yaml` and one option per field of dataclass `cls` to an argparse parser, spelled
+    `--name` and `--name-with-dashes`, its help the field's default and comment (conventions: module docstring).
+
+    Options absent from the command line are absent from the Namespace (argparse.SUPPRESS), so that
+    config_from_args applies only the flags given, over the YAML file. Abbreviated flags are turned off."""
+    parser.allow_abbrev = False  # --learning_rat must not quietly mean --learning_rate
+    if parser.usage is None:
+        parser.usage = "%(prog)s [-h] [--config FILE.yaml] [--KEY VALUE ...]"
+    if parser.epilog is None:
+        parser.epilog = _conventions(cls)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                        help="a YAML file of settings (the keys below, with underscores); flags override it")
+    defaults, comments = cls(), field_comments(cls)
     for name, hint in _field_types(cls).items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        extra = dict(nargs="?", const="true") if hint is bool else {}  # `--use_ema` alone means true
-        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"default: {getattr(defaults, name)!r}", **extra)
+        item = _list_item(hint)
+        scalar = _unwrap_optional(hint)
+        text = f"[default: {show_default(getattr(defaults, name))}]"
+        if comments.get(name):
+            text += " " + comments[name]
+        options = dict(dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        if item is not None:
+            options.update(action=_ListItemAction, type=_flag_text_type(name, item),
+                           metavar=_METAVARS.get(item, "ITEM"), help=options["help"] + " (one item per flag)")
+        elif scalar is bool:
+            options.update(nargs="?", const=True, type=_flag_text_type(name, hint), metavar="BOOL")
+        else:
+            options.update(type=_flag_text_type(name, hint), metavar=_METAVARS.get(scalar, "VALUE"))
+        parser.add_argument(*flags, **options)
 
 
-def argv_from_args(args, cls) -> list[str]:
-    """Returns the `--key value` list of the options given on the command line, for parse_config."""
+def _flag_value(key: str, value, hint):
+    """Returns a Namespace value typed for `hint`: text left by _flag_text_type is parsed again, which raises."""
+    item = _list_item(hint)
+    if item is not None and isinstance(value, (list, str)):
+        return [_from_text(key, v, item) if isinstance(v, str) else v for v in ([value] if isinstance(value, str)
+                                                                                    else value)]
+    return _from_text(key, value, hint) if isinstance(value, str) else value
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Returns cls() updated by the YAML file of `args.config` (if any) and then by the options of
+    add_config_arguments given on the command line, validated (cfg.validate(): ranges, choices). Unknown YAML
+    keys and values of the wrong type raise ValueError naming the key. Other Namespace entries are ignored."""
     given = vars(args)
-    argv = ["--config", given["config"]] if "config" in given else []
-    for name in _field_types(cls):
-        if name in given:
-            argv += [f"--{name}", given[name]]
-    return argv
+    cfg = cls()
+    if given.get("config"):
+        cfg = apply_overrides(cfg, load_yaml(given["config"]), source=given["config"])
+    flags = {name: _flag_value(name, given[name], hint) for name, hint in _field_types(cls).items() if name in given}
+    cfg = apply_overrides(cfg, flags, source="command-line flags")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
 
 
 _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\]\s)]+)\s*([\])])$")

@@ -3,7 +3,7 @@
 Steps: 1. render the shapes data set; 2. train the VAE (train_vae.main); 3. encode every image once to its
 posterior (an in-memory latent cache); 4. train the LDM on the cached latents with cached text embeddings
 (train_ldm.main); 5. sample a fixed list of single-shape prompts with DDPM, DDIM and LMS at guidance 1 and at
-the default guidance, grade them with ldm.adherence and write grids, report.json and a loss curve.
+the default guidance, grade them with ldm.evaluation.adherence and write grids, report.json and a loss curve.
 """
 from __future__ import annotations
 
@@ -31,22 +31,26 @@ class DemoConfig:
     num_samples: int = 4000
     two_shape_fraction: float = 0.1  # mostly single shapes: the scenes the demo prompts for
     canonical_captions: bool = True  # single shapes captioned in the prompts' wording ("a red circle on the left")
-    vae_steps: int = 700             # L2 at 3e-3, cosine decay: reconstructions graded 100% colour, 92% shape
+    vae_steps: int = 700             # with the L2 loss and cosine decay below: enough for the grader to read
+                                     # the reconstructions' colours (README, Demo)
     vae_batch_size: int = 16
     vae_learning_rate: float = 3e-3
-    vae_lr_scheduler: str = "cosine" # a constant 3e-3 ended noisier: PSNR 25.9 vs 27.5, red read as orange
-    vae_rec_loss: str = "l2"         # L1 at 1e-3 still turned green/red orange and squares round after 300 steps
+    vae_lr_scheduler: str = "cosine" # a constant rate ends noisier and shifts colours (README, Demo)
+    vae_rec_loss: str = "l2"         # L1 shifted colours and rounded squares (README, Demo)
     vae_dark_fraction: float = 0.0   # > 0: also train the VAE on this share of the scenes on a dark background,
                                      # so that a LoRA can later teach the model a dark style (the LDM sees none)
-    ldm_steps: int = 2200            # 5.3 min on 2 CPU cores (0.14 s a step); the 15 minutes' LDM share is a cap
+    ldm_steps: int = 2200            # fits the LDM's share of `minutes` on a 2-core CPU (README, Demo); the
+                                     # share is a cap, so a slower machine stops early rather than overrunning
     ldm_batch_size: int = 32
     ldm_learning_rate: float = 2e-3
     train_text_encoder: bool = False # frozen random CLIP (token std 1, see presets.small), embeddings cached
-    timestep_sampling: str = "uniform"  # or logit_normal: lower validation loss, same adherence (see README Train)
+    timestep_sampling: str = "uniform"  # or logit_normal (the two compared: README, Train)
     guidance: float = 4.0
     sample_steps: int = 50
     num_prompts: int = 90            # every colour x shape x position once
     threads: int = 0                 # torch CPU threads; 0 = half the cores (a busy machine punishes more)
+    resume: bool = False             # continue OUT's VAE and LDM runs from their last checkpoints: after Ctrl-C,
+                                     # SIGTERM or max minutes, or with more vae_steps / ldm_steps than before
     seed: int = 0
 
     # Allowed values of every int/float field (ldm.training.config.check_ranges).
@@ -138,17 +142,14 @@ DARK = (22, 22, 30)
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Map-style {"latent_mean", "latent_logvar": (4,h,w), "caption"}: every image encoded once."""
+    """Map-style {"latent_mean", "latent_logvar": (4,h,w) on the CPU, "caption"}: every image encoded once, on
+    the VAE's device, in chunks of batch_size."""
 
-    @torch.no_grad()
-    def __init__(self, pixels: PixelDataset, vae, device, batch_size: int = 256):
-        means, logvars = [], []
-        vae.eval()
-        for chunk in pixels.pixels.split(batch_size):
-            dist = vae.encode(chunk.to(device)).latent_dist
-            means.append(dist.mean.cpu())
-            logvars.append(dist.logvar.cpu())
-        self.mean, self.logvar, self.captions = torch.cat(means), torch.cat(logvars), pixels.captions
+    def __init__(self, pixels: PixelDataset, vae, batch_size: int = 256):
+        from ldm.models.vae import encode_posterior
+
+        mean, logvar = encode_posterior(vae.eval(), pixels.pixels, batch_size)  # (N, 4, h, w) each
+        self.mean, self.logvar, self.captions = mean.cpu(), logvar.cpu(), pixels.captions
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -162,7 +163,8 @@ def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
                           learning_rate=cfg.vae_learning_rate, lr_scheduler=cfg.vae_lr_scheduler, lr_warmup_steps=50,
                           batch_size=cfg.vae_batch_size, max_steps=cfg.vae_steps,
                           max_minutes=cfg.budget()[0], output_dir=os.path.join(cfg.out, "vae_run"),
-                          checkpoint_every=0, checkpoints_total_limit=1, seed=cfg.seed)
+                          checkpoint_every=0, checkpoints_total_limit=1, resume="latest" if cfg.resume else "",
+                          seed=cfg.seed)
 
 
 def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
@@ -174,13 +176,14 @@ def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
                           use_ema=True, ema_decay=0.995, weight_decay=0.0, caption_dropout=0.1,
                           output_dir=os.path.join(cfg.out, "ldm_run"), checkpoint_every=0,
                           checkpoints_total_limit=1, validation_every=100, num_validation_prompts=0,
-                          val_loss_samples=32, log_every=25, report_to="tensorboard", seed=cfg.seed)
+                          val_loss_samples=32, log_every=25, report_to="tensorboard",
+                          resume="latest" if cfg.resume else "", seed=cfg.seed)
 
 
 def evaluate(pipe, prompts: list[str], samplers, guidances, steps: int, out: str, seed: int) -> dict:
     """Returns {sampler: {guidance: adherence report}}; writes one grid PNG per (sampler, guidance)."""
-    from ldm.adherence import adherence_report
-    from ldm.training.validation import image_grid
+    from ldm.evaluation.adherence import adherence_report
+    from ldm.images import image_grid
 
     table = {}
     for name in samplers:
@@ -223,10 +226,33 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def train_models(cfg: DemoConfig, pixels: PixelDataset) -> dict:
+    """Trains the VAE, encodes the images once and trains the LDM (both through ldm.training.loop); returns
+    {"vae": train_vae's result, "ldm": train_ldm's result or None, "stopped_by": a signal's name or None}. A phase
+    stopped by a signal ends the demo there, with a checkpoint: `resume` continues it."""
+    from diffusers import AutoencoderKL
+
+    from ldm.training import train_ldm, train_vae
+
+    print("[2/5] training the VAE", flush=True)
+    vae_data = with_dark_scenes(pixels, cfg) if cfg.vae_dark_fraction else pixels
+    vae_result = train_vae.main(vae_config(cfg), dataset=vae_data)
+    if vae_result["stopped_by"] in ("SIGTERM", "SIGINT"):
+        return {"vae": vae_result, "ldm": None, "stopped_by": vae_result["stopped_by"]}
+
+    print("[3/5] encoding the images to latents once", flush=True)
+    vae = AutoencoderKL.from_pretrained(vae_result["vae_dir"]).to(cfg.device)
+    latents = LatentDataset(pixels, vae)
+
+    print("[4/5] training the latent diffusion model", flush=True)
+    ldm_result = train_ldm.main(ldm_config(cfg, vae_result["vae_dir"]), dataset=latents)
+    stopped_by = ldm_result["stopped_by"] if ldm_result["stopped_by"] in ("SIGTERM", "SIGINT") else None
+    return {"vae": vae_result, "ldm": ldm_result, "stopped_by": stopped_by}
+
+
 def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
     """Runs the whole demo; returns the report (also written to out/report.json)."""
     from ldm.pipelines import Pipeline
-    from ldm.training import train_ldm, train_vae
 
     cfg.validate()
     started = time.time()
@@ -236,22 +262,15 @@ def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
     torch.manual_seed(cfg.seed)
     print(f"[1/5] rendering {cfg.num_samples} shapes images at {cfg.resolution} px", flush=True)
     pixels = PixelDataset(cfg.num_samples, cfg.resolution, cfg.seed, cfg.two_shape_fraction, cfg.canonical_captions)
-
-    print("[2/5] training the VAE", flush=True)
-    vae_data = with_dark_scenes(pixels, cfg) if cfg.vae_dark_fraction else pixels
-    vae_result = train_vae.main(vae_config(cfg), dataset=vae_data)
-
-    print("[3/5] encoding the images to latents once", flush=True)
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_result["vae_dir"]).to(cfg.device)
-    latents = LatentDataset(pixels, vae, cfg.device)
-
-    print("[4/5] training the latent diffusion model", flush=True)
-    ldm_result = train_ldm.main(ldm_config(cfg, vae_result["vae_dir"]), dataset=latents)
+    runs = train_models(cfg, pixels)
+    vae_result, ldm_result = runs["vae"], runs["ldm"]
+    if runs["stopped_by"]:
+        print(f"demo stopped by {runs['stopped_by']}; continue with `ldm demo --out {cfg.out} --resume` (and the "
+              "same settings)", flush=True)
+        return {"stopped_by": runs["stopped_by"], "vae_steps": vae_result["step"],
+                "ldm_steps": ldm_result["step"] if ldm_result else 0}
     pipe_dir = os.path.join(cfg.out, "pipeline")
-    pipe = Pipeline.from_pretrained(os.path.join(ldm_result["checkpoint"], "pipeline"))
-    pipe.save_pretrained(pipe_dir)
+    Pipeline.from_pretrained(os.path.join(ldm_result["checkpoint"], "pipeline")).save_pretrained(pipe_dir)
     plot_losses(ldm_result["losses"], os.path.join(cfg.out, "loss_curve.png"), "LDM training loss")
     train_minutes = (time.time() - started) / 60
 
@@ -261,8 +280,9 @@ def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
     prompts = eval_prompts(cfg.num_prompts)
     table = evaluate(pipe, prompts, samplers, (1.0, cfg.guidance), cfg.sample_steps, cfg.out, cfg.seed)
     report = {"minutes": (time.time() - started) / 60, "train_minutes": train_minutes, "pipeline": pipe_dir,
-              "vae_psnr": vae_result.get("psnr"), "vae_steps": vae_result["step"], "ldm_steps": ldm_result["step"],
-              "val_loss_history": [(v["step"], v["val_loss"]) for v in ldm_result["val"]],
+              "stopped_by": None, "vae_psnr": vae_result.get("psnr"), "vae_steps": vae_result["step"],
+              "ldm_steps": ldm_result["step"], "val_loss_history": [(v["step"], v["val_loss"]) for v in ldm_result["val"]],
+              "nonfinite_total": {"vae": vae_result["nonfinite_total"], "ldm": ldm_result["nonfinite_total"]},
               "guidance": cfg.guidance, "sample_steps": cfg.sample_steps, "prompts": prompts, "adherence": table,
               "config": cfg.__dict__}
     with open(os.path.join(cfg.out, "report.json"), "w", encoding="utf-8") as f:

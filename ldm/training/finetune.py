@@ -5,9 +5,9 @@
 
 Steps: 1. read the folder into memory (5 to 200 images) and hold part of it out; 2. with --class-prompt, draw
 the class images with the base model (cached); 3. add LoRA adapters (or unfreeze the UNet); 4. train with the
-step helpers of ldm.training.step and the guarded, accumulated optimiser step of ldm.training.loop (as
-`ldm train`); every `validation_every` steps log the per-timestep-bin loss of training and held-out images,
-sample the instance prompt and check the samples for near-copies (ldm.memorization); every `checkpoint_every`
+shared loop of ldm.training.loop (as `ldm train`: accumulation, the non-finite guard, stops, checkpoints,
+exact resume), whose loss is ldm.training.step.batch_loss (+ DreamBooth's prior term); every `validation_every` steps log the per-timestep-bin loss of training and held-out images,
+sample the instance prompt and check the samples for near-copies (ldm.evaluation.memorization); every `checkpoint_every`
 steps, and on SIGTERM/Ctrl-C or after max_minutes, write a checkpoint (`--resume latest` continues exactly);
 5. write pytorch_lora_weights.safetensors (+ the web-UI file) or a pipeline folder, and report.json.
 """
@@ -16,37 +16,25 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ldm import diffusion
 from ldm.data.buckets import batch_plan
-from ldm.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
-from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
-from ldm.training.config import every, format_config, save_config
+from ldm.evaluation.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
+from ldm.images import image_grid
+from ldm.models.vae import encode_posterior
+from ldm.objectives import objective_for
+from ldm.training import loop
+from ldm.training.config import format_config, save_config
 from ldm.training.finetune_config import FinetuneConfig, resolve_defaults
-from ldm.training.loop import accumulated_step, new_state, stop_if_nonfinite
-from ldm.training.signals import StopRequest, agreed_stop_reason
-from ldm.training.step import NoiseSchedule, TextEmbedder, batch_latents, diffusion_loss, step_generator
-from ldm.training.validation import image_grid, make_val_set, validation_loss
+from ldm.training.checkpoint import resolve_resume
+from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
+from ldm.training.validation import inference_pipeline, make_val_set, validation_loss
 
 NO_CAPTION = "\u0000no-caption\u0000"   # what the folder source returns for an image without a caption
 GUARD_FILE = "memorization_guard.safetensors"   # in a checkpoint: the weights an early stop would restore
-
-
-@dataclass
-class LossSettings:
-    """The loss fields ldm.training.step.diffusion_loss reads: plain epsilon/v MSE, as DreamBooth trains."""
-    prediction_type: str = "epsilon"
-    loss: str = "mse"
-    huber_c: float = 0.1
-    weighting: str = "uniform"
-    snr_gamma: float = 5.0
-    offset_noise: float = 0.0
 
 
 def join_caption(caption: str, instance_prompt: str) -> str:
@@ -111,12 +99,11 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-@torch.no_grad()
-def encode_posteriors(samples: list[dict], vae, device) -> list[dict]:
+def encode_posteriors(samples: list[dict], vae) -> list[dict]:
     """Adds "latent_mean" and "latent_logvar" (4, h, w) to each sample: every image goes through the VAE once."""
     for s in samples:
-        moments = vae.encode(s["pixel_values"][None].to(device, vae.dtype)).latent_dist
-        s["latent_mean"], s["latent_logvar"] = moments.mean[0].float().cpu(), moments.logvar[0].float().cpu()
+        mean, logvar = encode_posterior(vae, s["pixel_values"][None])
+        s["latent_mean"], s["latent_logvar"] = mean[0].cpu(), logvar[0].cpu()
     return samples
 
 
@@ -133,16 +120,8 @@ def batches_forever(samples: list[dict], batch_size: int, seed: int, flip: bool)
         epoch += 1
 
 
-def noise_schedule(scheduler_config: dict) -> NoiseSchedule:
-    """Returns the base model's own training schedule, read from its scheduler config (trained_betas included)."""
-    from diffusers import DDPMScheduler
-
-    betas = DDPMScheduler.from_config(scheduler_config).betas.double()
-    return NoiseSchedule(betas, diffusion.alphas_cumprod(betas), scheduler_config.get("beta_schedule", "custom"), False)
-
-
 @torch.no_grad()
-def grouped_validation_loss(unet, samples: list[dict], vae, embed, schedule, prediction_type, bins, device) -> dict:
+def grouped_validation_loss(unet, samples: list[dict], vae, embed, objective, bins, device) -> dict:
     """Returns validation_loss over samples of possibly different sizes: per size group, averaged by count."""
     groups: dict[tuple, list[dict]] = {}
     for s in samples:
@@ -151,15 +130,14 @@ def grouped_validation_loss(unet, samples: list[dict], vae, embed, schedule, pre
     for group in groups.values():
         batch = {"latent_mean": torch.stack([s["latent_mean"] for s in group]),  # (n, 4, h, w)
                  "caption": [s["caption"] for s in group]}
-        val = make_val_set(batch, vae, embed, max(10, 40 // len(group)), schedule.num_train_timesteps, device)
-        reports.append((len(group) / total, validation_loss(unet, val, schedule.alpha_bar.to(device), prediction_type,
-                                                            bins)))
+        val = make_val_set(batch, vae, embed, max(10, 40 // len(group)), objective.schedule.num_train_timesteps, device)
+        reports.append((len(group) / total, validation_loss(unet, val, objective, bins)))
     return {k: sum(w * r[k] for w, r in reports) for k in reports[0][1]}
 
 
 def trainable_parameters(cfg: FinetuneConfig, unet, text_encoder) -> list[torch.nn.Parameter]:
     """Returns the weights to train: LoRA adapters (B = 0 at first) or the whole UNet (+ text encoder)."""
-    from ldm.lora import LoraSettings, add_lora
+    from ldm.models.lora import LoraSettings, add_lora
 
     if cfg.method == "lora":
         settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.train_text_encoder)
@@ -167,53 +145,6 @@ def trainable_parameters(cfg: FinetuneConfig, unet, text_encoder) -> list[torch.
     unet.requires_grad_(True)
     text_encoder.requires_grad_(cfg.train_text_encoder)
     return list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
-
-
-def sampling_pipeline(parts: dict, unet, text_encoder):
-    """Returns an ldm.Pipeline over the weights being trained (adapters active), progress bar off."""
-    from diffusers import DDIMScheduler
-
-    from ldm.pipelines import Pipeline
-
-    pipe = Pipeline(vae=parts["vae"], text_encoder=text_encoder, tokenizer=parts["tokenizer"], unet=unet,
-                    scheduler=DDIMScheduler.from_config(parts["scheduler"].config))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def finetune_loss(cfg, accelerator, unet, vae, embed, schedule, loss_settings, batch: dict, prior_batch: dict | None,
-                  step: int, micro: int) -> torch.Tensor:
-    """Returns the loss of one micro-batch of optimiser step `step` (1-based).
-
-    With a prior batch: L_instance + w * L_prior, DreamBooth's prior preservation (Ruiz et al. 2023, Eq. 2).
-    """
-    device = accelerator.device
-    generator = step_generator(cfg.seed, step, micro)
-    with accelerator.autocast():  # the VAE and text encoder in the mixed-precision dtype too, as in train_ldm
-        latents = batch_latents(batch, vae, generator, device)  # (B, 4, h, w)
-        captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
-        context = embed(captions, device)  # (B, 77, D)
-    loss, _ = diffusion_loss(unet, latents, context, schedule, loss_settings, generator)
-    if prior_batch is not None:
-        with accelerator.autocast():
-            prior_latents = batch_latents(prior_batch, vae, generator, device)  # (B', 4, h, w)
-            prior_context = embed(list(prior_batch["caption"]), device)
-        prior_loss, _ = diffusion_loss(unet, prior_latents, prior_context, schedule, loss_settings, generator)
-        loss = loss + cfg.prior_loss_weight * prior_loss
-    return loss
-
-
-def finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, optimizer, lr_scheduler, params,
-                  batches, prior_batches, state: dict) -> float:
-    """Runs one optimiser step over gradient_accumulation_steps micro-batches (skipped if not finite, see
-    ldm.training.loop); returns the mean loss. Counts the batches drawn in state["batches_drawn"]."""
-    def micro_loss(micro: int) -> torch.Tensor:
-        state["batches_drawn"] += 1
-        return finetune_loss(cfg, accelerator, unet, vae, embed, schedule, loss_settings, next(batches),
-                             next(prior_batches) if prior_batches else None, state["step"] + 1, micro)
-
-    return accumulated_step(accelerator, unet, micro_loss, cfg.gradient_accumulation_steps, params, cfg.max_grad_norm,
-                            optimizer, lr_scheduler, state)
 
 
 def sample_prompts(cfg: FinetuneConfig, train: list[dict]) -> list[str]:
@@ -224,11 +155,11 @@ def sample_prompts(cfg: FinetuneConfig, train: list[dict]) -> list[str]:
 
 
 @torch.no_grad()
-def validate(cfg, step: int, pipe, unet, vae, embed, schedule, prediction_type, train, held) -> dict:
+def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> dict:
     """Returns this step's record: per-bin loss of training vs held-out images, samples and the near-copy check."""
     unet.eval()
     device = pipe.device
-    args = (vae, embed, schedule, prediction_type, cfg.val_loss_bins, device)
+    args = (vae, embed, objective, cfg.val_loss_bins, device)
     val_train, val_held = grouped_validation_loss(unet, train, *args), grouped_validation_loss(unet, held, *args)
     prompts = sample_prompts(cfg, train)
     generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
@@ -238,7 +169,7 @@ def validate(cfg, step: int, pipe, unet, vae, embed, schedule, prediction_type, 
     path = os.path.join(cfg.out, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pil = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))
-    image_grid(pil, columns=len(prompts)).save(path)
+    image_grid(pil, len(prompts)).save(path)
     report = memorization_report(images.cpu() * 2 - 1, [s["pixel_values"] for s in train], cfg.near_copy_ratio)
     gap = generalization_gap(val_train, val_held)
     memorization = report.to_dict()
@@ -251,18 +182,18 @@ def validate(cfg, step: int, pipe, unet, vae, embed, schedule, prediction_type, 
 
 def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: str) -> dict:
     """Writes FOLDER/pytorch_lora_weights.safetensors (LoRA) or FOLDER/pipeline (full); returns {"lora", "pipeline"}."""
-    from ldm.lora import save_lora
+    from ldm.models.lora import save_lora
 
     if cfg.method == "full":
         path = os.path.join(folder, "pipeline")
-        sampling_pipeline(parts, unet, text_encoder).save_pretrained(path)
+        inference_pipeline(parts, unet, parts["scheduler"].config, text_encoder).save_pretrained(path)
         return {"lora": None, "pipeline": path}
     return {"lora": save_lora(folder, unet, text_encoder), "pipeline": None}
 
 
 def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder) -> dict:
     """Writes the LoRA file(s) or the pipeline folder; returns {"lora", "webui", "pipeline"} paths (or None)."""
-    from ldm.lora import merge_lora, save_webui_lora
+    from ldm.models.lora import merge_lora, save_webui_lora
 
     outputs = {"webui": None, **save_weights(cfg, parts, unet, text_encoder, cfg.out)}
     if cfg.method == "full":
@@ -277,154 +208,159 @@ def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder) -> dict:
     return outputs
 
 
-def write_checkpoint(cfg: FinetuneConfig, accelerator, parts: dict, unet, text_encoder, state: dict,
-                     snapshot: list[torch.Tensor] | None) -> str:
-    """Writes OUT/checkpoints/checkpoint-<step> (ldm.training.checkpoint): Accelerate state (weights, optimiser, lr
-    schedule, RNG), the weights as `save_weights` writes them, config.yaml, the memorisation guard's snapshot
-    and trainer_state.json (step, batches drawn, losses, validation history, non-finite counters)."""
-    from safetensors.torch import save_file
+class FinetuneTrainer(loop.Trainer):
+    """`ldm finetune`'s part of the loop: the instance (+ prior) loss, validation with the memorisation guard, and
+    the LoRA file or pipeline folder (and the guard's snapshot) in each checkpoint."""
 
-    def extra(folder: str) -> None:
-        save_weights(cfg, parts, unet, text_encoder, folder)
-        save_config(cfg, os.path.join(folder, "config.yaml"))
-        if snapshot is not None:
-            save_file({str(i): p.cpu().contiguous() for i, p in enumerate(snapshot)}, os.path.join(folder, GUARD_FILE))
+    def __init__(self, cfg: FinetuneConfig, accelerator, parts: dict, objective, embed, data: dict):
+        self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
+        self.train, self.held, self.prior = data["train"], data["held"], data["prior"]
+        self.spec, self.batches_drawn, self.snapshot = LossSpec(), 0, None  # plain MSE, as DreamBooth trains
+        self.seek(0)
 
-    return save_checkpoint(accelerator, cfg.out, state["step"], state, extra, cfg.checkpoints_total_limit)
+    def micro_loss(self, step: int, micro: int):
+        cfg, self.batches_drawn = self.cfg, self.batches_drawn + 1
+        generator = step_generator(cfg.seed, step, micro, self.accelerator.process_index)
+        args = (self.parts["vae"], self.embed, self.objective, self.spec, generator)
+        loss = batch_loss(self.accelerator, self.model, next(self.batches), *args, caption_dropout=cfg.caption_dropout)
+        if self.prior_batches is not None:  # L_instance + w * L_prior: DreamBooth (Ruiz et al. 2023, Eq. 2)
+            loss = loss + cfg.prior_loss_weight * batch_loss(self.accelerator, self.model, next(self.prior_batches),
+                                                             *args)
+        return loss, {}
+
+    def validate(self, state: dict) -> dict:
+        cfg, step = self.cfg, state["step"]
+        plain = self.accelerator.unwrap_model(self.model)
+        pipe = inference_pipeline(self.parts, plain, self.parts["scheduler"].config, self.text_encoder)
+        record = validate(cfg, step, pipe, plain, self.parts["vae"], self.embed, self.objective, self.train, self.held)
+        recent = [state["losses"][k] for k in range(max(1, step - cfg.validation_every + 1), step + 1)]
+        record["train_loss"] = sum(recent) / len(recent)
+        self.accelerator.print(_format_record(record))
+        if record["memorization"]["warning"] and cfg.early_stop_on_memorization:
+            with torch.no_grad():
+                for p, saved in zip(self.params, self.snapshot):
+                    p.copy_(saved)
+            self.stop_reason = "memorization"  # no checkpoint: its step would not match the restored weights
+            self.accelerator.print(f"early stop at step {step}: restored the weights of the last check without a "
+                                   "warning")
+        elif self.snapshot is not None and not record["memorization"]["warning"]:
+            self.snapshot = [p.detach().clone() for p in self.params]
+        return record
+
+    def write_extra(self, folder: str, state: dict) -> None:
+        from safetensors.torch import save_file
+
+        save_weights(self.cfg, self.parts, self.accelerator.unwrap_model(self.model), self.text_encoder, folder)
+        save_config(self.cfg, os.path.join(folder, "config.yaml"))
+        if self.snapshot is not None:
+            save_file({str(i): p.cpu().contiguous() for i, p in enumerate(self.snapshot)},
+                      os.path.join(folder, GUARD_FILE))
+
+    def load_extra(self, checkpoint: str, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(checkpoint, GUARD_FILE)
+        if self.snapshot is not None and os.path.exists(path):  # the weights an early stop would restore
+            saved = load_file(path)
+            self.snapshot = [saved[str(i)].to(p.device, p.dtype) for i, p in enumerate(self.params)]
+
+    def data_position(self) -> int:
+        return self.batches_drawn
+
+    def seek(self, position) -> None:
+        """The streams are pure functions of the seed: replays them to `position` batches drawn."""
+        cfg, self.batches_drawn = self.cfg, position or 0
+        self.batches = batches_forever(self.train, cfg.batch_size, cfg.seed, cfg.random_flip)
+        self.prior_batches = (batches_forever(self.prior, cfg.batch_size, cfg.seed + 1, cfg.random_flip)
+                              if self.prior else None)
+        for _ in range(self.batches_drawn):
+            next(self.batches)
+            if self.prior_batches:
+                next(self.prior_batches)
 
 
-def load_checkpoint(checkpoint: str, accelerator, params) -> tuple[dict, list[torch.Tensor] | None]:
-    """Loads a checkpoint of write_checkpoint into the prepared models, optimiser and lr schedule; returns the
-    trainer state and the memorisation guard's snapshot (None if the checkpoint has none)."""
-    from safetensors.torch import load_file
-
-    accelerator.load_state(os.path.join(checkpoint, "accelerate"))
-    state = read_state(checkpoint)
-    state["losses"] = {int(step): loss for step, loss in state["losses"].items()}  # JSON keys are strings
-    path = os.path.join(checkpoint, GUARD_FILE)
-    if not os.path.exists(path):
-        return state, None
-    saved = load_file(path)
-    return state, [saved[str(i)].to(p.device, p.dtype) for i, p in enumerate(params)]
-
-
-def main(cfg: FinetuneConfig) -> dict:
-    """Fine-tunes and returns the report (also written to OUT/report.json)."""
-    from diffusers.optimization import get_scheduler
-
-    from ldm.pipelines.loading import load_components
-
-    # 1. Accelerator, base model, images and the held-out split
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    set_seed(cfg.seed)
-    if not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"base model folder {cfg.model} does not exist; pass --model DIR, a pipeline folder "
-                                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    parts = load_components(cfg.model)
+def load_data(cfg: FinetuneConfig, accelerator, parts: dict) -> tuple[FinetuneConfig, dict]:
+    """Reads the folder, holds part of it out, draws the class images and encodes every image once; returns the
+    config with its folder-scaled defaults resolved and {"train", "held", "prior"} (samples with posteriors)."""
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     images = read_images(cfg, cfg.resolution or native)
     train_idx, held_idx = holdout_split([s["key"] for s in images], cfg.holdout_fraction, cfg.seed)
     cfg = resolve_defaults(cfg, len(train_idx), native)
-    checkpoint = resolve_resume(cfg.resume, cfg.out)  # before any work: a bad --resume path fails at once
-    os.makedirs(cfg.out, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-    accelerator.print(f"finetune: {len(train_idx)} training + {len(held_idx)} held-out images\n{format_config(cfg)}")
-    device = accelerator.device
     for module in (unet, vae, text_encoder):
-        module.to(device).requires_grad_(False).eval()
+        module.to(accelerator.device).requires_grad_(False).eval()
+    # class images from the base model, before any adapter
+    prior = (class_images(cfg, inference_pipeline(parts, unet, parts["scheduler"].config), cfg.resolution)
+             if cfg.class_prompt else [])
+    return cfg, {"train": encode_posteriors([images[i] for i in train_idx], vae),
+                 "held": encode_posteriors([images[i] for i in held_idx], vae), "prior": encode_posteriors(prior, vae)}
 
-    # 2. Class images from the base model (before any adapter), then every image through the VAE once
-    pipe = sampling_pipeline(parts, unet, text_encoder)
-    prior = class_images(cfg, pipe, cfg.resolution) if cfg.class_prompt else []
-    train = encode_posteriors([images[i] for i in train_idx], vae, device)
-    held = encode_posteriors([images[i] for i in held_idx], vae, device)
-    prior = encode_posteriors(prior, vae, device)
 
-    # 3. Trainable weights, optimiser, accelerator.prepare (the text encoder too when trained: it is checkpointed)
+def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> FinetuneTrainer:
+    """Adds the adapters (or unfreezes the UNet), builds the optimiser and prepares them; returns the trainer."""
+    unet, text_encoder = parts["unet"], parts["text_encoder"]
     params = trainable_parameters(cfg, unet, text_encoder)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2 if cfg.method == "full" else 0.0)
-    world = accelerator.num_processes  # the prepared schedule steps once per process, as in train_ldm
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=cfg.max_steps * world)
-    if cfg.train_text_encoder:
+    optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device,
+                                    weight_decay=1e-2 if cfg.method == "full" else 0.0)
+    lr_scheduler = loop.make_lr_scheduler("constant_with_warmup", optimizer, cfg.lr_warmup_steps, cfg.max_steps,
+                                          accelerator.num_processes)
+    if cfg.train_text_encoder:  # prepared (and so checkpointed) when trained
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
-    schedule = noise_schedule(dict(parts["scheduler"].config))
-    loss_settings = LossSettings(prediction_type=parts["scheduler"].config.get("prediction_type", "epsilon"))
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=not cfg.train_text_encoder)
-    plain_unet, plain_text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    pipe = sampling_pipeline(parts, plain_unet, plain_text_encoder)
-
-    # 4. Resume: weights, optimiser, lr schedule and RNG from Accelerate; step, data position, guard from us
-    state, snapshot = new_state(batches_drawn=0, losses={}, history=[]), None
-    if checkpoint:
-        state, snapshot = load_checkpoint(checkpoint, accelerator, params)
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    trainer = FinetuneTrainer(cfg, accelerator, parts, objective_for(dict(parts["scheduler"].config)), embed, data)
+    trainer.model, trainer.params, trainer.text_encoder = unet, params, accelerator.unwrap_model(text_encoder)
+    trainer.optimizer, trainer.lr_scheduler = optimizer, lr_scheduler
     # the memorisation guard restores the weights of the last check without a warning (at first: these)
-    snapshot = (snapshot or [p.detach().clone() for p in params]) if cfg.early_stop_on_memorization else None
-    batches = batches_forever(train, cfg.batch_size, cfg.seed, cfg.random_flip)
-    prior_batches = batches_forever(prior, cfg.batch_size, cfg.seed + 1, cfg.random_flip) if prior else None
-    for _ in range(state["batches_drawn"]):  # the streams are pure functions of the seed: replay to the position
-        next(batches)
-        if prior_batches:
-            next(prior_batches)
+    trainer.snapshot = [p.detach().clone() for p in params] if cfg.early_stop_on_memorization else None
+    return trainer
 
-    # 5. Training loop with validation, the memorisation guard, checkpoints and stops
-    losses, history, last_checkpoint, stopped_by = state["losses"], state["history"], checkpoint, None
-    started = time.time()
-    with StopRequest() as stop:
-        while state["step"] < cfg.max_steps:
-            step = state["step"] + 1
-            losses[step] = finetune_step(cfg, accelerator, unet, vae, embed, schedule, loss_settings, optimizer,
-                                         lr_scheduler, params, batches, prior_batches, state)
-            state["step"] = step
-            stop_if_nonfinite(state, cfg.max_nonfinite_steps)
-            if every(step, cfg.validation_every) or step == cfg.max_steps:
-                record = validate(cfg, step, pipe, plain_unet, vae, embed, schedule, loss_settings.prediction_type,
-                                  train, held)
-                recent = [losses[k] for k in range(max(1, step - cfg.validation_every + 1), step + 1)]
-                record["train_loss"] = sum(recent) / len(recent)
-                history.append(record)
-                accelerator.print(_format_record(record))
-                if record["memorization"]["warning"] and cfg.early_stop_on_memorization:
-                    with torch.no_grad():
-                        for p, saved in zip(params, snapshot):
-                            p.copy_(saved)
-                    stopped_by = "memorization"  # no checkpoint: its step would not match the restored weights
-                    accelerator.print(f"early stop at step {step}: restored the weights of the last check without "
-                                      "a warning")
-                    break
-                if snapshot is not None and not record["memorization"]["warning"]:
-                    snapshot = [p.detach().clone() for p in params]
-            stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
-            if every(step, cfg.checkpoint_every) or stopped_by:
-                last_checkpoint = write_checkpoint(cfg, accelerator, parts, plain_unet, plain_text_encoder, state,
-                                                   snapshot)
-            if stopped_by:
-                accelerator.print(f"stopped by {stopped_by} at step {step}; checkpoint {last_checkpoint} (with the "
-                                  "weights so far); continue with --resume latest")
-                break
 
-    # 6. Outputs (not after a signal or max_minutes: the run goes on with --resume) and the report
-    finished = stopped_by in (None, "memorization")
-    outputs = (write_outputs(cfg, parts, plain_unet, plain_text_encoder) if finished
+def main(cfg: FinetuneConfig) -> dict:
+    """Fine-tunes and returns the report (also written to OUT/report.json)."""
+    from ldm.pipelines.loading import load_components
+
+    if not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"base model folder {cfg.model} does not exist; pass --model DIR, a pipeline folder "
+                                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    resolve_resume(cfg.resume, cfg.out)  # before any work: a bad --resume path fails at once
+    accelerator = loop.make_accelerator(cfg, cfg.out, cpu=cfg.device == "cpu")
+    set_seed(cfg.seed)
+    parts = load_components(cfg.model)
+    cfg, data = load_data(cfg, accelerator, parts)
+    os.makedirs(cfg.out, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+    accelerator.print(f"finetune: {len(data['train'])} training + {len(data['held'])} held-out images\n"
+                      f"{format_config(cfg)}")
+    trainer = setup(cfg, accelerator, parts, data)
+    settings = loop.LoopSettings.from_config(cfg, output_dir=cfg.out, checkpoint_at_end=False, keep_losses=True,
+                                             name="finetune")
+    result = loop.train(accelerator, trainer, settings)
+    return write_report(cfg, parts, trainer, data, result)
+
+
+def write_report(cfg: FinetuneConfig, parts: dict, trainer: FinetuneTrainer, data: dict, result: dict) -> dict:
+    """Writes the outputs (not after a signal or max_minutes: the run goes on with --resume) and OUT/report.json;
+    returns the report."""
+    finished = result["stopped_by"] in (None, "memorization")
+    plain = trainer.accelerator.unwrap_model(trainer.model)
+    outputs = (write_outputs(cfg, parts, plain, trainer.text_encoder) if finished
                else {"lora": None, "webui": None, "pipeline": None})
+    history = result["history"]
     warnings = [r["memorization"]["message"] for r in history if r["memorization"]["warning"]]
-    report = {"steps": state["step"], "stopped_by": stopped_by, "num_train_images": len(train),
-              "num_heldout_images": len(held), "num_class_images": len(prior), "outputs": outputs,
-              "checkpoint": last_checkpoint, "nonfinite_total": state["nonfinite_total"],
+    report = {"steps": result["step"], "stopped_by": result["stopped_by"], "num_train_images": len(data["train"]),
+              "num_heldout_images": len(data["held"]), "num_class_images": len(data["prior"]), "outputs": outputs,
+              "checkpoint": result["checkpoint"], "nonfinite_total": result["nonfinite_total"],
               "memorization_warning": bool(warnings), "warnings": warnings, "history": history,
-              "losses": losses, "config": asdict(cfg)}
+              "losses": result["losses"], "config": asdict(cfg)}
     with open(os.path.join(cfg.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
-    accelerator.print(f"wrote {', '.join(p for p in outputs.values() if p) or 'no weights'} and {cfg.out}/report.json")
+    trainer.accelerator.print(f"wrote {', '.join(p for p in outputs.values() if p) or 'no weights'} and "
+                              f"{cfg.out}/report.json")
     return report
-
 
 def _format_record(record: dict) -> str:
     bins = " ".join(f"{k}:{record['val_train'][f'val_loss_{k}']:.3f}/{record['val_heldout'][f'val_loss_{k}']:.3f}"

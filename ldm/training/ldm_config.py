@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SAMPLING, WEIGHTINGS
+from ldm.diffusion import BETA_SCHEDULES, TIMESTEP_SAMPLING, WEIGHTINGS
+from ldm.objectives import OBJECTIVES
 from ldm.training.config import check_ranges
 
 LOSSES = ("mse", "huber", "l1")
@@ -39,7 +40,7 @@ class TrainLDMConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     zero_terminal_snr: bool = False        # Lin et al. 2023 rescale (use with v_prediction)
-    prediction_type: str = "epsilon"
+    prediction_type: str = "epsilon"       # the objective (ldm/objectives/): epsilon, v_prediction or sample
     # loss
     loss: str = "mse"
     huber_c: float = 0.1
@@ -108,7 +109,7 @@ class TrainLDMConfig:
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting."""
         check_ranges(self)
-        choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,
+        choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": tuple(OBJECTIVES), "loss": LOSSES,
                    "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
                    "optimizer": OPTIMIZERS,
                    "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none")}

@@ -1,7 +1,9 @@
-"""One diffusion training step's pieces: the noise schedule, latents, text embeddings and the loss.
+"""One diffusion training step's pieces: randomness, text embeddings, latents and the loss.
 
 Randomness (timesteps, noise, caption dropout, VAE posterior draws) comes from `step_generator`, a pure
 function of (seed, step, micro-batch, rank): a resumed run draws exactly what the uninterrupted run drew.
+What is noised, predicted and weighted is the objective's (ldm.objectives); the denoiser is called through
+ldm.models.denoiser, so the same step trains a UNet or a transformer.
 """
 from __future__ import annotations
 
@@ -10,43 +12,26 @@ from dataclasses import dataclass
 import torch
 
 from ldm import diffusion
+from ldm.models.denoiser import denoise
+from ldm.models.vae import encode_posterior, sample_latents
+from ldm.objectives import Objective
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
-    """Returns a CPU generator seeded by (seed, step, micro-batch, rank)."""
+    """Returns a CPU generator seeded by (seed, step, micro-batch, rank): every trainer's one source of randomness."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + micro) * 4099 + rank)
 
 
-@dataclass
-class NoiseSchedule:
-    """The training noise schedule: betas (T,) and alpha_bar (T,), both float64."""
-    betas: torch.Tensor
-    alpha_bar: torch.Tensor
-    name: str
-    rescaled: bool
+@dataclass(frozen=True)
+class LossSpec:
+    """How a prediction is compared with its target (ldm.diffusion.per_sample_loss) and how the noise is drawn."""
+    loss: str = "mse"             # mse | l1 | huber
+    huber_c: float = 0.1
+    offset_noise: float = 0.0     # Guttenberg 2023; 0 = plain Gaussian noise
 
     @classmethod
-    def from_config(cls, cfg) -> "NoiseSchedule":
-        betas = diffusion.make_betas(cfg.noise_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
-        if cfg.zero_terminal_snr:
-            betas = diffusion.rescale_zero_terminal_snr(betas)
-        return cls(betas, diffusion.alphas_cumprod(betas), cfg.noise_schedule, cfg.zero_terminal_snr)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return len(self.betas)
-
-    def scheduler_config(self, base: dict, prediction_type: str, beta_start: float, beta_end: float) -> dict:
-        """Returns the scheduler config to save with the model: this schedule, for latents (clip_sample=False)."""
-        config = {k: v for k, v in dict(base).items() if not k.startswith("_")}
-        config.update(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.name, beta_start=beta_start,
-                      beta_end=beta_end, prediction_type=prediction_type, clip_sample=False, trained_betas=None)
-        if self.name == "sigmoid" or self.rescaled:
-            # DDIM/LMS know no "sigmoid" and LMS no zero-SNR flag: store the exact betas, which every sampler reads.
-            config.update(beta_schedule="linear", trained_betas=self.betas.float().tolist())
-        if self.rescaled:
-            config.update(timestep_spacing="trailing", rescale_betas_zero_snr=False)
-        return config
+    def from_config(cls, cfg) -> "LossSpec":
+        return cls(cfg.loss, cfg.huber_c, cfg.offset_noise)
 
 
 class TextEmbedder:
@@ -80,27 +65,38 @@ def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch
         mean = batch["latent_mean"].to(device, non_blocking=True)  # pinned batches: the copies overlap compute
         logvar = batch["latent_logvar"].to(device, non_blocking=True)
     else:
-        with torch.no_grad():
-            moments = vae.encode(batch["pixel_values"].to(device, vae.dtype, non_blocking=True)).latent_dist
-            mean, logvar = moments.mean, moments.logvar
-    mean, logvar = mean.float(), logvar.float()
-    eps = torch.randn(mean.shape, generator=generator).to(device, non_blocking=True)  # CPU draw: same on any device
-    z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps  # reparameterised draw, as diffusers samples
-    return z * vae.config.scaling_factor
+        mean, logvar = encode_posterior(vae, batch["pixel_values"])
+    return sample_latents(mean.float(), logvar.float(), generator, vae.config.scaling_factor)
 
 
-def diffusion_loss(unet, latents: torch.Tensor, context: torch.Tensor, schedule: NoiseSchedule, cfg,
+def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, objective: Objective, spec: LossSpec,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020."""
-    batch = latents.shape[0]
-    t = diffusion.sample_timesteps(batch, schedule.num_train_timesteps, generator,  # (B,)
-                                   getattr(cfg, "timestep_sampling", "uniform"), getattr(cfg, "timestep_mean", 0.0),
-                                   getattr(cfg, "timestep_std", 1.0))
-    noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), cfg.offset_noise, generator)
+    """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020,
+    with the objective's timesteps, input, target and weights."""
+    t = objective.sample_timesteps(latents.shape[0], generator)  # (B,)
+    noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), spec.offset_noise, generator)
     t, noise = t.to(latents.device), noise.to(latents.device)
-    x_t = diffusion.add_noise(latents, noise, t, schedule.alpha_bar)
-    target = diffusion.training_target(latents, noise, t, schedule.alpha_bar, cfg.prediction_type)
-    pred = unet(x_t, t, encoder_hidden_states=context).sample
-    per_sample = diffusion.per_sample_loss(pred, target, cfg.loss, cfg.huber_c)  # (B,)
-    weights = diffusion.loss_weights(t, schedule.betas, cfg.weighting, cfg.prediction_type, cfg.snr_gamma)
-    return (weights.to(per_sample) * per_sample).mean(), per_sample.detach()
+    x_t = objective.noised(latents, noise, t)
+    pred = denoise(model, x_t, objective.model_time(t), context)
+    per_sample = diffusion.per_sample_loss(pred, objective.target(latents, noise, t), spec.loss, spec.huber_c)  # (B,)
+    return (objective.weight(t).to(per_sample) * per_sample).mean(), per_sample.detach()
+
+
+def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, objective: Objective, spec: LossSpec,
+               generator: torch.Generator, caption_dropout: float | None = None,
+               channels_last: bool = False) -> torch.Tensor:
+    """Returns the weighted diffusion loss of a batch of images or cached posteriors with captions: latents drawn
+    from the posterior, captions dropped with probability caption_dropout (None: no draw at all), embedded, noised
+    and predicted. Every LDM trainer's loss (`ldm train`, `ldm finetune`, the demo) is this function."""
+    # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their weights;
+    # autocast leaves the stored weights in float32): in fp32 the VAE encode of a large batch would cost more than
+    # the denoiser's step on a GPU.
+    with accelerator.autocast():
+        latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
+        captions = list(batch["caption"])
+        if caption_dropout is not None:
+            captions = diffusion.drop_captions(captions, caption_dropout, generator)
+        context = embed(captions, accelerator.device)  # (B, 77, D)
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    return diffusion_loss(model, latents, context, objective, spec, generator)[0]

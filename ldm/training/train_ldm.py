@@ -2,37 +2,31 @@
 
     accelerate launch train/train_ldm.py --config configs/sd15.yaml --data /data/laion --resume latest
 
-Reads top to bottom: parse config, build, accelerator.prepare, loop with accelerator.accumulate, checkpoint.
+Reads top to bottom: build the models, the objective and the data (`setup`), then hand the trainer to the shared
+loop (ldm.training.loop: accumulation, guard, validation, checkpoints, resume, stops). `LDMTrainer` supplies the
+loss of a batch (ldm.training.step.batch_loss), EMA, the validation (loss per timestep bin and a prompt grid) and
+the inference folder each checkpoint holds.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 
-from ldm import diffusion
-from ldm.presets import MODEL_PRESETS, build_components
-from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
-from ldm.training.config import config_to_dict, every, format_config, save_config
+from ldm.models.presets import MODEL_PRESETS, build_components
+from ldm.objectives import ObjectiveSettings, make_objective
+from ldm.objectives.base import NoiseSchedule
+from ldm.training import loop
+from ldm.training.config import config_to_dict, format_config, save_config
 from ldm.training.ldm_config import TrainLDMConfig
-from ldm.training.loop import accumulated_step, new_state, stop_if_nonfinite
-from ldm.training.signals import StopRequest, agreed_stop_reason
-from ldm.training.step import NoiseSchedule, TextEmbedder, batch_latents, diffusion_loss, step_generator
+from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
 from ldm.training.stream import BatchStream
-from ldm.training.validation import draw_prompts, first_samples, make_val_set, sample_grid, validation_loss
-
-
-def cpu_only_multiprocess() -> bool:
-    """Returns True for several processes on a machine without GPUs (`accelerate launch --multi_gpu` on a CPU
-    box): Accelerate then needs cpu=True to join them with gloo instead of running each alone."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+from ldm.training.validation import (draw_prompts, first_samples, inference_pipeline, make_val_set, sample_grid,
+                                     validation_loss)
 
 
 def build_models(cfg: TrainLDMConfig) -> dict:
@@ -74,19 +68,6 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
     return train, open_dataset(cfg.data, shuffle=False, **common)
 
 
-def inference_pipeline(parts: dict, unet, ema, scheduler_config: dict):
-    """Returns an ldm.Pipeline of the current weights (EMA weights when EMA is on) for saving or sampling."""
-    from ldm.pipelines import Pipeline
-
-    if ema is not None:
-        unet = UNet2DConditionModel.from_config(unet.config)
-        ema.copy_to(unet.parameters())
-    pipe = Pipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=unet,
-                    scheduler=DDIMScheduler.from_config(scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def distributed_notes(distributed_type: str, cfg: TrainLDMConfig) -> list[str]:
     """Returns the lines to print at start for this Accelerate distributed type ("FSDP", "DEEPSPEED", "MULTI_GPU",
     ...); raises ValueError for a combination that cannot train correctly."""
@@ -103,30 +84,68 @@ def distributed_notes(distributed_type: str, cfg: TrainLDMConfig) -> list[str]:
     return []
 
 
-def main(cfg: TrainLDMConfig, dataset=None) -> dict:
-    """Trains and returns {"step", "losses": {step: loss}, "val": [...], "checkpoint", "stopped_by"}."""
-    # 1. Accelerator and config
-    accelerator = Accelerator(cpu=cpu_only_multiprocess(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              project_config=ProjectConfiguration(project_dir=cfg.output_dir,
-                                                                  logging_dir=os.path.join(cfg.output_dir, "logs")))
-    for line in distributed_notes(accelerator.distributed_type.value, cfg):  # refuses before any work
-        accelerator.print(line)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        print(f"train_ldm config ({world} process(es)):\n{format_config(cfg)}", flush=True)
-    set_seed(cfg.seed)
+class LDMTrainer(loop.Trainer):
+    """`ldm train`'s part of the loop: the diffusion loss of a batch, EMA, validation and the pipeline folder."""
 
-    # 2. Models, noise schedule, optimiser
-    parts = build_models(cfg)
+    def __init__(self, cfg: TrainLDMConfig, accelerator, parts: dict, objective, embed: TextEmbedder, stream,
+                 val_set: dict | None = None, ema=None):
+        self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
+        self.stream, self.batches, self.val_set, self.ema = stream, iter(stream), val_set, ema
+        self.spec = LossSpec.from_config(cfg)
+        self.scheduler_config = objective.schedule.scheduler_config(parts["scheduler"].config, cfg.prediction_type,
+                                                                    cfg.beta_start, cfg.beta_end)
+
+    def micro_loss(self, step: int, micro: int):
+        batch, rank = next(self.batches), self.accelerator.process_index
+        if step == 0 and micro == 0 and "key" in batch:  # shows which part of the data each rank reads
+            print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
+        loss = batch_loss(self.accelerator, self.model, batch, self.parts["vae"], self.embed, self.objective,
+                          self.spec, step_generator(self.cfg.seed, step, micro, rank), self.cfg.caption_dropout,
+                          self.cfg.channels_last)
+        return loss, {}
+
+    def after_update(self, state: dict) -> None:
+        if self.ema is not None and state["nonfinite_in_a_row"] == 0:
+            self.ema.step(self.accelerator.unwrap_model(self.model).parameters())
+
+    def validate(self, state: dict) -> dict:
+        """Logs the deterministic validation loss (training weights) and writes a prompt grid (saved weights)."""
+        cfg, step, model = self.cfg, state["step"], self.accelerator.unwrap_model(self.model)
+        model.eval()
+        report = validation_loss(model, self.val_set, self.objective, cfg.val_loss_bins)
+        model.train()
+        self.accelerator.log(report, step=step)
+        prompts = [] if cfg.num_validation_prompts == 0 else (
+            list(cfg.validation_prompts) or draw_prompts(self.val_set["caption"], cfg.num_validation_prompts, cfg.seed))
+        if self.accelerator.is_main_process and prompts:
+            samples = os.path.join(cfg.output_dir, "samples")
+            sample_grid(self.pipeline(), prompts, os.path.join(samples, f"step-{step:08d}.png"),
+                        cfg.validation_steps, cfg.validation_guidance, seed=cfg.seed)
+            with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
+                f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
+            self.accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")
+        return {**report, "step": step, "prompts": prompts}
+
+    def pipeline(self):
+        """Returns the inference pipeline of the current weights (EMA weights when EMA is on)."""
+        return inference_pipeline(self.parts, self.accelerator.unwrap_model(self.model), self.scheduler_config,
+                                  ema=self.ema)
+
+    def write_extra(self, folder: str, state: dict) -> None:
+        self.pipeline().save_pretrained(os.path.join(folder, "pipeline"))
+        save_config(self.cfg, os.path.join(folder, "config.yaml"))
+
+    def data_position(self):
+        return self.stream.position()
+
+    def seek(self, position) -> None:
+        self.stream.seek(position)
+
+
+def prepare_models(cfg: TrainLDMConfig, accelerator, parts: dict) -> tuple[list, object]:
+    """Freezes what is not trained, moves the models to the device and returns (trainable params, EMA or None)."""
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-    schedule = NoiseSchedule.from_config(cfg)
-    scheduler_config = schedule.scheduler_config(parts["scheduler"].config, cfg.prediction_type, cfg.beta_start,
-                                                 cfg.beta_end)
-    vae.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval().to(accelerator.device)
     text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
     if cfg.train_text_encoder and not cfg.train_token_embeddings:
         text_encoder.get_input_embeddings().requires_grad_(False)
@@ -137,158 +156,64 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
     params = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, accelerator.device)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=cfg.max_steps * world)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet),
                    model_config=unet.config) if cfg.use_ema else None
-
     if cfg.compile:  # in place: parameter names, checkpoints and EMA stay those of the plain module
         unet.compile()
+    return params, ema
 
-    # 3. accelerator.prepare
+
+def setup(cfg: TrainLDMConfig, accelerator, dataset=None) -> LDMTrainer:
+    """Builds the models, objective, optimiser and data, prepares them with Accelerate; returns the trainer."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    parts = build_models(cfg)
+    params, ema = prepare_models(cfg, accelerator, parts)
+    optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device, (cfg.adam_beta1, cfg.adam_beta2),
+                                    cfg.weight_decay, cfg.adam_epsilon, cfg.optimizer)
+    lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
+    unet, text_encoder = parts["unet"], parts["text_encoder"]
     if cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        text_encoder.to(accelerator.device)
-    vae.to(accelerator.device)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    objective = make_objective(cfg.prediction_type, NoiseSchedule.from_config(cfg), ObjectiveSettings.from_config(cfg))
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=cfg.cache_text_embeddings)
     train_data, val_data = open_training_data(cfg, rank, world, dataset, accelerator, parts)
     stream = BatchStream(train_data, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers,
                          pin_memory=accelerator.device.type == "cuda")
-    val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), vae, embed, 10,
-                           schedule.num_train_timesteps, accelerator.device)
+    val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), parts["vae"], embed, 10,
+                           objective.schedule.num_train_timesteps, accelerator.device)
+    trainer = LDMTrainer(cfg, accelerator, parts, objective, embed, stream, val_set, ema)
+    trainer.model, trainer.params = unet, params
+    trainer.optimizer, trainer.lr_scheduler = optimizer, lr_scheduler
+    return trainer
+
+
+def main(cfg: TrainLDMConfig, dataset=None) -> dict:
+    """Trains and returns {"step", "losses": {step: loss}, "val": [...], "checkpoint", "stopped_by",
+    "nonfinite_total"}."""
+    accelerator = loop.make_accelerator(cfg, cfg.output_dir, log_with=None if cfg.report_to == "none" else cfg.report_to)
+    for line in distributed_notes(accelerator.distributed_type.value, cfg):  # refuses before any work
+        accelerator.print(line)
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        print(f"train_ldm config ({accelerator.num_processes} process(es)):\n{format_config(cfg)}", flush=True)
+    set_seed(cfg.seed)
+    trainer = setup(cfg, accelerator, dataset)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("train_ldm", config={k: str(v) if isinstance(v, (list, tuple)) else v
                                                        for k, v in config_to_dict(cfg).items()})
-
-    # 4. Resume: weights, optimiser, lr schedule, EMA and RNG from Accelerate; step and data position from us
-    state = new_state(data=stream.position())
-    checkpoint = resolve_resume(cfg.resume, cfg.output_dir)
-    if checkpoint:
-        accelerator.load_state(os.path.join(checkpoint, "accelerate"))
-        state = read_state(checkpoint)
-        stream.seek(state["data"][rank] if isinstance(state["data"], list) else state["data"])
-        accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
-
-    def write_checkpoint() -> str:
-        positions = accelerator.gather_for_metrics([stream.position()], use_gather_object=True)
-        extra = lambda tmp: write_inference_folder(tmp, cfg, parts, accelerator.unwrap_model(unet), ema,  # noqa: E731
-                                                   scheduler_config)
-        return save_checkpoint(accelerator, cfg.output_dir, state["step"], {**state, "data": positions}, extra,
-                               cfg.checkpoints_total_limit)
-
-    # 5. Training loop
-    losses, val_history, last_checkpoint, stopped_by = {}, [], checkpoint, None
-    batches, started = iter(stream), time.time()
-    progress = _progress(accelerator, state["step"], cfg.max_steps)
-    with StopRequest() as stop:
-        while state["step"] < cfg.max_steps:
-            loss = train_step(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr_scheduler, batches,
-                              params, state, rank)
-            if ema is not None and state["nonfinite_in_a_row"] == 0:
-                ema.step(accelerator.unwrap_model(unet).parameters())
-            state["step"] += 1
-            state["data"] = stream.position()
-            losses[state["step"]] = loss
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
-            stop_if_nonfinite(state, cfg.max_nonfinite_steps)
-            if every(state["step"], cfg.log_every):
-                accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
-                                 "nonfinite_total": state["nonfinite_total"]}, step=state["step"])
-            if every(state["step"], cfg.validation_every) or (cfg.validation_every and state["step"] == cfg.max_steps):
-                val_history.append(run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule,
-                                                  scheduler_config, state["step"]))
-            stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
-            if every(state["step"], cfg.checkpoint_every) or state["step"] == cfg.max_steps or stopped_by:
-                last_checkpoint = write_checkpoint()
-            if stopped_by:
-                accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last_checkpoint}; "
-                                  f"continue with --resume latest")
-                break
-    progress.close()
-
-    # 6. The final model, ready for Pipeline.from_pretrained
-    if accelerator.is_main_process and last_checkpoint:
-        _write_losses(cfg.output_dir, losses)
+    result = loop.train(accelerator, trainer, loop.LoopSettings.from_config(cfg, name="train_ldm"))
+    if accelerator.is_main_process and result["checkpoint"]:
+        _write_losses(cfg.output_dir, result["losses"])
     accelerator.end_training()
-    return {"step": state["step"], "losses": losses, "val": val_history, "checkpoint": last_checkpoint,
-            "stopped_by": stopped_by, "nonfinite_total": state["nonfinite_total"]}
-
-
-def make_optimizer(cfg, params, device) -> torch.optim.Optimizer:
-    """Returns AdamW over `params`: PyTorch's fused kernel on CUDA and CPU (4-5x faster steps than the per-tensor
-    loop on the CPU: 2.7 ms against 14 ms for the `small` UNet), or bitsandbytes' 8-bit AdamW when asked."""
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                  eps=cfg.adam_epsilon)
-    if cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ImportError("optimizer adamw_8bit needs bitsandbytes (pip install bitsandbytes; CUDA GPUs); "
-                              "or use --optimizer adamw") from error
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=True if torch.device(device).type in ("cuda", "cpu") else None, **kwargs)
-
-
-def train_step(cfg, accelerator, unet, embed, vae, schedule, optimizer, lr_scheduler, batches, params, state,
-               rank) -> float:
-    """Runs one optimiser step (gradient_accumulation_steps micro-batches); returns the mean loss over ranks."""
-    def micro_loss(micro: int) -> torch.Tensor:
-        batch = next(batches)
-        if state["step"] == 0 and micro == 0 and "key" in batch:  # shows which part of the data each rank reads
-            print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
-        generator = step_generator(cfg.seed, state["step"], micro, rank)
-        # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their
-        # weights; autocast leaves the stored weights in float32): in fp32 the VAE encode of a batch at 512 px
-        # costs more than the UNet's step on a GPU.
-        with accelerator.autocast():
-            latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
-            captions = diffusion.drop_captions(list(batch["caption"]), cfg.caption_dropout, generator)
-            context = embed(captions, accelerator.device)  # (B, 77, D)
-        if cfg.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        return diffusion_loss(unet, latents, context, schedule, cfg, generator)[0]
-
-    return accumulated_step(accelerator, unet, micro_loss, cfg.gradient_accumulation_steps, params, cfg.max_grad_norm,
-                            optimizer, lr_scheduler, state)
-
-
-def run_validation(cfg, accelerator, unet, ema, parts, val_set, schedule, scheduler_config, step) -> dict:
-    """Logs the deterministic validation loss (training weights) and writes a prompt grid (saved weights)."""
-    model = accelerator.unwrap_model(unet)
-    model.eval()
-    report = validation_loss(model, val_set, schedule.alpha_bar, cfg.prediction_type, cfg.val_loss_bins)
-    model.train()
-    accelerator.log(report, step=step)
-    prompts = [] if cfg.num_validation_prompts == 0 else (
-        list(cfg.validation_prompts) or draw_prompts(val_set["caption"], cfg.num_validation_prompts, cfg.seed))
-    if accelerator.is_main_process and prompts:
-        samples = os.path.join(cfg.output_dir, "samples")
-        sample_grid(inference_pipeline(parts, model, ema, scheduler_config), prompts,
-                    os.path.join(samples, f"step-{step:08d}.png"), cfg.validation_steps, cfg.validation_guidance,
-                    seed=cfg.seed)
-        with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
-            f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
-        accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")
-    return {**report, "step": step, "prompts": prompts}
-
-
-def write_inference_folder(folder: str, cfg, parts, unet, ema, scheduler_config) -> None:
-    """Writes pipeline/ (EMA weights when on) and config.yaml into a checkpoint folder."""
-    inference_pipeline(parts, unet, ema, scheduler_config).save_pretrained(os.path.join(folder, "pipeline"))
-    save_config(cfg, os.path.join(folder, "config.yaml"))
-
-
-def _progress(accelerator, start: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train_ldm", disable=not accelerator.is_local_main_process)
+    return {"step": result["step"], "losses": result["losses"], "val": result["history"],
+            "checkpoint": result["checkpoint"], "stopped_by": result["stopped_by"],
+            "nonfinite_total": result["nonfinite_total"]}
 
 
 def _write_losses(output_dir: str, losses: dict) -> None:

@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
-from tqdm.auto import tqdm
 
-from ldm.presets import MODEL_PRESETS, build_vae, get_spec
-from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
-from ldm.training.config import check_ranges, every, format_config, save_config
+from ldm.images import image_grid
+from ldm.models.presets import MODEL_PRESETS, build_vae, get_spec
+from ldm.models.vae import encode_posterior
+from ldm.training import loop
+from ldm.training.config import check_ranges, format_config, save_config
 from ldm.training.lpips import load_lpips
-from ldm.training.signals import StopRequest, agreed_stop_reason
+from ldm.training.step import step_generator
 from ldm.training.stream import BatchStream
-from ldm.training.train_ldm import cpu_only_multiprocess
-from ldm.training.validation import first_samples, image_grid
+from ldm.training.validation import first_samples
 from ldm.training.vae_losses import (PatchDiscriminator, adaptive_disc_weight, hinge_d_loss, hinge_g_loss, kl_loss,
                                      latent_scaling_factor, psnr, reconstruction_loss)
 
@@ -53,6 +50,8 @@ class TrainVAEConfig:
     lr_warmup_steps: int = 0
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 0.0           # 0 = no clipping
+    max_nonfinite_steps: int = 10        # stop after this many non-finite losses in a row (each skips its update)
     mixed_precision: str = "no"
     max_steps: int = 2000
     max_minutes: float = 0.0             # 0 = no time limit
@@ -71,7 +70,7 @@ class TrainVAEConfig:
         "disc_weight": "[0, 1e3]", "disc_width": "[4, 4096]", "disc_learning_rate": "(0, 1]",
         "learning_rate": "(0, 1]",
         "lr_warmup_steps": "[0, 1e9]", "batch_size": "[1, 65536]", "gradient_accumulation_steps": "[1, 65536]",
-        "max_steps": "[1, 1e9]", "max_minutes": "[0, 1e7]", "checkpoint_every": "[0, 1e9]",
+        "max_grad_norm": "[0, 1e6]", "max_nonfinite_steps": "[1, 1e9]", "max_steps": "[1, 1e9]", "max_minutes": "[0, 1e7]", "checkpoint_every": "[0, 1e9]",
         "checkpoints_total_limit": "[0, 1e6]", "log_every": "[0, 1e9]", "val_samples": "[1, 1e4]",
         "num_workers": "[0, 256]", "seed": "[0, 4294967295]",
     }
@@ -146,46 +145,80 @@ def vae_loss(cfg, autoencode, pixels, generator, perceptual=None, disc=None, las
     return loss, logs, x_rec
 
 
-def discriminator_step(accelerator, disc, d_optimizer, pixels: torch.Tensor, x_rec: torch.Tensor) -> float:
-    """Updates the discriminator on real pixels and detached reconstructions; returns its hinge loss."""
-    with accelerator.accumulate(disc):
-        logits_real, logits_fake = disc(torch.cat([pixels, x_rec.detach()])).chunk(2)  # (B, 1, h', w') each
-        d_loss = hinge_d_loss(logits_real, logits_fake)
-        accelerator.backward(d_loss)
-        d_optimizer.step()
-        d_optimizer.zero_grad(set_to_none=True)
-    return d_loss.item()
+def discriminator_loss(disc, pixels: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+    """Returns the discriminator's hinge loss on real pixels and detached reconstructions (one forward for both)."""
+    logits_real, logits_fake = disc(torch.cat([pixels, x_rec.detach()])).chunk(2)  # (B, 1, h', w') each
+    return hinge_d_loss(logits_real, logits_fake)
 
 
-def main(cfg: TrainVAEConfig, dataset=None) -> dict:
-    """Trains the VAE; returns {"step", "psnr", "scaling_factor", "vae_dir", "losses"}."""
-    accelerator = Accelerator(cpu=cpu_only_multiprocess(), gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=cfg.mixed_precision, project_config=ProjectConfiguration(cfg.output_dir))
+class VAETrainer(loop.Trainer):
+    """`ldm train-vae`'s part of the loop: the VAE loss (and the discriminator's update once it is on), and the
+    VAE folder with its PSNR and latent scaling factor in each checkpoint."""
+
+    def __init__(self, cfg: TrainVAEConfig, accelerator, stream, val_pixels, perceptual=None, disc=None,
+                 d_optimizer=None):
+        self.cfg, self.accelerator, self.stream, self.batches = cfg, accelerator, stream, iter(stream)
+        self.val_pixels, self.perceptual, self.disc, self.d_optimizer = val_pixels, perceptual, disc, d_optimizer
+        self.report: dict = {}
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.accelerator.unwrap_model(self.model).vae
+
+    def disc_on(self, step: int) -> bool:
+        return self.disc is not None and step >= self.cfg.disc_start
+
+    def micro_loss(self, step: int, micro: int):
+        pixels = next(self.batches)["pixel_values"].to(self.accelerator.device)
+        generator = step_generator(self.cfg.seed, step, micro, self.accelerator.process_index)
+        disc = self.accelerator.unwrap_model(self.disc) if self.disc_on(step) else None
+        last_layer = self.vae.decoder.conv_out.weight  # where the adaptive weight compares gradients (Esser et al.)
+        loss, logs, x_rec = vae_loss(self.cfg, self.model, pixels, generator, self.perceptual, disc, last_layer)
+        if disc is not None:  # its gradients accumulate over the micro-batches; after_update steps it
+            d_loss = discriminator_loss(self.disc, pixels, x_rec)
+            self.accelerator.backward(d_loss)
+            logs["d_loss"] = d_loss.item()
+        return loss, {"loss": logs["rec_loss"], **logs}  # reported: the reconstruction loss
+
+    def after_update(self, state: dict) -> None:
+        if self.disc_on(state["step"]):
+            if state["nonfinite_in_a_row"] == 0:
+                self.d_optimizer.step()
+            self.d_optimizer.zero_grad(set_to_none=True)
+
+    def write_extra(self, folder: str, state: dict) -> None:
+        self.report = evaluate(self.cfg, self.vae, self.val_pixels, self.stream, self.accelerator.device,
+                               state["step"])
+        _write_vae_folder(folder, self.cfg, self.vae, self.report)
+
+    def data_position(self):
+        return self.stream.position()
+
+    def seek(self, position) -> None:
+        self.stream.seek(position)
+
+
+def setup(cfg: TrainVAEConfig, accelerator, dataset=None) -> VAETrainer:
+    """Builds the VAE (and discriminator and LPIPS when asked), optimisers and data; returns the prepared trainer."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        print(f"train_vae config:\n{format_config(cfg)}", flush=True)
-    set_seed(cfg.seed)
-
     vae = Autoencode(build_vae_model(cfg).train())
-    use_disc = cfg.disc_start >= 0
-    disc = PatchDiscriminator(width=cfg.disc_width) if use_disc else None
+    disc = PatchDiscriminator(width=cfg.disc_width) if cfg.disc_start >= 0 else None
     perceptual = (load_lpips(cfg.lpips_weights, cfg.lpips_vgg_weights, cfg.allow_pickle)
                   if cfg.lpips_weights or cfg.lpips_vgg_weights else None)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=cfg.max_steps * world)
-    if use_disc:
-        d_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_learning_rate, betas=(0.5, 0.9))
+    vae.to(accelerator.device)  # before the optimiser: the fused kernel checks the device
+    optimizer = loop.make_optimizer(list(vae.parameters()), cfg.learning_rate, accelerator.device)
+    lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
+    d_optimizer = None
+    if disc is not None:
+        disc.to(accelerator.device)
+        d_optimizer = loop.make_optimizer(list(disc.parameters()), cfg.disc_learning_rate, accelerator.device,
+                                          betas=(0.5, 0.9))
         vae, disc, optimizer, d_optimizer, lr_scheduler = accelerator.prepare(vae, disc, optimizer, d_optimizer,
                                                                               lr_scheduler)
     else:
         vae, optimizer, lr_scheduler = accelerator.prepare(vae, optimizer, lr_scheduler)
-    unwrapped = accelerator.unwrap_model(vae).vae
-    last_layer = unwrapped.decoder.conv_out.weight  # where the adaptive weight compares gradients (Esser et al.)
     if perceptual is not None:
         perceptual.to(accelerator.device)
-
     if dataset is None:
         from ldm.data import open_dataset
 
@@ -194,57 +227,36 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
     else:
         val_data = dataset
     stream = BatchStream(dataset, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers)
-    val_pixels = first_samples(val_data, cfg.val_samples)["pixel_values"]
+    trainer = VAETrainer(cfg, accelerator, stream, first_samples(val_data, cfg.val_samples)["pixel_values"],
+                         perceptual, disc, d_optimizer)
+    trainer.model, trainer.params = vae, list(vae.parameters())
+    trainer.optimizer, trainer.lr_scheduler = optimizer, lr_scheduler
+    return trainer
 
-    state = {"step": 0, "data": stream.position()}
-    checkpoint = resolve_resume(cfg.resume, cfg.output_dir)
-    if checkpoint:
-        accelerator.load_state(os.path.join(checkpoint, "accelerate"))
-        state = read_state(checkpoint)
-        stream.seek(state["data"])
 
-    def write_checkpoint() -> tuple[str, dict]:
-        report = evaluate(cfg, unwrapped, val_pixels, stream, accelerator.device, state["step"])
-        extra = lambda tmp: _write_vae_folder(tmp, cfg, unwrapped, report)  # noqa: E731
-        return save_checkpoint(accelerator, cfg.output_dir, state["step"], {**state, **report}, extra,
-                               cfg.checkpoints_total_limit), report
+def main(cfg: TrainVAEConfig, dataset=None) -> dict:
+    """Trains the VAE; returns {"step", "psnr", "scaling_factor", "vae_dir", "losses", "stopped_by",
+    "nonfinite_total"}."""
+    accelerator = loop.make_accelerator(cfg, cfg.output_dir)
+    if accelerator.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        print(f"train_vae config:\n{format_config(cfg)}", flush=True)
+    set_seed(cfg.seed)
+    trainer = setup(cfg, accelerator, dataset)
+    result = loop.train(accelerator, trainer, loop.LoopSettings.from_config(cfg, name="train_vae", print_logs=True))
+    last = result["checkpoint"]
+    report = trainer.report or (_read_metrics(last) if last else {})
+    losses = {step: loss for step, loss in result["losses"].items()}
+    return {"step": result["step"], "losses": losses, "vae_dir": os.path.join(last, "vae") if last else None,
+            "stopped_by": result["stopped_by"], "nonfinite_total": result["nonfinite_total"], **report}
 
-    losses, report, last, batches = {}, {}, checkpoint, iter(stream)
-    progress = tqdm(total=cfg.max_steps, initial=state["step"], desc="train_vae",
-                    disable=not accelerator.is_local_main_process)
-    started, stopped_by = time.time(), None
-    with StopRequest() as stop:
-        while state["step"] < cfg.max_steps:
-            pixels = next(batches)["pixel_values"].to(accelerator.device)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state["step"] * 4099 + rank)
-            disc_on = use_disc and state["step"] >= cfg.disc_start
-            with accelerator.accumulate(vae):
-                loss, logs, x_rec = vae_loss(cfg, vae, pixels, generator, perceptual,
-                                             accelerator.unwrap_model(disc) if disc_on else None, last_layer)
-                accelerator.backward(loss)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if disc_on:
-                logs["d_loss"] = discriminator_step(accelerator, disc, d_optimizer, pixels, x_rec)
-            state["step"] += 1
-            state["data"] = stream.position()
-            losses[state["step"]] = logs["rec_loss"]
-            progress.update(1)
-            progress.set_postfix(rec=f"{logs['rec_loss']:.4f}")
-            if every(state["step"], cfg.log_every):
-                accelerator.print(f"train_vae step {state['step']}: "
-                                  + ", ".join(f"{key} {float(value):.4g}" for key, value in logs.items()))
-            stopped_by = agreed_stop_reason(accelerator, stop, started, cfg.max_minutes)
-            if every(state["step"], cfg.checkpoint_every) or state["step"] == cfg.max_steps or stopped_by:
-                last, report = write_checkpoint()
-            if stopped_by:
-                accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last}; "
-                                  "continue with --resume latest")
-                break
-    progress.close()
-    vae_dir = os.path.join(last, "vae") if last else None
-    return {"step": state["step"], "losses": losses, "vae_dir": vae_dir, "stopped_by": stopped_by, **report}
+
+def _read_metrics(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, "metrics.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 @torch.no_grad()
@@ -254,7 +266,7 @@ def evaluate(cfg, vae, val_pixels, stream, device, step) -> dict:
 
     vae.eval()
     x = val_pixels.to(device)
-    x_rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    x_rec = vae.decode(encode_posterior(vae, x)[0]).sample
     value = float(psnr(x_rec, x))
     scale_batches = [x]
     if not stream.streaming and len(stream.dataset) > len(x):  # more images give a steadier std
@@ -264,7 +276,7 @@ def evaluate(cfg, vae, val_pixels, stream, device, step) -> dict:
     to_pil = lambda t: Image.fromarray(  # noqa: E731 - (3,H,W) in [-1,1] -> PIL
         ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
     os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-    image_grid([to_pil(t) for t in torch.cat([x, x_rec])], columns=len(x)).save(
+    image_grid([to_pil(t) for t in torch.cat([x, x_rec])], len(x)).save(
         os.path.join(cfg.output_dir, "samples", f"recon-{step:08d}.png"))
     print(f"train_vae step {step}: PSNR {value:.2f} dB, latent scaling factor {scale:.4f}", flush=True)
     return {"psnr": value, "scaling_factor": scale}

@@ -10,9 +10,12 @@ import os
 import random
 
 import torch
-from PIL import Image
 
 from ldm import diffusion
+from ldm.images import image_grid
+from ldm.models.denoiser import denoise
+from ldm.models.vae import encode_posterior
+from ldm.objectives import Objective
 from ldm.training.stream import collate_dicts
 
 
@@ -47,10 +50,7 @@ def draw_prompts(captions: list[str], count: int, seed: int) -> list[str]:
 def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, num_train_timesteps: int, device) -> dict:
     """Returns {"latents", "context", "noise", "t"}, each repeated over the timesteps: (N*K, ...), and the N
     images' "caption" list."""
-    if "latent_mean" in batch:
-        mean = batch["latent_mean"].float()
-    else:
-        mean = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.mean.float()
+    mean = batch["latent_mean"].float() if "latent_mean" in batch else encode_posterior(vae, batch["pixel_values"])[0]
     latents = mean.to(device) * vae.config.scaling_factor  # (N, 4, h, w)
     context = embed(list(batch["caption"]), device)  # (N, 77, D)
     n, k = latents.shape[0], timesteps_per_sample
@@ -62,33 +62,38 @@ def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, num_train_t
 
 
 @torch.no_grad()
-def validation_loss(unet, val: dict, alpha_bar: torch.Tensor, prediction_type: str, num_bins: int,
-                    batch_size: int = 64) -> dict:
+def validation_loss(model, val: dict, objective: Objective, num_bins: int, batch_size: int = 64) -> dict:
     """Returns {"val_loss": mean, "val_loss_bin0": ..., ...}: MSE per equal-width timestep bin (bin 0 = least noise)."""
     losses = []
     for i in range(0, len(val["t"]), batch_size):
         t = val["t"][i:i + batch_size]
         x0, noise = val["latents"][i:i + batch_size], val["noise"][i:i + batch_size]
-        x_t = diffusion.add_noise(x0, noise, t, alpha_bar)
-        target = diffusion.training_target(x0, noise, t, alpha_bar, prediction_type)
-        pred = unet(x_t, t, encoder_hidden_states=val["context"][i:i + batch_size].to(x_t.dtype)).sample
-        losses.append(diffusion.per_sample_loss(pred, target, "mse"))
+        x_t = objective.noised(x0, noise, t)
+        pred = denoise(model, x_t, objective.model_time(t), val["context"][i:i + batch_size].to(x_t.dtype))
+        losses.append(diffusion.per_sample_loss(pred, objective.target(x0, noise, t), "mse"))
     losses = torch.cat(losses).cpu()  # (N*K,)
-    bins = diffusion.timestep_bins(val["t"].cpu(), len(alpha_bar), num_bins)
+    bins = diffusion.timestep_bins(val["t"].cpu(), objective.schedule.num_train_timesteps, num_bins)
     report = {"val_loss": float(losses.mean())}
     for b in range(num_bins):
         report[f"val_loss_bin{b}"] = float(losses[bins == b].mean()) if (bins == b).any() else float("nan")
     return report
 
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Returns the images tiled row by row into one picture."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+def inference_pipeline(parts: dict, denoiser, scheduler_config: dict, text_encoder=None, ema=None):
+    """Returns an ldm.Pipeline (DDIM, progress bar off) over the weights being trained, for sampling or saving:
+    the denoiser's EMA weights when `ema` is given (a copy; training's weights stay), else the denoiser itself
+    (LoRA adapters active); `text_encoder` replaces parts["text_encoder"] (e.g. one being trained)."""
+    from diffusers import DDIMScheduler
+
+    from ldm.pipelines import Pipeline
+
+    if ema is not None:
+        denoiser = type(denoiser).from_config(denoiser.config)
+        ema.copy_to(denoiser.parameters())
+    pipe = Pipeline(vae=parts["vae"], text_encoder=text_encoder or parts["text_encoder"], tokenizer=parts["tokenizer"],
+                    unet=denoiser, scheduler=DDIMScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @torch.no_grad()
@@ -97,5 +102,5 @@ def sample_grid(pipeline, prompts: list[str], path: str, steps: int, guidance: f
     generator = torch.Generator().manual_seed(seed)
     images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    image_grid(images, columns=len(images)).save(path)
+    image_grid(images, len(images)).save(path)
     return path

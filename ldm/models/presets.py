@@ -83,8 +83,8 @@ def small() -> ModelSpec:
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
                   # diffusers reads attention_head_dim as heads per block (SD 1.x's naming): 2 and 4 heads of 16
-                  # channels. The 16 heads this preset had (2 and 4 channels each) trained no better and made its
-                  # CPU training step 2.3x slower, mostly in attention (benchmarks/BENCHMARKS.md).
+                  # channels. Heads of 2-4 channels (16 per block) trained no better and were much slower on the
+                  # CPU, whose attention kernels do poorly on such slivers (benchmarks/BENCHMARKS.md, Training).
                   attention_head_dim=(2, 4), norm_num_groups=8,
                   # The prompt also reaches every ResNet block through the time embedding (attention-pooled text,
                   # as in unCLIP / Kandinsky): a global path that learns colour and shape in minutes.
@@ -95,9 +95,9 @@ def small() -> ModelSpec:
         text_encoder=_clip_text(hidden=128, layers=2, heads=4, intermediate=256),
         scheduler=_latent_scheduler(),
         # A text encoder trained from nothing with the UNet, from CLIP's init (token std 0.02, as small as its
-        # position table), barely separated "left" from "right": the demo's position adherence stayed at
-        # chance (17-23%, 5 positions) after 1400 steps. Tokens drawn at std 1 stay distinct through a frozen
-        # random encoder, and the same training reached 97-100% (`ldm demo` keeps this encoder frozen).
+        # position table), barely separated "left" from "right", and the demo's position adherence stayed at
+        # chance. Tokens drawn at std 1 stay distinct through a frozen random encoder, which fixed it (README,
+        # Demo; `ldm demo` keeps this encoder frozen).
         token_embedding_std=1.0,
     )
 
@@ -166,13 +166,13 @@ def build_text_encoder(spec: ModelSpec) -> CLIPTextModel:
 
 
 def build_scheduler(spec: ModelSpec) -> DDIMScheduler:
-    """Returns the folder's default sampler; any other (ldm.schedulers) is made from its config."""
+    """Returns the folder's default sampler; any other (ldm.pipelines.schedulers) is made from its config."""
     return DDIMScheduler(**spec.scheduler)
 
 
 def build_components(preset: str | ModelSpec, seed: int = 0) -> dict:
     """Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}, randomly initialised from `seed`."""
-    from ldm.tokenizer import build_clip_tokenizer
+    from ldm.models.tokenizer import build_clip_tokenizer
 
     spec = get_spec(preset)
     torch.manual_seed(seed)

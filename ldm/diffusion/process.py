@@ -1,9 +1,11 @@
-"""Diffusion training math as pure tensor functions: schedules, targets, SNR and loss weights, dropout.
+"""The diffusion math, defined once, as pure tensor functions: schedules, alpha_bar, SNR, the posterior, noising,
+targets, eps/x0/v conversions, loss weights, timestep sampling and caption dropout. Training, the pipeline's trace,
+the objectives (ldm/objectives/) and every diagnostic call these; nothing else writes a formula of its own.
 
 Notation (Ho et al. 2020, arXiv:2006.11239): beta_t the noise schedule, alpha_t = 1 - beta_t,
 alpha_bar_t = prod_{s<=t} alpha_s (`alphas_cumprod`), x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps,
 SNR(t) = alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021, arXiv:2107.00630). Timesteps t are 0-based
-indices into the schedule (diffusers' convention), so t = 0 is the least noisy step.
+indices into the schedule (diffusers' convention, the paper's t = 1..T), so t = 0 is the least noisy step.
 """
 from __future__ import annotations
 
@@ -13,6 +15,14 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+REVERSE_VARIANCES = ("posterior", "beta")
+
+__all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLING", "REVERSE_VARIANCES",
+           "make_betas", "rescale_zero_terminal_snr", "alphas_cumprod", "snr", "posterior_variance",
+           "posterior_mean_coefs", "reverse_variance", "vlb_weights", "alpha_bar_at", "add_noise", "velocity",
+           "training_target", "to_parameterisations", "eps_loss_factor", "min_snr_weight", "vlb_weight",
+           "loss_weights", "per_sample_loss", "offset_noise", "drop_captions", "sample_timesteps",
+           "stratified_timesteps", "timestep_bins"]
 
 
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -53,10 +63,69 @@ def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return out.reshape(-1, *([1] * (ndim - 1)))
 
 
-def snr(alpha_bar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Returns SNR(t) = alpha_bar_t / (1 - alpha_bar_t), (B,). Eq. (1)ff, Kingma et al. 2021."""
+def snr(alpha_bar: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns SNR = alpha_bar / (1 - alpha_bar): at timesteps t (B,) float32, or, without t, of every entry of
+    alpha_bar in its own dtype. Eq. (2), Kingma et al. 2021, "Variational Diffusion Models"."""
+    if t is None:
+        return alpha_bar / (1 - alpha_bar)
     a = alpha_bar.to(t.device)[t].double()
     return (a / (1 - a)).float()
+
+
+def posterior_variance(betas: torch.Tensor) -> torch.Tensor:
+    """Returns beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t, (T,). Eq. (7), Ho et al. 2020.
+
+    At t = 0 (the paper's t = 1) alpha_bar_{-1} = 1 gives 0: q(x_{-1} | x_0, x_0) is a point mass.
+    """
+    a_bar = alphas_cumprod(betas)
+    a_bar_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
+    return (1 - a_bar_prev) / (1 - a_bar) * betas
+
+
+def posterior_mean_coefs(betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (c0, ct) with mu_tilde_t(x_t, x0) = c0 x0 + ct x_t, each (T,). Eq. (7), Ho et al. 2020."""
+    a_bar = alphas_cumprod(betas)
+    a_bar_prev = torch.cat([a_bar.new_ones(1), a_bar[:-1]])
+    return a_bar_prev.sqrt() * betas / (1 - a_bar), (1 - betas).sqrt() * (1 - a_bar_prev) / (1 - a_bar)
+
+
+def reverse_variance(betas: torch.Tensor, kind: str = "posterior") -> torch.Tensor:
+    """Returns sigma_t^2 of p(x_{t-1} | x_t), (T,): "posterior" (beta_tilde_t, what diffusers' DDPM sampler draws
+    with, variance_type="fixed_small") or "beta" (beta_t), the two fixed choices of Ho et al. 2020, Sec. 3.2.
+
+    beta_tilde_0 = 0 would make the t = 0 term infinite; there (the decoder term L_0 in the paper) beta_0 is used.
+    """
+    if kind == "beta":
+        return betas.clone()
+    if kind != "posterior":
+        raise ValueError(f"unknown reverse variance {kind!r}; choose one of {REVERSE_VARIANCES}")
+    var = posterior_variance(betas)
+    var[0] = betas[0]
+    return var
+
+
+def vlb_weights(betas: torch.Tensor, variance: str = "posterior") -> torch.Tensor:
+    """Returns lambda_t with L_{t-1} = lambda_t ||eps - eps_pred||^2, (T,); the simple loss uses lambda_t = 1.
+
+    Eq. (12), Ho et al. 2020: lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)), sigma_t^2 from
+    `reverse_variance` (by default the posterior variance beta_tilde_t, the one our DDPM sampler uses). The one
+    definition of the VLB weight: `--weighting vlb` in training and `ldm diagnose schedule` both use it.
+    """
+    betas = betas.double()
+    return betas ** 2 / (2 * reverse_variance(betas, variance) * (1 - betas) * (1 - alphas_cumprod(betas)))
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """Returns alpha_bar at (possibly fractional) timesteps t, interpolating sigma_t = sqrt((1 - a) / a) linearly
+    in t as diffusers' LMS/Euler schedulers do; exact at integer t."""
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(alphas_cumprod) - 1)
+    sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(sigmas) - 1)
+    frac = t - lo
+    # at integer t the exact value, also where sigma is infinite (zero terminal SNR: alpha_bar_{T-1} = 0)
+    sigma = torch.where(frac == 0, sigmas[lo], sigmas[lo] * (1 - frac) + sigmas[hi] * frac)
+    return 1 / (1 + sigma ** 2)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -65,20 +134,45 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar:
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def velocity(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Returns v = sqrt(a) eps - sqrt(1 - a) x0 for alpha_bar_t = a (broadcastable). Sec. 4 / Appendix D,
+    Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv:2202.00512."""
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                     kind: str) -> torch.Tensor:
-    """Returns what the network learns to predict: eps, v or x0.
-
-    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0: Sec. 4 / Appendix D, Salimans & Ho 2022, arXiv:2202.00512.
-    """
+    """Returns what the network learns to predict: eps, v or x0."""
     if kind == "epsilon":
         return noise
     if kind == "sample":
         return x0
     if kind == "v_prediction":
-        a = _gather(alpha_bar, t, x0.ndim)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+        return velocity(x0, noise, _gather(alpha_bar, t, x0.ndim))
     raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
+
+
+def to_parameterisations(prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
+                         kind: str) -> dict[str, torch.Tensor]:
+    """Returns {"eps", "x0", "v"} implied by a prediction of type `kind` at x_t, each shaped like x_t (B, C, ...);
+    alpha_bar_t is a number or (B,).
+
+    eps -> x0: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), Eq. (15), Ho et al. 2020;
+    v -> x0, eps: x0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, Sec. 4, Salimans & Ho 2022.
+    """
+    a = torch.as_tensor(alpha_bar_t).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))  # (B or 1, 1, ..., 1)
+    if kind == "epsilon":
+        eps = prediction
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    elif kind == "v_prediction":
+        x0 = a.sqrt() * x_t - (1 - a).sqrt() * prediction
+        eps = (1 - a).sqrt() * x_t + a.sqrt() * prediction
+    elif kind == "sample":
+        x0 = prediction
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
+    return {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}
 
 
 def eps_loss_factor(snr_t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -107,20 +201,13 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, kind: str) -> torch.Tensor
 
 
 def vlb_weight(t: torch.Tensor, betas: torch.Tensor, kind: str) -> torch.Tensor:
-    """Returns the ELBO weight of each timestep's MSE relative to the simple (uniform) loss, (B,).
-
-    Eq. (12), Ho et al. 2020: L_{t-1} - C = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) ||eps - eps_pred||^2,
-    here with sigma_t^2 = beta_t (their fixed variance; defined at every t), i.e. beta_t / (2 alpha_t (1 - alpha_bar_t)).
-    The weights are divided by their mean over all T steps: the relative weighting is the ELBO's exactly, while the
-    loss keeps the simple loss's scale (the ELBO's overall scale only rescales the learning rate).
-    """
-    betas = betas.double()
-    alphas = 1 - betas
-    alpha_bar = torch.cumprod(alphas, dim=0)
-    lam = betas / (2 * alphas * (1 - alpha_bar))  # (T,) eps-MSE weights
-    lam = lam / lam.mean()
-    snr_t = snr(alpha_bar, t)
-    return lam.to(t.device)[t].float() * eps_loss_factor(snr_t, kind)
+    """Returns the ELBO weight of each timestep's MSE relative to the simple (uniform) loss, (B,): `vlb_weights`
+    (posterior variance) divided by their mean over all T steps, times the eps-loss factor of the prediction type.
+    The relative weighting is the ELBO's exactly, while the loss keeps the simple loss's scale (the ELBO's overall
+    scale only rescales the learning rate)."""
+    lam = vlb_weights(betas)
+    lam = lam / lam.mean()  # (T,) eps-MSE weights, mean 1
+    return lam.to(t.device)[t].float() * eps_loss_factor(snr(alphas_cumprod(betas.double()), t), kind)
 
 
 def loss_weights(t: torch.Tensor, betas: torch.Tensor, weighting: str, kind: str, gamma: float = 5.0) -> torch.Tensor:

@@ -1,0 +1,2 @@
+"""Models: presets (plain functions building the VAE, text encoders and denoisers), the denoiser interface,
+the CLIP tokenizer built offline, and LoRA adapters."""

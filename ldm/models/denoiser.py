@@ -1,0 +1,53 @@
+"""The denoiser interface: every backbone is called as
+
+    denoise(model, latents, time, text_context, pooled_text=None) -> prediction   # (B, C, h, w)
+
+so that the training step, the pipeline and the diagnostics never know which backbone they hold. A backbone of our
+own (a diffusion transformer) implements `forward(latents, time, text_context, pooled_text=None)` and returns the
+tensor; a diffusers class with another call signature gets an adapter in ADAPTERS. COMPONENT names the model
+folder's subfolder for each class ("unet" for the UNet, "transformer" for transformers, as diffusers names them).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _unet(model, latents, time, text_context, pooled_text=None, **kwargs):
+    # UNet2DConditionModel: cross-attention over the token embeddings; SD 1.x/2.x use no pooled text
+    return model(latents, time, encoder_hidden_states=text_context, return_dict=False, **kwargs)[0]
+
+
+ADAPTERS: dict[str, Callable] = {"UNet2DConditionModel": _unet}
+COMPONENT: dict[str, str] = {"UNet2DConditionModel": "unet"}
+
+
+def _adapter(model) -> Callable | None:
+    for cls in type(model).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__]
+    return None
+
+
+def denoise(model, latents: torch.Tensor, time: torch.Tensor, text_context: torch.Tensor,
+            pooled_text: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Returns the backbone's prediction for noised latents (B, C, h, w) at `time` given the text tokens'
+    embeddings (B, L, D) and, for backbones that use it, the pooled text embedding (B, D).
+
+    `model` may be wrapped (DDP, torch.compile): the call goes through the wrapper, so gradients sync. Keyword
+    arguments go to the backbone as they are (e.g. the UNet's cross_attention_kwargs={"scale": ...} for LoRA).
+    """
+    plain = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    adapter = _adapter(plain)
+    if adapter is None:
+        return model(latents, time, text_context, pooled_text, **kwargs)
+    return adapter(model, latents, time, text_context, pooled_text, **kwargs)
+
+
+def component_name(model) -> str:
+    """Returns the model folder's subfolder for this backbone ("unet" or "transformer")."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in COMPONENT:
+            return COMPONENT[cls.__name__]
+    return "transformer"

@@ -1,0 +1,41 @@
+"""Training objectives behind one interface (`Objective` in base.py): what the training step asks for a batch
+(timesteps, the noised input, the model's time input, the target, the per-sample weight) and what the pipeline
+and the diagnostics ask of a prediction (x0). One file per objective; each registers itself by name here.
+
+    objective = make_objective("v_prediction", NoiseSchedule.from_betas(betas), ObjectiveSettings("min_snr"))
+    t = objective.sample_timesteps(batch, generator); x_t = objective.noised(x0, noise, t)
+    loss = objective.weight(t) * mse(denoise(model, x_t, objective.model_time(t), context), objective.target(x0, noise, t))
+
+Adding one: a file defining a subclass of Objective with `name`, decorated with @register, and its import below.
+"""
+from __future__ import annotations
+
+from ldm.objectives.base import NoiseSchedule, Objective, ObjectiveSettings, VPDiffusion
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: makes an objective available by its `name` (the config's prediction_type)."""
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def make_objective(name: str, schedule: NoiseSchedule, settings: ObjectiveSettings | None = None) -> Objective:
+    """Returns the objective called `name` over `schedule`; unknown names raise ValueError listing the known ones."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective (prediction_type) {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](schedule, settings or ObjectiveSettings())
+
+
+def objective_for(scheduler_config: dict, settings: ObjectiveSettings | None = None) -> Objective:
+    """Returns the objective a saved model was trained with, read from its scheduler config (prediction_type and
+    the noise schedule, trained_betas included)."""
+    return make_objective(scheduler_config.get("prediction_type", "epsilon"),
+                          NoiseSchedule.from_scheduler_config(scheduler_config), settings)
+
+
+from ldm.objectives import epsilon, sample, v_prediction  # noqa: E402,F401  (each registers itself)
+
+__all__ = ["OBJECTIVES", "NoiseSchedule", "Objective", "ObjectiveSettings", "VPDiffusion", "make_objective",
+           "objective_for", "register"]
