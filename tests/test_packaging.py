@@ -19,6 +19,17 @@ def test_every_package_folder_is_listed():
     assert found == listed, f"add to / remove from pyproject packages: {sorted(found ^ listed)}"
 
 
+def test_no_source_file_is_ignored_by_git():
+    # a .gitignore line such as `models/` (meant for users' model folders) once hid ldm/models/ from commits:
+    # the working tree passed, a fresh clone would not have
+    sources = [os.path.join(here, name) for top in ("ldm", "pipelines", "data", "train", "benchmarks", "tests")
+               for here, _, files in os.walk(os.path.join(ROOT, top)) if "__pycache__" not in here
+               for name in files if name.endswith((".py", ".md", ".json"))]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode in (0, 1), done.stderr  # 1: nothing ignored; 128: not a git checkout (an error)
+    assert done.stdout == "", f"ignored by .gitignore, so missing from a fresh clone: {done.stdout}"
+
+
 def test_users_data_folder_does_not_shadow_ldm_data(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "__init__.py").write_text("raise SystemExit('shadowed')\n")
