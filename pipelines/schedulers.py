@@ -4,11 +4,15 @@
 """
 from __future__ import annotations
 
+import inspect
+
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ldm import diffusion
+from ldm.objectives import is_flow_scheduler
 
 # name -> (class, config overrides)
 SCHEDULERS = {
@@ -20,6 +24,13 @@ SCHEDULERS = {
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+# The samplers of flow models (ldm/objectives/flow.py), by the same names: a flow model integrates a velocity field,
+# which only these (of diffusers' schedulers) do. They keep the model's num_train_timesteps and shift.
+FLOW_SCHEDULERS = {
+    "euler": FlowMatchEulerDiscreteScheduler,
+    "heun": FlowMatchHeunDiscreteScheduler,
 }
 
 # Our names -> the AUTOMATIC1111 web UI's sampler names, for the PNG "parameters" text (ldm.images).
@@ -39,6 +50,9 @@ ZERO_SNR_ALPHA_BAR = 2.0 ** -24
 def scheduler_name(scheduler: SchedulerMixin) -> str:
     """Returns our name for a scheduler object, or its class name when it has none."""
     for name, (cls, _) in SCHEDULERS.items():
+        if type(scheduler) is cls:
+            return name
+    for name, cls in FLOW_SCHEDULERS.items():
         if type(scheduler) is cls:
             return name
     return type(scheduler).__name__
@@ -75,6 +89,8 @@ def make_scheduler(name: str | SchedulerMixin, config) -> SchedulerMixin:
     """
     if isinstance(name, SchedulerMixin):
         return name
+    if is_flow_scheduler(config):
+        return flow_scheduler(name, config)
     if not isinstance(name, str) or name.lower() not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid names are {', '.join(SCHEDULERS)} "
                          "(or pass any diffusers scheduler object)")
@@ -82,3 +98,14 @@ def make_scheduler(name: str | SchedulerMixin, config) -> SchedulerMixin:
     if "clip_sample" not in config:
         overrides = {**overrides, "clip_sample": False}
     return cls.from_config(zero_snr_safe_config(cls, config), **overrides)
+
+
+def flow_scheduler(name: str, config) -> SchedulerMixin:
+    """Returns the named flow sampler (FLOW_SCHEDULERS) over a flow model's config (num_train_timesteps, shift), or
+    raises ValueError naming the ones that can sample a flow model."""
+    if not isinstance(name, str) or name.lower() not in FLOW_SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} cannot sample a flow-matching model (it predicts a velocity, not noise); "
+                         f"use one of {', '.join(FLOW_SCHEDULERS)}, or pass a diffusers FlowMatch scheduler object")
+    cls = FLOW_SCHEDULERS[name.lower()]
+    accepted = inspect.signature(cls.__init__).parameters  # Heun takes fewer settings than Euler
+    return cls.from_config({k: v for k, v in dict(config).items() if k in accepted})

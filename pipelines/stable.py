@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ldm.folders import atomic_folder, read_json, write_json
 from ldm.models.denoiser import denoise
 from ldm.models.text_encoders import OpenCLIPTextEncoder
-from ldm.objectives import objective_for
+from ldm.objectives import is_flow_scheduler, objective_for
 from ldm.pipelines.checks import check_call_inputs, check_finite
 from ldm.pipelines.guidance import cfg_combine, rescale_guidance
 from ldm.pipelines.loading import load_components
@@ -152,7 +152,13 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self.set_adapters(adapter_name, adapter_weights=scale)
 
     def set_scheduler(self, name_or_scheduler) -> None:
-        """Replaces the sampler, by name ("ddpm", "ddim", "lms", ...) or with any diffusers scheduler object."""
+        """Replaces the sampler, by name ("ddpm", "ddim", "lms", ...) or with any diffusers scheduler object; a
+        flow-matching model takes "euler", "heun" or a FlowMatch scheduler object (others raise ValueError)."""
+        if not isinstance(name_or_scheduler, str) and (is_flow_scheduler(name_or_scheduler)
+                                                      != is_flow_scheduler(self._schedule_config)):
+            kind = "a flow-matching" if is_flow_scheduler(self._schedule_config) else "a noise-prediction (DDPM-type)"
+            raise ValueError(f"{type(name_or_scheduler).__name__} cannot sample {kind} model; pass a scheduler of its "
+                             "kind, or a name: pipe.set_scheduler('euler')")
         self._schedule_config.update(self.scheduler.config)
         self.scheduler = make_scheduler(name_or_scheduler, self._schedule_config)
 
@@ -313,7 +319,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # timestep, which with a device tensor makes the CPU wait for the GPU at every step.
         host_timesteps = timesteps.cpu()
         train_steps = self.scheduler.config.num_train_timesteps
-        if host_timesteps.max() >= train_steps:  # e.g. "leading" spacing with steps_offset=1 at T steps
+        flow = is_flow_scheduler(self.scheduler)  # flow timesteps are sigma * T: t = T is pure noise, and valid
+        if not flow and host_timesteps.max() >= train_steps:  # e.g. "leading" spacing, steps_offset=1 at T steps
             raise ValueError(f"num_inference_steps={num_inference_steps} makes this scheduler's "
                              f"{self.scheduler.config.get('timestep_spacing', 'leading')!r} spacing ask for "
                              f"t={int(host_timesteps.max())} of a {train_steps}-step model; use fewer steps or "
@@ -327,7 +334,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        # flow samplers start at sigma = 1 (x_1 = eps) and have no init_noise_sigma
+        return latents.to(device, dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance_scale: float,
                  guidance_rescale: float, step_kwargs: dict, cross_attention_kwargs: dict | None,
@@ -340,7 +348,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         do_cfg = guidance_scale > 1.0
         records, finite = ([] if trace else None), []
-        objective = objective_for(self.scheduler.config) if trace else None  # x0 for samplers that do not report it
+        objective = objective_for(self.scheduler) if trace else None  # x0 for samplers that do not report it
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B*n or B*n, 77, D)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
@@ -367,7 +375,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Returns (x_scaled, noise_pred, pred_cond, pred_uncond) at one step: the model input, the guided
         prediction and the two branches (pred_uncond None without guidance), each (B*n, 4, h, w)."""
         # 4a. One UNet call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
-        x_scaled = self.scheduler.scale_model_input(latents, t_host)  # sigma-schedulers' input scaling
+        scale = getattr(self.scheduler, "scale_model_input", None)  # flow samplers feed x_sigma as it is
+        x_scaled = scale(latents, t_host) if scale else latents  # sigma-schedulers' input scaling
         do_cfg = guidance_scale > 1.0
         x_in = torch.cat([x_scaled, x_scaled]) if do_cfg else x_scaled
         model_out = denoise(self.unet, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)

@@ -58,6 +58,19 @@ def short_demo(tmp_path_factory):
     return cfg, report
 
 
+def diffusers_pair(folder):
+    """Returns (our Pipeline, diffusers' StableDiffusionPipeline) loaded from the same folder, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm import Pipeline
+
+    ours = Pipeline.from_pretrained(folder)
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
 def nan_loss_at(module, calls_to_poison):
     """Returns a stand-in for module.diffusion_loss whose loss is NaN on the given call numbers (1-based; None:
     every call): a non-finite loss as fp16 overflow or bad data would give."""

@@ -51,6 +51,7 @@ def special_cases(cls, tmp_path) -> dict:
         TrainVAEConfig: {"lpips_weights": (str(heads), {"lpips_vgg_weights": str(trunk)}),
                          "lpips_vgg_weights": (str(trunk), {"lpips_weights": str(heads)})},
         FinetuneConfig: {"num_class_images": (3, {"class_prompt": "a painting"})},
+        DemoConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"})},
     }.get(cls, {})
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from conftest import diffusers_pair
 
 from ldm import Pipeline
 from ldm.pipelines.schedulers import make_scheduler
@@ -12,24 +12,16 @@ CALL = dict(prompt=["a red circle on the left", "a blue square above a yellow tr
             num_inference_steps=8, height=64, width=64, output_type="np")
 
 
-def load_pair(folder):
-    ours = Pipeline.from_pretrained(folder)
-    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
-    for p in (ours, theirs):
-        p.set_progress_bar_config(disable=True)
-    return ours, theirs
-
-
 @pytest.fixture(scope="module")
 def pair(tiny_folder):
-    return load_pair(tiny_folder)
+    return diffusers_pair(tiny_folder)
 
 
 @pytest.fixture(scope="module")
 def round_trip_pair(tiny_folder, tmp_path_factory):
     path = tmp_path_factory.mktemp("rt") / "again"
     Pipeline.from_pretrained(tiny_folder).save_pretrained(path)
-    return load_pair(str(path))
+    return diffusers_pair(str(path))
 
 
 def run(pipe, scheduler_name, seed=1234, **overrides):

@@ -20,7 +20,7 @@ def zero_snr_folder(tmp_path_factory):
     parts = build_components("tiny", seed=0)
     betas = diffusion.rescale_zero_terminal_snr(diffusion.make_betas("scaled_linear"))
     schedule = NoiseSchedule(betas, diffusion.alphas_cumprod(betas), "scaled_linear", rescaled=True)
-    config = schedule.scheduler_config(parts["scheduler"].config, "v_prediction", 0.00085, 0.012)
+    config = schedule.scheduler_config(parts["scheduler"].config, "v_prediction")
     parts["scheduler"] = DDIMScheduler.from_config(config)
     assert parts["scheduler"].alphas_cumprod[-1] == 0  # the schedule as trained: SNR(T-1) = 0
     path = tmp_path_factory.mktemp("models") / "zero_snr"

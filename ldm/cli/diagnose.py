@@ -5,6 +5,9 @@
     ldm diagnose schedule --beta-schedule linear scaled_linear --out diag/
     ldm diagnose training --history run/val_loss.jsonl --out diag/
     ldm diagnose all --model DIR --out benchmarks/figures/   # everything the README shows
+
+A flow-matching model (its scheduler a FlowMatch one) is diagnosed in its own terms: the loss and bias of the
+predicted velocity per sigma bin, the samplers euler and heun by default, its shifted sigma schedule.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--schedulers", type=_csv_list, default=["ddpm", "ddim", "lms"], help="comma-separated names")
+    p.add_argument("--schedulers", type=_csv_list, default=None,
+                   help="comma-separated names (default: ddpm,ddim,lms, or for a flow model euler,heun)")
     p.add_argument("--steps", type=int_in("[1, 1000]"), default=25)
     p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0)
     p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5)

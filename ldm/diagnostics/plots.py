@@ -35,16 +35,19 @@ def line_plot(path: str, x, series: dict[str, list], xlabel: str, ylabel: str, t
 
 
 def panels_plot(path: str, x, panels: dict[str, dict[str, list]], xlabel: str, title: str,
-                hlines: dict[str, float] | None = None, logy: tuple[str, ...] = ()) -> str:
-    """Plots one panel per entry of `panels` ({panel title: {series label: y}}) side by side, sharing x."""
+                hlines: dict[str, float] | None = None, logy: tuple[str, ...] = (), invert_x: bool = False) -> str:
+    """Plots one panel per entry of `panels` ({panel title: {series label: y}}) side by side, sharing x, or with
+    x a dict {series label: its x} where series differ in length."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items()):
         for label, y in series.items():
-            ax.plot(x, y, marker="o", markersize=3, label=label)
+            ax.plot(x[label] if isinstance(x, dict) else x, y, marker="o", markersize=3, label=label)
         if hlines and name in hlines:
             ax.axhline(hlines[name], color="grey", linestyle="--", linewidth=1, label="target")
         if name in logy:
             ax.set_yscale("log")
+        if invert_x:
+            ax.invert_xaxis()
         ax.set(xlabel=xlabel, title=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -5,6 +5,11 @@ schedule.json = {"num_train_timesteps", "variance", "schedules": {name: {"beta_s
 "num_inference_steps"}; schedule_<name>.csv has one row per t with the fields of
 schedule_table below; schedule_timesteps.csv one row per (scheduler, spacing).
 PNGs: schedule_alpha_bar.png, schedule_posterior_variance.png, schedule_vlb_weights.png, schedule_timesteps.png.
+
+A flow model has no beta schedule: `diagnose_flow_schedule` writes its schedule.json = {"objective": "flow",
+"shift", "num_train_timesteps", "num_inference_steps", "visited": {sampler: {"linspace": [t]}}}, schedule_timesteps.csv,
+schedule_sigmas.png (sigma against uniform time, unshifted, SD3's shift 3 and the model's, SD3 Eq. 23) and
+schedule_timesteps.png.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 
 from ldm.diagnostics.io import write_csv, write_json
 from ldm.diagnostics.plots import dot_plot, line_plot, panels_plot
-from ldm.diffusion import alphas_cumprod, make_betas, posterior_variance, snr, vlb_weights
+from ldm.diffusion import alphas_cumprod, make_betas, posterior_variance, shift_sigmas, snr, vlb_weights
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -81,10 +86,22 @@ def plot_schedules(tables: dict, visited: dict, out_dir: str) -> list[str]:
     paths.append(line_plot(os.path.join(out_dir, "schedule_vlb_weights.png"), t, weights, "timestep t",
                            "weight (mean 1)", "VLB weights (Ho et al. 2020, Eq. 12) vs the simple loss's",
                            logy=True, hlines={"simple loss (1)": 1.0}, markers=False))
-    rows = {f"{s} / {sp}": ts for s, by in visited.items() for sp, ts in by.items()}
-    paths.append(dot_plot(os.path.join(out_dir, "schedule_timesteps.png"), rows, "timestep t",
-                          "Timesteps each sampler visits, per timestep_spacing"))
+    paths.append(plot_visited(visited, out_dir))
     return paths
+
+
+def plot_visited(visited: dict, out_dir: str) -> str:
+    """Writes schedule_timesteps.png: the timesteps each sampler visits, one row per (sampler, spacing)."""
+    rows = {f"{s} / {sp}": ts for s, by in visited.items() for sp, ts in by.items()}
+    return dot_plot(os.path.join(out_dir, "schedule_timesteps.png"), rows, "timestep t",
+                    "Timesteps each sampler visits, per timestep_spacing")
+
+
+def write_visited(visited: dict, out_dir: str) -> str:
+    """Writes schedule_timesteps.csv, one row per (sampler, spacing), and returns its path."""
+    return write_csv(os.path.join(out_dir, "schedule_timesteps.csv"),
+                     [{"scheduler": s, "spacing": sp, "timesteps": " ".join(map(str, ts))}
+                      for s, by in visited.items() for sp, ts in by.items()])
 
 
 def diagnose_schedule(names: list[str], out_dir: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
@@ -110,8 +127,26 @@ def diagnose_schedule(names: list[str], out_dir: str, num_train_timesteps: int =
     for name, v in tables.items():
         rows = [dict(zip(v["table"], values)) for values in zip(*(c.tolist() for c in v["table"].values()))]
         files.append(write_csv(os.path.join(out_dir, f"schedule_{name}.csv"), rows))
-    files.append(write_csv(os.path.join(out_dir, "schedule_timesteps.csv"),
-                           [{"scheduler": s, "spacing": sp, "timesteps": " ".join(map(str, ts))}
-                            for s, by in visited.items() for sp, ts in by.items()]))
+    files.append(write_visited(visited, out_dir))
     report["files"] = files + plot_schedules(tables, visited, out_dir)
+    return report
+
+
+def diagnose_flow_schedule(out_dir: str, scheduler_config: dict, schedulers: list[str] = ("euler", "heun"),
+                           num_inference_steps: int = 20) -> dict:
+    """Writes a flow model's schedule report (see the module docstring); returns it (with "files"). The flow
+    samplers have one spacing, linspace in sigma before the shift."""
+    config = dict(scheduler_config)
+    shift, num_train_timesteps = float(config.get("shift", 1.0)), int(config.get("num_train_timesteps", 1000))
+    visited = visited_timesteps(list(schedulers), config, num_inference_steps, ("linspace",))
+    report = {"objective": "flow", "shift": shift, "num_train_timesteps": num_train_timesteps,
+              "num_inference_steps": num_inference_steps, "visited": visited}
+    os.makedirs(out_dir, exist_ok=True)
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    curves = {"no shift": u.tolist(), "shift 3 (SD3's)": shift_sigmas(u, 3.0).tolist(),
+              f"shift {shift:g} (the model's)": shift_sigmas(u, shift).tolist()}
+    sigmas = line_plot(os.path.join(out_dir, "schedule_sigmas.png"), u.tolist(), curves, "uniform time u", "sigma",
+                       "Flow timestep shift (Esser et al. 2024, Eq. 23)", markers=False)
+    report["files"] = [write_json(os.path.join(out_dir, "schedule.json"), report), write_visited(visited, out_dir),
+                       sigmas, plot_visited(visited, out_dir)]
     return report

@@ -14,7 +14,7 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("uniform", "min_snr", "vlb")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "cosmap")
 REVERSE_VARIANCES = ("posterior", "beta")
 
 __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLING", "REVERSE_VARIANCES",
@@ -22,7 +22,8 @@ __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLIN
            "posterior_mean_coefs", "reverse_variance", "vlb_weights", "alpha_bar_at", "add_noise", "velocity",
            "training_target", "to_parameterisations", "eps_loss_factor", "min_snr_weight", "vlb_weight",
            "loss_weights", "per_sample_loss", "offset_noise", "drop_captions", "sample_timesteps",
-           "stratified_timesteps", "timestep_bins"]
+           "stratified_timesteps", "timestep_bins", "unit_times", "flow_noised", "flow_velocity", "flow_to_x0",
+           "flow_to_noise", "shift_sigmas", "resolution_shift", "flow_marginal_moments"]
 
 
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -256,20 +257,39 @@ def drop_captions(captions: list[str], prob: float, generator: torch.Generator |
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
-                     sampling: str = "uniform", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Returns training timesteps (B,) int64 in [0, T-1].
+def unit_times(batch: int, generator: torch.Generator | None = None, sampling: str = "uniform", mean: float = 0.0,
+               std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """Returns times u (B,) float64 in [0, 1] drawn from one of the densities of Esser et al. 2024 ("Scaling
+    Rectified Flow Transformers", SD3), Sec. 3.1; 1 is the noisiest end.
 
-    uniform:      t ~ U{0, ..., T-1} (Algorithm 1, Ho et al. 2020);
-    logit_normal: t / T = sigmoid(n), n ~ N(mean, std) (Esser et al. 2024, Sec. 3.1): most steps go to the middle
-                  noise levels, where layout is decided; mean > 0 leans toward noisier steps.
+    uniform:      u ~ U(0, 1);
+    logit_normal: u = sigmoid(n), n ~ N(mean, std) (Eq. 19): most draws in the middle, where layout is decided;
+    mode:         u = 1 - v - mode_scale (cos^2(pi v / 2) - 1 + v), v ~ U(0, 1) (Eq. 20; mode_scale in
+                  [-1, 2/(pi-2)], 0 = uniform);
+    cosmap:       u = 1 - 1 / (tan(pi v / 2) + 1), v ~ U(0, 1) (Eq. 21).
     """
+    if sampling == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(batch, generator=generator, dtype=torch.float64))
+    if sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep sampling {sampling!r} is not one of {TIMESTEP_SAMPLING}")
+    v = torch.rand(batch, generator=generator, dtype=torch.float64)
+    if sampling == "mode":
+        return 1 - v - mode_scale * (torch.cos(torch.pi * v / 2) ** 2 - 1 + v)
+    if sampling == "cosmap":
+        return 1 - 1 / (torch.tan(torch.pi * v / 2) + 1)
+    return v
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
+                     sampling: str = "uniform", mean: float = 0.0, std: float = 1.0,
+                     mode_scale: float = 1.29) -> torch.Tensor:
+    """Returns training timesteps (B,) int64 in [0, T-1]: uniform, t ~ U{0, ..., T-1} (Algorithm 1, Ho et al. 2020),
+    or t = floor(u T) for u from `unit_times`'s other densities (e.g. logit_normal leans on the middle noise
+    levels; mean > 0 toward noisier steps)."""
     if sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
-    if sampling == "logit_normal":
-        u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, dtype=torch.float64))
-        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
-    raise ValueError(f"timestep sampling {sampling!r} is not one of {TIMESTEP_SAMPLING}")
+    u = unit_times(batch, generator, sampling, mean, std, mode_scale)
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def stratified_timesteps(count: int, num_train_timesteps: int) -> torch.Tensor:
@@ -277,7 +297,54 @@ def stratified_timesteps(count: int, num_train_timesteps: int) -> torch.Tensor:
     return torch.linspace(0, num_train_timesteps - 1, count).round().long()
 
 
-def timestep_bins(t: torch.Tensor, num_train_timesteps: int, num_bins: int) -> torch.Tensor:
-    """Returns the bin index in [0, num_bins) of each timestep, equal-width bins over [0, T)."""
-    return torch.clamp((t * num_bins) // num_train_timesteps, max=num_bins - 1)
+def timestep_bins(fraction: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Returns the bin index in [0, num_bins) of each time given as a fraction in [0, 1] of the noise range (t / T
+    for timesteps, sigma for flow), equal-width bins (bin 0 = the least noise)."""
+    return torch.clamp((fraction.double() * num_bins).floor().long(), 0, num_bins - 1)
 
+
+
+# Rectified flow / flow matching (Liu et al. 2022, arXiv:2209.03003; Lipman et al. 2022, arXiv:2210.02747), as in
+# Esser et al. 2024 (SD3, arXiv:2403.03206) and diffusers' FlowMatchEulerDiscreteScheduler: sigma in [0, 1] is
+# the time, sigma = 1 pure noise; the denoiser is given sigma * num_train_timesteps.
+
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Returns x_sigma = (1 - sigma) x0 + sigma eps, the straight path from data to noise (SD3 Eq. 3ff, RF)."""
+    s = torch.as_tensor(sigma).to(x0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * noise
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Returns the path's velocity d x_sigma / d sigma = eps - x0: the network's target."""
+    return noise - x0
+
+
+def flow_to_x0(velocity: torch.Tensor, x_t: torch.Tensor, sigma) -> torch.Tensor:
+    """Returns the x0 a velocity prediction implies at x_sigma: x0 = x_sigma - sigma v."""
+    s = torch.as_tensor(sigma).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return x_t - s * velocity
+
+
+def flow_to_noise(velocity: torch.Tensor, x_t: torch.Tensor, sigma) -> torch.Tensor:
+    """Returns the eps a velocity prediction implies at x_sigma: eps = x_sigma + (1 - sigma) v."""
+    s = torch.as_tensor(sigma).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return x_t + (1 - s) * velocity
+
+
+def shift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """Returns shift sigma / (1 + (shift - 1) sigma): SD3 Eq. 23, the timestep shift (shift > 1 spends more of
+    training and sampling at high noise); diffusers' FlowMatchEulerDiscreteScheduler(shift=...) applies the same."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def resolution_shift(resolution: int, reference: int = 256) -> float:
+    """Returns the resolution-dependent shift sqrt(m / n) of SD3 Sec. 5.3.2 (Eq. 23): m and n the pixel counts of
+    the training resolution and of the reference resolution at which the unshifted schedule was tuned."""
+    return resolution / reference
+
+
+def flow_marginal_moments(mean: torch.Tensor, var: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the mean and variance of x_sigma = (1 - sigma) x0 + sigma eps, elementwise, for x0 of the given mean
+    and variance and eps ~ N(0, I) independent of it: ((1 - sigma) mean, (1 - sigma)^2 var + sigma^2). The flow
+    path's marginal (the straight path of Liu et al. 2022 / SD3 Sec. 2), which sampling should follow."""
+    return (1 - sigma) * mean, (1 - sigma) ** 2 * var + sigma ** 2

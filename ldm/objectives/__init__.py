@@ -10,6 +10,7 @@ Adding one: a file defining a subclass of Objective with `name`, decorated with 
 """
 from __future__ import annotations
 
+from ldm import diffusion
 from ldm.objectives.base import NoiseSchedule, Objective, ObjectiveSettings, VPDiffusion
 
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -28,14 +29,26 @@ def make_objective(name: str, schedule: NoiseSchedule, settings: ObjectiveSettin
     return OBJECTIVES[name](schedule, settings or ObjectiveSettings())
 
 
-def objective_for(scheduler_config: dict, settings: ObjectiveSettings | None = None) -> Objective:
-    """Returns the objective a saved model was trained with, read from its scheduler config (prediction_type and
-    the noise schedule, trained_betas included)."""
-    return make_objective(scheduler_config.get("prediction_type", "epsilon"),
-                          NoiseSchedule.from_scheduler_config(scheduler_config), settings)
+def is_flow_scheduler(scheduler_or_config) -> bool:
+    """Returns whether a diffusers scheduler (or its config) integrates a flow (FlowMatch*Scheduler)."""
+    if hasattr(scheduler_or_config, "config"):
+        return "FlowMatch" in type(scheduler_or_config).__name__
+    config = dict(scheduler_or_config)
+    return "FlowMatch" in config.get("_class_name", "") or ("shift" in config and "beta_start" not in config)
 
 
-from ldm.objectives import epsilon, sample, v_prediction  # noqa: E402,F401  (each registers itself)
+def objective_for(scheduler_or_config, settings: ObjectiveSettings | None = None) -> Objective:
+    """Returns the objective a saved model was trained with, read from its scheduler (or scheduler config):
+    prediction_type and the noise schedule, trained_betas included; a FlowMatch scheduler means flow."""
+    config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
+    if is_flow_scheduler(scheduler_or_config):  # diffusers' flow schedulers name no prediction type
+        schedule = NoiseSchedule.from_betas(diffusion.make_betas("linear", config.get("num_train_timesteps", 1000)))
+        return make_objective("flow", schedule, ObjectiveSettings(flow_shift=config.get("shift", 1.0)))
+    return make_objective(config.get("prediction_type", "epsilon"), NoiseSchedule.from_scheduler_config(config),
+                          settings)
+
+
+from ldm.objectives import epsilon, flow, sample, v_prediction  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["OBJECTIVES", "NoiseSchedule", "Objective", "ObjectiveSettings", "VPDiffusion", "make_objective",
-           "objective_for", "register"]
+           "is_flow_scheduler", "objective_for", "register"]

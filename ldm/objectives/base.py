@@ -19,11 +19,16 @@ class ObjectiveSettings:
     timestep_sampling: str = "uniform"   # uniform | logit_normal (ldm.diffusion.sample_timesteps)
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    timestep_mode_scale: float = 1.29    # the "mode" density's scale (SD3 Eq. 20)
+    flow_shift: float = 1.0              # flow objective: the timestep shift (SD3 Eq. 23); 1 = none
 
     @classmethod
     def from_config(cls, cfg) -> "ObjectiveSettings":
-        """Returns the settings of a config that has these five fields (TrainLDMConfig)."""
-        return cls(cfg.weighting, cfg.snr_gamma, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std)
+        """Returns the settings of a training config (TrainLDMConfig); flow_shift 0 there means the resolution's
+        shift (ldm.diffusion.resolution_shift)."""
+        shift = cfg.flow_shift or diffusion.resolution_shift(cfg.resolution)
+        return cls(cfg.weighting, cfg.snr_gamma, cfg.timestep_sampling, cfg.timestep_mean, cfg.timestep_std,
+                   cfg.timestep_mode_scale, shift)
 
 
 @dataclass
@@ -31,12 +36,15 @@ class NoiseSchedule:
     """A discrete noise schedule: betas (T,) and alpha_bar (T,), both float64."""
     betas: torch.Tensor
     alpha_bar: torch.Tensor
-    name: str = "custom"
+    name: str = "custom"                 # a diffusers beta_schedule, or "custom": saved as trained_betas
     rescaled: bool = False
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor, name: str = "custom", rescaled: bool = False) -> "NoiseSchedule":
-        return cls(betas.double(), diffusion.alphas_cumprod(betas.double()), name, rescaled)
+    def from_betas(cls, betas: torch.Tensor, name: str = "custom", rescaled: bool = False, beta_start: float = 0.00085,
+                   beta_end: float = 0.012) -> "NoiseSchedule":
+        return cls(betas.double(), diffusion.alphas_cumprod(betas.double()), name, rescaled, beta_start, beta_end)
 
     @classmethod
     def from_config(cls, cfg) -> "NoiseSchedule":
@@ -45,25 +53,29 @@ class NoiseSchedule:
         betas = diffusion.make_betas(cfg.noise_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
         if cfg.zero_terminal_snr:
             betas = diffusion.rescale_zero_terminal_snr(betas)
-        return cls.from_betas(betas, cfg.noise_schedule, cfg.zero_terminal_snr)
+        return cls.from_betas(betas, cfg.noise_schedule, cfg.zero_terminal_snr, cfg.beta_start, cfg.beta_end)
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
         """Returns a saved model's training schedule, read from its scheduler config (trained_betas included)."""
         from diffusers import DDPMScheduler
 
-        return cls.from_betas(DDPMScheduler.from_config(dict(config)).betas, config.get("beta_schedule", "custom"))
+        config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        name = "custom" if config.get("trained_betas") is not None else config.get("beta_schedule", "linear")
+        return cls.from_betas(DDPMScheduler.from_config(config).betas, name, False,
+                              config.get("beta_start", 0.00085), config.get("beta_end", 0.012))
 
     @property
     def num_train_timesteps(self) -> int:
         return len(self.betas)
 
-    def scheduler_config(self, base: dict, prediction_type: str, beta_start: float, beta_end: float) -> dict:
+    def scheduler_config(self, base: dict, prediction_type: str) -> dict:
         """Returns the scheduler config to save with the model: this schedule, for latents (clip_sample=False)."""
         config = {k: v for k, v in dict(base).items() if not k.startswith("_")}
-        config.update(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.name, beta_start=beta_start,
-                      beta_end=beta_end, prediction_type=prediction_type, clip_sample=False, trained_betas=None)
-        if self.name == "sigmoid" or self.rescaled:
+        config.update(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.name,
+                      beta_start=self.beta_start, beta_end=self.beta_end, prediction_type=prediction_type,
+                      clip_sample=False, trained_betas=None)
+        if self.name in ("sigmoid", "custom") or self.rescaled:
             # DDIM/LMS know no "sigmoid" and LMS no zero-SNR flag: store the exact betas, which every sampler reads.
             config.update(beta_schedule="linear", trained_betas=self.betas.float().tolist())
         if self.rescaled:
@@ -101,8 +113,22 @@ class Objective:
         """Returns the per-sample loss weight (B,) of the prediction's per-sample loss."""
         raise NotImplementedError
 
-    def to_x0(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """Returns the clean sample a prediction at x_t implies; t may be fractional (samplers between steps)."""
+    def to_x0(self, prediction: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor | float) -> torch.Tensor:
+        """Returns the clean sample a prediction at x_t implies; `time` is the denoiser's time input (model_time, the
+        sampler's timesteps), possibly fractional (samplers between steps)."""
+        raise NotImplementedError
+
+    def validation_times(self, count: int) -> torch.Tensor:
+        """Returns `count` training times spread evenly over the whole range: deterministic validation."""
+        raise NotImplementedError
+
+    def time_fraction(self, t: torch.Tensor) -> torch.Tensor:
+        """Returns where training times lie in [0, 1] (0 = the least noise), for loss-by-noise-level bins."""
+        raise NotImplementedError
+
+    def scheduler(self, base_config: dict):
+        """Returns the diffusers scheduler a model trained with this objective is saved (and validated) with;
+        base_config is the model's current scheduler config (kept where the objective does not decide)."""
         raise NotImplementedError
 
 
@@ -113,7 +139,7 @@ class VPDiffusion(Objective):
     def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         s = self.settings
         return diffusion.sample_timesteps(batch, self.schedule.num_train_timesteps, generator, s.timestep_sampling,
-                                          s.timestep_mean, s.timestep_std)
+                                          s.timestep_mean, s.timestep_std, s.timestep_mode_scale)
 
     def noised(self, x0, noise, t):
         return diffusion.add_noise(x0, noise, t, self.schedule.alpha_bar)
@@ -132,6 +158,17 @@ class VPDiffusion(Objective):
         """Returns alpha_bar at times t (fractional ones as diffusers' LMS/Euler interpolate)."""
         return diffusion.alpha_bar_at(self.schedule.alpha_bar, torch.as_tensor(t, dtype=torch.float64).cpu())
 
-    def to_x0(self, prediction, x_t, t):
-        a = self.alpha_bar_at(t)
+    def to_x0(self, prediction, x_t, time):
+        a = self.alpha_bar_at(time)
         return diffusion.to_parameterisations(prediction, x_t, a.to(x_t.device), self.name)["x0"]
+
+    def validation_times(self, count):
+        return diffusion.stratified_timesteps(count, self.schedule.num_train_timesteps)
+
+    def time_fraction(self, t):
+        return t.double() / self.schedule.num_train_timesteps
+
+    def scheduler(self, base_config):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.schedule.scheduler_config(base_config, self.name))

@@ -19,6 +19,7 @@ from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.train_vae import TrainVAEConfig
 
 SAMPLERS = ("ddpm", "ddim", "lms")
+FLOW_SAMPLERS = ("euler", "heun")
 
 
 @dataclass
@@ -44,7 +45,10 @@ class DemoConfig:
     ldm_batch_size: int = 32
     ldm_learning_rate: float = 2e-3
     train_text_encoder: bool = False # frozen random CLIP (token std 1, see presets.small), embeddings cached
-    timestep_sampling: str = "uniform"  # or logit_normal (the two compared: README, Train)
+    timestep_sampling: str = "uniform"  # or logit_normal (the two compared: README, Train), mode, cosmap
+    prediction_type: str = "epsilon"    # the LDM's objective: epsilon, v_prediction, sample or flow (flow matching,
+                                        # sampled and graded with euler and heun instead of ddpm, ddim and lms)
+    zero_terminal_snr: bool = False     # with v_prediction (Lin et al. 2023)
     guidance: float = 4.0
     sample_steps: int = 50
     num_prompts: int = 90            # every colour x shape x position once
@@ -67,6 +71,8 @@ class DemoConfig:
         check_ranges(self)
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
+        vae_config(self).validate()  # the two phases' own checks (objective combinations, ...), before any work
+        ldm_config(self, "").validate()
 
     def budget(self) -> tuple[float, float]:
         """Returns (VAE minutes, LDM minutes): the time caps that keep the demo inside `minutes`."""
@@ -170,7 +176,8 @@ def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
 def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
     return TrainLDMConfig(model=cfg.preset, vae=vae_dir, resolution=cfg.resolution, max_token_length=16,
                           train_text_encoder=cfg.train_text_encoder, cache_text_embeddings=not cfg.train_text_encoder,
-                          timestep_sampling=cfg.timestep_sampling,
+                          timestep_sampling=cfg.timestep_sampling, prediction_type=cfg.prediction_type,
+                          zero_terminal_snr=cfg.zero_terminal_snr,
                           learning_rate=cfg.ldm_learning_rate, lr_scheduler="cosine", lr_warmup_steps=100,
                           batch_size=cfg.ldm_batch_size, max_steps=cfg.ldm_steps, max_minutes=cfg.budget()[1],
                           use_ema=True, ema_decay=0.995, weight_decay=0.0, caption_dropout=0.1,
@@ -250,8 +257,9 @@ def train_models(cfg: DemoConfig, pixels: PixelDataset) -> dict:
     return {"vae": vae_result, "ldm": ldm_result, "stopped_by": stopped_by}
 
 
-def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
-    """Runs the whole demo; returns the report (also written to out/report.json)."""
+def run_demo(cfg: DemoConfig, samplers=None) -> dict:
+    """Runs the whole demo; returns the report (also written to out/report.json). samplers: the names to grade
+    with (default: ddpm, ddim, lms; euler and heun for a flow model)."""
     from ldm.pipelines import Pipeline
 
     cfg.validate()
@@ -278,6 +286,7 @@ def run_demo(cfg: DemoConfig, samplers=SAMPLERS) -> dict:
     pipe = Pipeline.from_pretrained(pipe_dir, device=cfg.device)
     pipe.set_progress_bar_config(disable=True)
     prompts = eval_prompts(cfg.num_prompts)
+    samplers = samplers or (FLOW_SAMPLERS if cfg.prediction_type == "flow" else SAMPLERS)
     table = evaluate(pipe, prompts, samplers, (1.0, cfg.guidance), cfg.sample_steps, cfg.out, cfg.seed)
     report = {"minutes": (time.time() - started) / 60, "train_minutes": train_minutes, "pipeline": pipe_dir,
               "stopped_by": None, "vae_psnr": vae_result.get("psnr"), "vae_steps": vae_result["step"],

@@ -130,7 +130,7 @@ def grouped_validation_loss(unet, samples: list[dict], vae, embed, objective, bi
     for group in groups.values():
         batch = {"latent_mean": torch.stack([s["latent_mean"] for s in group]),  # (n, 4, h, w)
                  "caption": [s["caption"] for s in group]}
-        val = make_val_set(batch, vae, embed, max(10, 40 // len(group)), objective.schedule.num_train_timesteps, device)
+        val = make_val_set(batch, vae, embed, max(10, 40 // len(group)), objective, device)
         reports.append((len(group) / total, validation_loss(unet, val, objective, bins)))
     return {k: sum(w * r[k] for w, r in reports) for k in reports[0][1]}
 
@@ -186,7 +186,7 @@ def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: s
 
     if cfg.method == "full":
         path = os.path.join(folder, "pipeline")
-        inference_pipeline(parts, unet, parts["scheduler"].config, text_encoder).save_pretrained(path)
+        inference_pipeline(parts, unet, parts["sampler"], text_encoder).save_pretrained(path)
         return {"lora": None, "pipeline": path}
     return {"lora": save_lora(folder, unet, text_encoder), "pipeline": None}
 
@@ -231,7 +231,7 @@ class FinetuneTrainer(loop.Trainer):
     def validate(self, state: dict) -> dict:
         cfg, step = self.cfg, state["step"]
         plain = self.accelerator.unwrap_model(self.model)
-        pipe = inference_pipeline(self.parts, plain, self.parts["scheduler"].config, self.text_encoder)
+        pipe = inference_pipeline(self.parts, plain, self.parts["sampler"], self.text_encoder)
         record = validate(cfg, step, pipe, plain, self.parts["vae"], self.embed, self.objective, self.train, self.held)
         recent = [state["losses"][k] for k in range(max(1, step - cfg.validation_every + 1), step + 1)]
         record["train_loss"] = sum(recent) / len(recent)
@@ -290,7 +290,8 @@ def load_data(cfg: FinetuneConfig, accelerator, parts: dict) -> tuple[FinetuneCo
     for module in (unet, vae, text_encoder):
         module.to(accelerator.device).requires_grad_(False).eval()
     # class images from the base model, before any adapter
-    prior = (class_images(cfg, inference_pipeline(parts, unet, parts["scheduler"].config), cfg.resolution)
+    parts["sampler"] = objective_for(parts["scheduler"]).scheduler(dict(parts["scheduler"].config))
+    prior = (class_images(cfg, inference_pipeline(parts, unet, parts["sampler"]), cfg.resolution)
              if cfg.class_prompt else [])
     return cfg, {"train": encode_posteriors([images[i] for i in train_idx], vae),
                  "held": encode_posteriors([images[i] for i in held_idx], vae), "prior": encode_posteriors(prior, vae)}
@@ -311,7 +312,7 @@ def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> Finetune
     unet.train()
     text_encoder.train(cfg.train_text_encoder)
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=not cfg.train_text_encoder)
-    trainer = FinetuneTrainer(cfg, accelerator, parts, objective_for(dict(parts["scheduler"].config)), embed, data)
+    trainer = FinetuneTrainer(cfg, accelerator, parts, objective_for(parts["scheduler"]), embed, data)
     trainer.model, trainer.params, trainer.text_encoder = unet, params, accelerator.unwrap_model(text_encoder)
     trainer.optimizer, trainer.lr_scheduler = optimizer, lr_scheduler
     # the memorisation guard restores the weights of the last check without a warning (at first: these)

@@ -40,7 +40,8 @@ class TrainLDMConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     zero_terminal_snr: bool = False        # Lin et al. 2023 rescale (use with v_prediction)
-    prediction_type: str = "epsilon"       # the objective (ldm/objectives/): epsilon, v_prediction or sample
+    prediction_type: str = "epsilon"       # the objective (ldm/objectives/): epsilon, v_prediction, sample or flow
+                                           # (flow matching: the noise schedule settings above do not apply)
     # loss
     loss: str = "mse"
     huber_c: float = 0.1
@@ -49,6 +50,9 @@ class TrainLDMConfig:
     timestep_sampling: str = "uniform"     # uniform, or logit_normal (SD3): t/T = sigmoid(N(timestep_mean, timestep_std))
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    timestep_mode_scale: float = 1.29      # timestep_sampling mode's scale s (SD3 Eq. 20); 0 = uniform
+    flow_shift: float = 1.0                # prediction_type flow: the timestep shift (SD3 Eq. 23), saved with the
+                                           # scheduler; 1 = none, >1 more noise; 0 = resolution / 256 (SD3 Sec. 5.3.2)
     offset_noise: float = 0.0
     caption_dropout: float = 0.1           # p_uncond for classifier-free guidance
     # optimiser
@@ -94,6 +98,7 @@ class TrainLDMConfig:
         "resolution": "[8, 8192]", "num_workers": "[0, 256]", "max_token_length": "[0, 77]",
         "beta_start": "(0, 1)", "beta_end": "(0, 1)", "num_train_timesteps": "[2, 100000]",
         "huber_c": "(0, 100]", "snr_gamma": "(0, 1e4]", "timestep_mean": "[-10, 10]", "timestep_std": "(0, 10]",
+        "timestep_mode_scale": "[-1, 1.75]", "flow_shift": "[0, 100]",
         "offset_noise": "[0, 1]", "caption_dropout": "[0, 1)",
         "learning_rate": "(0, 1]", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "weight_decay": "[0, 10]",
         "adam_epsilon": "(0, 1]", "max_grad_norm": "[0, 1e6]", "lr_warmup_steps": "[0, 1e9]",
@@ -120,6 +125,18 @@ class TrainLDMConfig:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
+        if self.prediction_type == "flow":
+            self._validate_flow()
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("zero_terminal_snr needs prediction_type v_prediction or sample: eps cannot be "
                              "predicted at SNR 0 (Lin et al. 2023, Sec. 3.2)")
+
+    def _validate_flow(self) -> None:
+        """Raises ValueError for settings that do not apply to flow matching, saying what to use instead."""
+        if self.zero_terminal_snr:
+            raise ValueError("zero_terminal_snr does not apply to prediction_type flow: its path already ends in pure "
+                             "noise at sigma = 1; drop --zero_terminal_snr (or train v_prediction with it)")
+        if self.weighting != "uniform":
+            raise ValueError(f"weighting {self.weighting} is a weighting of noise-prediction losses (SNR-based) and does "
+                             "not apply to prediction_type flow; keep --weighting uniform and choose the density of "
+                             "training times instead: --timestep_sampling logit_normal, mode or cosmap (SD3 Sec. 3.1)")

@@ -92,8 +92,7 @@ class LDMTrainer(loop.Trainer):
         self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
         self.stream, self.batches, self.val_set, self.ema = stream, iter(stream), val_set, ema
         self.spec = LossSpec.from_config(cfg)
-        self.scheduler_config = objective.schedule.scheduler_config(parts["scheduler"].config, cfg.prediction_type,
-                                                                    cfg.beta_start, cfg.beta_end)
+        self.scheduler = objective.scheduler(dict(parts["scheduler"].config))  # saved with the model
 
     def micro_loss(self, step: int, micro: int):
         batch, rank = next(self.batches), self.accelerator.process_index
@@ -128,8 +127,7 @@ class LDMTrainer(loop.Trainer):
 
     def pipeline(self):
         """Returns the inference pipeline of the current weights (EMA weights when EMA is on)."""
-        return inference_pipeline(self.parts, self.accelerator.unwrap_model(self.model), self.scheduler_config,
-                                  ema=self.ema)
+        return inference_pipeline(self.parts, self.accelerator.unwrap_model(self.model), self.scheduler, ema=self.ema)
 
     def write_extra(self, folder: str, state: dict) -> None:
         self.pipeline().save_pretrained(os.path.join(folder, "pipeline"))
@@ -184,8 +182,8 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None) -> LDMTrainer:
     train_data, val_data = open_training_data(cfg, rank, world, dataset, accelerator, parts)
     stream = BatchStream(train_data, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers,
                          pin_memory=accelerator.device.type == "cuda")
-    val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), parts["vae"], embed, 10,
-                           objective.schedule.num_train_timesteps, accelerator.device)
+    val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), parts["vae"], embed, 10, objective,
+                           accelerator.device)
     trainer = LDMTrainer(cfg, accelerator, parts, objective, embed, stream, val_set, ema)
     trainer.model, trainer.params = unet, params
     trainer.optimizer, trainer.lr_scheduler = optimizer, lr_scheduler

@@ -47,14 +47,14 @@ def draw_prompts(captions: list[str], count: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, num_train_timesteps: int, device) -> dict:
+def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, objective: Objective, device) -> dict:
     """Returns {"latents", "context", "noise", "t"}, each repeated over the timesteps: (N*K, ...), and the N
     images' "caption" list."""
     mean = batch["latent_mean"].float() if "latent_mean" in batch else encode_posterior(vae, batch["pixel_values"])[0]
     latents = mean.to(device) * vae.config.scaling_factor  # (N, 4, h, w)
     context = embed(list(batch["caption"]), device)  # (N, 77, D)
     n, k = latents.shape[0], timesteps_per_sample
-    t = diffusion.stratified_timesteps(n * k, num_train_timesteps)  # spread over [0, T)
+    t = objective.validation_times(n * k)  # spread over the whole noise range
     t = t[torch.randperm(n * k, generator=torch.Generator().manual_seed(0))]
     noise = torch.randn((n * k, *latents.shape[1:]), generator=torch.Generator().manual_seed(1234))
     return {"latents": latents.repeat(k, 1, 1, 1), "context": context.repeat(k, 1, 1),  # (N*K, ...)
@@ -72,26 +72,25 @@ def validation_loss(model, val: dict, objective: Objective, num_bins: int, batch
         pred = denoise(model, x_t, objective.model_time(t), val["context"][i:i + batch_size].to(x_t.dtype))
         losses.append(diffusion.per_sample_loss(pred, objective.target(x0, noise, t), "mse"))
     losses = torch.cat(losses).cpu()  # (N*K,)
-    bins = diffusion.timestep_bins(val["t"].cpu(), objective.schedule.num_train_timesteps, num_bins)
+    bins = diffusion.timestep_bins(objective.time_fraction(val["t"].cpu()), num_bins)
     report = {"val_loss": float(losses.mean())}
     for b in range(num_bins):
         report[f"val_loss_bin{b}"] = float(losses[bins == b].mean()) if (bins == b).any() else float("nan")
     return report
 
 
-def inference_pipeline(parts: dict, denoiser, scheduler_config: dict, text_encoder=None, ema=None):
-    """Returns an ldm.Pipeline (DDIM, progress bar off) over the weights being trained, for sampling or saving:
+def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=None):
+    """Returns an ldm.Pipeline (with `scheduler`, the objective's: ldm.objectives.Objective.scheduler; progress bar
+    off) over the weights being trained, for sampling or saving:
     the denoiser's EMA weights when `ema` is given (a copy; training's weights stay), else the denoiser itself
     (LoRA adapters active); `text_encoder` replaces parts["text_encoder"] (e.g. one being trained)."""
-    from diffusers import DDIMScheduler
-
     from ldm.pipelines import Pipeline
 
     if ema is not None:
         denoiser = type(denoiser).from_config(denoiser.config)
         ema.copy_to(denoiser.parameters())
     pipe = Pipeline(vae=parts["vae"], text_encoder=text_encoder or parts["text_encoder"], tokenizer=parts["tokenizer"],
-                    unet=denoiser, scheduler=DDIMScheduler.from_config(scheduler_config))
+                    unet=denoiser, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
