@@ -2,6 +2,8 @@
 
 Spec forms (a prefix forces the kind; without one it is inferred):
     shapes:N  |  shapes:N@R          the embedded shapes data set, N samples at R px (default 64)
+    digits | digits:SPLIT[@R]        scikit-learn's handwritten digits, split train (default), test or all, at R px
+                                     (default 32); a bare "digits" that is an existing path is that path
     folder:DIR  | DIR                a folder of images (recursive) with captions
     wds:PATTERN | x.tar | "s/{000..009}.tar" | "s/*.tar" | a folder of .tar shards
     parquet:PATH | x.parquet | "p/*.parquet" | a folder of .parquet files
@@ -17,6 +19,7 @@ import re
 
 from ldm.data.dataset import ImageTextDataset
 from ldm.data.decode import MAX_PIXELS, MIN_SIDE
+from ldm.data.digits import DEFAULT_RESOLUTION, DigitsDataset, parse_digits
 from ldm.data.shapes import ShapesDataset
 from ldm.data.sources.coco import CocoSource
 from ldm.data.sources.folder import FolderSource
@@ -26,9 +29,9 @@ from ldm.data.sources.parquet import ParquetSource
 from ldm.data.sources.webdataset import SHARD_SUFFIXES, WebDatasetSource
 from ldm.data.transforms import ImageTransform
 
-KINDS = ("shapes", "folder", "wds", "parquet", "coco", "hf")
-SPEC_HELP = ("use shapes:N[@R], a folder of images, .tar shards (path, glob or {000..009} pattern), "
-             ".parquet files, a COCO captions .json, or a save_to_disk folder (prefixes: " + ", ".join(KINDS) + ")")
+KINDS = ("shapes", "digits", "folder", "wds", "parquet", "coco", "hf")
+SPEC_HELP = ("use shapes:N[@R], digits[:train|test|all][@R], a folder of images, .tar shards (path, glob or "
+             "{000..009} pattern), .parquet files, a COCO captions .json, or a save_to_disk folder (prefixes: " + ", ".join(KINDS) + ")")
 
 
 def parse_shapes(spec: str) -> tuple[int, int | None]:
@@ -43,7 +46,9 @@ def infer_kind(spec: str) -> tuple[str, str]:
     """Returns (kind, location) for a spec, inferring the kind from the path when there is no prefix."""
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KINDS and not os.path.exists(spec):
-        return prefix, rest if prefix != "shapes" else spec
+        return prefix, rest if prefix not in ("shapes", "digits") else spec
+    if re.fullmatch(r"digits(@\d+)?", spec) and not os.path.exists(spec):
+        return "digits", spec
     lower = spec.lower()
     if lower.endswith(SHARD_SUFFIXES) or ("{" in spec and ".tar" in lower):
         return "wds", spec
@@ -77,6 +82,10 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
         num_samples, resolution = parse_shapes(location)
         shapes = ShapesDataset(num_samples, resolution or 64, seed=seed, two_shape_fraction=two_shape_fraction)
         return MapSource(shapes, name="shapes"), resolution or 64
+    if kind == "digits":
+        split, resolution = parse_digits(location)
+        resolution = resolution or DEFAULT_RESOLUTION
+        return MapSource(DigitsDataset(split, resolution), name="digits"), resolution
     if kind == "folder":
         return FolderSource(location, caption=caption, caption_column=caption_column or "text"), None
     if kind == "wds":

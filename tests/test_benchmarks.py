@@ -69,6 +69,29 @@ def test_compare_timestep_sampling_smoke(tmp_path):
         assert f"timestep_sampling: {mode}\n" in (tmp_path / f"{mode}_0" / "ldm_run" / "config.yaml").read_text()
 
 
+def test_compare_objectives_smoke(tmp_path):
+    import json
+
+    stdout = run_benchmark("compare_objectives.py", "--quick", "--out", str(tmp_path))
+    objectives = {"epsilon": ("epsilon", "false"), "v": ("v_prediction", "false"),
+                  "v_zero_snr": ("v_prediction", "true"), "flow": ("flow", "false")}
+    for dataset in ("shapes", "digits"):
+        rows = [line.split(" | ")[1:3] for line in stdout.splitlines() if line.startswith(f"| {dataset} | ")]
+        assert [r[0] for r in rows[:4]] == list(objectives) and ["flow", "euler"] in rows, stdout
+        assert len(list((tmp_path / "seed0" / dataset).glob("**/vae_run"))) == 1  # one VAE per data set, shared
+        for name, (prediction_type, zero_snr) in objectives.items():  # only the objective differs
+            config = (tmp_path / "seed0" / dataset / name / "ldm_run" / "config.yaml").read_text()
+            assert f"prediction_type: {prediction_type}\n" in config and f"zero_terminal_snr: {zero_snr}\n" in config
+        assert (tmp_path / f"drift_{dataset}.png").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    digits = results["runs"]["0"]["digits"]
+    assert digits["ceiling"]["test_8x8"] > 0.9 and len(digits["prompts"]) == 10
+    flow_rows = digits["objectives"]["flow"]["rows"]
+    assert {r["sampler"] for r in flow_rows} == {"euler"} and {r["steps"] for r in flow_rows} == {2, 3}
+    assert len(flow_rows[0]["drift"]["mean"]) == 2 + 1  # x_T and the latents entering the 2nd step, then the end
+    assert (tmp_path / "adherence.png").exists() and (tmp_path / "val_loss.png").exists()
+
+
 def test_count_syncs_runs_and_ours_reads_no_more_tensor_values_than_diffusers_but_the_nan_guard():
     """CUDA sync counts are 0 on a CPU by construction, so the CPU run checks what it can: the host reads of tensor
     values (each a sync on a GPU), ours against diffusers' pipeline on the same model and scheduler."""
