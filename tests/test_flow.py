@@ -153,6 +153,17 @@ def test_lora_finetuning_a_flow_model_trains_with_its_objective(flow_run, tmp_pa
     report = finetune.main(cfg)
     assert set(seen) == {"flow"} and report["steps"] == 3 and os.path.exists(report["outputs"]["lora"])
     assert all(np.isfinite(v) for v in report["losses"].values())
+    # the LoRA loads onto the flow pipeline: scale 1 changes its images, scale 0 gives the base model's exactly
+    from ldm import Pipeline
+
+    pipe = Pipeline.from_pretrained(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    sample = lambda **k: pipe("sks art", num_inference_steps=3, output_type="np",  # noqa: E731
+                              generator=torch.Generator().manual_seed(0), **k).images
+    base = sample()
+    pipe.load_lora_weights(report["outputs"]["lora"])
+    adapted, off = sample(), sample(cross_attention_kwargs={"scale": 0.0})
+    assert np.isfinite(adapted).all() and np.abs(adapted - base).max() > 1e-3 and np.abs(off - base).max() <= 1e-5
 
 
 def test_demo_with_flow_grades_with_euler_and_heun(tmp_path):
