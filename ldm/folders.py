@@ -2,7 +2,7 @@
 
     folder/
       model_index.json
-      unet/          config.json + diffusion_pytorch_model.safetensors
+      unet/          config.json + diffusion_pytorch_model.safetensors   (or transformer/ for a DiT)
       vae/           config.json + diffusion_pytorch_model.safetensors
       text_encoder/  config.json + model.safetensors
       tokenizer/     vocab.json, merges.txt, tokenizer.json ...
@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # "unet" stands for the denoiser
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".ckpt", ".pt", ".pth")
@@ -34,8 +34,11 @@ def check_model_folder(path: str, components=COMPONENTS) -> str:
                                 "Pipeline.save_pretrained (or `ldm create-model --preset tiny --out DIR`)")
     for name in components:
         sub = os.path.join(path, name)
+        if name == "unet" and not os.path.isdir(sub) and os.path.isdir(os.path.join(path, "transformer")):
+            continue  # a transformer backbone (DiT, PixArt) stands in for the UNet
         if not os.path.isdir(sub):
-            raise FileNotFoundError(f"model folder {path} has no {name}/ component; copy {name}/ from the model "
+            what = "unet/ (or transformer/)" if name == "unet" else f"{name}/"
+            raise FileNotFoundError(f"model folder {path} has no {what} component; copy it from the model "
                                     "it came from, or re-save the whole pipeline with save_pretrained")
     return path
 

@@ -73,7 +73,7 @@ def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negati
         raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt); "
                          "pass one generator per image or a single generator")
     if latents is not None:
-        expected = (total, pipe.unet.config.in_channels, height // f, width // f)
+        expected = (total, pipe.denoiser.config.in_channels, height // f, width // f)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a tensor of shape {expected} for these settings, got {got}")

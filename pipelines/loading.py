@@ -22,13 +22,28 @@ def load_scheduler(folder: str) -> SchedulerMixin:
     return cls.from_config(zero_snr_safe_config(cls, config))
 
 
+def transformer_class(folder: str) -> type:
+    """Returns the class named by transformer/config.json: our LatentDiT or one of diffusers' transformers."""
+    from ldm.models.dit import LatentDiT
+
+    name = read_json(os.path.join(folder, "transformer", "config.json")).get("_class_name", "")
+    cls = LatentDiT if name == "LatentDiT" else getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"transformer/config.json in {folder} names {name!r}, which is neither ldm's LatentDiT nor "
+                         "a diffusers model; set _class_name to LatentDiT or e.g. PixArtTransformer2DModel")
+    return cls
+
+
 def load_components(path, torch_dtype=None, allow_pickle: bool = False, variant: str | None = None) -> dict:
-    """Returns {"vae", "text_encoder", "tokenizer", "unet", "scheduler"} loaded offline from a folder."""
+    """Returns {"vae", "text_encoder", "tokenizer", "unet" or "transformer", "scheduler"} loaded offline from a
+    folder."""
     folder = check_model_folder(path)
-    safe = {name: weights_format(folder, name, allow_pickle) == "safetensors" for name in ("unet", "vae", "text_encoder")}
+    backbone = "unet" if os.path.isdir(os.path.join(folder, "unet")) else "transformer"
+    cls = UNet2DConditionModel if backbone == "unet" else transformer_class(folder)
+    safe = {name: weights_format(folder, name, allow_pickle) == "safetensors" for name in (backbone, "vae", "text_encoder")}
     common = dict(torch_dtype=torch_dtype, variant=variant, local_files_only=True)
     return dict(
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=safe["unet"], **common),
+        **{backbone: cls.from_pretrained(folder, subfolder=backbone, use_safetensors=safe[backbone], **common)},
         vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safe["vae"], **common),
         text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
                                                    use_safetensors=safe["text_encoder"], **common),

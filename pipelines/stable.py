@@ -52,8 +52,8 @@ def _use_no_grad(pipe) -> bool:
     """True where inference mode would not pay or would harm: a compiled UNet (module.compile() or
     torch.compile), or CPU offload, whose hooks move weights during the call (made inside inference mode,
     they would come out as inference tensors that autograd refuses)."""
-    unet = pipe.unet
-    compiled = getattr(unet, "_compiled_call_impl", None) is not None or hasattr(unet, "_orig_mod")
+    model = pipe.denoiser
+    compiled = getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod")
     return compiled or getattr(pipe, "_offload_device", None) is not None
 
 
@@ -84,17 +84,30 @@ def _inference(call):
 
 
 class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """VAE + CLIP text encoder + cross-attention UNet + scheduler, sampled with classifier-free guidance."""
+    """VAE + CLIP text encoder + denoiser + scheduler, sampled with classifier-free guidance. The denoiser is a
+    cross-attention UNet (`unet`, saved in unet/) or a diffusion transformer (`transformer`: ldm.models.dit's
+    LatentDiT or diffusers' PixArtTransformer2DModel, saved in transformer/); `pipe.denoiser` is whichever."""
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "scheduler"]  # keyword defaults: diffusers saves them only so
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler):
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | None = None,
+                 scheduler=None, transformer: torch.nn.Module | None = None):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        if (unet is None) == (transformer is None) or scheduler is None:
+            raise ValueError("Pipeline needs a scheduler and one denoiser: unet= (a UNet2DConditionModel) or "
+                             "transformer= (a LatentDiT or PixArtTransformer2DModel), not both")
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              transformer=transformer, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._schedule_config = dict(scheduler.config)  # the model's noise schedule, kept across scheduler swaps
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The backbone: the UNet or the transformer."""
+        return self.unet if self.unet is not None else self.transformer
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -117,24 +130,28 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """Writes the pipeline as a diffusers folder with safetensors weights, atomically.
 
-        model_index.json names StableDiffusionPipeline so that diffusers' DiffusionPipeline.from_pretrained
-        opens the folder as Stable Diffusion (safety checker absent); our from_pretrained reads either name.
+        For a UNet, model_index.json names StableDiffusionPipeline so that diffusers'
+        DiffusionPipeline.from_pretrained opens the folder as Stable Diffusion (safety checker absent); our
+        from_pretrained reads either name. A transformer's folder names this class (diffusers has no pipeline for
+        a CLIP-conditioned DiT); its transformer/ opens with the model class's own from_pretrained.
         """
-        if any(getattr(m, "fused_projections", False) for m in self.unet.modules()):
-            raise RuntimeError("the UNet's attention projections are fused (pipe.compile(fuse_qkv=True)), which adds "
+        if any(getattr(m, "fused_projections", False) for m in self.denoiser.modules()):
+            raise RuntimeError("the denoiser's attention projections are fused (pipe.compile(fuse_qkv=True)), which adds "
                                "to_qkv/to_kv weights that Stable Diffusion folders do not have; save the pipeline "
                                "before fusing, or reload it from its folder to save it")
         kwargs.setdefault("safe_serialization", True)
         target = self
         if isinstance(self.text_encoder, OpenCLIPTextEncoder):  # stored as the equivalent CLIPTextModel, as SD 2.x is
             target = Pipeline(self.vae, self.text_encoder.to_clip_text_model(self.tokenizer.pad_token_id),
-                              self.tokenizer, self.unet, self.scheduler)
+                              self.tokenizer, self.unet, self.scheduler, transformer=self.transformer)
         with atomic_folder(str(path)) as tmp:
             DiffusionPipeline.save_pretrained(target, tmp, **kwargs)
             index_path = os.path.join(tmp, "model_index.json")
             index = read_json(index_path)
-            index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
-                         feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+            index.pop("transformer" if self.unet is not None else "unet", None)
+            if self.unet is not None:
+                index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
+                             feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
             write_json(index_path, index)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
@@ -142,8 +159,14 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Loads a LoRA file or folder (diffusers or kohya/web-UI keys) onto the UNet and text encoder.
 
         scale: the adapter's weight (0 = the base model exactly, 1 = as trained). It can also be set per call
-        with cross_attention_kwargs={"scale": s}; the two multiply.
+        with cross_attention_kwargs={"scale": s}; the two multiply. A transformer's LoRA (keys
+        "transformer.<module>.lora_A.weight", as `ldm finetune` writes them) goes onto the transformer.
         """
+        if self.transformer is not None:
+            from ldm.models.lora import load_transformer_lora
+
+            load_transformer_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, scale)
+            return
         if adapter_name is None:
             existing = {name for names in self.get_list_adapters().values() for name in names}
             adapter_name = next(f"lora_{i}" for i in range(len(existing) + 1) if f"lora_{i}" not in existing)
@@ -173,10 +196,10 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         times: benchmarks/BENCHMARKS.md, GPU.
         """
         if fuse_qkv:
-            self.unet.fuse_qkv_projections()
+            self.denoiser.fuse_qkv_projections()
         if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        self.unet.compile(**compile_kwargs)
+            self.denoiser.to(memory_format=torch.channels_last)
+        self.denoiser.compile(**compile_kwargs)
         return self
 
     def enable_xformers(self) -> None:
@@ -259,8 +282,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         predictions) on the CPU in float32, for ldm.diagnostics.
         """
         # 0. Defaults and input checks
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
+        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
         prompt, negative_prompt = check_call_inputs(
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
@@ -331,7 +354,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                          dtype: torch.dtype, device) -> torch.Tensor:
         """Returns x_T ~ N(0, sigma_max^2 I) in latent space, (count, 4, H/f, W/f): drawn with `generator`, or
         the given latents, scaled by the sampler's initial sigma."""
-        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (count, self.denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         # flow samplers start at sigma = 1 (x_1 = eps) and have no init_noise_sigma
@@ -379,7 +402,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         x_scaled = scale(latents, t_host) if scale else latents  # sigma-schedulers' input scaling
         do_cfg = guidance_scale > 1.0
         x_in = torch.cat([x_scaled, x_scaled]) if do_cfg else x_scaled
-        model_out = denoise(self.unet, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
+        model_out = denoise(self.denoiser, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
         if not do_cfg:
             return x_scaled, model_out, model_out, None
 

@@ -169,7 +169,7 @@ def test_lora_finetuning_a_flow_model_trains_with_its_objective(flow_run, tmp_pa
 def test_demo_with_flow_grades_with_euler_and_heun(tmp_path):
     from ldm.training.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=str(tmp_path), minutes=30.0, preset="tiny", num_samples=32, vae_steps=3, vae_batch_size=8,
+    cfg = DemoConfig(out=str(tmp_path), minutes=30.0, model="tiny", num_samples=32, vae_steps=3, vae_batch_size=8,
                      ldm_steps=3, ldm_batch_size=8, num_prompts=2, sample_steps=2, threads=1, prediction_type="flow")
     report = run_demo(cfg)
     assert set(report["adherence"]) == {"euler", "heun"} and report["ldm_steps"] == 3

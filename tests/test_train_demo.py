@@ -54,7 +54,7 @@ def test_demo_cli_parses_its_options():
 def tiny_demo(out, **overrides):
     from ldm.training.demo import DemoConfig
 
-    base = dict(out=str(out), minutes=30.0, preset="tiny", num_samples=32, vae_steps=4, vae_batch_size=8,
+    base = dict(out=str(out), minutes=30.0, model="tiny", num_samples=32, vae_steps=4, vae_batch_size=8,
                 ldm_steps=4, ldm_batch_size=8, num_prompts=2, sample_steps=2, threads=1)
     return DemoConfig(**{**base, **overrides})
 

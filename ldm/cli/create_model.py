@@ -5,7 +5,8 @@ from ldm.training.config import int_in
 
 
 def add_arguments(p):
-    p.add_argument("--preset", default="tiny", help="tiny, small, sd15, sd21")
+    p.add_argument("--preset", default="tiny", help="tiny, small, sd15, sd21, dit-small, dit-xl-2, pixart-alpha, ... "
+                                                    "(ldm.models.presets.MODEL_PRESETS)")
     p.add_argument("--out", required=True, help="folder to write (diffusers layout)")
     p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0, help="initialisation seed")
 
@@ -17,6 +18,6 @@ def run(args) -> int:
     spec = get_spec(args.preset)
     pipe = Pipeline(**build_components(spec, seed=args.seed))
     pipe.save_pretrained(args.out)
-    sizes = ", ".join(f"{n} {count_parameters(getattr(pipe, n)):,}" for n in ("unet", "vae", "text_encoder"))
+    sizes = ", ".join(f"{n} {count_parameters(getattr(pipe, n)):,}" for n in (spec.backbone, "vae", "text_encoder"))
     print(f"wrote {args.preset} model to {args.out} ({sizes} parameters; {spec.resolution} px native)")
     return 0

@@ -17,5 +17,12 @@ def use_cpu_if_asked(cfg) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
-add_arguments, run = config_command("ldm.training.demo", "DemoConfig", "ldm.training.demo", "run_demo",
-                                    before=use_cpu_if_asked)
+_add_config_arguments, run = config_command("ldm.training.demo", "DemoConfig", "ldm.training.demo", "run_demo",
+                                            before=use_cpu_if_asked)
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    _add_config_arguments(parser)
+    parser.add_argument("--preset", dest="model", default=argparse.SUPPRESS, help="the former name of --model")

@@ -87,8 +87,8 @@ def run(args) -> int:
     params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, model=os.path.abspath(args.model),
                   scheduler=scheduler_name(pipe.scheduler), steps=args.steps, guidance_scale=args.guidance_scale,
                   guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
-                  height=args.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                  width=args.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                  height=args.height or pipe.denoiser.config.sample_size * pipe.vae_scale_factor,
+                  width=args.width or pipe.denoiser.config.sample_size * pipe.vae_scale_factor,
                   device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__,
                   **({"lora": os.path.abspath(args.lora), "lora_scale": args.lora_scale} if args.lora else {}))
     for start in range(0, len(seeds), args.batch_size):

@@ -1,7 +1,7 @@
 """A fixed probe set for per-timestep diagnostics: fixed images, fixed noise, fixed timesteps, so runs compare.
 
     probe = make_probe(pipe, "shapes:16", num_images=8, n_bins=10, per_bin=4)
-    preds = predict_probe(pipe.unet, probe, prediction_type)     # (N, C, h, w) eps predictions
+    preds = predict_probe(pipe.denoiser, probe, prediction_type)     # (N, C, h, w) eps predictions
 
 The probe holds N = num_images * n_bins * per_bin rows: every image at every probe timestep, each with its own
 noise drawn from a fixed seed. For a flow model (its scheduler a FlowMatch one, ldm.objectives.objective_for) the
@@ -112,7 +112,7 @@ def make_probe(pipe, data: str, num_images: int = 8, n_bins: int = 10, per_bin: 
     flow probe for a flow model (ldm.objectives.objective_for its scheduler)."""
     from ldm.objectives import objective_for
 
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     pixels, captions = load_probe_images(data, resolution, num_images)
     latents = encode_latents(pipe.vae, pixels)
     context = pipe.encode_prompt(captions, None, 1, False)[0].float().cpu()          # (n, 77, D)
@@ -124,6 +124,6 @@ def make_probe(pipe, data: str, num_images: int = 8, n_bins: int = 10, per_bin: 
 
 def latent_channel_stats(pipe, data: str, num_images: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the per-channel mean and std (C,) of the data's scaled VAE latents: the forward process's x0."""
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     latents = encode_latents(pipe.vae, load_probe_images(data, resolution, num_images)[0])  # (n, C, h, w)
     return latents.mean(dim=(0, 2, 3)), latents.std(dim=(0, 2, 3))

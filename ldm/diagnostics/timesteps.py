@@ -134,10 +134,10 @@ def diagnose_timesteps(pipe, data: str, out_dir: str, num_images: int = 8, n_bin
     returns the report (with "files"). A flow model's report is of its velocity, per sigma bin."""
     probe = make_probe(pipe, data, num_images, n_bins, per_bin, seed)
     prediction_type = "flow" if probe.flow else pipe.scheduler.config.prediction_type
-    eps_pred = predict_probe(pipe.unet, probe, prediction_type)
+    eps_pred = predict_probe(pipe.denoiser, probe, prediction_type)
     reference = None
     if gaussian_reference:
-        resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        resolution = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
         # fitted on images after the probe's: a covariance fitted on the probe images themselves (rank <= n when
         # n < dim) would contain them and flatter the reference
         pixels, _ = load_probe_images(data, resolution, num_images + reference_images)

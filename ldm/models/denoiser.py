@@ -19,8 +19,27 @@ def _unet(model, latents, time, text_context, pooled_text=None, **kwargs):
     return model(latents, time, encoder_hidden_states=text_context, return_dict=False, **kwargs)[0]
 
 
-ADAPTERS: dict[str, Callable] = {"UNet2DConditionModel": _unet}
-COMPONENT: dict[str, str] = {"UNet2DConditionModel": "unet"}
+def _pixart(model, latents, time, text_context, pooled_text=None, cross_attention_kwargs=None, **kwargs):
+    # PixArtTransformer2DModel: cross-attention to the projected tokens, adaLN-single from the timestep (B,);
+    # it has no LoRA scale of its own, so cross_attention_kwargs={"scale": s} is applied here
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    time = torch.as_tensor(time, device=latents.device).reshape(-1).expand(latents.shape[0])
+    scale = (cross_attention_kwargs or {}).get("scale")
+    if scale is not None:
+        scale_lora_layers(model, scale)
+    try:
+        return model(latents, encoder_hidden_states=text_context, timestep=time,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False, **kwargs)[0]
+    finally:
+        if scale is not None:
+            unscale_lora_layers(model, scale)
+
+
+ADAPTERS: dict[str, Callable] = {"UNet2DConditionModel": _unet, "PixArtTransformer2DModel": _pixart}
+COMPONENT: dict[str, str] = {"UNet2DConditionModel": "unet", "LatentDiT": "transformer",
+                             "PixArtTransformer2DModel": "transformer"}
+BACKBONES = ("unet", "transformer")  # the model folder's possible denoiser subfolders
 
 
 def _adapter(model) -> Callable | None:
@@ -43,6 +62,15 @@ def denoise(model, latents: torch.Tensor, time: torch.Tensor, text_context: torc
     if adapter is None:
         return model(latents, time, text_context, pooled_text, **kwargs)
     return adapter(model, latents, time, text_context, pooled_text, **kwargs)
+
+
+def denoiser_of(parts) -> torch.nn.Module:
+    """Returns the denoiser of a components dict ({"unet": ...} or {"transformer": ...}) or of a pipeline."""
+    get = parts.get if isinstance(parts, dict) else lambda name: getattr(parts, name, None)
+    found = [get(name) for name in BACKBONES if get(name) is not None]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one denoiser (unet or transformer), found {len(found)}")
+    return found[0]
 
 
 def component_name(model) -> str:

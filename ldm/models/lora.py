@@ -19,6 +19,7 @@ import torch
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")          # every attention block's projections
+TRANSFORMER_TARGETS = UNET_TARGETS + ("ff.net.0.proj", "ff.net.2")  # a DiT's attention and MLP projections
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
@@ -38,19 +39,39 @@ class LoraSettings:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
 
+def check_lora_backbone(denoiser, train_text_encoder: bool = False) -> None:
+    """Raises ValueError when LoRA cannot be trained on this denoiser (before any work starts)."""
+    from ldm.models.denoiser import component_name
+
+    if component_name(denoiser) == "unet":
+        return
+    if not hasattr(denoiser, "add_adapter"):
+        raise ValueError(f"LoRA on {type(denoiser).__name__} is not supported (it has no diffusers adapter "
+                         "methods); fine-tune it with --method full, or use a dit-* model (LatentDiT)")
+    if train_text_encoder:
+        raise ValueError("a transformer model's LoRA covers the transformer only; drop --train_text_encoder, or "
+                         "fine-tune with --method full --train_text_encoder")
+
+
 def add_lora(unet, text_encoder, settings: LoraSettings) -> list[torch.nn.Parameter]:
     """Adds fresh adapters (B = 0, so the model is unchanged) and returns the trainable LoRA parameters.
 
-    Freezes everything else. The text encoder gets adapters only with settings.train_text_encoder.
+    `unet` is the denoiser: a UNet gets adapters on its attention projections, a transformer (LatentDiT) on its
+    attention and MLP projections. Freezes everything else. The text encoder gets adapters only with
+    settings.train_text_encoder.
     """
     from peft import LoraConfig
 
+    from ldm.models.denoiser import component_name
+
     settings.validate()
+    check_lora_backbone(unet, settings.train_text_encoder)
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     common = dict(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                   init_lora_weights="gaussian")
-    unet.add_adapter(LoraConfig(target_modules=list(UNET_TARGETS), **common))
+    targets = UNET_TARGETS if component_name(unet) == "unet" else TRANSFORMER_TARGETS
+    unet.add_adapter(LoraConfig(target_modules=list(targets), **common))
     modules = [unet]
     if settings.train_text_encoder:
         text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common))
@@ -86,10 +107,21 @@ def save_lora(folder: str, unet, text_encoder=None) -> str:
     """Writes FOLDER/pytorch_lora_weights.safetensors in diffusers' format; returns its path.
 
     Loads with diffusers' `StableDiffusionPipeline.load_lora_weights(folder)` and `ldm.Pipeline.load_lora_weights`.
+    A transformer's adapters are written as diffusers writes SD3's and PixArt's ("transformer.<module>...") and
+    load with `LatentDiT.load_lora_adapter(file, prefix="transformer")` or `ldm.Pipeline.load_lora_weights`.
     """
     from diffusers import StableDiffusionPipeline
+    from diffusers.loaders import SD3LoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    from ldm.models.denoiser import component_name
+
+    if component_name(unet) == "transformer":
+        state = peft_state_dict(unet)
+        os.makedirs(folder, exist_ok=True)
+        SD3LoraLoaderMixin.save_lora_weights(folder, transformer_lora_layers=state,
+                                             transformer_lora_adapter_metadata=_metadata(state, TRANSFORMER_TARGETS))
+        return os.path.join(folder, WEIGHT_NAME)
     unet_state = peft_state_dict(unet)
     te_state = peft_state_dict(text_encoder) if text_encoder is not None and has_lora(text_encoder) else None
     os.makedirs(folder, exist_ok=True)
@@ -122,6 +154,11 @@ def kohya_key(peft_key: str) -> str:
 
 def to_kohya(unet, text_encoder=None) -> dict[str, torch.Tensor]:
     """Returns the adapters as a kohya state dict: `.lora_down.weight`, `.lora_up.weight` and `.alpha` per layer."""
+    from ldm.models.denoiser import component_name
+
+    if component_name(unet) != "unet":
+        raise ValueError("the kohya/web-UI LoRA format names UNet layers; a transformer's LoRA is written in "
+                         "diffusers' format only (drop --export_webui)")
     state = {f"unet.{k}": v for k, v in peft_state_dict(unet).items()}
     if text_encoder is not None and has_lora(text_encoder):
         state.update({f"text_encoder.{k}": v for k, v in peft_state_dict(text_encoder).items()})
@@ -169,6 +206,24 @@ def lora_path(path: str) -> str:
     return candidate
 
 
+def load_transformer_lora(transformer, path_or_state, adapter_name: str | None = None, scale: float = 1.0) -> None:
+    """Loads a transformer LoRA (a file, a folder holding pytorch_lora_weights.safetensors, or a state dict with
+    "transformer.<module>.lora_A.weight" keys) onto `transformer` as adapter `adapter_name` at weight `scale`."""
+    from ldm.folders import load_state_dict
+
+    state = path_or_state if isinstance(path_or_state, dict) else load_state_dict(lora_path(str(path_or_state)))
+    other = sorted({k.split(".")[0] for k in state if not k.startswith("transformer.")})
+    if other:
+        raise ValueError(f"this LoRA has {', '.join(other)} weights, but the pipeline's denoiser is a transformer; "
+                         "load a LoRA trained on this model (`ldm finetune --model` it)")
+    existing = set(getattr(transformer, "peft_config", {}) or {})
+    if adapter_name is None:
+        adapter_name = next(f"lora_{i}" for i in range(len(existing) + 1) if f"lora_{i}" not in existing)
+    transformer.load_lora_adapter(state, prefix="transformer", adapter_name=adapter_name)
+    if scale != 1.0:
+        transformer.set_adapters([adapter_name], weights=[scale])
+
+
 def merge_lora(model: str, lora: str, out: str, scale: float = 1.0) -> str:
     """Writes OUT: the pipeline folder MODEL with the LoRA fused into its weights (W + scale * B A); returns OUT."""
     from ldm.pipelines import Pipeline
@@ -177,7 +232,11 @@ def merge_lora(model: str, lora: str, out: str, scale: float = 1.0) -> str:
         raise FileNotFoundError(f"model folder {model} does not exist; pass the base model the LoRA was trained on")
     pipe = Pipeline.from_pretrained(model)
     pipe.load_lora_weights(lora_path(lora), adapter_name="merged")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
-    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    if pipe.transformer is not None:
+        pipe.transformer.fuse_lora(lora_scale=scale, adapter_names=["merged"])
+        pipe.transformer.unload_lora()  # the fused weights stay; the adapter layers go
+    else:
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
+        pipe.unload_lora_weights()
     pipe.save_pretrained(out)
     return out

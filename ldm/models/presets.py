@@ -2,8 +2,10 @@
 
 A spec holds the constructor arguments of each component, so every model can be built offline from code:
     spec = MODEL_PRESETS["sd15"]()
-    unet = build_unet(spec)          # diffusers UNet2DConditionModel, random init
-Latents are always 1/8 of the image side for sd15/sd21; tiny and small use fewer VAE levels (see each preset).
+    unet = build_denoiser(spec)      # diffusers UNet2DConditionModel, random init
+    dit = build_denoiser(get_spec("dit-xl-2"))   # ldm.models.dit.LatentDiT (a transformer/ component)
+Latents are always 1/8 of the image side for sd15/sd21 and the DiT-* presets; tiny and small (and their DiT
+twins) use fewer VAE levels (see each preset).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 
@@ -20,12 +22,19 @@ class ModelSpec:
     """Everything needed to build a latent diffusion model from nothing."""
     name: str
     resolution: int                      # native image side in pixels
-    unet: dict                           # UNet2DConditionModel kwargs
+    unet: dict | None                    # UNet2DConditionModel kwargs; None for a transformer backbone
     vae: dict                            # AutoencoderKL kwargs
     text_encoder: dict                   # CLIPTextConfig kwargs
     tokenizer_pad_token: str = "<|endoftext|>"
     scheduler: dict = field(default_factory=dict)  # DDIMScheduler kwargs: the noise schedule, saved with the model
     token_embedding_std: float | None = None       # re-initialise the text encoder's token table N(0, std^2)
+    transformer: dict | None = None                # the transformer backbone's kwargs (instead of `unet`)
+    transformer_class: str = "LatentDiT"           # or "PixArtTransformer2DModel" (diffusers')
+
+    @property
+    def backbone(self) -> str:
+        """The denoiser's folder name: "unet" or "transformer"."""
+        return "unet" if self.unet is not None else "transformer"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -137,7 +146,83 @@ def sd21() -> ModelSpec:
     )
 
 
-MODEL_PRESETS = {"tiny": tiny, "small": small, "sd15": sd15, "sd21": sd21}
+def _dit(base: ModelSpec, name: str, layers: int, heads: int, head_dim: int, patch: int = 2,
+         conditioning: str = "adaln_zero", **extra) -> ModelSpec:
+    """Returns `base` with its UNet replaced by a LatentDiT of this size (latents as the base's VAE makes them)."""
+    latent = base.resolution // base.vae_scale_factor
+    cross = base.text_encoder["hidden_size"]
+    dit = dict(sample_size=latent, patch_size=patch, in_channels=4, out_channels=4, num_layers=layers,
+               num_attention_heads=heads, attention_head_dim=head_dim, cross_attention_dim=cross,
+               conditioning=conditioning, text_pool_heads=extra.pop("text_pool_heads", 8), **extra)
+    return dataclasses.replace(base, name=name, unet=None, transformer=dit, transformer_class="LatentDiT")
+
+
+def _pixart(base: ModelSpec, name: str, layers: int, heads: int, head_dim: int, patch: int = 2) -> ModelSpec:
+    """Returns `base` with diffusers' PixArtTransformer2DModel as its backbone: cross-attention to the prompt's
+    tokens (projected from the text encoder's width) and adaLN-single, whose modulation comes from the timestep
+    alone (Chen et al. 2023, arXiv:2310.00426). It predicts epsilon only (out_channels 4; PixArt's own also
+    learns the variance, 8)."""
+    pixart = dict(sample_size=base.resolution // base.vae_scale_factor, patch_size=patch, in_channels=4,
+                  out_channels=4, num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim,
+                  cross_attention_dim=heads * head_dim, caption_channels=base.text_encoder["hidden_size"],
+                  use_additional_conditions=False, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                  norm_eps=1e-6)
+    return dataclasses.replace(base, name=name, unet=None, transformer=pixart,
+                               transformer_class="PixArtTransformer2DModel")
+
+
+def dit_tiny() -> ModelSpec:
+    """tiny's VAE and text encoder with a two-block DiT (patch 2 over 8x8 latents: 16 tokens): unit tests."""
+    return _dit(tiny(), "dit-tiny", layers=2, heads=2, head_dim=16, text_pool_heads=4)
+
+
+def dit_small(conditioning: str = "adaln_zero", name: str = "dit-small") -> ModelSpec:
+    """small's VAE and text encoder (32 px -> 4x8x8) with a CPU-sized DiT of the `small` UNet's parameter count
+    (test_presets): 4 blocks of width 120 (4 heads of 30), patch 1, so 64 tokens, one per latent pixel."""
+    return _dit(small(), name, layers=4, heads=4, head_dim=30, patch=1, conditioning=conditioning)
+
+
+def pixart_small() -> ModelSpec:
+    """dit-small's size with PixArt-alpha's conditioning (diffusers' PixArtTransformer2DModel)."""
+    return _pixart(small(), "pixart-small", layers=4, heads=4, head_dim=30, patch=1)
+
+
+def _dit_256(name: str, layers: int, width: int, heads: int) -> ModelSpec:
+    """The DiT paper's configurations (its Table 1) at 256 px (4x32x32 latents, patch 2: 256 tokens), with SD's
+    VAE and CLIP ViT-L/14 text encoder; the prompt enters by adaLN-Zero from its attention-pooled embedding."""
+    base = dataclasses.replace(sd15(), resolution=256, vae=sd15().vae | dict(sample_size=256))
+    return _dit(base, name, layers=layers, heads=heads, head_dim=width // heads)
+
+
+def dit_s_2() -> ModelSpec:
+    return _dit_256("dit-s-2", layers=12, width=384, heads=6)
+
+
+def dit_b_2() -> ModelSpec:
+    return _dit_256("dit-b-2", layers=12, width=768, heads=12)
+
+
+def dit_l_2() -> ModelSpec:
+    return _dit_256("dit-l-2", layers=24, width=1024, heads=16)
+
+
+def dit_xl_2() -> ModelSpec:
+    return _dit_256("dit-xl-2", layers=28, width=1152, heads=16)
+
+
+def pixart_alpha() -> ModelSpec:
+    """PixArt-alpha-XL/2 at 512 px (4x64x64 latents): 28 blocks of width 1152, with SD's VAE; captions come from
+    CLIP ViT-L/14 (768 wide) instead of PixArt's T5-XXL (4096), which is not in our dependencies."""
+    return _pixart(sd15(), "pixart-alpha", layers=28, heads=16, head_dim=72)
+
+
+MODEL_PRESETS = {"tiny": tiny, "small": small, "sd15": sd15, "sd21": sd21,
+                 "dit-tiny": dit_tiny, "dit-small": dit_small, "pixart-small": pixart_small,
+                 "dit-small-in-context": lambda: dit_small("in_context", "dit-small-in-context"),
+                 "dit-small-cross-attention": lambda: dit_small("cross_attention", "dit-small-cross-attention"),
+                 "dit-small-adaln": lambda: dit_small("adaln", "dit-small-adaln"),
+                 "dit-s-2": dit_s_2, "dit-b-2": dit_b_2, "dit-l-2": dit_l_2, "dit-xl-2": dit_xl_2,
+                 "pixart-alpha": pixart_alpha}
 
 
 def get_spec(preset: str | ModelSpec) -> ModelSpec:
@@ -150,7 +235,21 @@ def get_spec(preset: str | ModelSpec) -> ModelSpec:
 
 
 def build_unet(spec: ModelSpec) -> UNet2DConditionModel:
+    if spec.unet is None:
+        raise ValueError(f"preset {spec.name!r} has a transformer backbone, not a UNet; use build_denoiser")
     return UNet2DConditionModel(**spec.unet)
+
+
+def build_denoiser(spec: ModelSpec) -> torch.nn.Module:
+    """Returns the spec's backbone, randomly initialised: a UNet2DConditionModel, a LatentDiT or a
+    PixArtTransformer2DModel."""
+    if spec.unet is not None:
+        return build_unet(spec)
+    if spec.transformer_class == "PixArtTransformer2DModel":
+        return PixArtTransformer2DModel(**spec.transformer)
+    from ldm.models.dit import LatentDiT
+
+    return LatentDiT(**spec.transformer)
 
 
 def build_vae(spec: ModelSpec) -> AutoencoderKL:
@@ -171,12 +270,13 @@ def build_scheduler(spec: ModelSpec) -> DDIMScheduler:
 
 
 def build_components(preset: str | ModelSpec, seed: int = 0) -> dict:
-    """Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}, randomly initialised from `seed`."""
+    """Returns {"unet" or "transformer", "vae", "text_encoder", "tokenizer", "scheduler"}, randomly initialised
+    from `seed`."""
     from ldm.models.tokenizer import build_clip_tokenizer
 
     spec = get_spec(preset)
     torch.manual_seed(seed)
-    return dict(unet=build_unet(spec), vae=build_vae(spec), text_encoder=build_text_encoder(spec),
+    return dict(**{spec.backbone: build_denoiser(spec)}, vae=build_vae(spec), text_encoder=build_text_encoder(spec),
                 tokenizer=build_clip_tokenizer(pad_token=spec.tokenizer_pad_token), scheduler=build_scheduler(spec))
 
 

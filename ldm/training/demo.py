@@ -27,7 +27,7 @@ class DemoConfig:
     out: str = "runs/demo"
     minutes: float = 15.0            # the whole run's budget: training phases get fixed shares of it
     device: str = "cpu"
-    preset: str = "small"
+    model: str = "small"             # a preset: small (UNet), dit-small (DiT), pixart-small, or any in ldm.presets
     resolution: int = 32
     num_samples: int = 4000
     two_shape_fraction: float = 0.1  # mostly single shapes: the scenes the demo prompts for
@@ -165,7 +165,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
-    return TrainVAEConfig(model=cfg.preset, resolution=cfg.resolution, rec_loss=cfg.vae_rec_loss, kl_weight=1e-6,
+    return TrainVAEConfig(model=cfg.model, resolution=cfg.resolution, rec_loss=cfg.vae_rec_loss, kl_weight=1e-6,
                           learning_rate=cfg.vae_learning_rate, lr_scheduler=cfg.vae_lr_scheduler, lr_warmup_steps=50,
                           batch_size=cfg.vae_batch_size, max_steps=cfg.vae_steps,
                           max_minutes=cfg.budget()[0], output_dir=os.path.join(cfg.out, "vae_run"),
@@ -174,7 +174,7 @@ def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
 
 
 def ldm_config(cfg: DemoConfig, vae_dir: str) -> TrainLDMConfig:
-    return TrainLDMConfig(model=cfg.preset, vae=vae_dir, resolution=cfg.resolution, max_token_length=16,
+    return TrainLDMConfig(model=cfg.model, vae=vae_dir, resolution=cfg.resolution, max_token_length=16,
                           train_text_encoder=cfg.train_text_encoder, cache_text_embeddings=not cfg.train_text_encoder,
                           timestep_sampling=cfg.timestep_sampling, prediction_type=cfg.prediction_type,
                           zero_terminal_snr=cfg.zero_terminal_snr,

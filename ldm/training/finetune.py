@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from ldm.data.buckets import batch_plan
 from ldm.evaluation.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
 from ldm.images import image_grid
+from ldm.models.denoiser import denoiser_of
 from ldm.models.vae import encode_posterior
 from ldm.objectives import objective_for
 from ldm.training import loop
@@ -282,7 +283,7 @@ class FinetuneTrainer(loop.Trainer):
 def load_data(cfg: FinetuneConfig, accelerator, parts: dict) -> tuple[FinetuneConfig, dict]:
     """Reads the folder, holds part of it out, draws the class images and encodes every image once; returns the
     config with its folder-scaled defaults resolved and {"train", "held", "prior"} (samples with posteriors)."""
-    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    unet, vae, text_encoder = denoiser_of(parts), parts["vae"], parts["text_encoder"]
     native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     images = read_images(cfg, cfg.resolution or native)
     train_idx, held_idx = holdout_split([s["key"] for s in images], cfg.holdout_fraction, cfg.seed)
@@ -299,7 +300,7 @@ def load_data(cfg: FinetuneConfig, accelerator, parts: dict) -> tuple[FinetuneCo
 
 def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> FinetuneTrainer:
     """Adds the adapters (or unfreezes the UNet), builds the optimiser and prepares them; returns the trainer."""
-    unet, text_encoder = parts["unet"], parts["text_encoder"]
+    unet, text_encoder = denoiser_of(parts), parts["text_encoder"]
     params = trainable_parameters(cfg, unet, text_encoder)
     optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device,
                                     weight_decay=1e-2 if cfg.method == "full" else 0.0)
@@ -326,7 +327,7 @@ def main(cfg: FinetuneConfig) -> dict:
 
     if not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"base model folder {cfg.model} does not exist; pass --model DIR, a pipeline folder "
-                                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+                                "(model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
     resolve_resume(cfg.resume, cfg.out)  # before any work: a bad --resume path fails at once
     accelerator = loop.make_accelerator(cfg, cfg.out, cpu=cfg.device == "cpu")
     set_seed(cfg.seed)

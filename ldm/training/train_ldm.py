@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 
+from ldm.models.denoiser import denoiser_of
 from ldm.models.presets import MODEL_PRESETS, build_components
 from ldm.objectives import ObjectiveSettings, make_objective
 from ldm.objectives.base import NoiseSchedule
@@ -30,7 +31,8 @@ from ldm.training.validation import (draw_prompts, first_samples, inference_pipe
 
 
 def build_models(cfg: TrainLDMConfig) -> dict:
-    """Returns {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}: a preset (random init) or a folder."""
+    """Returns {"unet" or "transformer", "vae", "text_encoder", "tokenizer", "scheduler"}: a preset (random init)
+    or a folder."""
     if cfg.model in MODEL_PRESETS:
         parts = build_components(cfg.model, seed=cfg.seed)
     elif os.path.isdir(cfg.model):
@@ -142,7 +144,7 @@ class LDMTrainer(loop.Trainer):
 
 def prepare_models(cfg: TrainLDMConfig, accelerator, parts: dict) -> tuple[list, object]:
     """Freezes what is not trained, moves the models to the device and returns (trainable params, EMA or None)."""
-    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    unet, vae, text_encoder = denoiser_of(parts), parts["vae"], parts["text_encoder"]
     vae.requires_grad_(False).eval().to(accelerator.device)
     text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
     if cfg.train_text_encoder and not cfg.train_token_embeddings:
@@ -169,7 +171,7 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None) -> LDMTrainer:
     optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device, (cfg.adam_beta1, cfg.adam_beta2),
                                     cfg.weight_decay, cfg.adam_epsilon, cfg.optimizer)
     lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
-    unet, text_encoder = parts["unet"], parts["text_encoder"]
+    unet, text_encoder = denoiser_of(parts), parts["text_encoder"]
     if cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:

@@ -89,8 +89,10 @@ def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=
     if ema is not None:
         denoiser = type(denoiser).from_config(denoiser.config)
         ema.copy_to(denoiser.parameters())
+    from ldm.models.denoiser import component_name
+
     pipe = Pipeline(vae=parts["vae"], text_encoder=text_encoder or parts["text_encoder"], tokenizer=parts["tokenizer"],
-                    unet=denoiser, scheduler=scheduler)
+                    scheduler=scheduler, **{component_name(denoiser): denoiser})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
