@@ -163,7 +163,7 @@ def prepare_models(cfg: TrainLDMConfig, accelerator, parts: dict) -> tuple[list,
     return params, ema
 
 
-def setup(cfg: TrainLDMConfig, accelerator, dataset=None) -> LDMTrainer:
+def setup(cfg: TrainLDMConfig, accelerator, dataset=None, val_dataset=None) -> LDMTrainer:
     """Builds the models, objective, optimiser and data, prepares them with Accelerate; returns the trainer."""
     rank, world = accelerator.process_index, accelerator.num_processes
     parts = build_models(cfg)
@@ -182,6 +182,7 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None) -> LDMTrainer:
     objective = make_objective(cfg.prediction_type, NoiseSchedule.from_config(cfg), ObjectiveSettings.from_config(cfg))
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=cfg.cache_text_embeddings)
     train_data, val_data = open_training_data(cfg, rank, world, dataset, accelerator, parts)
+    val_data = val_data if val_dataset is None else val_dataset
     stream = BatchStream(train_data, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers,
                          pin_memory=accelerator.device.type == "cuda")
     val_set = make_val_set(first_samples(val_data, cfg.val_loss_samples), parts["vae"], embed, 10, objective,
@@ -192,9 +193,10 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None) -> LDMTrainer:
     return trainer
 
 
-def main(cfg: TrainLDMConfig, dataset=None) -> dict:
+def main(cfg: TrainLDMConfig, dataset=None, val_dataset=None) -> dict:
     """Trains and returns {"step", "losses": {step: loss}, "val": [...], "checkpoint", "stopped_by",
-    "nonfinite_total"}."""
+    "nonfinite_total"}. `dataset` replaces cfg.data; `val_dataset` (same sample format) replaces the images the
+    validation loss is measured on (default: the first val_loss_samples of the training data)."""
     accelerator = loop.make_accelerator(cfg, cfg.output_dir, log_with=None if cfg.report_to == "none" else cfg.report_to)
     for line in distributed_notes(accelerator.distributed_type.value, cfg):  # refuses before any work
         accelerator.print(line)
@@ -203,7 +205,7 @@ def main(cfg: TrainLDMConfig, dataset=None) -> dict:
         save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         print(f"train_ldm config ({accelerator.num_processes} process(es)):\n{format_config(cfg)}", flush=True)
     set_seed(cfg.seed)
-    trainer = setup(cfg, accelerator, dataset)
+    trainer = setup(cfg, accelerator, dataset, val_dataset)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("train_ldm", config={k: str(v) if isinstance(v, (list, tuple)) else v
                                                        for k, v in config_to_dict(cfg).items()})
