@@ -8,8 +8,10 @@ parameters) for the same training time; `dit-same-steps` for the same steps (sam
 the same training time as the UNet.
 
 Equal time is equal *compute* time, measured once in this process before training: each model's median seconds
-per training step (batch 32, one thread) sets its step count, steps = --steps x (UNet s/step) / (its s/step), so
-a busy machine changes how long the study takes, not its result. FLOPs per step are counted by PyTorch's
+per training step (batch 32, one thread; the presets' steps taken round-robin, so that a change of load slows all
+alike) sets its step count, steps = --steps x (UNet s/step) / (its s/step); the step counts are then fixed, so a
+busy machine changes how long the study takes, not what it trains. Run it on an idle machine all the same: the
+timing is the one measurement that load can skew (costs.json keeps it; delete the file to measure again). FLOPs per step are counted by PyTorch's
 FlopCounterMode (benchmarks/flops.py). Every arm saves its pipeline at 1/3, 2/3 and all of its steps; each is
 graded (DDIM, 25 steps, guidance 1 and 4) on prompts as in compare_objectives.py (shapes: the demo's canonical
 prompts, the captions' wording; digits: the digits grader), and the validation loss (epsilon MSE on a fixed set
@@ -34,7 +36,7 @@ import torch
 
 import compare_objectives as objectives
 from backbones_report import write_report
-from flops import training_cost
+from flops import TrainStep, interleaved_seconds
 
 # name -> (preset, budget): "steps" trains --steps steps, "time" the UNet's training time
 ARMS = {"unet": ("small", "steps"), "dit": ("dit-small", "time"), "dit-same-steps": ("dit-small", "steps"),
@@ -54,7 +56,7 @@ class Settings:
     sample_steps: int = 25
     guidances: tuple = (1.0, 4.0)
     checkpoints: int = 3                 # pipelines saved (and graded) at 1/3, 2/3, 3/3 of each arm's steps
-    timing_repeats: int = 10
+    timing_repeats: int = 20
     seed: int = 0
 
     @classmethod
@@ -68,21 +70,23 @@ class Settings:
 
 
 def costs(presets, settings: Settings, out: str) -> dict:
-    """Returns {preset: training_cost(...) + "parameters"} for a fresh model of each preset (one thread)."""
+    """Returns {preset: {"train_flops", "sample_flops", "seconds_per_step", "parameters"}} of a fresh model of each
+    preset (batch 32, one thread), the steps timed round-robin across the presets (flops.interleaved_seconds)."""
     from ldm.models.presets import build_components, count_parameters
 
     path = os.path.join(out, "costs.json")
-    key = {"presets": sorted(presets), "repeats": settings.timing_repeats}
+    key = {"presets": sorted(presets), "repeats": settings.timing_repeats, "timing": "interleaved"}
     saved = objectives.reuse(path, key)
     if saved:
         return saved["costs"]
-    result = {}
+    steps, result = {}, {}
     for preset in sorted(presets):
         parts = build_components(preset, seed=0)
         model = parts.get("unet") or parts["transformer"]
-        width = parts["text_encoder"].config.hidden_size
-        result[preset] = {**training_cost(model, 32, model.config.sample_size, TOKENS, width,
-                                          settings.timing_repeats), "parameters": count_parameters(model)}
+        steps[preset] = TrainStep(model, 32, model.config.sample_size, TOKENS, parts["text_encoder"].config.hidden_size)
+        result[preset] = {**steps[preset].flops(), "parameters": count_parameters(model)}
+    for preset, seconds in interleaved_seconds(steps, settings.timing_repeats).items():
+        result[preset]["seconds_per_step"] = seconds
         print(f"{preset}: {result[preset]}", flush=True)
     objectives.write_json(path, {"costs": result, "key": key})
     return result
@@ -175,7 +179,8 @@ def prompts_for(dataset: str, settings: Settings) -> list[str]:
 
 
 def run_dataset(dataset: str, arms, settings: Settings, out: str, cost: dict) -> dict:
-    """Trains the data set's VAE once, encodes it once, then trains and grades each arm on the same latents."""
+    """Trains the data set's VAE once, encodes it once, then trains and grades each arm on the same latents, in
+    OUT/<dataset>/."""
     from diffusers import AutoencoderKL
 
     from ldm.training.demo import LatentDataset
@@ -223,9 +228,8 @@ def main(argv=None) -> int:
     results = {"settings": asdict(settings), "seeds": args.seeds, "costs": cost, "runs": {}}
     for seed in args.seeds:  # out/seed<k>/<dataset>/: the VAE, then one folder per arm
         run = replace(settings, seed=seed)
-        results["runs"][str(seed)] = {dataset: run_dataset(dataset, arms, run, os.path.join(args.out, f"seed{seed}",
-                                                                                             dataset), cost)
-                                      for dataset, arms in plan.items()}
+        results["runs"][str(seed)] = {dataset: run_dataset(dataset, arms, run, os.path.join(args.out, f"seed{seed}"),
+                                                           cost) for dataset, arms in plan.items()}
     results["minutes"] = (time.time() - started) / 60
     write_report(results, args.out)
     print(f"compare_backbones finished in {results['minutes']:.1f} min; results in {args.out}/results.json")

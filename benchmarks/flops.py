@@ -54,16 +54,33 @@ def seconds_per_call(fn, repeats: int = 10, warmup: int = 3, sync=None) -> float
     return statistics.median(times)
 
 
-def training_cost(model, batch: int, latent: int, tokens: int, width: int, repeats: int = 10) -> dict:
-    """Returns {"train_flops", "sample_flops", "seconds_per_step"} of a model on the CPU: FLOPs of one training
-    step at `batch` and of one guided sampling call per image (2 rows: the two CFG branches), and the median
-    time of a training step."""
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x, t, text = inputs(model, batch, latent, tokens, width)
-    flops = count_flops(lambda: train_step(model, optimizer, x, t, text))
-    seconds = seconds_per_call(lambda: train_step(model, optimizer, x, t, text), repeats)
-    model.eval()
-    with torch.no_grad():
-        sample = count_flops(lambda: denoise(model, x[:2], t[:2], text[:2]))
-    return {"train_flops": flops, "sample_flops": sample, "seconds_per_step": seconds}
+class TrainStep:
+    """One model's training step on fixed random inputs (batch, latent side, text tokens, text width): call it to
+    step; flops() counts one training step and one guided sampling call per image (2 rows, the CFG branches)."""
+
+    def __init__(self, model, batch: int, latent: int, tokens: int, width: int):
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.x, self.t, self.text = inputs(model, batch, latent, tokens, width)
+
+    def __call__(self) -> None:
+        train_step(self.model, self.optimizer, self.x, self.t, self.text)
+
+    def flops(self) -> dict:
+        train = count_flops(self)
+        with torch.no_grad():
+            sample = count_flops(lambda: denoise(self.model, self.x[:2], self.t[:2], self.text[:2]))
+        return {"train_flops": train, "sample_flops": sample}
+
+
+def interleaved_seconds(steps: dict, repeats: int = 10, warmup: int = 3) -> dict:
+    """Returns {name: median seconds of steps[name]()}, the calls taken round-robin (a, b, c, a, b, c, ...), so
+    that a change in the machine's load during the measurement slows every model alike."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -118,3 +118,32 @@ def test_count_host_reads_counts_each_read():
         return x * 2  # arithmetic alone reads nothing
 
     assert count_host_reads(three_reads_and_a_nonzero, {}) == 4
+
+
+def test_compare_backbones_smoke(tmp_path):
+    import json
+
+    stdout = run_benchmark("compare_backbones.py", "--quick", "--datasets", "shapes", "--arms", "unet", "dit",
+                           "dit-in-context", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    costs, arms = results["costs"], results["runs"]["0"]["shapes"]["arms"]
+    assert set(costs) == {"small", "dit-small", "dit-small-in-context"} and set(arms) == {"unet", "dit", "dit-in-context"}
+    assert all(c["train_flops"] > 0 and c["seconds_per_step"] > 0 for c in costs.values())
+    unet_seconds = arms["unet"]["steps"] * costs["small"]["seconds_per_step"]
+    for arm, preset in (("dit", "dit-small"), ("dit-in-context", "dit-small-in-context")):  # equal compute time
+        config = (tmp_path / "seed0" / "shapes" / arm / "ldm_run" / "config.yaml").read_text()
+        assert f"model: {preset}\n" in config
+        steps = arms[arm]["steps"]
+        assert steps == max(3, round(unet_seconds / costs[preset]["seconds_per_step"]))
+        assert [r["step"] for r in arms[arm]["rows"]][-1] == steps  # the last checkpoint is graded
+    assert results["runs"]["0"]["shapes"]["held_out_images"] == 256  # the validation loss is on unseen scenes
+    assert "| `dit-small` | 1,185,124 |" in stdout and (tmp_path / "backbones_shapes.png").exists()
+    assert (tmp_path / "mechanisms_shapes.png").exists()
+
+
+def test_bench_dit_smoke():
+    stdout = run_benchmark("bench_dit.py", "--preset", "dit-tiny", "--device", "cpu", "--batch-size", "2",
+                           "--sample-batch", "1", "--steps", "1", "--warmup", "0", "--precision", "fp32")
+    lines = dict(line.split(": ") for line in stdout.strip().splitlines()[-6:])
+    assert float(lines["ratio_train_ours_vs_diffusers_dit"]) > 0 and float(lines["sampling_steps_per_s"]) > 0
+    assert lines["mfu_ours"] == "n/a"  # no peak is known for a CPU

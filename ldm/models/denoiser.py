@@ -3,9 +3,10 @@
     denoise(model, latents, time, text_context, pooled_text=None) -> prediction   # (B, C, h, w)
 
 so that the training step, the pipeline and the diagnostics never know which backbone they hold. A backbone of our
-own (a diffusion transformer) implements `forward(latents, time, text_context, pooled_text=None)` and returns the
-tensor; a diffusers class with another call signature gets an adapter in ADAPTERS. COMPONENT names the model
-folder's subfolder for each class ("unet" for the UNet, "transformer" for transformers, as diffusers names them).
+own (ldm.models.dit.LatentDiT) implements `forward(latents, time, text_context, pooled_text=None)` and returns the
+tensor; a diffusers class with another call signature (UNet2DConditionModel, PixArtTransformer2DModel) gets an
+adapter in ADAPTERS. COMPONENT names the model folder's subfolder for each class ("unet" for the UNet,
+"transformer" for transformers, as diffusers names them); denoiser_of finds the one in a components dict.
 """
 from __future__ import annotations
 
