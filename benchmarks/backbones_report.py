@@ -26,6 +26,18 @@ def _pyplot():
     return plt
 
 
+def graded_steps(available, steps: int, count: int) -> list[int]:
+    """Returns the checkpoint steps nearest to 1/count, 2/count, ..., 1 of `steps` (a run of 703 steps saves at
+    234, 468, 702 and 703: 702 is not graded)."""
+    return sorted({min(available, key=lambda s: abs(s - k * steps / count)) for k in range(1, count + 1)})
+
+
+def graded_rows(arm: dict, count: int) -> list[dict]:
+    """Returns the arm's evaluation rows at its graded checkpoints."""
+    keep = set(graded_steps({r["step"] for r in arm["rows"]}, arm["steps"], count))
+    return [r for r in arm["rows"] if r["step"] in keep]
+
+
 def mean(values) -> float:
     return sum(values) / len(values)
 
@@ -91,7 +103,8 @@ def plot_curves(results: dict, dataset: str, arms, guidances, path: str, title: 
         steps, val = zip(*r["val_loss_history"])
         left.plot([compute_minutes(results, r, s) for s in steps], val, color=COLOURS[arm], label=arm)
         for g, style in ((max(guidances), "-"), (min(guidances), "--")):
-            rows = sorted((x for x in r["rows"] if x["guidance"] == g), key=lambda x: x["step"])
+            rows = sorted((x for x in graded_rows(r, results["settings"]["checkpoints"]) if x["guidance"] == g),
+                          key=lambda x: x["step"])
             right.plot([compute_minutes(results, r, x["step"]) for x in rows], [x["adherence"]["all"] for x in rows],
                        style, marker="o", color=COLOURS[arm], label=f"{arm}, g{g:g}")
     left.set(xlabel="compute minutes (steps x s/step)", ylabel="held-out validation loss (eps MSE)", title=title)

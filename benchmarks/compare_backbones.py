@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import compare_objectives as objectives
-from backbones_report import write_report
+from backbones_report import graded_steps, write_report
 from flops import TrainStep, interleaved_seconds
 
 # name -> (preset, budget): "steps" trains --steps steps, "time" the UNet's training time
@@ -125,8 +125,9 @@ def evaluate_arm(trained: dict, dataset: str, prompts: list[str], settings: Sett
     from ldm.images import image_grid
     from ldm.pipelines import Pipeline
 
-    rows = []
-    for step, folder in sorted(trained["pipelines"].items(), key=lambda kv: int(kv[0])):
+    rows, folders = [], {int(step): folder for step, folder in trained["pipelines"].items()}
+    for step in graded_steps(folders, trained["steps"], settings.checkpoints):
+        folder = folders[step]
         pipe = Pipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         for guidance in settings.guidances:

@@ -8,7 +8,8 @@
     loader.skips.report()                                         # bad samples of the last epoch, by reason
 
 Latent cache: build_latent_cache(spec, vae, tokenizer, out_dir) then open_latent_cache(out_dir) yields
-{"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,), "caption": str, "key": str}.
+{"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,), "caption": str (the first),
+"captions": list[str] (all of the record's), "key": str}. Caption settings at training time: ldm.data.captions.
 """
 from ldm.data.dataset import ImageTextDataset
 from ldm.data.loader import CaptionLoader, collate, make_dataloader

@@ -6,13 +6,17 @@ z = mean + exp(logvar / 2) * eps each step and multiplies it by vae.config.scali
 (ldm.models.vae.sample_latents; encoding is ldm.models.vae.encode_posterior).
 
     out/cache.json                    manifest: key, its parts, count, skips, shards with sha256
-    out/latents-00000.safetensors     latent_mean (N,4,h,w), latent_logvar (N,4,h,w), input_ids (N,77) int64;
-                                      metadata {"captions": json list, "keys": json list}
+    out/latents-00000.safetensors     latent_mean (N,4,h,w), latent_logvar (N,4,h,w), input_ids (N,77) int64
+                                      (of each sample's first caption); metadata {"captions": json list of
+                                      each sample's caption list, "keys": json list}
 
 The key hashes the VAE weights and config, the tokenizer, the transform settings and the source's file list
 (names, sizes, mtimes). `ensure_latent_cache` reuses a cache only when its key matches, else rebuilds it;
 `open_latent_cache(dir, expected_key=...)` refuses a stale one. A shard holds one latent size (buckets).
-Note: a cached sample keeps one crop and one caption (for COCO, the pick of epoch 0).
+A cached sample keeps one crop (that of epoch 0) and every caption of its record (COCO: about five), in the
+record's order: an item is {..., "caption": the first, "captions": all}; training picks one per sample per step
+from the step's generator (ldm.training.step.batch_loss, ldm.data.captions.pick_captions), validation uses the
+first. Format 2 added the caption lists: a format-1 cache is rebuilt by ensure_latent_cache (and still opens).
 """
 from __future__ import annotations
 
@@ -27,13 +31,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from ldm.data.captions import caption_options
+from ldm.data.dataset import ImageTextDataset
 from ldm.data.loader import make_dataloader
 from ldm.data.open import open_dataset
 from ldm.data.pack import sha256_file
+from ldm.data.skips import Skip
 from ldm.models.vae import encode_posterior
 from ldm.models.vae import sample_latents as sample_scaled_latents
 
-FORMAT = "ldm-latent-cache/1"
+FORMAT = "ldm-latent-cache/2"  # 2: every caption of a sample (1: one)
 MANIFEST = "cache.json"
 logger = logging.getLogger("ldm.data")
 
@@ -87,20 +94,46 @@ def read_manifest(out_dir: str) -> dict | None:
 def _write_shard(out_dir: str, index: int, rows: list[dict]) -> dict:
     name = f"latents-{index:05d}.safetensors"
     tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in ("latent_mean", "latent_logvar", "input_ids")}
-    metadata = {"captions": json.dumps([r["caption"] for r in rows]), "keys": json.dumps([r["key"] for r in rows])}
+    metadata = {"captions": json.dumps([r["captions"] for r in rows]), "keys": json.dumps([r["key"] for r in rows])}
     save_file(tensors, os.path.join(out_dir, name), metadata=metadata)
     return {"file": name, "count": len(rows), "sha256": sha256_file(os.path.join(out_dir, name)),
             "latent_shape": list(rows[0]["latent_mean"].shape)}
 
 
+class AllCaptionsDataset(ImageTextDataset):
+    """`dataset` (same source, transform, split and seed) whose samples' "caption" is the list of every usable
+    caption of their record (ldm.data.captions.caption_options), not the one decode_record picked: the list rides
+    in "caption" because make_dataloader's collate keeps only pixel_values, caption and key."""
+
+    def __init__(self, dataset: ImageTextDataset):
+        vars(self).update(vars(dataset))  # the very same settings, whatever ImageTextDataset holds
+        self.pending: dict[str, list[str]] = {}  # key -> captions, from its record until its sample is yielded
+
+    def records(self):
+        for record in super().records():
+            if not isinstance(record, Skip):
+                self.pending[record["key"]] = caption_options(record.get("caption"))
+            yield record
+
+    def events(self):
+        for event in super().events():
+            if isinstance(event, Skip):
+                self.pending.pop(event.key, None)
+                yield event
+            else:
+                yield {**event, "caption": self.pending.pop(event["key"])}
+
+
 def encode_batch(batch: dict, vae, tokenizer) -> list[dict]:
-    """Returns one row per sample: latent_mean/logvar (4,h,w) float32, input_ids (77,), caption, key."""
+    """Returns one row per sample: latent_mean/logvar (4,h,w) float32, input_ids (77,) of its first caption,
+    captions (list[str]), key. batch["caption"] holds a str or a list of captions per sample."""
     mean, logvar = encode_posterior(vae, batch["pixel_values"])  # (B, 4, h, w) each, on the VAE's device
-    input_ids = tokenizer(batch["caption"], padding="max_length", max_length=tokenizer.model_max_length,
+    captions = [list(c) if isinstance(c, (list, tuple)) else [c] for c in batch["caption"]]
+    input_ids = tokenizer([c[0] for c in captions], padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids  # (B, 77)
     return [{"latent_mean": mean[i].cpu(), "latent_logvar": logvar[i].cpu(), "input_ids": input_ids[i].long(),
-             "caption": batch["caption"][i], "key": batch["key"][i]}
-            for i in range(len(batch["caption"]))]
+             "captions": captions[i], "key": batch["key"][i]}
+            for i in range(len(captions))]
 
 
 def build_latent_cache(spec, vae, tokenizer, out_dir: str, batch_size: int = 16, shard_size: int = 4096,
@@ -115,7 +148,7 @@ def build_latent_cache(spec, vae, tokenizer, out_dir: str, batch_size: int = 16,
         if os.path.exists(stale):
             os.remove(stale)  # the new manifest is written last: a half-built cache is never valid
     vae = vae.to(device).eval()
-    loader = make_dataloader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = make_dataloader(AllCaptionsDataset(dataset), batch_size=batch_size, num_workers=num_workers)
     pending: dict[tuple, list[dict]] = {}
     shards, count = [], 0
     for batch in loader:
@@ -158,7 +191,10 @@ def ensure_latent_cache(spec, vae, tokenizer, out_dir: str, **kwargs) -> tuple["
 
 
 class LatentCacheDataset(Dataset):
-    """Map-style: item i is {"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,), "caption", "key"}."""
+    """Map-style: item i is {"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,), "caption": str
+    (the first), "captions": list[str] (all, one or more), "key": str}. Batch items with
+    ldm.training.stream.collate_dicts (BatchStream does), which keeps "captions" a list per sample: torch's
+    default_collate would transpose the lists, and refuses lists of different lengths."""
 
     def __init__(self, out_dir: str, manifest: dict):
         self.out_dir, self.manifest = out_dir, manifest
@@ -180,7 +216,8 @@ class LatentCacheDataset(Dataset):
                 self._meta[file] = json.loads(meta["captions"]), json.loads(meta["keys"])
             item = {name: f.get_slice(name)[row : row + 1][0] for name in ("latent_mean", "latent_logvar", "input_ids")}
         captions, keys = self._meta[file]
-        return {**item, "caption": captions[row], "key": keys[row]}
+        options = captions[row] if isinstance(captions[row], list) else [captions[row]]  # format 1: one str
+        return {**item, "caption": options[0], "captions": options, "key": keys[row]}
 
 
 def open_latent_cache(out_dir: str, expected_key: str | None = None) -> LatentCacheDataset:

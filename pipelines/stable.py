@@ -10,9 +10,6 @@ diffusers' StableDiffusionPipeline.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import inspect
 import os
 from typing import Callable
@@ -21,66 +18,18 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
-from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.folders import atomic_folder, read_json, write_json
 from ldm.models.denoiser import denoise
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
+from ldm.pipelines.calls import inference, lora_scaled
 from ldm.pipelines.checks import check_call_inputs, check_finite
 from ldm.pipelines.guidance import cfg_combine, rescale_guidance
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.pipelines.schedulers import make_scheduler
-
-
-@contextlib.contextmanager
-def _lora_scaled(text_encoder, lora_scale: float | None):
-    """Multiplies the module's PEFT LoRA layers by lora_scale inside the block (no-op without one)."""
-    if lora_scale is None or not USE_PEFT_BACKEND:
-        yield
-        return
-    scale_lora_layers(text_encoder, lora_scale)
-    try:
-        yield
-    finally:
-        unscale_lora_layers(text_encoder, lora_scale)
-
-
-def _use_no_grad(pipe) -> bool:
-    """True where inference mode would not pay or would harm: a compiled UNet (module.compile() or
-    torch.compile), or CPU offload, whose hooks move weights during the call (made inside inference mode,
-    they would come out as inference tensors that autograd refuses)."""
-    model = pipe.denoiser
-    compiled = getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod")
-    return compiled or getattr(pipe, "_offload_device", None) is not None
-
-
-def _ordinary(x):
-    """Returns x with every inference-mode tensor in it cloned into an ordinary one (usable by autograd)."""
-    if isinstance(x, torch.Tensor):
-        return x.clone() if x.is_inference() else x
-    if isinstance(x, StepRecord):
-        return dataclasses.replace(x, **{f: _ordinary(getattr(x, f)) for f in StepRecord.FIELDS})
-    if isinstance(x, PipelineOutput):
-        return PipelineOutput(images=_ordinary(x.images), trace=_ordinary(x.trace))
-    if isinstance(x, (list, tuple)):
-        return type(x)(_ordinary(v) for v in x)
-    return x
-
-
-def _inference(call):
-    """Runs a pipeline call under torch.inference_mode, which skips autograd's per-operation bookkeeping
-    (version counters, view tracking; its gain on the CPU: benchmarks/BENCHMARKS.md, Sampling). Tensors it
-    returns are ordinary ones. A compiled UNet has no such overhead to save and runs under no_grad, the mode its
-    graphs were captured and benchmarked in; so does a pipeline with CPU offload."""
-    @functools.wraps(call)
-    def wrapper(self, *args, **kwargs):
-        with torch.no_grad() if _use_no_grad(self) else torch.inference_mode():
-            out = call(self, *args, **kwargs)
-        return _ordinary(out)
-    return wrapper
 
 
 class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -246,7 +195,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         device = device if device is not None else self._execution_device
         uncond = (negative_prompt if negative_prompt is not None else [""] * len(prompt)) if do_cfg else []
-        with _lora_scaled(self.text_encoder, lora_scale):
+        with lora_scaled(self.text_encoder, lora_scale):
             embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip, device)  # (2B or B, 77, D)
         embeds = embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
         if not do_cfg:
@@ -265,7 +214,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             kwargs["generator"] = generator
         return kwargs
 
-    @_inference
+    @inference
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,

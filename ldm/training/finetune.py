@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import set_seed
 
 from ldm.data.buckets import batch_plan
+from ldm.data.captions import CaptionSpec
 from ldm.evaluation.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
 from ldm.images import image_grid
 from ldm.models.denoiser import denoiser_of
@@ -217,13 +218,15 @@ class FinetuneTrainer(loop.Trainer):
         self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
         self.train, self.held, self.prior = data["train"], data["held"], data["prior"]
         self.spec, self.batches_drawn, self.snapshot = LossSpec(), 0, None  # plain MSE, as DreamBooth trains
+        self.caption_spec = CaptionSpec.from_config(cfg)  # the instance captions' tags; class prompts stay as written
         self.seek(0)
 
     def micro_loss(self, step: int, micro: int):
         cfg, self.batches_drawn = self.cfg, self.batches_drawn + 1
         generator = step_generator(cfg.seed, step, micro, self.accelerator.process_index)
         args = (self.parts["vae"], self.embed, self.objective, self.spec, generator)
-        loss = batch_loss(self.accelerator, self.model, next(self.batches), *args, caption_dropout=cfg.caption_dropout)
+        loss = batch_loss(self.accelerator, self.model, next(self.batches), *args, caption_dropout=cfg.caption_dropout,
+                          caption_spec=self.caption_spec)
         if self.prior_batches is not None:  # L_instance + w * L_prior: DreamBooth (Ruiz et al. 2023, Eq. 2)
             loss = loss + cfg.prior_loss_weight * batch_loss(self.accelerator, self.model, next(self.prior_batches),
                                                              *args)

@@ -46,6 +46,11 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     max_nonfinite_steps: int = 10          # stop after this many non-finite losses in a row (each skips its update)
     caption_dropout: float = 0.0            # DreamBooth trains without; > 0 also teaches the empty prompt the style
+    # tag captions ("sks style, 1girl, red hair"; the instance prompt is the first tag), each time one is used
+    shuffle_tags: bool = False             # shuffle the tags after the first keep_tags (kohya's shuffle_caption)
+    keep_tags: int = 0                     # the first N tags stay in place and are never dropped (kohya's keep_tokens)
+    tag_dropout: float = 0.0               # drop each other tag with this probability; 0 = off (a caption keeps a tag)
+    tag_separator: str = ","               # what separates tags (ldm.data.captions)
     mixed_precision: str = "no"
     # validation and the memorisation guard
     holdout_fraction: float = 0.1          # held out for validation loss; leave-one-out below 10 images
@@ -77,6 +82,7 @@ class FinetuneConfig:
         "max_steps": "[0, 1e8]", "repeats": "[1, 1e4]", "epochs": "[1, 1e5]", "learning_rate": "[0, 1]",
         "batch_size": "[1, 4096]", "gradient_accumulation_steps": "[1, 4096]", "lr_warmup_steps": "[0, 1e8]",
         "max_grad_norm": "[0, 1e6]", "max_nonfinite_steps": "[1, 1e9]", "caption_dropout": "[0, 1)",
+        "keep_tags": "[0, 1000]", "tag_dropout": "[0, 1)",
         "holdout_fraction": "(0, 1)", "validation_every": "[0, 1e8]", "num_validation_samples": "[1, 1000]",
         "validation_sample_steps": "[1, 1000]", "validation_guidance": "[0, 100]", "val_loss_bins": "[1, 1000]",
         "near_copy_ratio": "(0, 10]", "max_loss_gap": "(0, 1e3]", "checkpoint_every": "[0, 1e9]",
@@ -99,6 +105,8 @@ class FinetuneConfig:
             raise ValueError("--num-class-images needs --class-prompt (e.g. --class-prompt 'a painting')")
         if self.resolution % 8:
             raise ValueError(f"--resolution must be divisible by 8, got {self.resolution}")
+        if not self.tag_separator:
+            raise ValueError("--tag-separator must not be empty: pass --tag-separator ',' (the usual one)")
 
 
 def default_learning_rate(method: str) -> float:

@@ -54,7 +54,12 @@ class TrainLDMConfig:
     flow_shift: float = 1.0                # prediction_type flow: the timestep shift (SD3 Eq. 23), saved with the
                                            # scheduler; 1 = none, >1 more noise; 0 = resolution / 256 (SD3 Sec. 5.3.2)
     offset_noise: float = 0.0
-    caption_dropout: float = 0.1           # p_uncond for classifier-free guidance
+    caption_dropout: float = 0.1           # p_uncond for classifier-free guidance (after the tag settings below)
+    # tag captions ("sks style, 1girl, red hair"), each time a caption is used (ldm.data.captions)
+    shuffle_tags: bool = False             # shuffle the tags after the first keep_tags (kohya's shuffle_caption)
+    keep_tags: int = 0                     # the first N tags stay in place and are never dropped (kohya's keep_tokens)
+    tag_dropout: float = 0.0               # drop each other tag with this probability; 0 = off (a caption keeps a tag)
+    tag_separator: str = ","               # what separates tags; changed captions are never cached as embeddings
     # optimiser
     learning_rate: float = 1e-4
     adam_beta1: float = 0.9
@@ -99,7 +104,7 @@ class TrainLDMConfig:
         "beta_start": "(0, 1)", "beta_end": "(0, 1)", "num_train_timesteps": "[2, 100000]",
         "huber_c": "(0, 100]", "snr_gamma": "(0, 1e4]", "timestep_mean": "[-10, 10]", "timestep_std": "(0, 10]",
         "timestep_mode_scale": "[-1, 1.75]", "flow_shift": "[0, 100]",
-        "offset_noise": "[0, 1]", "caption_dropout": "[0, 1)",
+        "offset_noise": "[0, 1]", "caption_dropout": "[0, 1)", "keep_tags": "[0, 1000]", "tag_dropout": "[0, 1)",
         "learning_rate": "(0, 1]", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "weight_decay": "[0, 10]",
         "adam_epsilon": "(0, 1]", "max_grad_norm": "[0, 1e6]", "lr_warmup_steps": "[0, 1e9]",
         "batch_size": "[1, 65536]", "gradient_accumulation_steps": "[1, 65536]", "ema_decay": "[0, 1)",
@@ -123,6 +128,8 @@ class TrainLDMConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
+        if not self.tag_separator:
+            raise ValueError("tag_separator must not be empty: pass --tag_separator ',' (the usual one)")
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
         if self.prediction_type == "flow":

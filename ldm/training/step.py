@@ -1,7 +1,8 @@
 """One diffusion training step's pieces: randomness, text embeddings, latents and the loss.
 
-Randomness (timesteps, noise, caption dropout, VAE posterior draws) comes from `step_generator`, a pure
-function of (seed, step, micro-batch, rank): a resumed run draws exactly what the uninterrupted run drew.
+Randomness (VAE posterior draws, caption picks, tag shuffling and dropout, caption dropout, timesteps, noise)
+comes from `step_generator`, a pure function of (seed, step, micro-batch, rank): a resumed run draws exactly what
+the uninterrupted run drew.
 What is noised, predicted and weighted is the objective's (ldm.objectives); the denoiser is called through
 ldm.models.denoiser, so the same step trains a UNet or a transformer.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm import diffusion
+from ldm.data.captions import CaptionSpec, augment_captions, pick_captions
 from ldm.models.denoiser import denoise
 from ldm.models.vae import encode_posterior, sample_latents
 from ldm.objectives import Objective
@@ -35,7 +37,12 @@ class LossSpec:
 
 
 class TextEmbedder:
-    """Captions -> CLIP embeddings (B, 77, D); with `cache`, each distinct caption is encoded once."""
+    """Captions -> CLIP embeddings (B, 77, D); with `cache`, each distinct cacheable caption is encoded once.
+
+    The cache is unbounded, so only captions from a finite set belong in it: the data's own captions and "".
+    Captions changed by tag shuffling or dropout (ldm.data.captions) are combinatorially many and rarely seen
+    twice: callers pass them as not `cacheable`, and they are encoded every time and never stored.
+    """
 
     def __init__(self, text_encoder, tokenizer, cache: bool = False):
         self.text_encoder, self.tokenizer, self.cache = text_encoder, tokenizer, {} if cache else None
@@ -45,15 +52,40 @@ class TextEmbedder:
                              truncation=True, return_tensors="pt").input_ids  # (B, 77)
         return self.text_encoder(ids.to(device))[0]  # (B, 77, D)
 
-    def __call__(self, captions: list[str], device) -> torch.Tensor:
+    def __call__(self, captions: list[str], device, cacheable: list[bool] | None = None) -> torch.Tensor:
+        """Returns the embeddings (B, 77, D); `cacheable` (default all) says which captions may use the cache."""
         if self.cache is None:
             return self._encode(captions, device)
-        missing = sorted({c for c in captions if c not in self.cache})
-        if missing:
+        cacheable = [True] * len(captions) if cacheable is None else cacheable
+        missing = sorted({c for c, ok in zip(captions, cacheable) if ok and c not in self.cache})
+        fresh = [c for c, ok in zip(captions, cacheable) if not ok]
+        fresh_embeddings = iter(())
+        if missing or fresh:
             with torch.no_grad():
-                for caption, embedding in zip(missing, self._encode(missing, device)):
-                    self.cache[caption] = embedding
-        return torch.stack([self.cache[c] for c in captions])  # (B, 77, D)
+                encoded = self._encode(missing + fresh, device)  # (M + F, 77, D)
+            for caption, embedding in zip(missing, encoded):
+                self.cache[caption] = embedding
+            fresh_embeddings = iter(encoded[len(missing):])
+        return torch.stack([self.cache[c] if ok else next(fresh_embeddings)
+                            for c, ok in zip(captions, cacheable)])  # (B, 77, D)
+
+
+def batch_captions(batch: dict, caption_spec: CaptionSpec | None, caption_dropout: float | None,
+                   generator: torch.Generator) -> tuple[list[str], list[bool]]:
+    """Returns (the batch's training captions, which of them may be cached by TextEmbedder).
+
+    In this order, each step drawing only when it can change something: one of each sample's "captions" picked
+    (a latent cache keeps them all; a batch of one caption each draws nothing), its tags shuffled and dropped per
+    `caption_spec` (None or off: no draw), then whole captions replaced by "" with probability `caption_dropout`
+    (None: no draw). A caption that the tag step changed is not cacheable.
+    """
+    options = batch.get("captions")
+    captions = pick_captions(options, generator) if options is not None else list(batch["caption"])
+    augmented = augment_captions(captions, caption_spec, generator)
+    cacheable = [a == c for a, c in zip(augmented, captions)]
+    if caption_dropout is not None:
+        augmented = diffusion.drop_captions(augmented, caption_dropout, generator)
+    return augmented, [ok or c == "" for c, ok in zip(augmented, cacheable)]
 
 
 def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch.Tensor:
@@ -84,19 +116,18 @@ def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, objectiv
 
 def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, objective: Objective, spec: LossSpec,
                generator: torch.Generator, caption_dropout: float | None = None,
-               channels_last: bool = False) -> torch.Tensor:
+               channels_last: bool = False, caption_spec: CaptionSpec | None = None) -> torch.Tensor:
     """Returns the weighted diffusion loss of a batch of images or cached posteriors with captions: latents drawn
-    from the posterior, captions dropped with probability caption_dropout (None: no draw at all), embedded, noised
-    and predicted. Every LDM trainer's loss (`ldm train`, `ldm finetune`, the demo) is this function."""
+    from the posterior, captions picked, tag-augmented per caption_spec and dropped with probability caption_dropout
+    (`batch_captions`; None or off: no draw at all), embedded, noised and predicted. Every LDM trainer's loss
+    (`ldm train`, `ldm finetune`, the demo) is this function."""
     # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their weights;
     # autocast leaves the stored weights in float32): in fp32 the VAE encode of a large batch would cost more than
     # the denoiser's step on a GPU.
     with accelerator.autocast():
         latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
-        captions = list(batch["caption"])
-        if caption_dropout is not None:
-            captions = diffusion.drop_captions(captions, caption_dropout, generator)
-        context = embed(captions, accelerator.device)  # (B, 77, D)
+        captions, cacheable = batch_captions(batch, caption_spec, caption_dropout, generator)
+        context = embed(captions, accelerator.device, cacheable)  # (B, 77, D)
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
     return diffusion_loss(model, latents, context, objective, spec, generator)[0]

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 
+from ldm.data.captions import CaptionSpec
 from ldm.models.denoiser import denoiser_of
 from ldm.models.presets import MODEL_PRESETS, build_components
 from ldm.objectives import ObjectiveSettings, make_objective
@@ -93,7 +94,7 @@ class LDMTrainer(loop.Trainer):
                  val_set: dict | None = None, ema=None):
         self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
         self.stream, self.batches, self.val_set, self.ema = stream, iter(stream), val_set, ema
-        self.spec = LossSpec.from_config(cfg)
+        self.spec, self.caption_spec = LossSpec.from_config(cfg), CaptionSpec.from_config(cfg)
         self.scheduler = objective.scheduler(dict(parts["scheduler"].config))  # saved with the model
 
     def micro_loss(self, step: int, micro: int):
@@ -102,7 +103,7 @@ class LDMTrainer(loop.Trainer):
             print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
         loss = batch_loss(self.accelerator, self.model, batch, self.parts["vae"], self.embed, self.objective,
                           self.spec, step_generator(self.cfg.seed, step, micro, rank), self.cfg.caption_dropout,
-                          self.cfg.channels_last)
+                          self.cfg.channels_last, self.caption_spec)
         return loss, {}
 
     def after_update(self, state: dict) -> None:
