@@ -16,13 +16,15 @@ from ldm.training.config import config_from_args, field_comments, parse_config
 from ldm.training.demo import DemoConfig
 from ldm.training.finetune_config import METHODS, FinetuneConfig
 from ldm.training.ldm_config import LOSSES, OPTIMIZERS, TrainLDMConfig
+from ldm.training.train_text_encoder import TrainTextEncoderConfig
 from ldm.training.train_vae import TrainVAEConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # command -> (config class, what a valid config needs besides the defaults)
 COMMANDS = {"train": (TrainLDMConfig, {}), "train-vae": (TrainVAEConfig, {}),
-            "finetune": (FinetuneConfig, {"model": "base", "data": "images"}), "demo": (DemoConfig, {})}
+            "finetune": (FinetuneConfig, {"model": "base", "data": "images"}), "demo": (DemoConfig, {}),
+            "train-text-encoder": (TrainTextEncoderConfig, {})}
 
 # String fields whose validate() accepts only some values: the test picks another allowed one.
 CHOICES = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,

@@ -17,13 +17,14 @@ from ldm.training.config import check_ranges, numeric_fields, parse_interval
 from ldm.training.demo import DemoConfig
 from ldm.training.finetune_config import FinetuneConfig
 from ldm.training.ldm_config import TrainLDMConfig
+from ldm.training.train_text_encoder import TrainTextEncoderConfig
 from ldm.training.train_vae import TrainVAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every command's settings, with what a valid instance needs besides its defaults.
 CONFIGS = {TrainLDMConfig: {}, TrainVAEConfig: {}, FinetuneConfig: {"model": "base", "data": "images"},
-           DemoConfig: {}, EvalConfig: {}}
+           DemoConfig: {}, EvalConfig: {}, TrainTextEncoderConfig: {}}
 
 
 def numeric_cases():

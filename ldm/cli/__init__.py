@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("ldm.cli.demo", "train a text-to-image model on the built-in shapes data, on this machine"),
     "train": ("ldm.cli.train", "train a latent diffusion model (same as train/train_ldm.py)"),
     "train-vae": ("ldm.cli.train_vae", "train the VAE (same as train/train_vae.py)"),
+    "train-text-encoder": ("ldm.cli.train_text_encoder", "train a CLIP text encoder on image-caption pairs"),
     "finetune": ("ldm.cli.finetune", "fine-tune on a folder of your own images (LoRA or full)"),
     "merge-lora": ("ldm.cli.merge_lora", "fuse a LoRA file into a model folder"),
     "prepare-data": ("ldm.cli.prepare_data", "pack any image source into webdataset or parquet shards"),

@@ -29,6 +29,10 @@ class TrainLDMConfig:
     # model
     model: str = "tiny"                    # a preset name (tiny, small, sd15, sd21) or a pipeline folder to continue
     vae: str = ""                          # a VAE folder (from train_vae.py); "" = the model folder's / preset's
+    text_encoder: str = ""                 # a folder with text_encoder/ (and tokenizer/) from `ldm train-text-encoder`
+                                           # (its output_dir: the newest checkpoint; or a checkpoint or model folder);
+                                           # "" = the preset's / model folder's. Its width must be the denoiser's
+                                           # cross-attention width
     train_text_encoder: bool = False       # False: frozen (and its embeddings cached per caption)
     cache_text_embeddings: bool = False    # frozen encoder only: keep each caption's embedding (few distinct captions)
     train_token_embeddings: bool = True    # with train_text_encoder: false freezes the token table (49408 rows; a

@@ -44,6 +44,12 @@ def build_models(cfg: TrainLDMConfig) -> dict:
         raise ValueError(f"model {cfg.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a pipeline folder")
     if cfg.vae:
         parts["vae"] = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)
+    if cfg.text_encoder:  # e.g. trained contrastively by `ldm train-text-encoder`; train_text_encoder: frozen or not
+        from ldm.training.train_text_encoder import check_text_width, load_text_encoder
+
+        parts["text_encoder"], tokenizer = load_text_encoder(cfg.text_encoder)
+        parts["tokenizer"] = tokenizer or parts["tokenizer"]
+        check_text_width(parts["text_encoder"], denoiser_of(parts), cfg.text_encoder)
     if cfg.max_token_length:  # short prompts: fewer padding tokens to attend over; inference reads it from tokenizer/
         parts["tokenizer"].model_max_length = cfg.max_token_length
     return parts
