@@ -1,8 +1,13 @@
 """Checks for Pipeline.__call__: its inputs, and its results (no NaN images). Every error names the problem and the fix."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+
 import torch
 
+from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.schedulers import ZERO_SNR_EXACT
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -78,6 +83,73 @@ def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negati
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a tensor of shape {expected} for these settings, got {got}")
     return prompts, negatives
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_interval(interval) -> tuple[float, float] | None:
+    """Returns guidance_interval as (t_lo, t_hi) floats, or None."""
+    if interval is None:
+        return None
+    fix = ("pass (t_lo, t_hi) in the scheduler's timesteps with 0 <= t_lo <= t_hi, e.g. (200, 800) for a "
+           "1000-step model (sigma * 1000 for a flow model), or None to guide every step")
+    if not isinstance(interval, (tuple, list)) or len(interval) != 2 or not all(map(_is_number, interval)):
+        raise ValueError(f"guidance_interval={interval!r} is not a pair of numbers; {fix}")
+    lo, hi = float(interval[0]), float(interval[1])
+    if math.isnan(lo) or math.isnan(hi) or lo < 0:
+        raise ValueError(f"guidance_interval={interval!r} has a negative or NaN end; {fix}")
+    if lo > hi:
+        raise ValueError(f"guidance_interval={interval!r} starts after it ends (t_lo > t_hi); swap them: "
+                         f"guidance_interval=({hi:g}, {lo:g})")
+    return lo, hi
+
+
+def _apg_settings(apg) -> APGSettings | None:
+    """Returns apg (None, False, True, a dict or APGSettings) as APGSettings, or None when off."""
+    if apg is None or apg is False:
+        return None
+    keys = [f.name for f in dataclasses.fields(APGSettings)]
+    if isinstance(apg, dict):
+        unknown = sorted(set(apg) - set(keys))
+        if unknown:
+            raise ValueError(f"apg has unknown keys {unknown}; its keys are {', '.join(keys)}")
+        apg = APGSettings(**apg)
+    if apg is True:
+        apg = APGSettings()
+    if not isinstance(apg, APGSettings):
+        raise ValueError(f"apg must be True, a dict with keys {', '.join(keys)}, or an APGSettings, not "
+                         f"{type(apg).__name__}")
+    bad = [k for k in keys if not _is_number(getattr(apg, k))]
+    if bad:
+        raise ValueError(f"apg {', '.join(bad)} must be numbers, got {apg}")
+    if not apg.eta >= 0:
+        raise ValueError(f"apg eta={apg.eta!r} must be >= 0: 0 drops the guidance's component parallel to the "
+                         "conditional prediction (the paper's choice), 1 keeps it")
+    if not apg.norm_threshold >= 0:
+        raise ValueError(f"apg norm_threshold={apg.norm_threshold!r} must be >= 0 (0 = no cap on the guidance "
+                         "update's norm; the paper uses 15 for Stable Diffusion XL)")
+    if not -1 < apg.momentum < 1:
+        raise ValueError(f"apg momentum={apg.momentum!r} must be in (-1, 1): the paper uses -0.5; 0 = no momentum")
+    return apg
+
+
+def check_guidance(guidance_scale, guidance_rescale, guidance_interval, apg, cfg_zero_star, cfg_zero_init_steps,
+                   steps: int) -> Guidance:
+    """Returns the call's Guidance (its state fresh) after validating the guidance methods' arguments; steps is
+    the validated num_inference_steps."""
+    interval, settings = _check_interval(guidance_interval), _apg_settings(apg)
+    if not isinstance(cfg_zero_star, bool):
+        raise ValueError(f"cfg_zero_star={cfg_zero_star!r} must be True or False")
+    if settings is not None and cfg_zero_star:
+        raise ValueError("apg and cfg_zero_star are two rules for combining the two predictions; pass one of them "
+                         "(cfg_zero_init_steps and guidance_interval go with either)")
+    if not isinstance(cfg_zero_init_steps, int) or isinstance(cfg_zero_init_steps, bool) or \
+            not 0 <= cfg_zero_init_steps < steps:
+        raise ValueError(f"cfg_zero_init_steps={cfg_zero_init_steps!r} must be an integer in [0, {steps}) "
+                         f"(num_inference_steps={steps}): 0 = off; the CFG-Zero* authors zero about 4% of the steps")
+    return Guidance(guidance_scale, guidance_rescale, interval, settings, cfg_zero_star, cfg_zero_init_steps)
 
 
 class NonFiniteError(RuntimeError):

@@ -12,7 +12,8 @@ from diffusers.utils import BaseOutput
 @dataclass
 class StepRecord:
     """One denoising step, on the CPU in float32. Predictions are in the model's prediction_type units
-    (noise for epsilon models, v for v-prediction); noise_pred_uncond is None without guidance.
+    (noise for epsilon models, v for v-prediction); noise_pred_uncond is None on steps that ran the conditional
+    branch alone (no guidance, outside guidance_interval, CFG-Zero*'s zero-init steps).
 
     step: loop index i; timestep: t; latents: x_t entering the step (B, C, h, w); x0_pred: the clean-latent
     estimate at this step; noise_pred: the guided prediction the scheduler used; noise_pred_cond and

@@ -25,8 +25,8 @@ from ldm.models.denoiser import denoise
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
 from ldm.pipelines.calls import inference, lora_scaled
-from ldm.pipelines.checks import check_call_inputs, check_finite
-from ldm.pipelines.guidance import cfg_combine, rescale_guidance
+from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance
+from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.pipelines.schedulers import make_scheduler
@@ -223,12 +223,20 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
                  clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
                  callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False):
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
+                 guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
+                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step).
         trace=True records a StepRecord per step (latents, x0 prediction, conditional and unconditional
         predictions) on the CPU in float32, for ldm.diagnostics.
+        Guidance methods, off by default (formulas, sources: ldm.pipelines.guidance), acting when guidance_scale > 1:
+        guidance_interval=(t_lo, t_hi) guides only the steps with t_lo <= t <= t_hi, t in pipe.scheduler.timesteps'
+        units (sigma * T for flow models); the others make one call on the conditional rows alone. apg=True (or a
+        dict or APGSettings of eta, norm_threshold, momentum): adaptive projected guidance, in x0 space.
+        cfg_zero_star=True: CFG-Zero*'s optimized scale. cfg_zero_init_steps=K (any scale): the first K steps
+        predict 0, meant for flow models.
         """
         # 0. Defaults and input checks
         height = height or self.denoiser.config.sample_size * self.vae_scale_factor
@@ -237,6 +245,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
             callback_on_step_end_tensor_inputs)
+        guidance = check_guidance(guidance_scale, guidance_rescale, guidance_interval, apg, cfg_zero_star,
+                                  cfg_zero_init_steps, num_inference_steps)
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
         # .device would mislead; read once (the property walks every module).
@@ -254,7 +264,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 4. Denoising loop, with no sync per step (the finite flags are read once, in 5.)
         latents, finite, records = self._denoise(
-            latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance_scale, guidance_rescale,
+            latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance,
             self._step_kwargs(generator, eta), cross_attention_kwargs, callback_on_step_end,
             callback_on_step_end_tensor_inputs, trace)
 
@@ -309,23 +319,24 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # flow samplers start at sigma = 1 (x_1 = eps) and have no init_noise_sigma
         return latents.to(device, dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
-    def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance_scale: float,
-                 guidance_rescale: float, step_kwargs: dict, cross_attention_kwargs: dict | None,
-                 callback: Callable | None, callback_inputs, trace: bool):
+    def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance: Guidance,
+                 step_kwargs: dict, cross_attention_kwargs: dict | None, callback: Callable | None, callback_inputs,
+                 trace: bool):
         """Returns (x_0 latents, one device flag "latents all finite" per step, the trace or None).
 
         The flags are read once, after the decode (one sync per call, none per step, so the CPU keeps queueing
         steps while the GPU works, and where a pil/np output waits for the GPU anyway), and a NaN/inf names its
         first step instead of coming back as a black image.
         """
-        do_cfg = guidance_scale > 1.0
+        do_cfg = guidance.enabled
         records, finite = ([] if trace else None), []
-        objective = objective_for(self.scheduler) if trace else None  # x0 for samplers that do not report it
+        # x0 for samplers that do not report it, and the space APG guides in
+        objective = objective_for(self.scheduler) if trace or guidance.apg is not None else None
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B*n or B*n, 77, D)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
                 x_scaled, noise_pred, pred_cond, pred_uncond = self._guided_prediction(
-                    latents, t, t_host, context, guidance_scale, guidance_rescale, cross_attention_kwargs)
+                    latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs)
 
                 # 4c. x_t -> x_{t-1}
                 x_t = latents
@@ -342,25 +353,27 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 progress.update()
         return latents, finite, records
 
-    def _guided_prediction(self, latents, t, t_host, context, guidance_scale: float, guidance_rescale: float,
+    def _guided_prediction(self, latents, i: int, t, t_host, context, guidance: Guidance, objective,
                            cross_attention_kwargs: dict | None):
-        """Returns (x_scaled, noise_pred, pred_cond, pred_uncond) at one step: the model input, the guided
-        prediction and the two branches (pred_uncond None without guidance), each (B*n, 4, h, w)."""
-        # 4a. One UNet call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
+        """Returns (x_scaled, noise_pred, pred_cond, pred_uncond) at step i: the model input, the guided
+        prediction and the two branches, each (B*n, 4, h, w); pred_uncond is None where the step runs the
+        conditional branch alone (no guidance, outside guidance_interval, a zero-init step)."""
         scale = getattr(self.scheduler, "scale_model_input", None)  # flow samplers feed x_sigma as it is
         x_scaled = scale(latents, t_host) if scale else latents  # sigma-schedulers' input scaling
-        do_cfg = guidance_scale > 1.0
-        x_in = torch.cat([x_scaled, x_scaled]) if do_cfg else x_scaled
-        model_out = denoise(self.denoiser, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
-        if not do_cfg:
-            return x_scaled, model_out, model_out, None
+        if not guidance.uses_uncond(i, float(t_host)):
+            # 4a. The conditional branch alone: one call on (B*n, 4, h, w) with the prompt embeddings
+            cond_context = context.chunk(2)[1] if guidance.enabled else context  # (B*n, 77, D)
+            pred_cond = denoise(self.denoiser, x_scaled, t, cond_context, cross_attention_kwargs=cross_attention_kwargs)
+            return x_scaled, guidance.unguided(i, pred_cond), pred_cond, None
 
-        # 4b. Classifier-free guidance (Ho & Salimans 2022), optionally rescaled (Lin et al. 2023)
+        # 4a. One call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
+        x_in = torch.cat([x_scaled, x_scaled])
+        model_out = denoise(self.denoiser, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
         pred_uncond, pred_cond = model_out.chunk(2)  # (B*n, 4, h, w) each
-        noise_pred = cfg_combine(pred_uncond, pred_cond, guidance_scale)
-        if guidance_rescale > 0:
-            noise_pred = rescale_guidance(noise_pred, pred_cond, guidance_rescale)
-        return x_scaled, noise_pred, pred_cond, pred_uncond
+
+        # 4b. Classifier-free guidance (Ho & Salimans 2022), or APG or CFG-Zero*; optionally rescaled (Lin et al.)
+        to_x0 = None if objective is None else (lambda pred: objective.to_x0(pred.float(), x_scaled.float(), t_host))
+        return x_scaled, guidance.combine(pred_uncond, pred_cond, to_x0), pred_cond, pred_uncond
 
     def _run_callback(self, callback: Callable, inputs, i: int, t, latents, prompt_embeds, negative_embeds, context,
                       do_cfg: bool):

@@ -24,6 +24,7 @@ def add_arguments(p):
     p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5,
                    help="classifier-free guidance; <= 1 turns it off")
     p.add_argument("--guidance-rescale", type=float_in("[0, 1]"), default=0.0, help="Lin et al. 2023 rescale, 0..1")
+    add_guidance_method_arguments(p)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=None,
                    help="seed of the first image (default: random, recorded)")
@@ -41,6 +42,55 @@ def add_arguments(p):
     p.add_argument("--lora", default=None, help="a LoRA .safetensors (from `ldm finetune`, or a web-UI LoRA)")
     p.add_argument("--lora-scale", type=float_in("[-10, 10]"), default=1.0,
                    help="LoRA strength: 0 = the base model, 1 = as trained")
+
+
+def add_guidance_method_arguments(p):
+    from ldm.pipelines.guidance import APGSettings
+
+    p.add_argument("--guidance-interval", nargs=2, type=float_in("[0, inf)"), default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only at timesteps T_LO <= t <= T_HI (the sampler's timesteps, 0..1000; sigma * 1000 "
+                        "for flow models); other steps run the conditional branch alone, at half the cost")
+    p.add_argument("--apg", action="store_true", help="adaptive projected guidance (Sadat et al. 2024) instead of CFG")
+    p.add_argument("--apg-eta", type=float_in("[0, inf)"), default=None,
+                   help=f"APG: weight of the update's part parallel to the prediction (default {APGSettings.eta})")
+    p.add_argument("--apg-norm-threshold", type=float_in("[0, inf)"), default=None,
+                   help=f"APG: cap on the update's norm, 0 = none (default {APGSettings.norm_threshold})")
+    p.add_argument("--apg-momentum", type=float_in("(-1, 1)"), default=None,
+                   help=f"APG: reverse momentum beta, 0 = none (default {APGSettings.momentum})")
+    p.add_argument("--cfg-zero-star", action="store_true", help="CFG-Zero*'s optimized scale (Fan et al. 2025)")
+    p.add_argument("--cfg-zero-init-steps", type=int_in("[0, 1000]"), default=0,
+                   help="CFG-Zero*'s zero-init: the first K steps predict 0 (for flow models)")
+
+
+def guidance_methods(args) -> dict:
+    """Returns the pipeline call's guidance-method keywords from the flags; raises ValueError for --apg-* without
+    --apg."""
+    from ldm.pipelines.guidance import APGSettings
+
+    tuning = {k: getattr(args, f"apg_{k}") for k in ("eta", "norm_threshold", "momentum")}
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    if tuning and not args.apg:
+        flags = ", ".join(f"--apg-{k.replace('_', '-')}" for k in tuning)
+        raise ValueError(f"{flags} set adaptive projected guidance, which is off; add --apg")
+    return dict(guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+                apg=APGSettings(**tuning) if args.apg else None, cfg_zero_star=args.cfg_zero_star,
+                cfg_zero_init_steps=args.cfg_zero_init_steps)
+
+
+def recorded_methods(methods: dict) -> dict:
+    """Returns the guidance methods in use as PNG metadata entries; none when every method is off."""
+    import dataclasses
+
+    record = {}
+    if methods["guidance_interval"] is not None:
+        record["guidance_interval"] = list(methods["guidance_interval"])
+    if methods["apg"] is not None:
+        record.update({f"apg_{k}": v for k, v in dataclasses.asdict(methods["apg"]).items()})
+    if methods["cfg_zero_star"]:
+        record["cfg_zero_star"] = True
+    if methods["cfg_zero_init_steps"]:
+        record["cfg_zero_init_steps"] = methods["cfg_zero_init_steps"]
+    return record
 
 
 def resolve_device_dtype(device: str, dtype: str):
@@ -70,10 +120,13 @@ def run(args) -> int:
 
     from ldm import Pipeline, __version__
     from ldm.images import save_png
+    from ldm.pipelines.checks import check_guidance
     from ldm.pipelines.schedulers import scheduler_name
 
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
+    methods = guidance_methods(args)
+    check_guidance(args.guidance_scale, args.guidance_rescale, **methods, steps=args.steps)  # before loading
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     pipe = Pipeline.from_pretrained(args.model, scheduler=args.scheduler, torch_dtype=dtype,
                                     allow_pickle=args.allow_pickle).to(device)
@@ -90,6 +143,7 @@ def run(args) -> int:
                   height=args.height or pipe.denoiser.config.sample_size * pipe.vae_scale_factor,
                   width=args.width or pipe.denoiser.config.sample_size * pipe.vae_scale_factor,
                   device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__,
+                  **recorded_methods(methods),
                   **({"lora": os.path.abspath(args.lora), "lora_scale": args.lora_scale} if args.lora else {}))
     for start in range(0, len(seeds), args.batch_size):
         chunk = seeds[start: start + args.batch_size]
@@ -97,7 +151,7 @@ def run(args) -> int:
         images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
                       clip_skip=args.clip_skip, height=params["height"], width=params["width"],
-                      num_images_per_prompt=len(chunk),
+                      num_images_per_prompt=len(chunk), **methods,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
         seconds = (time.perf_counter() - began) / len(chunk)
         for seed, image, path in zip(chunk, images, paths[start:]):
