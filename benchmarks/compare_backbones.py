@@ -72,6 +72,7 @@ class Settings:
 def costs(presets, settings: Settings, out: str) -> dict:
     """Returns {preset: {"train_flops", "sample_flops", "seconds_per_step", "parameters"}} of a fresh model of each
     preset (batch 32, one thread), the steps timed round-robin across the presets (flops.interleaved_seconds)."""
+    from ldm.models.denoiser import denoiser_of
     from ldm.models.presets import build_components, count_parameters
 
     path = os.path.join(out, "costs.json")
@@ -82,7 +83,7 @@ def costs(presets, settings: Settings, out: str) -> dict:
     steps, result = {}, {}
     for preset in sorted(presets):
         parts = build_components(preset, seed=0)
-        model = parts.get("unet") or parts["transformer"]
+        model = denoiser_of(parts)
         steps[preset] = TrainStep(model, 32, model.config.sample_size, TOKENS, parts["text_encoder"].config.hidden_size)
         result[preset] = {**steps[preset].flops(), "parameters": count_parameters(model)}
     for preset, seconds in interleaved_seconds(steps, settings.timing_repeats).items():

@@ -78,7 +78,8 @@ class LatentDiT(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
 
     Called as forward(latents (B, C, h, w), time (B,) or scalar, text_context (B, L, E), pooled_text=None);
     returns the prediction (B, out_channels, h, w). h and w may differ from sample_size (positions are
-    interpolated); both must be multiples of patch_size.
+    interpolated); both must be multiples of patch_size. pooled_text is not used: the adaLN kinds pool the prompt's
+    tokens themselves (attention pooling, learned with the model), as the `small` UNet does.
     """
 
     _supports_gradient_checkpointing = True
