@@ -29,6 +29,7 @@ from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance
 from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
+from ldm.pipelines.recommended import GUIDANCE_FILE, read_recommended_guidance, resolve_guidance
 from ldm.pipelines.schedulers import make_scheduler
 
 
@@ -52,6 +53,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._schedule_config = dict(scheduler.config)  # the model's noise schedule, kept across scheduler swaps
+        self.recommended_guidance = None  # the folder's guidance.json (ldm.pipelines.recommended), if any
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -68,10 +70,14 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler: a name from ldm.pipelines.schedulers.SCHEDULERS ("ddpm", "ddim", "lms", ...) to replace the
         folder's.
         allow_pickle: load .bin/.ckpt weights, which can run code; refused by default.
+        A guidance.json in the folder (`ldm eval-guidance --save`) becomes pipe.recommended_guidance, which calls
+        without a guidance_scale use.
         """
         if scheduler is not None:
             make_scheduler(scheduler, {})  # validate the name before loading gigabytes
+        recommended = read_recommended_guidance(path)  # a broken file fails here, before the weights load
         pipe = cls(**load_components(path, torch_dtype=torch_dtype, allow_pickle=allow_pickle, **kwargs))
+        pipe.recommended_guidance = recommended
         if scheduler is not None:
             pipe.set_scheduler(scheduler)
         return pipe.to(device) if device is not None else pipe
@@ -82,7 +88,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         For a UNet, model_index.json names StableDiffusionPipeline so that diffusers'
         DiffusionPipeline.from_pretrained opens the folder as Stable Diffusion (safety checker absent); our
         from_pretrained reads either name. A transformer's folder names this class (diffusers has no pipeline for
-        a CLIP-conditioned DiT); its transformer/ opens with the model class's own from_pretrained.
+        a CLIP-conditioned DiT); its transformer/ opens with the model class's own from_pretrained. A recommended
+        guidance (pipe.recommended_guidance) goes along as guidance.json.
         """
         if any(getattr(m, "fused_projections", False) for m in self.denoiser.modules()):
             raise RuntimeError("the denoiser's attention projections are fused (pipe.compile(fuse_qkv=True)), which adds "
@@ -102,6 +109,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
                              feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
             write_json(index_path, index)
+            if self.recommended_guidance is not None:
+                write_json(os.path.join(tmp, GUIDANCE_FILE), self.recommended_guidance)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           scale: float = 1.0, **kwargs) -> None:
@@ -216,7 +225,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @inference
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -228,25 +237,25 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
-        guidance_scale <= 1 runs the conditional branch alone (one UNet call per step).
+        guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
+        recommended guidance (guidance.json: its scale, and its method parameters where this call leaves them at
+        their defaults), else 7.5; a given scale always wins and takes no recommended method parameters.
         trace=True records a StepRecord per step (latents, x0 prediction, conditional and unconditional
-        predictions) on the CPU in float32, for ldm.diagnostics.
-        Guidance methods, off by default (formulas, sources: ldm.pipelines.guidance), acting when guidance_scale > 1:
-        guidance_interval=(t_lo, t_hi) guides only the steps with t_lo <= t <= t_hi, t in pipe.scheduler.timesteps'
-        units (sigma * T for flow models); the others make one call on the conditional rows alone. apg=True (or a
-        dict or APGSettings of eta, norm_threshold, momentum): adaptive projected guidance, in x0 space.
-        cfg_zero_star=True: CFG-Zero*'s optimized scale. cfg_zero_init_steps=K (any scale): the first K steps
-        predict 0, meant for flow models.
-        """
+        predictions) on the CPU in float32, for ldm.diagnostics. Guidance methods (ldm.pipelines.guidance), off
+        by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
+        apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
+        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models)."""
         # 0. Defaults and input checks
+        guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
+            guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
+            cfg_zero_star=cfg_zero_star, cfg_zero_init_steps=cfg_zero_init_steps))
         height = height or self.denoiser.config.sample_size * self.vae_scale_factor
         width = width or self.denoiser.config.sample_size * self.vae_scale_factor
         prompt, negative_prompt = check_call_inputs(
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
-            eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
+            eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
             callback_on_step_end_tensor_inputs)
-        guidance = check_guidance(guidance_scale, guidance_rescale, guidance_interval, apg, cfg_zero_star,
-                                  cfg_zero_init_steps, num_inference_steps)
+        guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
         # .device would mislead; read once (the property walks every module).

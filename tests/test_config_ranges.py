@@ -12,6 +12,7 @@ import pytest
 import ldm.evaluation
 import ldm.training
 from ldm.cli import main as ldm_main
+from ldm.evaluation.guidance_sweep import SweepConfig
 from ldm.evaluation.run import EvalConfig
 from ldm.training.config import check_ranges, numeric_fields, parse_interval
 from ldm.training.demo import DemoConfig
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every command's settings, with what a valid instance needs besides its defaults.
 CONFIGS = {TrainLDMConfig: {}, TrainVAEConfig: {}, FinetuneConfig: {"model": "base", "data": "images"},
-           DemoConfig: {}, EvalConfig: {}, TrainTextEncoderConfig: {}}
+           DemoConfig: {}, EvalConfig: {}, TrainTextEncoderConfig: {}, SweepConfig: {"reference": "digits:test@32"}}
 
 
 def numeric_cases():

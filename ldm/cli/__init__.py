@@ -22,6 +22,9 @@ COMMANDS = {
     "cache-latents": ("ldm.cli.cache_latents", "encode a data set to VAE latents and token ids on disk"),
     "diagnose": ("ldm.cli.diagnose", "per-timestep, sampling and schedule diagnostics, as plots and JSON"),
     "eval": ("ldm.cli.eval", "prompt adherence, FID/KID, CLIP score and memorisation of a model"),
+    "eval-guidance": ("ldm.cli.eval_guidance", "guidance methods and scales: adherence against distance, the "
+                                               "recommended setting"),
+    "ui": ("ldm.cli.ui", "a local web page: generate, inside the sampler, training runs, diagnose"),
 }
 
 

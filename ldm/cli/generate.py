@@ -21,8 +21,9 @@ def add_arguments(p):
     p.add_argument("--model", required=True, help="a model folder (diffusers layout)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the folder's)")
     p.add_argument("--steps", type=int_in("[1, 1000]"), default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5,
-                   help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=None,
+                   help="classifier-free guidance; <= 1 turns it off (default: the model folder's guidance.json, "
+                        "written by `ldm eval-guidance --save`, else 7.5)")
     p.add_argument("--guidance-rescale", type=float_in("[0, 1]"), default=0.0, help="Lin et al. 2023 rescale, 0..1")
     add_guidance_method_arguments(p)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
@@ -72,9 +73,31 @@ def guidance_methods(args) -> dict:
     if tuning and not args.apg:
         flags = ", ".join(f"--apg-{k.replace('_', '-')}" for k in tuning)
         raise ValueError(f"{flags} set adaptive projected guidance, which is off; add --apg")
-    return dict(guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-                apg=APGSettings(**tuning) if args.apg else None, cfg_zero_star=args.cfg_zero_star,
-                cfg_zero_init_steps=args.cfg_zero_init_steps)
+    methods = dict(guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+                   apg=APGSettings(**tuning) if args.apg else None, cfg_zero_star=args.cfg_zero_star,
+                   cfg_zero_init_steps=args.cfg_zero_init_steps)
+    return with_recommended_guidance(args, methods)
+
+
+def with_recommended_guidance(args, methods: dict) -> dict:
+    """Returns the methods after setting args.guidance_scale when --guidance-scale is not given: from the model
+    folder's guidance.json (whose method parameters then fill the flags left off, as Pipeline.__call__ does with
+    guidance_scale=None; args.guidance_source records it), else 7.5."""
+    from ldm.pipelines.recommended import RECOMMENDED_SOURCE, read_recommended_guidance, resolve_guidance
+
+    recommended = read_recommended_guidance(args.model) if args.guidance_scale is None else None
+    if recommended is not None:
+        args.guidance_source = RECOMMENDED_SOURCE
+    args.guidance_scale, methods = resolve_guidance(recommended, args.guidance_scale,
+                                                    {**methods, "guidance_rescale": args.guidance_rescale})
+    args.guidance_rescale = methods.pop("guidance_rescale")
+    if isinstance(methods["apg"], dict):  # guidance.json stores the call's keywords as JSON
+        from ldm.pipelines.guidance import APGSettings
+
+        methods["apg"] = APGSettings(**methods["apg"])
+    if methods["guidance_interval"] is not None:
+        methods["guidance_interval"] = tuple(methods["guidance_interval"])
+    return methods
 
 
 def recorded_methods(methods: dict) -> dict:
@@ -115,44 +138,65 @@ def output_paths(out: str, seeds: list[int]) -> list[str]:
     return [os.path.join(out, f"{start + i:04d}-{seed}.png") for i, seed in enumerate(seeds)]
 
 
-def run(args) -> int:
+def load_pipeline(args, device: str, dtype, scheduler: str | None):
+    """Returns the model folder's Pipeline on `device` with `scheduler` (None: the folder's) and --lora applied."""
+    from ldm import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, scheduler=scheduler, torch_dtype=dtype,
+                                    allow_pickle=args.allow_pickle).to(device)
+    if args.lora:
+        from ldm.models.lora import lora_path
+
+        pipe.load_lora_weights(lora_path(args.lora), scale=args.lora_scale)
+    return pipe
+
+
+def generation_params(args, pipe, device: str, dtype, methods: dict) -> dict:
+    """Returns what every image's PNG records (its seed and time added per image): the flags, resolved."""
+    from ldm import __version__
+    from ldm.pipelines.schedulers import scheduler_name
+
+    native = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
+    return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, model=os.path.abspath(args.model),
+                scheduler=scheduler_name(pipe.scheduler), steps=args.steps, guidance_scale=args.guidance_scale,
+                guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
+                height=args.height or native, width=args.width or native,
+                device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__,
+                **recorded_methods(methods),
+                **({"guidance_source": args.guidance_source} if getattr(args, "guidance_source", None) else {}),
+                **({"lora": os.path.abspath(args.lora), "lora_scale": args.lora_scale} if args.lora else {}))
+
+
+def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, trace: bool = False):
+    """Returns the PipelineOutput of one pipeline call: one image per seed, each drawn with its own CPU generator
+    (so an image depends on its seed alone). callback: the pipeline's callback_on_step_end."""
     import torch
 
-    from ldm import Pipeline, __version__
+    return pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_inference_steps=params["steps"],
+                guidance_scale=params["guidance_scale"], guidance_rescale=params["guidance_rescale"],
+                eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
+                num_images_per_prompt=len(seeds), **methods, callback_on_step_end=callback, trace=trace,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+
+
+def run(args) -> int:
     from ldm.images import save_png
     from ldm.pipelines.checks import check_guidance
-    from ldm.pipelines.schedulers import scheduler_name
 
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
     methods = guidance_methods(args)
     check_guidance(args.guidance_scale, args.guidance_rescale, **methods, steps=args.steps)  # before loading
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    pipe = Pipeline.from_pretrained(args.model, scheduler=args.scheduler, torch_dtype=dtype,
-                                    allow_pickle=args.allow_pickle).to(device)
-    if args.lora:
-        from ldm.models.lora import lora_path
-
-        pipe.load_lora_weights(lora_path(args.lora), scale=args.lora_scale)
+    pipe = load_pipeline(args, device, dtype, args.scheduler)
     first = args.seed if args.seed is not None else random.randrange(2**31)
     seeds = [first + i for i in range(args.num_images)]
     paths = output_paths(args.out, seeds)
-    params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, model=os.path.abspath(args.model),
-                  scheduler=scheduler_name(pipe.scheduler), steps=args.steps, guidance_scale=args.guidance_scale,
-                  guidance_rescale=args.guidance_rescale, eta=args.eta, clip_skip=args.clip_skip,
-                  height=args.height or pipe.denoiser.config.sample_size * pipe.vae_scale_factor,
-                  width=args.width or pipe.denoiser.config.sample_size * pipe.vae_scale_factor,
-                  device=device, dtype=str(dtype).removeprefix("torch."), ldm_version=__version__,
-                  **recorded_methods(methods),
-                  **({"lora": os.path.abspath(args.lora), "lora_scale": args.lora_scale} if args.lora else {}))
+    params = generation_params(args, pipe, device, dtype, methods)
     for start in range(0, len(seeds), args.batch_size):
         chunk = seeds[start: start + args.batch_size]
         began = time.perf_counter()
-        images = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
-                      clip_skip=args.clip_skip, height=params["height"], width=params["width"],
-                      num_images_per_prompt=len(chunk), **methods,
-                      generator=[torch.Generator("cpu").manual_seed(s) for s in chunk]).images
+        images = sample(pipe, params, methods, chunk).images
         seconds = (time.perf_counter() - began) / len(chunk)
         for seed, image, path in zip(chunk, images, paths[start:]):
             save_png(image, path, {**params, "seed": seed, "seconds": round(seconds, 3)})

@@ -17,8 +17,9 @@ from ldm.diagnostics.plots import heatmap
 BIN_KEY = re.compile(r"val_loss_bin(\d+)$")
 
 
-def read_tensorboard(folder: str) -> list[dict]:
-    """Returns [{"step", "val_loss_bin<k>": ...}] from every TensorBoard event file under folder."""
+def read_tensorboard(folder: str, keys: re.Pattern = BIN_KEY) -> list[dict]:
+    """Returns [{"step", "val_loss_bin<k>": ...}] from every TensorBoard event file under folder; `keys` chooses
+    other scalars (the last part of their tag), e.g. the training loss for the web UI's run page."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     by_step: dict[int, dict] = {}
@@ -29,7 +30,7 @@ def read_tensorboard(folder: str) -> list[dict]:
         events.Reload()
         for tag in events.Tags()["scalars"]:
             key = tag.rsplit("/", 1)[-1]
-            if BIN_KEY.match(key):
+            if keys.match(key):
                 for e in events.Scalars(tag):
                     by_step.setdefault(e.step, {"step": e.step})[key] = e.value
     return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,35 @@
+"""`ldm ui [--model DIR] [--runs DIR] [--port N]`: a local web page to generate images, look inside the sampler,
+follow training runs and run diagnostics (ldm.ui). It listens on 127.0.0.1 only unless --host says otherwise.
+
+Needs the ui extra: pip install -c configs/constraints.txt -e ".[ui]"
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ldm.training.config import int_in
+
+
+def add_arguments(p):
+    p.add_argument("--model", default=None, help="the model folder the page generates with (it can be changed there)")
+    p.add_argument("--runs", default=".", help="a folder of training runs (ldm train / ldm finetune output folders), "
+                   "or one run")
+    p.add_argument("--port", type=int_in("[1, 65535]"), default=7860, help="port (default 7860)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on; 0.0.0.0 opens the page, which has no login, to the network")
+    p.add_argument("--out", default="outputs", help="folder for the generated PNGs (as ldm generate --out)")
+
+
+def run(args) -> int:
+    try:
+        import flask  # noqa: F401
+    except ImportError as e:
+        raise ValueError("the web UI needs Flask: pip install -c configs/constraints.txt -e \".[ui]\"") from e
+    from ldm.ui.server import UISettings, serve
+
+    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        print(f"ldm ui: warning: {args.model} is not a model folder (no model_index.json); the page will say so "
+              "when it generates", file=sys.stderr)
+    serve(UISettings(model=args.model, runs=args.runs, out=args.out), args.host, args.port)
+    return 0

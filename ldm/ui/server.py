@@ -1,0 +1,178 @@
+"""The web server of `ldm ui`: Flask routes over the plain functions of ldm.ui, and the page (static/).
+
+Every route answers JSON; a request with a bad field answers 400 with {"error": message} and the server goes on
+serving. Long work (generate, diagnose) starts a job and answers its id at once; the page polls
+/api/jobs/<id> for progress and the result, and POSTs /api/jobs/<id>/cancel. Files are served only when they
+are PNGs (images, plots, grids) in the output, work or runs folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import traceback
+import urllib.parse
+from dataclasses import dataclass, field
+
+from ldm.ui.jobs import USER_ERRORS, Jobs, error_message
+from ldm.ui.models import ModelCache
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+@dataclass
+class UISettings:
+    """What `ldm ui` serves: the default model folder, the runs folder, where images and plots go."""
+    model: str | None = None
+    runs: str = "."
+    out: str = "outputs"
+    work: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ldm-ui-"))
+
+
+def file_url(path: str) -> str:
+    """Returns the URL the page fetches a file by (with its modification time, so a redrawn plot reloads)."""
+    stamp = int(os.path.getmtime(path) * 1000) if os.path.exists(path) else 0
+    return f"/file?path={urllib.parse.quote(os.path.abspath(path))}&t={stamp}"
+
+
+def with_urls(value, roots: list[str]):
+    """Returns value (JSON-like) with each PNG path under `roots` replaced by its URL and NaN/inf by None."""
+    from ldm.diagnostics.io import _clean  # the one NaN-to-null rule of the JSON we write
+
+    if isinstance(value, dict):
+        return {k: with_urls(v, roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [with_urls(v, roots) for v in value]
+    if isinstance(value, str) and value.endswith(".png") and under(value, roots):
+        return file_url(value)
+    return _clean(value)
+
+
+def under(path: str, roots: list[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
+
+
+def create_app(settings: UISettings, cache: ModelCache | None = None):
+    """Returns the Flask app serving the page and its API."""
+    from flask import Flask, jsonify, request, send_file, send_from_directory
+    from werkzeug.exceptions import HTTPException
+
+    app = Flask("ldm.ui", static_folder=STATIC, static_url_path="/static")
+    roots = [settings.out, settings.work, settings.runs]
+    os.makedirs(settings.out, exist_ok=True)
+    reply = lambda value: app.response_class(json.dumps(with_urls(value, roots)), mimetype="application/json")  # noqa: E731
+
+    @app.errorhandler(Exception)
+    def bad_request(e):  # a bad field (ValueError, FileNotFoundError) or a bug: a message, never a dead server
+        if isinstance(e, HTTPException):
+            return jsonify(error=str(e)), e.code
+        if not isinstance(e, USER_ERRORS):
+            traceback.print_exc()
+        return jsonify(error=error_message(e)), 400 if isinstance(e, USER_ERRORS) else 500
+
+    @app.get("/")
+    def index():
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/api/config")
+    def config():
+        from ldm.pipelines.schedulers import SCHEDULERS
+        from ldm.ui.generate import FLAGS, MAX_IMAGES, MAX_SIDE
+
+        return jsonify(model=settings.model, runs=os.path.abspath(settings.runs), schedulers=list(SCHEDULERS),
+                       fields=["prompt", *FLAGS], max_side=MAX_SIDE, max_images=MAX_IMAGES)
+
+    @app.get("/file")
+    def serve_file():
+        path = request.args.get("path", "")
+        if not (path.lower().endswith(".png") and os.path.isfile(path) and under(path, roots)):  # images only
+            raise FileNotFoundError(f"no such image here: {path}")
+        return send_file(os.path.abspath(path), max_age=0)
+
+    add_job_routes(app, settings, cache or ModelCache(), reply)
+    add_run_routes(app, settings, reply)
+    return app
+
+
+def add_job_routes(app, settings: UISettings, cache: ModelCache, reply) -> None:
+    """Adds the routes of long work (generate, diagnose: a job each), of the jobs, and of a dropped PNG."""
+    from flask import jsonify, request
+
+    from ldm.ui import diagnose, generate
+
+    jobs = Jobs()
+
+    @app.post("/api/generate")
+    def start_generate():
+        form = request.get_json(force=True, silent=True)
+        if not isinstance(form, dict):
+            raise ValueError("the request body must be a JSON object of form fields")
+        generate.parse_form(form, settings.model)  # bad fields answer at once, before any job starts
+        job = jobs.start("generate", lambda job: generate.generate(
+            form, cache, settings.out, job, settings.model, os.path.join(settings.work, f"job-{job.id}")))
+        return jsonify(job=job.id)
+
+    @app.post("/api/diagnose")
+    def start_diagnose():
+        form = request.get_json(force=True, silent=True) or {}
+        diagnose.parse_diagnose_form(form, settings.model)
+        job = jobs.start("diagnose", lambda job: diagnose.diagnose(
+            form, cache, os.path.join(settings.work, f"job-{job.id}"), job, settings.model))
+        return jsonify(job=job.id)
+
+    def find(job_id: str):
+        job = jobs.get(job_id)
+        if job is None:
+            raise FileNotFoundError(f"no job {job_id}")
+        return job
+
+    @app.get("/api/jobs/<job_id>")
+    def job_status(job_id):
+        return reply(find(job_id).to_dict())
+
+    @app.post("/api/jobs/<job_id>/cancel")
+    def job_cancel(job_id):
+        find(job_id).cancel()
+        return jsonify(cancelling=job_id)
+
+    @app.post("/api/params")
+    def png_params():
+        return jsonify(generate.read_png_form(request.get_data()))
+
+
+def add_run_routes(app, settings: UISettings, reply) -> None:
+    """Adds the routes of the Training runs tab: the runs in the runs folder, and one run's numbers and plots."""
+    from flask import jsonify, request
+
+    from ldm.ui import runs
+
+    @app.get("/api/runs")
+    def list_runs():
+        return jsonify(runs=[{"path": p, "name": os.path.relpath(p, settings.runs)} for p in runs.list_runs(settings.runs)])
+
+    @app.get("/api/run")
+    def read_run():
+        folder = request.args.get("path", "")
+        if not under(folder, [settings.runs]):
+            raise ValueError(f"{folder!r} is not inside the runs folder {os.path.abspath(settings.runs)}")
+        run = runs.read_run(folder)
+        plots = runs.plot_run(run, os.path.join(settings.work, "runs", str(abs(hash(os.path.realpath(folder))))))
+        last = max(run["losses"], default=None)
+        losses = {"count": len(run["losses"]), "last_step": last, "last": run["losses"].get(last)}
+        return reply({**run, **plots, "losses": losses})
+
+
+def serve(settings: UISettings, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serves the page until interrupted: each request in its own thread (two tabs at once both get answers)."""
+    from werkzeug.serving import make_server
+
+    server = make_server(host, port, create_app(settings), threaded=True)
+    print(f"ldm ui: serving http://{host}:{server.port}/ (model {settings.model or 'none'}, runs "
+          f"{os.path.abspath(settings.runs)}); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
