@@ -4,6 +4,8 @@ Spec forms (a prefix forces the kind; without one it is inferred):
     shapes:N  |  shapes:N@R          the embedded shapes data set, N samples at R px (default 64)
     digits | digits:SPLIT[@R]        scikit-learn's handwritten digits, split train (default), test or all, at R px
                                      (default 32); a bare "digits" that is an existing path is that path
+    photos:N | photos:N@R            N augmented crops of scikit-image's sample photographs (ldm/data/photos.py)
+    A+B                              the built-in sources above mixed, e.g. shapes:2000@32+photos:2000@32
     folder:DIR  | DIR                a folder of images (recursive) with captions
     wds:PATTERN | x.tar | "s/{000..009}.tar" | "s/*.tar" | a folder of .tar shards
     parquet:PATH | x.parquet | "p/*.parquet" | a folder of .parquet files
@@ -17,6 +19,8 @@ import glob
 import os
 import re
 
+import numpy as np
+
 from ldm.data.dataset import ImageTextDataset
 from ldm.data.decode import MAX_PIXELS, MIN_SIDE
 from ldm.data.digits import DEFAULT_RESOLUTION, DigitsDataset, parse_digits
@@ -29,24 +33,51 @@ from ldm.data.sources.parquet import ParquetSource
 from ldm.data.sources.webdataset import SHARD_SUFFIXES, WebDatasetSource
 from ldm.data.transforms import ImageTransform
 
-KINDS = ("shapes", "digits", "folder", "wds", "parquet", "coco", "hf")
-SPEC_HELP = ("use shapes:N[@R], digits[:train|test|all][@R], a folder of images, .tar shards (path, glob or "
-             "{000..009} pattern), .parquet files, a COCO captions .json, or a save_to_disk folder (prefixes: " + ", ".join(KINDS) + ")")
+KINDS = ("shapes", "digits", "photos", "folder", "wds", "parquet", "coco", "hf")
+BUILT_IN = ("shapes", "digits", "photos")  # generated in memory: these mix with "+"
+SPEC_HELP = ("use shapes:N[@R], digits[:train|test|all][@R], photos:N[@R] (mixed with +), a folder of images, "
+             ".tar shards (path, glob or {000..009} pattern), .parquet files, a COCO captions .json, or a "
+             "save_to_disk folder (prefixes: " + ", ".join(KINDS) + ")")
 
 
-def parse_shapes(spec: str) -> tuple[int, int | None]:
-    """Returns (num_samples, resolution or None) of "shapes:N" / "shapes:N@R"."""
-    match = re.fullmatch(r"shapes:(\d+)(?:@(\d+))?", spec.strip())
+def parse_shapes(spec: str, kind: str = "shapes") -> tuple[int, int | None]:
+    """Returns (num_samples, resolution or None) of "shapes:N" / "shapes:N@R" (or photos:...)."""
+    match = re.fullmatch(kind + r":(\d+)(?:@(\d+))?", spec.strip())
     if match is None:
-        raise ValueError(f"bad shapes spec {spec!r}; write shapes:N or shapes:N@R, e.g. shapes:2000@64")
+        raise ValueError(f"bad {kind} spec {spec!r}; write {kind}:N or {kind}:N@R, e.g. {kind}:2000@64")
     return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+class Mixed:
+    """Map-style concatenation of built-in data sets (item i of the second follows the first's last)."""
+
+    def __init__(self, parts: list):
+        self.parts, self.offsets = parts, np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][index - int(self.offsets[part])]
+
+
+def open_mixed(spec: str, two_shape_fraction: float, seed: int):
+    """Returns (MapSource over the mixed parts, the parts' common resolution or None) for "A+B[+...]"."""
+    sources = [open_source(part, two_shape_fraction=two_shape_fraction, seed=seed) for part in spec.split("+")]
+    if any(not isinstance(s, MapSource) or s.name not in BUILT_IN for s, _ in sources):
+        raise ValueError(f"{spec!r}: only the built-in sources {', '.join(BUILT_IN)} mix with '+'; pack others into "
+                         f"one folder or shard set (ldm prepare-data)")
+    resolutions = {r for _, r in sources}
+    return MapSource(Mixed([s.dataset for s, _ in sources]), name="mixed"), \
+        resolutions.pop() if len(resolutions) == 1 else None
 
 
 def infer_kind(spec: str) -> tuple[str, str]:
     """Returns (kind, location) for a spec, inferring the kind from the path when there is no prefix."""
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KINDS and not os.path.exists(spec):
-        return prefix, rest if prefix not in ("shapes", "digits") else spec
+        return prefix, rest if prefix not in BUILT_IN else spec
     if re.fullmatch(r"digits(@\d+)?", spec) and not os.path.exists(spec):
         return "digits", spec
     lower = spec.lower()
@@ -77,6 +108,8 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
     """Returns (source, native resolution or None) for a spec string (or a map-style data set of raw samples)."""
     if not isinstance(spec, str):
         return MapSource(spec), None
+    if "+" in spec and not os.path.exists(spec):
+        return open_mixed(spec, two_shape_fraction, seed)
     kind, location = infer_kind(spec)
     if kind == "shapes":
         num_samples, resolution = parse_shapes(location)
@@ -86,6 +119,11 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
         split, resolution = parse_digits(location)
         resolution = resolution or DEFAULT_RESOLUTION
         return MapSource(DigitsDataset(split, resolution), name="digits"), resolution
+    if kind == "photos":
+        from ldm.data.photos import PhotoCrops
+
+        num_samples, resolution = parse_shapes(location, "photos")
+        return MapSource(PhotoCrops(num_samples, resolution or 64, seed=seed), name="photos"), resolution or 64
     if kind == "folder":
         return FolderSource(location, caption=caption, caption_column=caption_column or "text"), None
     if kind == "wds":

@@ -44,6 +44,10 @@ POSITION_PHRASES = {
 }
 SINGLE_TEMPLATES = ("{a} {colour} {shape} {where}", "{colour} {shape} {where}",
                     "a picture of {a} {colour} {shape} {where}", "one {colour} {shape} {where}")
+# Wordings of a single-shape scene, (template, phrase) indices into SINGLE_TEMPLATES x POSITION_PHRASES: 12 in all.
+# The demo trains on 8 and holds these 4 out, one per template and each phrase index at least once, so that every
+# word of a held-out wording is known from training and only its combination is new ("one red circle at the left").
+HELD_OUT_WORDINGS = ((0, 2), (1, 1), (2, 0), (3, 2))
 # (position of the subject, position of the other) -> relation words
 RELATIONS = {("top", "bottom"): "above", ("bottom", "top"): "below",
              ("left", "right"): "to the left of", ("right", "left"): "to the right of"}
@@ -112,13 +116,33 @@ def caption_scene(objects: list[SceneObject], rng: random.Random) -> str:
         return template.format(a=_article(obj.colour), colour=obj.colour, shape=obj.shape,
                                where=_pick(rng, POSITION_PHRASES[obj.position]))
     if len(objects) == 2:
-        subject, other = objects if rng.random() < 0.5 else objects[::-1]
+        return pair_wordings(objects)[0 if rng.random() < 0.5 else 1]
+    raise ValueError(f"a scene holds one or two shapes, got {len(objects)}")
+
+
+def single_wordings(obj: SceneObject, held_out: bool | None = None) -> list[str]:
+    """Returns the wordings of a one-shape scene in (template, phrase) order: all 12 (held_out None), the 8 the demo
+    trains on (False) or the 4 of HELD_OUT_WORDINGS (True). The first of all 12 is the canonical wording."""
+    wordings = []
+    for t, template in enumerate(SINGLE_TEMPLATES):
+        for p, where in enumerate(POSITION_PHRASES[obj.position]):
+            if held_out is None or held_out == ((t, p) in HELD_OUT_WORDINGS):
+                wordings.append(template.format(a=_article(obj.colour), colour=obj.colour, shape=obj.shape,
+                                                where=where))
+    return wordings
+
+
+def pair_wordings(objects: list[SceneObject]) -> list[str]:
+    """Returns both wordings of a two-shape scene: each shape as the subject ("a red circle above a blue square",
+    "a blue square below a red circle")."""
+    wordings = []
+    for subject, other in (objects, objects[::-1]):
         relation = RELATIONS.get((subject.position, other.position))
         if relation is None:
             raise ValueError(f"two shapes must be top/bottom or left/right, got {subject.position}/{other.position}")
-        return (f"{_article(subject.colour)} {subject.colour} {subject.shape} {relation} "
-                f"{_article(other.colour)} {other.colour} {other.shape}")
-    raise ValueError(f"a scene holds one or two shapes, got {len(objects)}")
+        wordings.append(f"{_article(subject.colour)} {subject.colour} {subject.shape} {relation} "
+                        f"{_article(other.colour)} {other.colour} {other.shape}")
+    return wordings
 
 
 def random_background(rng: random.Random) -> tuple[int, int, int]:

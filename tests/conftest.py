@@ -42,17 +42,18 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def short_demo(tmp_path_factory):
-    """`ldm demo` shortened (about 2.5 minutes: 400 VAE and 600 LDM steps, DDIM only), run once per session:
-    the demo test grades it and the fine-tuning test starts from its pipeline. Its VAE also saw the scenes on a
-    dark background (vae_dark_fraction), so that a LoRA can teach the model a dark style."""
+    """`ldm demo` shortened (700 VAE and 600 LDM steps, the prompts' wording only, DDIM only), run once per
+    session: the demo test grades it and the fine-tuning tests start from its pipeline. Its VAE also saw the scenes
+    on a dark background (vae_dark_fraction) and crops of photographs (vae_photo_fraction), so that a LoRA can
+    teach the model a dark style or the look of a folder of photographs."""
     from ldm.training.demo import DemoConfig, run_demo
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # minutes only caps each phase's time (the VAE gets 12%): at 30 the step counts decide, not the machine's load
     cfg = DemoConfig(out=str(tmp_path_factory.mktemp("demo") / "demo"), minutes=30.0, num_samples=2000,
-                     vae_steps=400, ldm_steps=600, num_prompts=30, sample_steps=25, vae_dark_fraction=0.5,
-                     threads=1)
+                     vae_steps=700, ldm_steps=600, num_prompts=30, sample_steps=25, vae_dark_fraction=0.5,
+                     vae_photo_fraction=0.5, canonical_captions=True, num_pair_prompts=10, threads=1)
     report = run_demo(cfg, samplers=("ddim",))
     torch.set_num_threads(threads)
     return cfg, report

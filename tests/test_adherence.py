@@ -84,3 +84,44 @@ def test_a_stray_pixel_or_a_soft_corner_does_not_change_the_shape():
         soft = image.filter(ImageFilter.GaussianBlur(1.0))
         for variant in (spurred, soft):
             assert describe_image(variant)["shape"] == shape
+
+
+def _pairs(count, seed=0):
+    from ldm.data.shapes import pair_wordings, random_scene
+
+    rng = random.Random(seed)
+    for i in range(count):
+        objects = random_scene(rng, two_shape_fraction=1.0)
+        yield render_scene(objects, 32, random_background(rng)), pair_wordings(objects)[i % 2]
+
+
+def test_two_shape_renders_grade_right_and_a_swapped_relation_grades_wrong():
+    from ldm.evaluation.adherence import pair_report
+
+    images, prompts = zip(*_pairs(60))
+    swap = {"above": "below", "below": "above", "to the left of": "to the right of",
+            "to the right of": "to the left of"}
+    flipped = []
+    for prompt in prompts:
+        relation = next(r for r in sorted(swap, key=len, reverse=True) if f" {r} " in prompt)
+        flipped.append(prompt.replace(f" {relation} ", f" {swap[relation]} "))
+    assert pair_report(list(images), list(prompts)) == {"colours": 1.0, "shapes": 1.0, "relation": 1.0, "all": 1.0,
+                                                         "n": 60}
+    wrong = pair_report(list(images), flipped)
+    assert wrong["relation"] == 0.0 and wrong["all"] == 0.0 and wrong["colours"] == 1.0
+
+
+def test_two_shape_grader_fails_a_single_shape_and_a_wrong_colour():
+    from ldm.evaluation.adherence import grade_pair, parse_pair_prompt
+
+    single = render_scene([SceneObject("circle", "red", "top")], 32)
+    assert grade_pair(single, "a red circle above a blue square")["all"] is False
+    pair = render_scene([SceneObject("circle", "red", "top", size=0.32), SceneObject("square", "blue", "bottom",
+                                                                                      size=0.32)], 32)
+    assert grade_pair(pair, "a red circle above a blue square")["all"] is True
+    assert grade_pair(pair, "a green circle above a blue square")["colours"] is False
+    assert grade_pair(pair, "a red triangle above a blue square")["shapes"] is False
+    with pytest.raises(ValueError, match="two-shape prompt"):
+        parse_pair_prompt("a red circle on the left")
+    with pytest.raises(ValueError, match="two different colours"):
+        parse_pair_prompt("a red circle above a red square")

@@ -30,7 +30,8 @@ COMMANDS = {"train": (TrainLDMConfig, {}), "train-vae": (TrainVAEConfig, {}),
 CHOICES = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,
            "weighting": WEIGHTINGS, "mixed_precision": ("no", "fp16", "bf16"), "optimizer": OPTIMIZERS,
            "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none"), "rec_loss": ("l1", "l2"),
-           "vae_rec_loss": ("l1", "l2"), "method": METHODS}
+           "vae_rec_loss": ("l1", "l2"), "method": METHODS,
+           "validation_guidance_method": ("cfg", "interval", "apg", "cfg_zero_star", "rescale")}
 
 
 def shown(value) -> str:

@@ -53,3 +53,20 @@ def test_validation_and_constants():
         SceneObject("circle", "pink", "left")
     with pytest.raises(ValueError, match="majority"):
         ShapesDataset(10, two_shape_fraction=0.6)
+
+
+def test_held_out_wordings_use_only_trained_words_in_new_combinations():
+    from ldm.data.shapes import HELD_OUT_WORDINGS, SINGLE_TEMPLATES, single_wordings
+
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for position in POSITIONS:
+                obj = SceneObject(shape, colour, position)
+                every, trained, held_out = (single_wordings(obj), single_wordings(obj, held_out=False),
+                                            single_wordings(obj, held_out=True))
+                assert len(every) == 12 and len(trained) == 8 and len(held_out) == 4
+                assert set(trained) | set(held_out) == set(every) and not set(trained) & set(held_out)
+                assert every[0] == trained[0]  # the canonical wording is trained
+                known = {word for wording in trained for word in wording.split()}
+                assert all(set(wording.split()) <= known for wording in held_out)
+    assert {t for t, _ in HELD_OUT_WORDINGS} == set(range(len(SINGLE_TEMPLATES)))  # each template loses one

@@ -155,7 +155,7 @@ def test_lora_on_the_demo_model_leaves_other_prompts_alone(short_demo, tmp_path)
     target = border_brightness(torch.stack([to_tensor(Image.open(os.path.join(folder, f)))
                                             for f in sorted(os.listdir(folder))]) * 0.5 + 0.5)
     report = main(FinetuneConfig(model=base_model, data=folder, out=str(tmp_path / "run"), instance_prompt=INSTANCE,
-                                 class_prompt="a green triangle in the center", learning_rate=3e-4, device="cpu"))
+                                 class_prompt="a green triangle in the center", learning_rate=1e-3, device="cpu"))
     base, tuned = Pipeline.from_pretrained(base_model), Pipeline.from_pretrained(base_model)
     tuned.load_lora_weights(report["outputs"]["lora"])
     before, after = border_brightness(sample(base, INSTANCE)), border_brightness(sample(tuned, INSTANCE))
@@ -164,8 +164,8 @@ def test_lora_on_the_demo_model_leaves_other_prompts_alone(short_demo, tmp_path)
     closed = (before - after) / (before - target)
     print(f"demo base: instance prompt {before:.3f} -> {after:.3f} (folder {target:.3f}, gap closed {closed:.0%}); "
           f"other prompts moved {[round(d, 3) for d in drift]}")
-    # Measured: 0.929 -> 0.061, others moved -0.462 and -0.026 (mean 0.28x the instance move; with `small`'s
-    # former 2-4 channel attention heads 0.921 -> 0.075, -0.088 and +0.016: the wider heads drift more)
+    # Learning rate 1e-3: since the fixture's VAE also learns photographs, 3e-4 closed only 11% of the gap in
+    # the default steps (README, Fine-tune, for the measured moves)
     assert closed >= 0.5
     assert sum(abs(d) for d in drift) / len(drift) <= 0.3 * (before - after)
 
@@ -192,3 +192,48 @@ def test_three_images_many_steps_warn_and_stop_early(base_model, tmp_path):
     print("min near-copy ratio per check", ratios, "stopped at", report["steps"])
     assert report["memorization_warning"] and "MEMORISATION WARNING" in report["warnings"][0]
     assert report["stopped_by"] == "memorization" and report["steps"] < 1200
+
+
+def colour_histogram(images: torch.Tensor, bins: int = 4) -> torch.Tensor:
+    """Returns the joint RGB histogram (bins^3,) of images (N, 3, H, W) in [0, 1], summing to 1."""
+    index = (images.clamp(0, 1) * bins).long().clamp(max=bins - 1)  # (N, 3, H, W) bin per channel
+    flat = (index[:, 0] * bins + index[:, 1]) * bins + index[:, 2]
+    return torch.bincount(flat.flatten(), minlength=bins ** 3).float() / flat.numel()
+
+
+def histogram_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Returns the total-variation distance between the colour histograms of two image sets: 0 same, 1 disjoint."""
+    return 0.5 * float((colour_histogram(a) - colour_histogram(b)).abs().sum())
+
+
+def test_lora_on_the_demo_model_learns_a_folder_of_photographs(short_demo, tmp_path):
+    """A folder of real photographs (crops of one the demo's VAE never saw) fine-tuned into the demo model: the
+    instance prompt's images move toward the folder's colours (histogram distance), shapes prompts barely."""
+    from PIL import Image
+
+    from ldm import Pipeline
+    from ldm.data.photos import write_photo_folder
+    from ldm.data.transforms import to_tensor
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    base_model, instance = short_demo[1]["pipeline"], "a photo in the style of sks"
+    paths = write_photo_folder(str(tmp_path / "photos"), 20, resolution=32)
+    folder = torch.stack([to_tensor(Image.open(p)) for p in paths]) * 0.5 + 0.5  # (20, 3, 32, 32) in [0, 1]
+    report = main(FinetuneConfig(model=base_model, data=str(tmp_path / "photos"), out=str(tmp_path / "run"),
+                                 instance_prompt=instance, class_prompt="a green triangle in the center",
+                                 learning_rate=3e-4, device="cpu"))
+    base, tuned = Pipeline.from_pretrained(base_model), Pipeline.from_pretrained(base_model)
+    tuned.load_lora_weights(report["outputs"]["lora"])
+    before = histogram_distance(sample(base, instance), folder)
+    after = histogram_distance(sample(tuned, instance), folder)
+    others = ["a red circle on the left", "a blue square at the top", "a yellow circle on the right",
+              "a purple triangle at the bottom"]
+    toward = [histogram_distance(sample(base, p), folder) - histogram_distance(sample(tuned, p), folder)
+              for p in others]  # how far each other prompt moved toward the folder's colours
+    print(f"photo folder: instance prompt's histogram distance to the folder {before:.3f} -> {after:.3f}; other "
+          f"prompts moved toward it by {[round(d, 3) for d in toward]}")
+    # Measured: 0.912 -> 0.629, the others 0.02 on average (0.07x): the 700-step VAE encodes the photographs'
+    # colours only roughly, so the instance prompt gets their palette, not their detail (README, Fine-tune)
+    assert after <= 0.75 * before
+    assert sum(toward) / len(toward) <= 0.3 * (before - after)

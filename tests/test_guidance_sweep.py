@@ -214,3 +214,21 @@ def test_generate_without_a_scale_takes_the_recommended_method_params_and_flags_
     assert (params["guidance_scale"], params["apg_norm_threshold"], params["guidance_interval"]) == (4.0, 1.0,
                                                                                                       [100.0, 900.0])
     assert params["guidance_source"] == "recommended (guidance.json)"
+
+
+def test_training_validation_grids_use_a_named_guidance_method(tiny_pipe, tmp_path):
+    from ldm.evaluation.guidance_sweep import method_params
+    from ldm.training.ldm_config import TrainLDMConfig
+    from ldm.training.validation import sample_grid
+
+    t_lo, t_hi = method_params("interval", tiny_pipe.scheduler)["guidance_interval"]
+    assert 0 < t_lo < t_hi < tiny_pipe.scheduler.config.num_train_timesteps
+    prompts = ["a red circle on the left", "a blue square"]
+    grids = {m: np.asarray(Image.open(sample_grid(tiny_pipe, prompts, str(tmp_path / f"{m}.png"), 4, 7.5, method=m)))
+             for m in ("cfg", "interval")}
+    direct = tiny_pipe(prompts, num_inference_steps=4, guidance_scale=7.5,
+                       generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(grids["cfg"][:, :direct[0].width], np.asarray(direct[0]))  # cfg: the plain call
+    assert not np.array_equal(grids["cfg"], grids["interval"])
+    with pytest.raises(ValueError, match="validation_guidance_method"):
+        TrainLDMConfig(validation_guidance_method="strong").validate()

@@ -85,6 +85,22 @@ def test_page_image_is_ldm_generates_image_bit_for_bit(cache, tiny_folder, tmp_p
         assert drop(read_png_params(ours["path"])) == drop(read_png_params(str(theirs)))
 
 
+def test_an_empty_guidance_field_takes_the_folders_recommended_guidance(tiny_folder, tmp_path):
+    import shutil
+
+    from ldm.ui.server import recommended_guidance
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(tiny_folder, folder)
+    assert recommended_guidance(folder) is None
+    with open(os.path.join(folder, "guidance.json"), "w") as f:
+        json.dump({"method": "interval", "guidance_scale": 3.0, "params": {"guidance_interval": [100, 800]}}, f)
+    assert recommended_guidance(folder) == {"scale": 3.0, "method": "interval"}
+    image = run_ui({"guidance_scale": ""}, ModelCache(), tmp_path, folder)["images"][0]
+    params = read_png_params(image["path"])
+    assert params["guidance_scale"] == 3.0 and params["guidance_source"] == "recommended (guidance.json)"
+
+
 def test_a_dropped_png_fills_the_form_back(cache, tiny_folder, tmp_path):
     form = {"negative_prompt": "blur", "scheduler": "ddim", "guidance_scale": "3.5", "seed": "9"}
     image = run_ui(form, cache, tmp_path, tiny_folder)["images"][0]

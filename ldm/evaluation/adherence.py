@@ -11,7 +11,11 @@ Grading finds the dominant non-background blob and measures it:
             a softened corner moves the IoU a little, where it moved the bounding-box fill ratio used before
             across a threshold (7 of 120 VAE round trips of true renders, all squares, read as circles);
   position: the blob's bounding-box centre in the left/right third, else the top/bottom third, else center.
-Only single-shape prompts are graded; templates and thresholds at half contrast keep it robust to blur.
+Templates and thresholds at half contrast keep it robust to blur.
+
+Two-shape prompts ("a red circle above a blue square", pair_report) are graded on the two largest blobs (the
+second at least a fifth of the first): colours (the two asked for, in either blob), shapes (each colour's blob has
+its shape) and relation (the subject's blob lies in the asked direction of the other's, along the dominant axis).
 """
 from __future__ import annotations
 
@@ -59,19 +63,24 @@ _PALETTE_NAMES = list(COLOURS)
 _PALETTE_LAB = srgb_to_lab(np.array([COLOURS[n] for n in _PALETTE_NAMES]))  # (6, 3)
 
 
-def dominant_blob(pixels: np.ndarray) -> np.ndarray | None:
-    """Returns the boolean mask (H, W) of the largest region that differs from the border colour, or None."""
+def largest_blobs(pixels: np.ndarray, count: int) -> list[np.ndarray]:
+    """Returns the boolean masks (H, W) of up to `count` largest regions that differ from the border colour,
+    largest first (none when nothing stands out)."""
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (4W, 3) roughly
     background = np.median(border, axis=0)
     distance = np.linalg.norm(pixels - background, axis=-1)  # (H, W)
     peak = np.percentile(distance, 99.5)
     if peak < 30:  # nothing stands out from the background
-        return None
-    labels, count = ndimage.label(distance > 0.5 * peak)  # half contrast: blur moves edges little
-    if count == 0:
-        return None
-    sizes = ndimage.sum(np.ones_like(labels), labels, index=range(1, count + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
+        return []
+    labels, found = ndimage.label(distance > 0.5 * peak)  # half contrast: blur moves edges little
+    sizes = ndimage.sum(np.ones_like(labels), labels, index=range(1, found + 1))
+    return [labels == (int(i) + 1) for i in np.argsort(-np.asarray(sizes), kind="stable")[:count]]
+
+
+def dominant_blob(pixels: np.ndarray) -> np.ndarray | None:
+    """Returns the boolean mask (H, W) of the largest region that differs from the border colour, or None."""
+    blobs = largest_blobs(pixels, 1)
+    return blobs[0] if blobs else None
 
 
 def template_iou(mask: np.ndarray, shape: str) -> float:
@@ -153,4 +162,51 @@ def adherence_report(images: list[Image.Image], prompts: list[str]) -> dict:
     return {**{k: float(np.mean([g[k] for g in grades])) for k in keys}, "n": len(grades)}
 
 
-__all__ = ["parse_prompt", "grade_image", "adherence_report", "describe_image", "template_iou", "POSITIONS"]
+PAIR_PROMPT = re.compile(r"^an? (\w+) (\w+) (above|below|to the left of|to the right of) an? (\w+) (\w+)$")
+RELATION_AXES = {"above": (1, -1), "below": (1, 1), "to the left of": (0, -1), "to the right of": (0, 1)}
+
+
+def parse_pair_prompt(prompt: str) -> dict:
+    """Returns {"subject": (colour, shape), "relation": str, "other": (colour, shape)} of a two-shape prompt such
+    as "a red circle above a blue square" (the shapes data set's two-shape wording)."""
+    match = PAIR_PROMPT.match(" ".join(prompt.lower().split()))
+    if not match or not {match[1], match[4]} <= set(COLOURS) or not {match[2], match[5]} <= set(SHAPES) \
+            or match[1] == match[4]:
+        raise ValueError(f"{prompt!r} is not a two-shape prompt of two different colours; write e.g. "
+                         f"'a red circle above a blue square' (relations: {', '.join(RELATION_AXES)})")
+    return {"subject": (match[1], match[2]), "relation": match[3], "other": (match[4], match[5])}
+
+
+def grade_pair(image: Image.Image, prompt: str) -> dict:
+    """Returns {"colours", "shapes", "relation", "all"}: whether the image shows the two-shape prompt's scene."""
+    wanted = parse_pair_prompt(prompt)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    blobs = largest_blobs(pixels, 2)
+    if len(blobs) < 2 or blobs[1].sum() < 0.2 * blobs[0].sum():
+        return {"colours": False, "shapes": False, "relation": False, "all": False}
+    seen = [classify_blob(pixels, mask) for mask in blobs]
+    by_colour = {s["colour"]: (s, mask) for s, mask in zip(seen, blobs)}
+    colours = set(by_colour) == {wanted["subject"][0], wanted["other"][0]}
+    shapes = colours and all(by_colour[c][0]["shape"] == shape for c, shape in (wanted["subject"], wanted["other"]))
+    relation = False
+    if colours:
+        (ys, xs), (yo, xo) = (np.nonzero(by_colour[wanted[k][0]][1]) for k in ("subject", "other"))
+        delta = (xs.mean() - xo.mean(), ys.mean() - yo.mean())  # subject minus other, (x, y), y downwards
+        axis, sign = RELATION_AXES[wanted["relation"]]
+        relation = bool(sign * delta[axis] > 0 and abs(delta[axis]) > abs(delta[1 - axis]))
+    return {"colours": colours, "shapes": bool(shapes), "relation": relation,
+            "all": bool(colours and shapes and relation)}
+
+
+def pair_report(images: list[Image.Image], prompts: list[str]) -> dict:
+    """Returns the fraction of images right in colours, shapes, relation and all three, plus their number n."""
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"pass one prompt per image and at least one image, got {len(images)} images and "
+                         f"{len(prompts)} prompts")
+    grades = [grade_pair(image, prompt) for image, prompt in zip(images, prompts)]
+    keys = ("colours", "shapes", "relation", "all")
+    return {**{k: float(np.mean([g[k] for g in grades])) for k in keys}, "n": len(grades)}
+
+
+__all__ = ["parse_prompt", "grade_image", "adherence_report", "describe_image", "template_iou", "POSITIONS",
+           "parse_pair_prompt", "grade_pair", "pair_report"]

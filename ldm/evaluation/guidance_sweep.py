@@ -253,6 +253,17 @@ def default_interval(scheduler) -> tuple[float, float]:
     return float(inside[0]), float(inside[-1])
 
 
+def method_params(method: str, scheduler, settings: SweepConfig | None = None) -> dict:
+    """Returns the Pipeline.__call__ keywords of a named method with the sweep's settings (default: its
+    defaults; the interval resolved on `scheduler`): ldm train's validation grid uses this."""
+    if method not in METHODS:
+        raise ValueError(f"unknown guidance method {method!r}; choose from {', '.join(METHODS)}")
+    settings = settings or SweepConfig()
+    if method == "interval" and settings.interval is None:
+        settings = dataclasses.replace(settings, interval=default_interval(scheduler))
+    return METHODS[method](settings)
+
+
 def sample_setting(pipe, prompts: list[str], cfg: SweepConfig, scale: float, params: dict) -> list:
     """Returns the images of one setting, images_per_prompt per prompt in prompt order; image k starts from the
     noise of seed + k, whatever the setting and batch size."""

@@ -97,6 +97,7 @@ class TrainLDMConfig:
     num_validation_prompts: int = 4        # with validation_prompts []: how many captions; 0 = no grid at all
     validation_steps: int = 25             # DDIM steps for the validation grid
     validation_guidance: float = 4.0
+    validation_guidance_method: str = "cfg"  # or interval, apg, cfg_zero_star, rescale (`ldm eval-guidance`'s)
     val_loss_samples: int = 16             # fixed images x fixed noise and timesteps
     val_loss_bins: int = 5
     report_to: str = "tensorboard"         # "tensorboard" or "none"
@@ -127,6 +128,9 @@ class TrainLDMConfig:
                    "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
                    "optimizer": OPTIMIZERS,
                    "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none")}
+        from ldm.evaluation.guidance_sweep import METHODS
+
+        choices["validation_guidance_method"] = tuple(METHODS)
         for key, options in choices.items():
             if getattr(self, key) not in options:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")

@@ -128,7 +128,8 @@ class LDMTrainer(loop.Trainer):
         if self.accelerator.is_main_process and prompts:
             samples = os.path.join(cfg.output_dir, "samples")
             sample_grid(self.pipeline(), prompts, os.path.join(samples, f"step-{step:08d}.png"),
-                        cfg.validation_steps, cfg.validation_guidance, seed=cfg.seed)
+                        cfg.validation_steps, cfg.validation_guidance, seed=cfg.seed,
+                        method=cfg.validation_guidance_method)
             with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
                 f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
             self.accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL
 
 from ldm.images import image_grid
 from ldm.models.presets import MODEL_PRESETS, build_vae, get_spec
-from ldm.models.vae import encode_posterior
+from ldm.models.vae import encode_posterior, reconstruction_report
 from ldm.training import loop
 from ldm.training.config import check_ranges, format_config, save_config
 from ldm.training.lpips import load_lpips
@@ -61,6 +61,9 @@ class TrainVAEConfig:
     resume: str = ""
     log_every: int = 50                  # print the step's losses every this many steps; 0 = never
     val_samples: int = 8
+    held_out_psnr: bool = True           # at each checkpoint, PSNR on images no trainer uses: held-out photographs,
+                                         # generated dark, saturated, textured art and shapes
+                                         # (ldm.models.vae.reconstruction_report)
     num_workers: int = 0
     seed: int = 0
 
@@ -279,7 +282,13 @@ def evaluate(cfg, vae, val_pixels, stream, device, step) -> dict:
     image_grid([to_pil(t) for t in torch.cat([x, x_rec])], len(x)).save(
         os.path.join(cfg.output_dir, "samples", f"recon-{step:08d}.png"))
     print(f"train_vae step {step}: PSNR {value:.2f} dB, latent scaling factor {scale:.4f}", flush=True)
-    return {"psnr": value, "scaling_factor": scale}
+    report = {"psnr": value, "scaling_factor": scale}
+    if cfg.held_out_psnr:
+        report["held_out_psnr"] = reconstruction_report(vae, cfg.resolution)
+        vae.train()
+        print(f"train_vae step {step}: held-out PSNR (dB) " + ", ".join(
+            f"{name} {v:.2f}" for name, v in report["held_out_psnr"].items()), flush=True)
+    return report
 
 
 def _write_vae_folder(folder: str, cfg, vae, report: dict) -> None:

@@ -98,10 +98,15 @@ def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=
 
 
 @torch.no_grad()
-def sample_grid(pipeline, prompts: list[str], path: str, steps: int, guidance: float, seed: int = 0) -> str:
-    """Samples one image per prompt with a fixed seed and writes them side by side to `path` (PNG)."""
+def sample_grid(pipeline, prompts: list[str], path: str, steps: int, guidance: float, seed: int = 0,
+                method: str = "cfg") -> str:
+    """Samples one image per prompt with a fixed seed and writes them side by side to `path` (PNG). method: a
+    guidance method of ldm.evaluation.guidance_sweep.METHODS (cfg, interval, apg, cfg_zero_star, rescale)."""
+    from ldm.evaluation.guidance_sweep import method_params
+
     generator = torch.Generator().manual_seed(seed)
-    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
+    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                      **method_params(method, pipeline.scheduler)).images
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     image_grid(images, len(images)).save(path)
     return path

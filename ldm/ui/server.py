@@ -53,6 +53,18 @@ def under(path: str, roots: list[str]) -> bool:
     return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
 
 
+def recommended_guidance(model: str | None) -> dict | None:
+    """Returns {"scale", "method"} of the model folder's guidance.json (`ldm eval-guidance --save`), or None: the
+    page then leaves the guidance field empty, and an empty field takes the recommendation, as ldm generate does."""
+    from ldm.pipelines.recommended import read_recommended_guidance
+
+    try:
+        record = read_recommended_guidance(model) if model and os.path.isdir(model) else None
+    except ValueError:  # a broken file: generating says so; the page still opens
+        return None
+    return None if record is None else {"scale": record.get("guidance_scale"), "method": record.get("method")}
+
+
 def create_app(settings: UISettings, cache: ModelCache | None = None):
     """Returns the Flask app serving the page and its API."""
     from flask import Flask, jsonify, request, send_file, send_from_directory
@@ -81,7 +93,8 @@ def create_app(settings: UISettings, cache: ModelCache | None = None):
         from ldm.ui.generate import FLAGS, MAX_IMAGES, MAX_SIDE
 
         return jsonify(model=settings.model, runs=os.path.abspath(settings.runs), schedulers=list(SCHEDULERS),
-                       fields=["prompt", *FLAGS], max_side=MAX_SIDE, max_images=MAX_IMAGES)
+                       fields=["prompt", *FLAGS], max_side=MAX_SIDE, max_images=MAX_IMAGES,
+                       recommended_guidance=recommended_guidance(settings.model))
 
     @app.get("/file")
     def serve_file():

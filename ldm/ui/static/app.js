@@ -198,6 +198,11 @@ async function init() {
   for (const name of config.schedulers) $("scheduler").add(new Option(name, name));
   $("model").value = config.model || "";
   $("diag-model").value = config.model || "";
+  const rec = config.recommended_guidance;
+  if (rec) {  // empty field = the folder's guidance.json, as `ldm generate` without --guidance-scale
+    $("guidance_scale").value = "";
+    $("guidance_scale").placeholder = `recommended: ${rec.scale} (${rec.method})`;
+  }
 }
 
 init().catch((e) => say("generate-status", e.message, true));
