@@ -45,9 +45,18 @@ def test_sd21_sizes_on_meta_device():
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd21', 'small', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd21', 'small', 'small-photo', 'tiny'\]"):
         get_spec("huge")
     assert set(MODEL_PRESETS) >= {"tiny", "small", "sd15"}
+
+
+def test_small_photo_is_small_with_a_wider_vae_and_the_same_latents():
+    small, photo = get_spec("small"), get_spec("small-photo")
+    assert photo.unet == small.unet and photo.text_encoder == small.text_encoder
+    x = torch.zeros(1, 3, 32, 32)
+    vae_small, vae_photo = build_vae(small), build_vae(photo)
+    assert vae_photo.encode(x).latent_dist.mean.shape == vae_small.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
+    assert sum(p.numel() for p in vae_photo.parameters()) == 954_567  # 4x small's 242,327
 
 
 def head_widths(unet) -> set[int]:

@@ -216,7 +216,15 @@ def pixart_alpha() -> ModelSpec:
     return _pixart(sd15(), "pixart-alpha", layers=28, heads=16, head_dim=72)
 
 
-MODEL_PRESETS = {"tiny": tiny, "small": small, "sd15": sd15, "sd21": sd21,
+def small_photo() -> ModelSpec:
+    """`small` with a 4x wider VAE (block_out_channels 32, 64, 64): the same 4x8x8 latents at 32 px, so its VAE
+    serves the `small` UNet (`ldm train --model small --vae ...`). Trained on shapes and photographs it reconstructs
+    held-out photographs and art far better than `small`'s (README, "A VAE that encodes any image")."""
+    spec = small()
+    return dataclasses.replace(spec, name="small-photo", vae=dict(spec.vae, block_out_channels=(32, 64, 64)))
+
+
+MODEL_PRESETS = {"tiny": tiny, "small": small, "small-photo": small_photo, "sd15": sd15, "sd21": sd21,
                  "dit-tiny": dit_tiny, "dit-small": dit_small, "pixart-small": pixart_small,
                  "dit-small-in-context": lambda: dit_small("in_context", "dit-small-in-context"),
                  "dit-small-cross-attention": lambda: dit_small("cross_attention", "dit-small-cross-attention"),
