@@ -90,7 +90,7 @@ def pixel_data(dataset: str, cfg):
 
 def prompts_for(dataset: str, settings: Settings) -> list[str]:
     """Returns the graded prompts: the demo's canonical shapes prompts, or each digit `digit_images` times."""
-    from ldm.training.demo import eval_prompts
+    from ldm.evaluation.shape_prompts import eval_prompts
 
     if dataset == "shapes":
         return eval_prompts(settings.num_prompts)

@@ -27,7 +27,7 @@ def run(mode: str, seed: int, out: str, vae_steps: int = 400, ldm_steps: int = 6
                           timestep_sampling=mode)
     report = demo.run_demo(cfg, samplers=("ddim",))
     last = read_history(os.path.join(cfg.out, "ldm_run", "logs"))[-1]
-    bins = sorted(k for k in last if k.startswith("val_loss_bin"))
+    bins = sorted((k for k in last if k.startswith("val_loss_bin")), key=lambda k: int(k[len("val_loss_bin"):]))
     return {"mode": mode, "seed": seed, "val_loss": report["val_loss_history"][-1][1],
             "val_loss_bins": [last[k] for k in bins],
             "all_three": {g: r["all"] for g, r in report["adherence"]["ddim"].items()}}

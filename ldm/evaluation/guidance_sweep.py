@@ -116,7 +116,7 @@ def load_prompts(spec: str) -> list[str]:
     """Returns the prompts of a built-in set ("shapes": the demo's 90 canonical single-shape prompts; "digits":
     "a handwritten digit 0" to "9") or of a text file (its non-empty lines)."""
     if spec == "shapes":
-        from ldm.training.demo import eval_prompts
+        from ldm.evaluation.shape_prompts import eval_prompts
 
         return eval_prompts(90)
     if spec == "digits":
