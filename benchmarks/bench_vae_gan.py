@@ -68,7 +68,9 @@ def train_and_score(args, disc_start: int, held_out: torch.Tensor, folder: str) 
                          resolution=args.resolution, batch_size=args.batch_size, max_steps=args.steps,
                          learning_rate=args.learning_rate, disc_start=disc_start, disc_weight=args.disc_weight,
                          disc_width=args.disc_width, output_dir=folder,
-                         checkpoint_every=0, checkpoints_total_limit=1, val_samples=4)
+                         checkpoint_every=0, checkpoints_total_limit=1, val_samples=4,
+                         kl_weight=1e-6 * 3 * args.resolution ** 2)  # the KL of BENCHMARKS.md's figures
+                                                                      # (before kl_weight was per pixel value)
     cfg.validate()
     vae = AutoencoderKL.from_pretrained(train_vae.main(cfg)["vae_dir"]).eval()
     mean, _ = encode_posterior(vae, held_out)  # (N, 4, h, w)

@@ -49,12 +49,15 @@ def special_cases(cls, tmp_path) -> dict:
     heads, trunk = tmp_path / "heads.pth", tmp_path / "vgg.pth"
     heads.write_bytes(b"x")
     trunk.write_bytes(b"x")
+    vae = tmp_path / "vae"  # a VAE folder's config: validate() checks its latents fit the preset
+    vae.mkdir(exist_ok=True)
+    (vae / "config.json").write_text('{"latent_channels": 4, "block_out_channels": [32, 64, 64]}')
     return {
-        TrainLDMConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"})},
+        TrainLDMConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"}), "vae": (str(vae), {})},
         TrainVAEConfig: {"lpips_weights": (str(heads), {"lpips_vgg_weights": str(trunk)}),
                          "lpips_vgg_weights": (str(trunk), {"lpips_weights": str(heads)})},
         FinetuneConfig: {"num_class_images": (3, {"class_prompt": "a painting"})},
-        DemoConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"})},
+        DemoConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"}), "vae": (str(vae), {})},
     }.get(cls, {})
 
 

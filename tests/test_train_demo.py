@@ -7,13 +7,15 @@ prompt, with a lower bar: chance is 1/5 for position and 1/90 for all three.
 import json
 import os
 
+import pytest
+import torch
+
 from ldm.cli import main as cli_main
-from ldm.training.demo import eval_prompts, format_table, held_out_prompts
+from ldm.evaluation.shape_prompts import eval_prompts, held_out_prompts
+from ldm.training.demo import format_table
 
 
 def test_eval_prompts_are_distinct_and_balanced():
-    import pytest
-
     from ldm.evaluation.adherence import parse_prompt
 
     prompts = eval_prompts(30)
@@ -106,3 +108,33 @@ def test_demo_skips_a_nonfinite_update_and_reports_it(tmp_path, monkeypatch):
     monkeypatch.setattr(step, "diffusion_loss", nan_loss_at(step, {2}))  # the LDM's second step
     report = run_demo(tiny_demo(tmp_path), samplers=("ddim",))
     assert report["nonfinite_total"] == {"vae": 0, "ldm": 1} and report["ldm_steps"] == 4
+
+
+def test_demo_with_a_trained_vae_skips_the_vae_phase_and_ships_that_vae(tmp_path):
+    from safetensors.torch import load_file
+
+    from ldm.models.vae import check_vae_folder
+    from ldm.training.demo import run_demo
+    from ldm.training.ldm_config import TrainLDMConfig
+
+    first = run_demo(tiny_demo(tmp_path / "first"), samplers=("ddim",))  # its VAE stands in for `ldm train-vae`'s
+    vae_dir = os.path.join(os.path.dirname(first["pipeline"]), "vae_run")
+    vae_dir = [root for root, _, files in os.walk(vae_dir) if "config.json" in files][0]
+    report = run_demo(tiny_demo(tmp_path / "second", vae=vae_dir, vae_steps=10**6), samplers=("ddim",))
+    assert report["vae_steps"] == 0 and not os.path.exists(tmp_path / "second" / "vae_run")
+    assert report["vae_held_out_psnr"] == first["vae_held_out_psnr"]  # measured again, on the same VAE
+    given = load_file(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))
+    shipped = load_file(os.path.join(report["pipeline"], "vae", "diffusion_pytorch_model.safetensors"))
+    assert given.keys() == shipped.keys() and all(torch.equal(given[k], shipped[k]) for k in given)
+    check_vae_folder(vae_dir, "tiny", 32)  # fits; a VAE with other latents is refused before any work
+    with open(os.path.join(vae_dir, "config.json")) as f:
+        config = json.load(f)
+    wrong = tmp_path / "wrong_vae"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({**config, "latent_channels": 8}))
+    with pytest.raises(ValueError, match="8 latent channels.*takes 4"):
+        tiny_demo(tmp_path / "third", vae=str(wrong)).validate()
+    with pytest.raises(ValueError, match="8 latent channels.*takes 4"):  # `ldm train --vae` checks it too
+        TrainLDMConfig(model="tiny", vae=str(wrong), resolution=32).validate()
+    with pytest.raises(ValueError, match="not a VAE folder"):
+        tiny_demo(tmp_path / "third", vae=str(tmp_path)).validate()

@@ -41,10 +41,23 @@ def test_generator_loss_has_the_gradient_of_rec_kl_and_weighted_gan(parts):
     loss, logs, _ = vae_loss(cfg, vae, pixels, torch.Generator().manual_seed(1), disc=disc, last_layer=last)
     ours = torch.autograd.grad(loss, list(vae.parameters()))
     x_rec, mean, logvar = vae(pixels, torch.Generator().manual_seed(1))
-    full = (reconstruction_loss(x_rec, pixels, "l1") + 1e-3 * kl_loss(mean, logvar)
+    full = (reconstruction_loss(x_rec, pixels, "l1") + 1e-3 * kl_loss(mean, logvar) / pixels[0].numel()
             + logs["disc_weight"] * hinge_g_loss(disc(x_rec)))
     for a, b in zip(ours, torch.autograd.grad(full, list(vae.parameters()))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_kl_weight_is_the_ldm_papers_per_pixel_value_at_any_resolution(parts):
+    # CompVis' loss: sum of |x - x_rec| over pixel values + kl_weight * KL summed over latents (per image). Ours is
+    # that divided by the number of pixel values, so the paper's kl_weight means the same at 32 px and 64 px.
+    vae = parts[0]
+    for size in (32, 64):
+        pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
+        loss, logs, _ = vae_loss(TrainVAEConfig(kl_weight=0.5), vae, pixels, torch.Generator().manual_seed(1))
+        x_rec, mean, logvar = vae(pixels, torch.Generator().manual_seed(1))
+        paper = (x_rec - pixels).abs().flatten(1).sum(1).mean() + 0.5 * kl_loss(mean, logvar)
+        torch.testing.assert_close(loss, paper / (3 * size * size), rtol=1e-5, atol=0)
+        assert logs["kl"] == pytest.approx(float(kl_loss(mean, logvar)), rel=1e-5)  # logged unscaled
 
 
 def test_generator_loss_leaves_no_gradient_on_the_discriminator(parts):

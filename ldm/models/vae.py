@@ -56,3 +56,27 @@ def reconstruction_report(vae, resolution: int) -> dict:
     report = {name: round(reconstruction_psnr(vae, pixels), 2) for name, pixels in sets.items()}
     vae.train(was_training)
     return report
+
+
+def check_vae_folder(path: str, model: str, resolution: int) -> None:
+    """Raises a ValueError naming the problem unless `path` is an AutoencoderKL folder whose latents fit the
+    preset `model`'s denoiser and whose downsampling divides `resolution`: checked before any training starts."""
+    import json
+    import os
+
+    from ldm.models.presets import get_spec
+
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"vae {path!r} is not a VAE folder (no config.json); give an AutoencoderKL folder such as "
+                         "RUN/checkpoint-N/vae from `ldm train-vae`")
+    with open(config, encoding="utf-8") as f:
+        vae = json.load(f)
+    channels, wanted = vae.get("latent_channels"), get_spec(model).vae["latent_channels"]
+    factor = 2 ** (len(vae.get("block_out_channels", ())) - 1)
+    if channels != wanted:
+        raise ValueError(f"vae {path!r} has {channels} latent channels; the {model} preset's denoiser takes "
+                         f"{wanted}: train it with `ldm train-vae --model {model}` (or small-photo for small)")
+    if resolution % factor:
+        raise ValueError(f"vae {path!r} downsamples {factor}x; resolution {resolution} is not a multiple of "
+                         f"{factor}: use one that is")

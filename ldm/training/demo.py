@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ldm.evaluation.shape_prompts import canonical_prompt, eval_prompts, held_out_prompts, two_shape_prompts
 from ldm.training.config import check_ranges
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.train_vae import TrainVAEConfig
@@ -36,6 +37,9 @@ class DemoConfig:
     canonical_captions: bool = False # True: single shapes captioned in one wording only ("a red circle on the left")
     hold_out_wordings: bool = True   # single shapes captioned in 8 of their 12 wordings, one drawn per step; the
                                      # other 4 (shapes.HELD_OUT_WORDINGS) are graded as unseen wordings
+    vae: str = ""                    # a trained AutoencoderKL folder (e.g. the README's real-image recipe, `ldm
+                                     # train-vae --model small-photo ...`) in place of the VAE phase: the demo's
+                                     # model then encodes real images as well as that VAE does
     vae_steps: int = 700             # with the L2 loss and cosine decay below: enough for the grader to read
                                      # the reconstructions' colours (README, Demo)
     vae_batch_size: int = 16
@@ -82,6 +86,10 @@ class DemoConfig:
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
         vae_config(self).validate()  # the phases' own checks (objective combinations, ...), before any work
+        if self.vae:
+            from ldm.models.vae import check_vae_folder
+
+            check_vae_folder(self.vae, self.model, self.resolution)
         ldm_config(self, "").validate()
         if self.text_encoder_steps:
             text_encoder_config(self).validate()
@@ -90,50 +98,6 @@ class DemoConfig:
         """Returns (VAE minutes, LDM minutes, text encoder minutes): each phase's runaway stop, RUNAWAY x its
         share of `minutes`, far beyond what its fixed steps take on a slow machine."""
         return tuple(RUNAWAY * share * self.minutes for share in (0.12, 0.66, 0.1))
-
-
-def canonical_prompt(colour: str, shape: str, position: str) -> str:
-    """Returns the demo's wording of a single-shape scene: "a red circle on the left"."""
-    from ldm.data.shapes import POSITION_PHRASES
-
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {shape} {POSITION_PHRASES[position][0]}"
-
-
-def eval_scenes(count: int) -> list[tuple[str, str, str]]:
-    """Returns `count` (<= 90) distinct single-shape scenes (colour, shape, position), balanced over colour and
-    position; 90 is every combination of 6 colours x 3 shapes x 5 positions."""
-    from ldm.data.shapes import COLOURS, POSITIONS, SHAPES
-
-    if not 1 <= count <= 90:
-        raise ValueError(f"num_prompts must be 1 to 90 (6 colours x 3 shapes x 5 positions), got {count}")
-    colours = list(COLOURS)
-    # (i % 6, i % 5) is unique for i < 30 (Chinese remainder theorem); each block of 30 shifts the shapes by one
-    return [(colours[i % 6], SHAPES[((i % 30) // 6 + i // 30) % 3], POSITIONS[i % 5]) for i in range(count)]
-
-
-def eval_prompts(count: int) -> list[str]:
-    """Returns the eval_scenes in the canonical wording ("a red circle on the left"), one the demo trains on."""
-    return [canonical_prompt(*scene) for scene in eval_scenes(count)]
-
-
-def held_out_prompts(count: int) -> list[str]:
-    """Returns the eval_scenes each in one of the wordings the demo holds out of training (shapes.HELD_OUT_WORDINGS,
-    in turn): "one red circle at the left", "a picture of a blue square in the center", ..."""
-    from ldm.data.shapes import SceneObject, single_wordings
-
-    return [single_wordings(SceneObject(shape, colour, position), held_out=True)[i % 4]
-            for i, (colour, shape, position) in enumerate(eval_scenes(count))]
-
-
-def two_shape_prompts(count: int, seed: int = 0) -> list[str]:
-    """Returns `count` random two-shape prompts ("a red circle above a blue square"), the same for a given seed."""
-    import random
-
-    from ldm.data.shapes import pair_wordings, random_scene
-
-    rng = random.Random(f"demo-pairs/{seed}")
-    return [pair_wordings(random_scene(rng, two_shape_fraction=1.0))[rng.random() < 0.5] for _ in range(count)]
 
 
 def prompt_sets(cfg: "DemoConfig") -> dict:
@@ -232,8 +196,22 @@ class LatentDataset(torch.utils.data.Dataset):
                 "captions": self.options[i]}
 
 
+def load_vae_result(cfg: DemoConfig) -> dict:
+    """Returns train_vae.main's result for the given cfg.vae folder: its held-out PSNR measured now, no steps."""
+    from diffusers import AutoencoderKL
+
+    from ldm.models.vae import reconstruction_report
+
+    vae = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True).to(cfg.device)
+    return {"vae_dir": cfg.vae, "step": 0, "psnr": None, "held_out_psnr": reconstruction_report(vae, cfg.resolution),
+            "nonfinite_total": 0, "stopped_by": None}
+
+
 def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
-    return TrainVAEConfig(model=cfg.model, resolution=cfg.resolution, rec_loss=cfg.vae_rec_loss, kl_weight=1e-6,
+    # A KL 3 x R^2 times the LDM paper's 1e-6 per pixel value (the weight the demo's figures were measured with,
+    # before kl_weight became per pixel value); the paper's reconstructed as well at 32 px (README, Train)
+    return TrainVAEConfig(model=cfg.model, resolution=cfg.resolution, rec_loss=cfg.vae_rec_loss,
+                          kl_weight=1e-6 * 3 * cfg.resolution ** 2,
                           learning_rate=cfg.vae_learning_rate, lr_scheduler=cfg.vae_lr_scheduler, lr_warmup_steps=50,
                           batch_size=cfg.vae_batch_size, max_steps=cfg.vae_steps,
                           max_minutes=cfg.budget()[0], output_dir=os.path.join(cfg.out, "vae_run"),
@@ -338,10 +316,14 @@ def train_models(cfg: DemoConfig, pixels: PixelDataset) -> dict:
             return {"vae": None, "ldm": None, "stopped_by": text_result["stopped_by"]}
         text_encoder_dir = text_result["text_encoder_dir"]
 
-    print("[2/5] training the VAE", flush=True)
-    vae_data = with_dark_scenes(pixels, cfg) if cfg.vae_dark_fraction else pixels
-    vae_data = with_photos(vae_data, cfg) if cfg.vae_photo_fraction else vae_data
-    vae_result = train_vae.main(vae_config(cfg), dataset=vae_data)
+    if cfg.vae:
+        print(f"[2/5] using the VAE in {cfg.vae}", flush=True)
+        vae_result = load_vae_result(cfg)
+    else:
+        print("[2/5] training the VAE", flush=True)
+        vae_data = with_dark_scenes(pixels, cfg) if cfg.vae_dark_fraction else pixels
+        vae_data = with_photos(vae_data, cfg) if cfg.vae_photo_fraction else vae_data
+        vae_result = train_vae.main(vae_config(cfg), dataset=vae_data)
     if vae_result["stopped_by"] in ("SIGTERM", "SIGINT"):
         return {"vae": vae_result, "ldm": None, "stopped_by": vae_result["stopped_by"]}
 
@@ -402,7 +384,7 @@ def run_demo(cfg: DemoConfig, samplers=None) -> dict:
         json.dump(report, f, indent=2)
     print(format_table(table, tables.get("held_out"), tables.get("two_shape")))
     print(f"demo finished in {report['minutes']:.1f} min; model in {pipe_dir}; report in {cfg.out}/report.json")
-    if report["ldm_steps"] < cfg.ldm_steps or report["vae_steps"] < cfg.vae_steps:
+    if report["ldm_steps"] < cfg.ldm_steps or (report["vae_steps"] < cfg.vae_steps and not cfg.vae):
         print(f"warning: a phase hit its runaway time limit (VAE {report['vae_steps']}/{cfg.vae_steps}, LDM "
               f"{report['ldm_steps']}/{cfg.ldm_steps} steps): these results are not the full recipe's", flush=True)
     if report["minutes"] > cfg.minutes:

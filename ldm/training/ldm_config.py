@@ -136,6 +136,12 @@ class TrainLDMConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
+        from ldm.models.presets import MODEL_PRESETS
+
+        if self.vae and self.model in MODEL_PRESETS:  # a VAE whose latents the new denoiser cannot take
+            from ldm.models.vae import check_vae_folder
+
+            check_vae_folder(self.vae, self.model, self.resolution)
         if not self.tag_separator:
             raise ValueError("tag_separator must not be empty: pass --tag_separator ',' (the usual one)")
         if self.cache_text_embeddings and self.train_text_encoder:

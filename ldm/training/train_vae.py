@@ -1,7 +1,9 @@
 """AutoencoderKL training: the body of train/train_vae.py and `ldm train-vae`.
 
 Loss = reconstruction (L1/L2) + kl_weight * KL [+ lpips_weight * LPIPS] [+ disc_weight * lambda * hinge GAN
-after disc_start steps], as in Rombach et al. 2022 (arXiv:2112.10752, Appendix G); lambda is the adaptive weight
+after disc_start steps], as in Rombach et al. 2022 (arXiv:2112.10752, Appendix G), per pixel value: the
+reconstruction terms are means over pixels and the KL (summed over latent dimensions) is divided by 3 x H x W, so
+kl_weight means what the paper's 1e-6 means (CompVis' loss sums both) at any resolution; lambda is the adaptive weight
 of Esser et al. 2021 (arXiv:2012.09841, Eq. 7). The discriminator then has its own step on detached
 reconstructions. Several processes agree on when to stop (signals.agreed_stop_reason). At every checkpoint the latent
 scaling factor (1 / std of latents) is measured and stored in the VAE config; vae/ opens with
@@ -36,7 +38,7 @@ class TrainVAEConfig:
     resolution: int = 64
     model: str = "small"                 # a preset name, or an AutoencoderKL folder to continue
     rec_loss: str = "l1"                 # l1 or l2
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-6              # per pixel value, as in the LDM paper (see the module docstring)
     lpips_weights: str = ""              # LPIPS linear heads file (ldm/training/lpips.py); "" = no perceptual loss
     lpips_vgg_weights: str = ""          # torchvision VGG16 file, LPIPS's trunk; needed with lpips_weights
     allow_pickle: bool = False           # accept pickled .pth/.bin LPIPS files (they can run code when loaded)
@@ -119,21 +121,23 @@ class Autoencode(torch.nn.Module):
 
 def vae_loss(cfg, autoencode, pixels, generator, perceptual=None, disc=None, last_layer=None):
     """Returns (loss, logs, x_rec). The loss's gradient w.r.t. the VAE is that of
-    L_rec + kl_weight * KL [+ disc_weight * lambda * L_GAN], L_rec = rec [+ lpips_weight * LPIPS].
+    L_rec + kl_weight * KL / (3HW) [+ disc_weight * lambda * L_GAN], L_rec = rec [+ lpips_weight * LPIPS]:
+    the LDM paper's sum over pixel values, divided by their number (a mean pixel error, whatever the resolution).
 
     disc: the discriminator module (unwrapped) while it is on, else None; last_layer: the decoder's last weight.
     The discriminator never receives gradients here: the adversarial term enters only through dL_GAN/dx_rec.
     """
     x_rec, mean, logvar = autoencode(pixels, generator)  # (B, 3, H, W), (B, 4, h, w), (B, 4, h, w)
     rec = reconstruction_loss(x_rec, pixels, cfg.rec_loss)
-    kl = kl_loss(mean, logvar)
+    kl = kl_loss(mean, logvar)  # summed over latent dims
+    kl_term = cfg.kl_weight * kl / pixels[0].numel()
     logs = {"rec_loss": rec.item(), "kl": kl.item()}
     nll = rec
     if perceptual is not None:
         p = perceptual(x_rec, pixels).mean()
         nll, logs["lpips"] = nll + cfg.lpips_weight * p, p.item()
     if disc is None:
-        return nll + cfg.kl_weight * kl, logs, x_rec
+        return nll + kl_term, logs, x_rec
     g = hinge_g_loss(disc(x_rec))
     # Each term's gradient w.r.t. x_rec, taken once: the discriminator and LPIPS run backward once per step, and
     # no gradient reaches the discriminator's weights (only x_rec is asked for).
@@ -144,7 +148,7 @@ def vae_loss(cfg, autoencode, pixels, generator, perceptual=None, disc=None, las
     weight = cfg.disc_weight * adaptive_disc_weight(nll_last, g_last)
     logs.update(g_loss=g.item(), disc_weight=weight.item())
     # d/dtheta [x_rec . (nll_x + weight * g_x)] = d/dtheta [L_rec + weight * L_GAN]: the same gradient
-    loss = (x_rec * (nll_x + weight * g_x)).sum() + cfg.kl_weight * kl
+    loss = (x_rec * (nll_x + weight * g_x)).sum() + kl_term
     return loss, logs, x_rec
 
 
