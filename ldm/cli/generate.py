@@ -9,7 +9,7 @@ import os
 import random
 import time
 
-from ldm.training.config import float_in, int_in
+from ldm.training.ranges import float_in, int_in
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
