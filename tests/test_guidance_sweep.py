@@ -232,3 +232,20 @@ def test_training_validation_grids_use_a_named_guidance_method(tiny_pipe, tmp_pa
     assert not np.array_equal(grids["cfg"], grids["interval"])
     with pytest.raises(ValueError, match="validation_guidance_method"):
         TrainLDMConfig(validation_guidance_method="strong").validate()
+
+
+def test_finetune_validation_samples_use_the_named_guidance_method(tiny_pipe):
+    from ldm.training.finetune import validation_samples
+    from ldm.training.finetune_config import FinetuneConfig
+
+    prompts = ["a red circle on the left", "a blue square"]
+    size = tiny_pipe.unet.config.sample_size * 2 ** (len(tiny_pipe.vae.config.block_out_channels) - 1)
+    cfg = dict(model="base", data="images", resolution=size, validation_sample_steps=4, validation_guidance=7.5)
+    samples = {m: validation_samples(FinetuneConfig(**cfg, validation_guidance_method=m), tiny_pipe, prompts)
+               for m in ("cfg", "interval")}
+    direct = tiny_pipe(prompts, num_inference_steps=4, guidance_scale=7.5, height=size, width=size,
+                       output_type="pt", generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    assert torch.equal(samples["cfg"], direct)  # cfg: the plain call, seed + i per prompt
+    assert not torch.allclose(samples["cfg"], samples["interval"])
+    with pytest.raises(ValueError, match="validation-guidance-method 'strong' is not one of"):
+        FinetuneConfig(**cfg, validation_guidance_method="strong").validate()

@@ -157,6 +157,18 @@ def sample_prompts(cfg: FinetuneConfig, train: list[dict]) -> list[str]:
 
 
 @torch.no_grad()
+def validation_samples(cfg, pipe, prompts: list[str]) -> torch.Tensor:
+    """Returns (N, 3, H, W) images in [0, 1], one per prompt from seed + i, with the validation guidance scale and
+    method (ldm.evaluation.guidance_sweep.method_params, as `ldm train`'s validation grid)."""
+    from ldm.evaluation.guidance_sweep import method_params
+
+    generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
+    return pipe(prompts, generator=generators, height=cfg.resolution, width=cfg.resolution, output_type="pt",
+                num_inference_steps=cfg.validation_sample_steps, guidance_scale=cfg.validation_guidance,
+                **method_params(cfg.validation_guidance_method, pipe.scheduler)).images
+
+
+@torch.no_grad()
 def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> dict:
     """Returns this step's record: per-bin loss of training vs held-out images, samples and the near-copy check."""
     unet.eval()
@@ -164,9 +176,7 @@ def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> 
     args = (vae, embed, objective, cfg.val_loss_bins, device)
     val_train, val_held = grouped_validation_loss(unet, train, *args), grouped_validation_loss(unet, held, *args)
     prompts = sample_prompts(cfg, train)
-    generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(len(prompts))]
-    images = pipe(prompts, generator=generators, height=cfg.resolution, width=cfg.resolution, output_type="pt",
-                  num_inference_steps=cfg.validation_sample_steps, guidance_scale=cfg.validation_guidance).images
+    images = validation_samples(cfg, pipe, prompts)
     unet.train()
     path = os.path.join(cfg.out, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)

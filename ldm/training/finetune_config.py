@@ -59,6 +59,7 @@ class FinetuneConfig:
     num_validation_samples: int = 4
     validation_sample_steps: int = 20
     validation_guidance: float = 4.0
+    validation_guidance_method: str = "cfg"  # or interval, apg, cfg_zero_star, rescale (`ldm eval-guidance`'s)
     val_loss_bins: int = 5
     near_copy_ratio: float = 0.35          # a sample closer than this x the typical training-image distance is a copy
     max_loss_gap: float = 1.5              # held-out / training loss at low noise above this warns too
@@ -96,7 +97,10 @@ class FinetuneConfig:
             raise ValueError("no base model: pass --model DIR (a pipeline folder, e.g. from `ldm train` or SD 1.x)")
         if not self.data:
             raise ValueError("no images: pass --data FOLDER (5 to 200 pictures; captions optional)")
-        for key, options in (("method", METHODS), ("mixed_precision", MIXED_PRECISION)):
+        from ldm.evaluation.guidance_sweep import METHODS as GUIDANCE_METHODS
+
+        for key, options in (("method", METHODS), ("mixed_precision", MIXED_PRECISION),
+                             ("validation_guidance_method", tuple(GUIDANCE_METHODS))):
             if getattr(self, key) not in options:
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of {options}")
         if self.class_prompt and self.prior_loss_weight <= 0:
