@@ -63,6 +63,17 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_folder, art, tmp_path):
     assert max_difference(lora(tmp_path / "a"), first) > 1e-3  # steps 4-6 moved the weights: the check can fail
     state = json.load(open(os.path.join(resumed["checkpoint"], "trainer_state.json")))
     assert state["step"] == 6 and state["data"] == [12] and state["nonfinite_total"] == 0
+    # the Accelerate state holds the adapters only: the frozen UNet comes from the base model at resume
+    saved = load_file(os.path.join(resumed["checkpoint"], "accelerate", "model.safetensors"))
+    assert len(saved) == len(lora(tmp_path / "a")) and all(".lora_A." in k or ".lora_B." in k for k in saved)
+
+
+def test_a_lora_checkpoint_refuses_to_resume_into_other_trainable_parameters(tiny_folder, art, tmp_path):
+    run(tiny_folder, art, tmp_path, max_steps=2, checkpoint_every=2, lora_rank=4)
+    with pytest.raises(ValueError, match=r"not the \d+ trainable parameters of this run's model \(names and shapes\)"):
+        run(tiny_folder, art, tmp_path, max_steps=4, resume="latest", lora_rank=2)
+    with pytest.raises(ValueError, match="model_1.safetensors is missing: the checkpoint trained fewer models"):
+        run(tiny_folder, art, tmp_path, max_steps=4, resume="latest", lora_rank=4, train_text_encoder=True)
 
 
 def test_gradient_accumulation_steps_the_optimizer_once_per_micro_batches(tiny_folder, art, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Checkpoints: Accelerate state + an inference-ready folder, written under a temporary name and renamed.
 
     output_dir/checkpoints/checkpoint-00000500/
-        accelerate/            accelerator.save_state: model, optimiser, lr scheduler, EMA, RNG states
+        accelerate/            accelerator.save_state: model (LoRA: its adapters only), optimiser, lr scheduler,
+                               EMA, RNG states
         pipeline/ (or vae/)    what inference loads directly (EMA weights when EMA is on)
         config.yaml            the resolved config of the run
         trainer_state.json     step and counters; written last, so its presence marks a complete checkpoint
@@ -80,6 +81,45 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, write_
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def keep_only_trainable(accelerator) -> None:
+    """Makes accelerator.save_state write, for each prepared model, only the parameters that require grad (a
+    LoRA's adapters instead of the whole UNet: the frozen rest comes from the base model at resume), and
+    load_state read them back, refusing a file whose names differ from the model's trainable ones. Only where
+    Accelerate hands the hooks the state dicts (one process or DDP); FSDP and DeepSpeed save as usual."""
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+
+    own_engine = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP,
+                                                  DistributedType.MEGATRON_LM)
+
+    def trainable(model) -> dict[str, tuple]:
+        return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+    def save_hook(models, weights, output_dir):
+        if not own_engine:
+            for i, model in enumerate(models):
+                names = trainable(model)
+                weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    def load_hook(models, input_dir):
+        if own_engine:
+            return
+        fix = "resume with the settings it was saved with (the same --method, --lora-rank, --train-text-encoder)"
+        for i, model in enumerate(models):
+            path = os.path.join(input_dir, f"model{f'_{i}' if i else ''}.safetensors")
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} is missing: the checkpoint trained fewer models than this run; {fix}")
+            state = load_file(path, device=str(next(model.parameters()).device))
+            if {k: tuple(v.shape) for k, v in state.items()} != trainable(model):
+                raise ValueError(f"{path} holds {len(state)} tensors that are not the {len(trainable(model))} "
+                                 f"trainable parameters of this run's model (names and shapes); {fix}")
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded: Accelerate skips them
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def prune_checkpoints(output_dir: str, total_limit: int) -> list[str]:

@@ -31,7 +31,7 @@ from ldm.objectives import objective_for
 from ldm.training import loop
 from ldm.training.config import format_config, save_config
 from ldm.training.finetune_config import FinetuneConfig, resolve_defaults
-from ldm.training.checkpoint import resolve_resume
+from ldm.training.checkpoint import keep_only_trainable, resolve_resume
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
 from ldm.training.validation import inference_pipeline, make_val_set, validation_loss
 
@@ -319,6 +319,8 @@ def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> Finetune
                                     weight_decay=1e-2 if cfg.method == "full" else 0.0)
     lr_scheduler = loop.make_lr_scheduler("constant_with_warmup", optimizer, cfg.lr_warmup_steps, cfg.max_steps,
                                           accelerator.num_processes)
+    if cfg.method == "lora":  # checkpoints hold the adapters, not a copy of the frozen UNet
+        keep_only_trainable(accelerator)
     if cfg.train_text_encoder:  # prepared (and so checkpointed) when trained
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
