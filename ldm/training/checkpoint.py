@@ -86,7 +86,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, write_
 def keep_only_trainable(accelerator) -> None:
     """Makes accelerator.save_state write, for each prepared model, only the parameters that require grad (a
     LoRA's adapters instead of the whole UNet: the frozen rest comes from the base model at resume), and
-    load_state read them back, refusing a file whose names differ from the model's trainable ones. Only where
+    load_state read them back, refusing a file whose names or shapes differ from the trainable ones. Only where
     Accelerate hands the hooks the state dicts (one process or DDP); FSDP and DeepSpeed save as usual."""
     from accelerate.utils import DistributedType
     from safetensors.torch import load_file
