@@ -45,7 +45,7 @@ def test_sd21_sizes_on_meta_device():
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd21', 'small', 'small-photo', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd21', 'small', 'small-photo', 'small-photo-deep', 'tiny'\]"):
         get_spec("huge")
     assert set(MODEL_PRESETS) >= {"tiny", "small", "sd15"}
 
@@ -57,6 +57,16 @@ def test_small_photo_is_small_with_a_wider_vae_and_the_same_latents():
     vae_small, vae_photo = build_vae(small), build_vae(photo)
     assert vae_photo.encode(x).latent_dist.mean.shape == vae_small.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
     assert sum(p.numel() for p in vae_photo.parameters()) == 954_567  # 4x small's 242,327
+
+
+def test_small_photo_deep_is_small_photo_with_deeper_levels_and_the_same_latents():
+    photo, deep = get_spec("small-photo"), get_spec("small-photo-deep")
+    assert deep.unet == photo.unet and deep.text_encoder == photo.text_encoder
+    assert deep.vae == dict(photo.vae, layers_per_block=2)
+    vae = build_vae(deep)
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, 8, 8)
+    assert len(vae.decoder.up_blocks[0].resnets) == 3 and len(vae.encoder.down_blocks[0].resnets) == 2
+    assert sum(p.numel() for p in vae.parameters()) == 1_288_263
 
 
 def head_widths(unet) -> set[int]:
