@@ -5,6 +5,7 @@ Spec forms (a prefix forces the kind; without one it is inferred):
     digits | digits:SPLIT[@R]        scikit-learn's handwritten digits, split train (default), test or all, at R px
                                      (default 32); a bare "digits" that is an existing path is that path
     photos:N | photos:N@R            N augmented crops of scikit-image's sample photographs (ldm/data/photos.py)
+    drawings:N | drawings:N@R        the same of its drawings and line art, inverted half the time
     A+B                              the built-in sources above mixed, e.g. shapes:2000@32+photos:2000@32
     folder:DIR  | DIR                a folder of images (recursive) with captions
     wds:PATTERN | x.tar | "s/{000..009}.tar" | "s/*.tar" | a folder of .tar shards
@@ -33,15 +34,15 @@ from ldm.data.sources.parquet import ParquetSource
 from ldm.data.sources.webdataset import SHARD_SUFFIXES, WebDatasetSource
 from ldm.data.transforms import ImageTransform
 
-KINDS = ("shapes", "digits", "photos", "folder", "wds", "parquet", "coco", "hf")
-BUILT_IN = ("shapes", "digits", "photos")  # generated in memory: these mix with "+"
-SPEC_HELP = ("use shapes:N[@R], digits[:train|test|all][@R], photos:N[@R] (mixed with +), a folder of images, "
-             ".tar shards (path, glob or {000..009} pattern), .parquet files, a COCO captions .json, or a "
+KINDS = ("shapes", "digits", "photos", "drawings", "folder", "wds", "parquet", "coco", "hf")
+BUILT_IN = ("shapes", "digits", "photos", "drawings")  # generated in memory: these mix with "+"
+SPEC_HELP = ("use shapes:N[@R], digits[:train|test|all][@R], photos:N[@R], drawings:N[@R] (mixed with +), a folder "
+             "of images, .tar shards (path, glob or {000..009} pattern), .parquet files, a COCO captions .json, or a "
              "save_to_disk folder (prefixes: " + ", ".join(KINDS) + ")")
 
 
 def parse_shapes(spec: str, kind: str = "shapes") -> tuple[int, int | None]:
-    """Returns (num_samples, resolution or None) of "shapes:N" / "shapes:N@R" (or photos:...)."""
+    """Returns (num_samples, resolution or None) of "shapes:N" / "shapes:N@R" (or photos:..., drawings:...)."""
     match = re.fullmatch(kind + r":(\d+)(?:@(\d+))?", spec.strip())
     if match is None:
         raise ValueError(f"bad {kind} spec {spec!r}; write {kind}:N or {kind}:N@R, e.g. {kind}:2000@64")
@@ -119,11 +120,12 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
         split, resolution = parse_digits(location)
         resolution = resolution or DEFAULT_RESOLUTION
         return MapSource(DigitsDataset(split, resolution), name="digits"), resolution
-    if kind == "photos":
+    if kind in ("photos", "drawings"):
         from ldm.data.photos import PhotoCrops
 
-        num_samples, resolution = parse_shapes(location, "photos")
-        return MapSource(PhotoCrops(num_samples, resolution or 64, seed=seed), name="photos"), resolution or 64
+        num_samples, resolution = parse_shapes(location, kind)
+        make = PhotoCrops if kind == "photos" else PhotoCrops.drawings
+        return MapSource(make(num_samples, resolution or 64, seed=seed), name=kind), resolution or 64
     if kind == "folder":
         return FolderSource(location, caption=caption, caption_column=caption_column or "text"), None
     if kind == "wds":

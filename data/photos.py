@@ -12,7 +12,8 @@ pictures are covered), with probability `recolour` (default 0.5) the hue rotated
 ..., get a random two-colour tint instead), and resized to `resolution`: the VAE sees scales from texture to
 whole scene, and colours that photographs rarely hold. The HELD_OUT photographs never enter PhotoCrops; their
 crops measure how a VAE reconstructs photographs it never saw. `open_dataset("photos:N@R")` wraps PhotoCrops;
-"shapes:N@R+photos:N@R" mixes both (ldm/data/open.py).
+"shapes:N@R+photos:N@R" mixes both (ldm/data/open.py); `drawings:N@R` gives crops of the DRAWINGS (text, a
+logo, a silhouette, ...), inverted half the time.
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ TRAIN_IMAGES = ("astronaut.png", "motorcycle_left.png", "hubble_deep_field.jpg",
                 "color.png", "camera.png", "coins.png", "moon.png", "page.png", "text.png", "brick.png", "grass.png",
                 "gravel.png", "cell.png", "clock_motion.png")
 HELD_OUT = ("chelsea.png", "coffee.png", "rocket.jpg")
-PHOTO_CAPTION = "a photograph"
+# Drawings and line art in the same wheel: text, a logo, a silhouette, a phantom's ellipses, a chessboard. As
+# `drawings:N@R` their crops are inverted half the time, so the VAE also sees thin bright lines on black.
+DRAWINGS = ("page.png", "text.png", "logo.png", "horse.png", "phantom.png", "chessboard_RGB.png")
+PHOTO_CAPTION, DRAWING_CAPTION = "a photograph", "a drawing"
 
 
 def sample_image(name: str) -> Image.Image:
@@ -62,9 +66,10 @@ def _is_grey(image: Image.Image) -> bool:
 
 
 def random_crop(image: Image.Image, rng: random.Random, resolution: int, min_scale: float = 0.15,
-                recolour: float = 0.5) -> Image.Image:
+                recolour: float = 0.5, invert: float = 0.0) -> Image.Image:
     """Returns a random square crop (min_scale to 1 of the short side), maybe flipped, colour-jittered, with
-    probability `recolour` hue-rotated (a grey image: tinted) and resized to resolution x resolution."""
+    probability `invert` inverted (a negative), with probability `recolour` hue-rotated (a grey image: tinted)
+    and resized to resolution x resolution."""
     short = min(image.size)
     side = max(8, round(short * rng.uniform(min_scale, 1.0)))
     left, top = rng.randint(0, image.width - side), rng.randint(0, image.height - side)
@@ -74,6 +79,8 @@ def random_crop(image: Image.Image, rng: random.Random, resolution: int, min_sca
     crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.35, 1.3))
     crop = ImageEnhance.Contrast(crop).enhance(rng.uniform(0.7, 1.4))
     crop = ImageEnhance.Color(crop).enhance(rng.uniform(0.5, 2.0))
+    if invert and rng.random() < invert:  # no draw when invert = 0: photos:N@R crops stay what they were
+        crop = ImageOps.invert(crop)
     if recolour and rng.random() < recolour and _is_grey(crop):  # a duotone: dark -> one colour, light -> another
         dark, light = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
         crop = ImageOps.colorize(crop.convert("L"), dark, light)
@@ -86,17 +93,25 @@ def random_crop(image: Image.Image, rng: random.Random, resolution: int, min_sca
 
 
 class PhotoCrops:
-    """Map-style: item i is {"image": PIL RGB crop, "caption": "a photograph", "key": "photos-SEED-i"}, the same
-    crop for a given seed. The source images are read once and kept."""
+    """Map-style: item i is {"image": PIL RGB crop, "caption": caption, "key": "NAME-SEED-i"}, the same crop for a
+    given seed. The source images are read once and kept. `drawings()` gives the DRAWINGS, inverted half the time."""
 
     def __init__(self, num_samples: int, resolution: int = 64, seed: int = 0, images: tuple = TRAIN_IMAGES,
-                 recolour: float = 0.5):
+                 recolour: float = 0.5, invert: float = 0.0, caption: str = PHOTO_CAPTION, name: str = "photos"):
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
-        if not 0 <= recolour <= 1:
-            raise ValueError(f"recolour is a probability in [0, 1], got {recolour}")
+        for label, p in (("recolour", recolour), ("invert", invert)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{label} is a probability in [0, 1], got {p}")
         self.num_samples, self.resolution, self.seed, self.recolour = num_samples, resolution, seed, recolour
+        self.invert, self.caption, self.name = invert, caption, name
         self.images = [shrink(sample_image(name), 8 * resolution) for name in images]
+
+    @classmethod
+    def drawings(cls, num_samples: int, resolution: int = 64, seed: int = 0) -> "PhotoCrops":
+        """Crops of the DRAWINGS, inverted with probability 0.5 and recoloured like photos (`drawings:N@R`)."""
+        return cls(num_samples, resolution, seed, images=DRAWINGS, invert=0.5, caption=DRAWING_CAPTION,
+                   name="drawings")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -104,10 +119,10 @@ class PhotoCrops:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        rng = random.Random(f"photos/{self.seed}/{index}")  # str seeds hash stably across runs
+        rng = random.Random(f"{self.name}/{self.seed}/{index}")  # str seeds hash stably across runs
         image = self.images[rng.randrange(len(self.images))]
-        return {"image": random_crop(image, rng, self.resolution, recolour=self.recolour), "caption": PHOTO_CAPTION,
-                "key": f"photos-{self.seed}-{index:08d}"}
+        crop = random_crop(image, rng, self.resolution, recolour=self.recolour, invert=self.invert)
+        return {"image": crop, "caption": self.caption, "key": f"{self.name}-{self.seed}-{index:08d}"}
 
 
 def to_pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -212,4 +227,4 @@ def write_art_folder(folder: str, count: int = 12, size: int = 64, seed: int = 0
 
 
 __all__ = ["PhotoCrops", "held_out_crops", "art_images", "write_art_folder", "write_photo_folder", "sample_image",
-           "to_pixels", "TRAIN_IMAGES", "HELD_OUT"]
+           "to_pixels", "TRAIN_IMAGES", "HELD_OUT", "DRAWINGS"]

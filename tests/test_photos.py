@@ -1,12 +1,16 @@
 """Real images inside the scikit-image wheel: augmented crops for the VAE, held-out photographs, the art folder,
-and their data specs (photos:N@R, A+B)."""
+and their data specs (photos:N@R, drawings:N@R, A+B)."""
+import random
+
 import numpy as np
 import pytest
 import torch
 
 from ldm.data import open_dataset
-from ldm.data.photos import (HELD_OUT, TRAIN_IMAGES, PhotoCrops, art_images, held_out_crops, to_pixels,
-                             write_art_folder)
+from PIL import ImageOps
+
+from ldm.data.photos import (DRAWINGS, HELD_OUT, TRAIN_IMAGES, PhotoCrops, art_images, held_out_crops, random_crop,
+                             sample_image, to_pixels, write_art_folder)
 
 
 def test_crops_are_deterministic_varied_and_of_the_requested_size():
@@ -49,6 +53,37 @@ def test_photos_spec_and_mixing_built_in_sources():
     assert [item["key"].split("-")[0] for item in mixed] == ["shapes"] * 5 + ["photos"] * 3
     with pytest.raises(ValueError, match="bad photos spec"):
         open_dataset("photos:lots")
+
+
+def test_invert_gives_the_negative_of_the_same_crop():
+    image = sample_image("page.png")
+    plain = random_crop(image, random.Random("x"), 16, recolour=0.0)
+    inverted = random_crop(image, random.Random("x"), 16, recolour=0.0, invert=1.0)
+    difference = np.asarray(inverted, np.int16) - np.asarray(ImageOps.invert(plain), np.int16)
+    assert np.abs(difference).max() <= 2  # inverted before resampling: equal up to rounding
+    with pytest.raises(ValueError, match="invert is a probability"):
+        PhotoCrops(2, 16, invert=1.5)
+
+
+def test_drawings_spec_gives_inverted_and_plain_crops_of_the_drawings():
+    assert not set(DRAWINGS) & set(HELD_OUT)
+    items = list(open_dataset("drawings:40@16", shuffle=False))
+    assert len(items) == 40 and {item["caption"] for item in items} == {"a drawing"}
+    assert all(item["key"].startswith("drawings-0-") for item in items)
+    drawings = PhotoCrops.drawings(40, 16)
+    assert drawings.invert == 0.5 and [d["key"] for d in (drawings[i] for i in range(40))] == [i["key"] for i in items]
+    # without recolouring, each crop is the plain one or its negative (up to resampling's rounding), about half
+    # negatives
+    half = PhotoCrops(40, 16, images=DRAWINGS, recolour=0.0, invert=0.5, name="d")
+    plain = PhotoCrops(40, 16, images=DRAWINGS, recolour=0.0, name="d")
+    pixels = [(np.asarray(half[i]["image"], np.int16), np.asarray(plain[i]["image"], np.int16)) for i in range(40)]
+    negative = [np.abs(h - (255 - p)).max() <= 2 for h, p in pixels]
+    assert all(n or np.array_equal(h, p) for n, (h, p) in zip(negative, pixels))
+    assert 10 <= sum(negative) <= 30
+    mixed = list(open_dataset("photos:2@16+drawings:3@16", shuffle=False))
+    assert [item["key"].split("-")[0] for item in mixed] == ["photos"] * 2 + ["drawings"] * 3
+    with pytest.raises(ValueError, match="bad drawings spec"):
+        open_dataset("drawings:some")
 
 
 def test_only_built_in_sources_mix(tmp_path):
