@@ -17,6 +17,7 @@ logo, a silhouette, ...), inverted half the time.
 """
 from __future__ import annotations
 
+import colorsys
 import math
 import os
 import random
@@ -198,7 +199,7 @@ def art_image(index: int, size: int = 64, seed: int = 0) -> Image.Image:
     image = Image.new("RGB", (size, size), tuple(c // 2 for c in dark))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(4, 9)):
-        colour = tuple(int(c * 255) for c in __import__("colorsys").hsv_to_rgb(rng.random(), 0.9, 1.0))
+        colour = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(rng.random(), 0.9, 1.0))
         points = [(size * rng.random(), size * rng.random()) for _ in range(3)]
         draw.line(points, fill=colour, width=max(1, size // rng.randint(12, 30)))
     return image.filter(ImageFilter.SMOOTH)
