@@ -63,7 +63,7 @@ def test_errors_are_one_clear_line(tiny_folder, capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [  # refused by argparse (ldm.training.ranges.int_in) before loading
+@pytest.mark.parametrize("argv, message", [  # refused by argparse (ldm.ranges.int_in) before loading
     (["--steps", "0"], "argument --steps: 0 is outside the allowed range [1, 1000]"),
     (["--num-images", "0"], "argument --num-images: 0 is outside the allowed range [1, 100000]"),
 ])

@@ -14,7 +14,7 @@ import ldm.training
 from ldm.cli import main as ldm_main
 from ldm.evaluation.guidance_sweep import SweepConfig
 from ldm.evaluation.run import EvalConfig
-from ldm.training.ranges import check_ranges, numeric_fields, parse_interval
+from ldm.ranges import check_ranges, numeric_fields, parse_interval
 from ldm.training.demo import DemoConfig
 from ldm.training.finetune_config import FinetuneConfig
 from ldm.training.ldm_config import TrainLDMConfig

@@ -1,7 +1,7 @@
 """`ldm create-model --preset tiny --out DIR`: a randomly initialised model folder, built offline from a preset."""
 from __future__ import annotations
 
-from ldm.training.ranges import int_in
+from ldm.ranges import int_in
 
 
 def add_arguments(p):

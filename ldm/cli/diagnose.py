@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ldm.training.ranges import float_in, int_in
+from ldm.ranges import float_in, int_in
 
 
 def _csv_list(text: str) -> list[str]:

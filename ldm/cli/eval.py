@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ldm.training.ranges import float_in, int_in
+from ldm.ranges import float_in, int_in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

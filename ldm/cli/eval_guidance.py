@@ -13,7 +13,7 @@ import argparse
 import os
 import shutil
 
-from ldm.training.ranges import float_in
+from ldm.ranges import float_in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

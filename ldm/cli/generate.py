@@ -9,7 +9,7 @@ import os
 import random
 import time
 
-from ldm.training.ranges import float_in, int_in
+from ldm.ranges import float_in, int_in
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

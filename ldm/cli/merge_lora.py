@@ -5,7 +5,7 @@ model with the LoRA at --scale, without adapter layers at run time.
 """
 from __future__ import annotations
 
-from ldm.training.ranges import float_in
+from ldm.ranges import float_in
 
 
 def add_arguments(p) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ldm.training.ranges import int_in
+from ldm.ranges import int_in
 
 
 def add_arguments(parser) -> None:

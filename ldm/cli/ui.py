@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ldm.training.ranges import int_in
+from ldm.ranges import int_in
 
 
 def add_arguments(p):

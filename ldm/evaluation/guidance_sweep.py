@@ -31,7 +31,7 @@ from ldm.diagnostics.io import write_json
 from ldm.diffusion.process import snr
 from ldm.pipelines.guidance import APGSettings
 from ldm.pipelines.recommended import GUIDANCE_FILE
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 
 BUILT_IN_PROMPTS = ("shapes", "digits")
 FEATURES = ("pixels", "tiny", "inception")

@@ -18,7 +18,7 @@ from ldm.diagnostics.io import write_json
 from ldm.evaluation.fid import fid_from_features, kernel_inception_distance
 from ldm.evaluation.images import load_image_folder, to_unit_batch
 from ldm.evaluation.memorization import memorization_report
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 
 
 @dataclass
@@ -36,7 +36,7 @@ class EvalConfig:
     seed: int = 0
     memorisation_size: int = 32           # images are compared as size x size pixels
 
-    # Allowed values of every int/float field (ldm.training.ranges.check_ranges).
+    # Allowed values of every int/float field (ldm.ranges.check_ranges).
     RANGES = {"images_per_prompt": "[1, 1000]", "steps": "[1, 1000]", "guidance_scale": "[0, 100]",
               "seed": "[0, 4294967295]", "memorisation_size": "[8, 1024]"}
 

@@ -23,7 +23,7 @@ Flag conventions:
 
 Unknown keys and values of the wrong type, from the YAML file or from a flag, raise ValueError naming the key.
 
-Every int/float field has an allowed range in the class's RANGES dict: ldm/training/ranges.py.
+Every int/float field has an allowed range in the class's RANGES dict: ldm/ranges.py.
 """
 from __future__ import annotations
 

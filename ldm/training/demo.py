@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ldm.evaluation.shape_prompts import canonical_prompt, eval_prompts, held_out_prompts, two_shape_prompts
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.train_vae import TrainVAEConfig
 
@@ -69,7 +69,7 @@ class DemoConfig:
                                      # SIGTERM or max minutes, or with more vae_steps / ldm_steps than before
     seed: int = 0
 
-    # Allowed values of every int/float field (ldm.training.ranges.check_ranges).
+    # Allowed values of every int/float field (ldm.ranges.check_ranges).
     RANGES = {
         "minutes": "(0, 1e5]", "resolution": "[8, 1024]", "num_samples": "[1, 1e7]", "two_shape_fraction": "[0, 1]",
         "vae_steps": "[1, 1e7]", "vae_batch_size": "[1, 4096]", "vae_learning_rate": "(0, 1]",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 
 METHODS = ("lora", "full")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -75,7 +75,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
 
-    # Allowed values of every int/float field (ldm.training.ranges.check_ranges); 0 is allowed where it means
+    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means
     # "scaled to the folder" or "off".
     RANGES = {
         "resolution": "[0, 8192]", "lora_rank": "[1, 1024]", "lora_alpha": "[0, 1e4]", "lora_dropout": "[0, 1)",

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from ldm.diffusion import BETA_SCHEDULES, TIMESTEP_SAMPLING, WEIGHTINGS
 from ldm.objectives import OBJECTIVES
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 
 LOSSES = ("mse", "huber", "l1")
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -103,7 +103,7 @@ class TrainLDMConfig:
     report_to: str = "tensorboard"         # "tensorboard" or "none"
     seed: int = 0
 
-    # Allowed values of every int/float field (ldm.training.ranges.check_ranges); 0 is allowed where it means "off".
+    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means "off".
     RANGES = {
         "resolution": "[8, 8192]", "num_workers": "[0, 256]", "max_token_length": "[0, 77]",
         "beta_start": "(0, 1)", "beta_end": "(0, 1)", "num_train_timesteps": "[2, 100000]",

@@ -43,7 +43,7 @@ from ldm.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 from ldm.training import loop
 from ldm.training.checkpoint import list_checkpoints, resolve_resume
 from ldm.training.config import format_config, save_config
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 from ldm.training.step import batch_captions, step_generator
 from ldm.training.stream import BatchStream
 from ldm.training.validation import first_samples
@@ -85,7 +85,7 @@ class TrainTextEncoderConfig:
     num_workers: int = 0
     seed: int = 0
 
-    # Allowed values of every int/float field (ldm.training.ranges.check_ranges); 0 is allowed where it means "off".
+    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means "off".
     RANGES = {
         "resolution": "[8, 8192]", "embed_dim": "[2, 65536]", "vision_width": "[8, 65536]",
         "vision_layers": "[1, 1000]", "vision_head_width": "[1, 65536]", "patch_size": "[1, 8192]",

@@ -24,7 +24,7 @@ from ldm.models.presets import MODEL_PRESETS, build_vae, get_spec
 from ldm.models.vae import encode_posterior, reconstruction_report
 from ldm.training import loop
 from ldm.training.config import format_config, save_config
-from ldm.training.ranges import check_ranges
+from ldm.ranges import check_ranges
 from ldm.training.lpips import load_lpips
 from ldm.training.step import step_generator
 from ldm.training.stream import BatchStream
@@ -70,7 +70,7 @@ class TrainVAEConfig:
     num_workers: int = 0
     seed: int = 0
 
-    # Allowed values of every int/float field (ldm.training.ranges.check_ranges); 0 is allowed where it means "off".
+    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means "off".
     RANGES = {
         "resolution": "[8, 8192]", "kl_weight": "[0, 1e3]", "lpips_weight": "[0, 1e3]", "disc_start": "[-1, 1e9]",
         "disc_weight": "[0, 1e3]", "disc_width": "[4, 4096]", "disc_learning_rate": "(0, 1]",
