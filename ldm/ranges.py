@@ -1,8 +1,13 @@
 """Allowed ranges of numbers, checked before any work starts: config fields and argparse options.
 
-Every int/float field has an allowed range, declared in the class's RANGES dict ("[1, 1e6]", "(0, 1]", "[0, inf]";
-brackets include the bound, parentheses exclude it); `check_ranges` (called first by each `validate`) refuses a
-value outside it, naming the field and the range. Argparse commands use `int_in("[1, 1e6]")` or `float_in(...)` as `type=`.
+Every int/float field has an allowed range ("[1, 1e6]", "(0, 1]", "[0, inf]"; brackets include the bound,
+parentheses exclude it), declared next to the field with `setting`:
+
+    max_steps: int = setting(1000, "[1, 1e9]")  # the comment is the flag's help
+
+(or, in classes that still have one, in a RANGES dict). `check_ranges` (called first by each `validate`) refuses
+a value outside it, naming the field and the range. Argparse commands use `int_in("[1, 1e6]")` or `float_in(...)`
+as `type=`.
 """
 from __future__ import annotations
 
@@ -33,6 +38,39 @@ def in_interval(value: float, spec: str) -> bool:
     return (lo <= value if lo_closed else lo < value) and (value <= hi if hi_closed else value < hi)
 
 
+def setting(default=dataclasses.MISSING, range: str | None = None, *, flag: str | None = None,
+            old: tuple[str, ...] = (), factory=None):
+    """Returns a dataclass field: its default (or `factory` for a list), its allowed range, and where its flag is
+    not its name (`--out` for output_dir), the flag and the former flags kept as deprecated aliases (ldm.flags)."""
+    if range is not None:
+        parse_interval(range)
+    metadata = {k: v for k, v in (("range", range), ("flag", flag), ("old", tuple(old))) if v}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_metadata(cls, name: str, key: str):
+    """Returns metadata `key` of field `name` of dataclass `cls`, from the nearest class that declares it (a
+    command's config may set a shared field's default again without repeating its range), else None."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and key in f.metadata:
+            return f.metadata[key]
+    return None
+
+
+def ranges_of(cls) -> dict[str, str]:
+    """Returns {field: allowed range} of a config dataclass: the ranges declared with `setting`, and the class's
+    RANGES dict where it has one."""
+    ranges = dict(getattr(cls, "RANGES", {}))
+    for f in dataclasses.fields(cls):
+        spec = field_metadata(cls, f.name, "range")
+        if spec is not None:
+            ranges[f.name] = spec
+    return ranges
+
+
 def numeric_fields(cls) -> list[str]:
     """Returns the names of the fields of dataclass `cls` whose type is int or float (optional ones too)."""
     names = []
@@ -45,14 +83,15 @@ def numeric_fields(cls) -> list[str]:
 
 
 def check_ranges(cfg) -> None:
-    """Raises ValueError naming the first int/float field of `cfg` outside its range in type(cfg).RANGES."""
-    ranges = getattr(type(cfg), "RANGES", {})
+    """Raises ValueError naming the first int/float field of `cfg` outside its range (ranges_of)."""
+    ranges = ranges_of(type(cfg))
     for name in numeric_fields(type(cfg)):
         value = getattr(cfg, name)
         if value is None or name not in ranges:
             continue
         if not in_interval(float(value), ranges[name]):
-            raise ValueError(f"{name}={value!r} is outside the allowed range {ranges[name]}; pass --{name} within "
+            flag = (field_metadata(type(cfg), name, "flag") or name).replace("_", "-")
+            raise ValueError(f"{name}={value!r} is outside the allowed range {ranges[name]}; pass --{flag} within "
                              f"it ({type(cfg).__name__}'s field comments say where 0 means off)")
 
 

@@ -12,7 +12,8 @@ import pytest
 from ldm.cli import build_parser
 from ldm.cli import main as ldm_main
 from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SAMPLING, WEIGHTINGS
-from ldm.training.config import config_from_args, field_comments, parse_config
+from ldm.flags import underscored
+from ldm.training.config import config_from_args, field_comments, flag_name, parse_config
 from ldm.training.demo import DemoConfig
 from ldm.training.finetune_config import METHODS, FinetuneConfig
 from ldm.training.ldm_config import LOSSES, OPTIMIZERS, TrainLDMConfig
@@ -80,7 +81,7 @@ def flag_argv(flag: str, value) -> list[str]:
     if isinstance(value, bool):
         return [flag] if value else [flag, "false"]
     if isinstance(value, list):
-        return [a for item in value for a in (flag, item)]
+        return [flag, *value]
     return [flag, repr(value) if isinstance(value, float) else str(value)]
 
 
@@ -110,10 +111,12 @@ def test_help_lists_every_field_with_its_default(command, capsys, monkeypatch):
     assert "--config FILE.yaml" in text
     for f in dataclasses.fields(cls):
         default = getattr(cls(), f.name)
-        dashed = f.name.replace("_", "-")
-        assert f"--{f.name}" in text, f.name
-        assert re.search(rf"--{re.escape(dashed)}(?: \[?[A-Z]+\]?)? \[default: {re.escape(shown(default))}\]",
-                         text), f"{command} --help: no '--{dashed} ... [default: {shown(default)}]'"
+        flag = flag_name(cls, f.name)
+        assert re.search(rf"{re.escape(flag)}(?: \[?[A-Z]+\]?(?: \[[A-Z]+ \.\.\.\])?)? \[default: {re.escape(shown(default))}\]",
+                         text), f"{command} --help: no '{flag} ... [default: {shown(default)}]'"
+        if "-" in flag[2:]:  # the underscore spelling parses (test_every_field_can_be_set_from_a_flag) but is hidden
+            assert f"{underscored(flag)} " not in text, flag
+        assert f"--{f.name} " not in text or f"--{f.name}" == flag, f.name  # a former flag is hidden too
     comments = field_comments(cls)
     assert comments and all(" ".join(c.split()) in text for c in comments.values())  # '%' in comments survives
 
@@ -129,21 +132,21 @@ def test_field_comments_come_from_the_source():
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_field_can_be_set_from_a_flag(command, tmp_path):
     """Each field alone (with the fields validate() ties it to), through `ldm COMMAND`'s parser and through
-    parse_config (the train/*.py scripts), alternating --under_score and --dash-ed spellings."""
+    parse_config (the train/*.py scripts), alternating the --dash-ed flag and its --under_score spelling."""
     cls, extra = COMMANDS[command]
     parser = build_parser([command])
     for i, f in enumerate(dataclasses.fields(cls)):
         value, companions = other_value(cls, f.name, tmp_path)
         assert value != getattr(cls(), f.name)
-        argv = base_argv(cls) + [a for k, v in companions.items() for a in flag_argv(f"--{k}", v)]
-        argv += flag_argv("--" + (f.name.replace("_", "-") if i % 2 else f.name), value)
+        argv = base_argv(cls) + [a for k, v in companions.items() for a in flag_argv(flag_name(cls, k), v)]
+        argv += flag_argv(underscored(flag_name(cls, f.name)) if i % 2 else flag_name(cls, f.name), value)
         expected = cls(**{**extra, **companions, f.name: value})
         assert config_from_args(cls, parser.parse_args([command, *argv])) == expected, argv
         assert parse_config(cls, argv) == expected, argv
 
 
 def test_demo_recipe_flags_arrive_in_demo_config():
-    args = build_parser(["demo"]).parse_args(["demo", "--vae_steps", "3", "--ldm_steps", "4", "--guidance", "2.5",
+    args = build_parser(["demo"]).parse_args(["demo", "--vae_steps", "3", "--ldm-steps", "4", "--guidance-scale", "2.5",
                                               "--timestep_sampling", "logit_normal", "--canonical-captions", "false"])
     cfg = config_from_args(DemoConfig, args)
     assert cfg == dataclasses.replace(DemoConfig(), vae_steps=3, ldm_steps=4, guidance=2.5,
@@ -153,7 +156,7 @@ def test_demo_recipe_flags_arrive_in_demo_config():
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "demo.yaml"
     path.write_text("guidance: 3.0\nvae_steps: 5\nldm_steps: 6\n")
-    args = build_parser(["demo"]).parse_args(["demo", "--config", str(path), "--guidance", "2.5"])
+    args = build_parser(["demo"]).parse_args(["demo", "--config", str(path), "--guidance-scale", "2.5"])
     assert config_from_args(DemoConfig, args) == dataclasses.replace(DemoConfig(), guidance=2.5, vae_steps=5,
                                                                      ldm_steps=6)
     path = tmp_path / "finetune.yaml"
@@ -173,6 +176,8 @@ def test_list_items_keep_their_commas():
     assert config_from_args(FinetuneConfig, args).validation_prompts == ["a red, round thing",
                                                                          "a blue square, on the left"]
     assert parse_config(TrainLDMConfig, ["--validation_prompts", "a, b"]).validation_prompts == ["a, b"]
+    spaced = ["--validation-prompts", "a red, round thing", "a blue square", "--seed", "3"]  # the one list form
+    assert parse_config(TrainLDMConfig, spaced).validation_prompts == ["a red, round thing", "a blue square"]
     assert parse_config(TrainLDMConfig, ["--validation_prompts", "x", "--validation_prompts", "[]"]) \
         .validation_prompts == []  # [] empties the list (e.g. one from the YAML file)
 
@@ -192,7 +197,8 @@ def test_bool_flags():
 @pytest.mark.parametrize("argv, message", [
     (["--learning-rat", "1e-4"], r"unknown flag --learning-rat; did you mean --learning-rate\?"),
     (["--seed=1", "stray"], "unexpected argument 'stray'"),
-    (["--batch_size", "--seed", "1"], "flag --batch_size needs a value"),
+    (["--batch_size", "--seed", "1"], "flag --batch-size needs a value"),
+    (["--validation-prompts", "--seed", "1"], "flag --validation-prompts needs a value"),
     (["--learning_rate", "fast"], "learning_rate' wants a number"),
     (["--config"], "flag --config needs a value"),
 ])
@@ -252,4 +258,5 @@ def test_script_help_lists_every_field():
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     for f in dataclasses.fields(TrainLDMConfig):
-        assert f"--{f.name}" in text and f"[default: {shown(getattr(TrainLDMConfig(), f.name))}]" in text, f.name
+        flag = flag_name(TrainLDMConfig, f.name)
+        assert f"{flag} " in text and f"[default: {shown(getattr(TrainLDMConfig(), f.name))}]" in text, f.name

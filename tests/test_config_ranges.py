@@ -14,7 +14,8 @@ import ldm.training
 from ldm.cli import main as ldm_main
 from ldm.evaluation.guidance_sweep import SweepConfig
 from ldm.evaluation.run import EvalConfig
-from ldm.ranges import check_ranges, numeric_fields, parse_interval
+from ldm.ranges import check_ranges, numeric_fields, parse_interval, ranges_of
+from ldm.training.base_config import TrainingConfig
 from ldm.training.demo import DemoConfig
 from ldm.training.finetune_config import FinetuneConfig
 from ldm.training.ldm_config import TrainLDMConfig
@@ -24,7 +25,8 @@ from ldm.training.train_vae import TrainVAEConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Every command's settings, with what a valid instance needs besides its defaults.
-CONFIGS = {TrainLDMConfig: {}, TrainVAEConfig: {}, FinetuneConfig: {"model": "base", "data": "images"},
+CONFIGS = {TrainingConfig: {}, TrainLDMConfig: {}, TrainVAEConfig: {},
+           FinetuneConfig: {"model": "base", "data": "images"},
            DemoConfig: {}, EvalConfig: {}, TrainTextEncoderConfig: {}, SweepConfig: {"reference": "digits:test@32"}}
 
 
@@ -54,7 +56,7 @@ def field_kind(cls, name: str) -> type:
 
 
 def test_every_command_config_class_is_checked():
-    """A new `...Config` dataclass in ldm.training or ldm.evaluation must be added to CONFIGS (and declare RANGES)."""
+    """A new `...Config` dataclass in ldm.training or ldm.evaluation must be added to CONFIGS (and declare ranges)."""
     found = set()
     for package in (ldm.training, ldm.evaluation):
         for info in pkgutil.iter_modules(package.__path__):
@@ -67,15 +69,16 @@ def test_every_command_config_class_is_checked():
 @pytest.mark.parametrize("cls", list(CONFIGS), ids=lambda c: c.__name__)
 def test_defaults_are_inside_their_ranges_and_no_range_is_stale(cls):
     cls(**CONFIGS[cls]).validate()
-    stale = set(cls.RANGES) - set(numeric_fields(cls))
-    assert not stale, f"{cls.__name__}.RANGES names fields it does not have: {sorted(stale)}"
+    stale = set(ranges_of(cls)) - set(numeric_fields(cls))
+    assert not stale, f"{cls.__name__}'s ranges name fields it does not have: {sorted(stale)}"
 
 
 @pytest.mark.parametrize("cls, name", numeric_cases(), ids=lambda x: getattr(x, "__name__", x))
 def test_numeric_field_refuses_values_outside_its_declared_range(cls, name):
-    ranges = getattr(cls, "RANGES", {})
-    assert name in ranges, (f"{cls.__name__}.{name} has no declared range: add \"{name}\": \"[lo, hi]\" to "
-                            f"{cls.__name__}.RANGES (0 included only where the field's comment says what 0 means)")
+    ranges = ranges_of(cls)
+    assert name in ranges, (f"{cls.__name__}.{name} has no declared range: declare it `{name}: ... = "
+                            f"setting(default, \"[lo, hi]\")` (ldm.ranges; 0 included only where the field's comment "
+                            f"says what 0 means)")
     spec, kind = ranges[name], field_kind(cls, name)
     base = cls(**CONFIGS[cls])
     lo, hi, lo_closed, hi_closed = parse_interval(spec)

@@ -1,12 +1,16 @@
 """The `ldm` command: one subcommand per module in ldm.cli, loaded only when used (so --help is instant).
 
-Each module defines `add_arguments(parser)` and `run(args) -> int | None`.
+Each module defines `add_arguments(parser)` and `run(args) -> int | None`. Every parser is an ldm.flags.FlagParser:
+dashed flags with hidden underscore aliases, former names as deprecated aliases, a misspelt flag refused with the
+command's own usage.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from ldm.flags import FlagParser
 
 # name -> (module, one-line help). Order is the order `ldm --help` shows.
 COMMANDS = {
@@ -34,7 +38,7 @@ def available_commands() -> dict:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description="Text-to-image latent diffusion: train, sample, diagnose.")
+    parser = FlagParser(prog="ldm", description="Text-to-image latent diffusion: train, sample, diagnose.")
     parser.add_argument("--version", action="version", version=f"ldm {__import__('ldm').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and not argv[0].startswith("-") else None

@@ -1,7 +1,7 @@
 """`ldm demo`: train a text-to-image model on the built-in shapes data on this machine, then grade it.
 
 Every field of DemoConfig (ldm/training/demo.py) is a flag, e.g. `ldm demo --out runs/demo --minutes 15
---vae_steps 300 --ldm_steps 600 --timestep_sampling logit_normal`, plus `--config FILE.yaml`;
+--vae-steps 300 --ldm-steps 600 --timestep-sampling logit_normal`, plus `--config FILE.yaml`;
 `ldm demo --help` lists them with their defaults.
 """
 from __future__ import annotations
@@ -17,12 +17,5 @@ def use_cpu_if_asked(cfg) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
-_add_config_arguments, run = config_command("ldm.training.demo", "DemoConfig", "ldm.training.demo", "run_demo",
-                                            before=use_cpu_if_asked)
-
-
-def add_arguments(parser) -> None:
-    import argparse
-
-    _add_config_arguments(parser)
-    parser.add_argument("--preset", dest="model", default=argparse.SUPPRESS, help="the former name of --model")
+add_arguments, run = config_command("ldm.training.demo", "DemoConfig", "ldm.training.demo", "run_demo",
+                                    before=use_cpu_if_asked)

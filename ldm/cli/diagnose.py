@@ -1,8 +1,8 @@
 """`ldm diagnose timesteps|sampling|schedule|training|all`: diagnostics as PNG plots, JSON and CSV.
 
     ldm diagnose timesteps --model DIR --data shapes:64 --out diag/ [--gaussian-reference]
-    ldm diagnose sampling --model DIR --prompt "a red circle" --schedulers ddpm,ddim,lms --steps 25 --out diag/
-    ldm diagnose schedule --beta-schedule linear scaled_linear --out diag/
+    ldm diagnose sampling --model DIR --prompt "a red circle" --schedulers ddpm ddim lms --steps 25 --out diag/
+    ldm diagnose schedule --noise-schedule linear scaled_linear --out diag/
     ldm diagnose training --history run/val_loss.jsonl --out diag/
     ldm diagnose all --model DIR --out benchmarks/figures/   # everything the README shows
 
@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ldm.flags import SplitCommas
 from ldm.ranges import float_in, int_in
-
-
-def _csv_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _add_timesteps(p: argparse.ArgumentParser) -> None:
@@ -42,8 +39,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--schedulers", type=_csv_list, default=None,
-                   help="comma-separated names (default: ddpm,ddim,lms, or for a flow model euler,heun)")
+    p.add_argument("--schedulers", nargs="+", action=SplitCommas, default=None, metavar="NAME",
+                   help="sampler names, space-separated (default: ddpm ddim lms, or for a flow model euler heun)")
     p.add_argument("--steps", type=int_in("[1, 1000]"), default=25)
     p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=0)
     p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=7.5)
@@ -60,13 +57,15 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _add_schedule(p: argparse.ArgumentParser) -> None:
     from ldm.diffusion import BETA_SCHEDULES
 
-    p.add_argument("--beta-schedule", nargs="+", default=["linear", "scaled_linear", "squaredcos_cap_v2"],
+    p.add_argument("--noise-schedule", nargs="+", dest="beta_schedule", deprecated=["--beta-schedule"],
+                   default=["linear", "scaled_linear", "squaredcos_cap_v2"],
                    choices=BETA_SCHEDULES, metavar="NAME", help=f"one or more of {', '.join(BETA_SCHEDULES)}")
     p.add_argument("--out", required=True)
     p.add_argument("--num-train-timesteps", type=int_in("[2, 100000]"), default=1000)
     p.add_argument("--beta-start", type=float_in("(0, 1)"), default=None, help="default: the schedule's usual value")
     p.add_argument("--beta-end", type=float_in("(0, 1)"), default=None)
-    p.add_argument("--schedulers", type=_csv_list, default=["ddpm", "ddim", "lms"])
+    p.add_argument("--schedulers", nargs="+", action=SplitCommas, default=["ddpm", "ddim", "lms"], metavar="NAME",
+                   help="sampler names, space-separated")
     p.add_argument("--steps", type=int_in("[1, 1000]"), default=20,
                    help="inference steps for the visited-timesteps table")
     p.add_argument("--variance", choices=["posterior", "beta"], default="posterior",

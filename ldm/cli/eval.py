@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default=None, help="folder of real images: enables FID and KID")
     parser.add_argument("--features", choices=["inception", "tiny"], default="inception",
                         help="feature extractor for FID/KID")
-    parser.add_argument("--inception-weights", "--feature-weights", dest="feature_weights", default=None,
+    parser.add_argument("--feature-weights", deprecated=["--inception-weights"], default=None,
                         help="local weights file of the feature extractor (default: $LDM_INCEPTION_WEIGHTS or "
                              "~/.cache/ldm/inception_v3_google-0cc3c7bd.pth)")
     parser.add_argument("--clip-model", default=None, help="open_clip model name (with --clip-weights) or folder")

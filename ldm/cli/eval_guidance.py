@@ -31,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", action="store_true",
                    help="also write the recommended setting into the model folder as guidance.json, the model's "
                         "default guidance (else it goes to --out only)")
-    p.add_argument("--methods", nargs="+", default=list(defaults.methods), metavar="METHOD",
+    p.add_argument("--guidance-methods", nargs="+", dest="methods", deprecated=["--methods"],
+                   default=list(defaults.methods), metavar="METHOD",
                    help=f"guidance methods: {', '.join(METHODS)} (default: all)")
-    p.add_argument("--scales", nargs="+", type=float, default=list(defaults.scales), metavar="W",
+    p.add_argument("--guidance-scales", nargs="+", dest="scales", deprecated=["--scales"], type=float,
+                   default=list(defaults.scales), metavar="W",
                    help="guidance scales swept for every method (<= 1: no guidance)")
     p.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
     p.add_argument("--steps", type=int, default=defaults.steps, help="sampling steps, the same for every setting")
@@ -48,17 +50,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="distance feature space: pixels (box-averaged, no weights), tiny or inception (local weights)")
     p.add_argument("--feature-size", type=int, default=defaults.feature_size, help="pixels: side after averaging")
     p.add_argument("--feature-weights", default=None, help="tiny / inception: local weights file")
-    p.add_argument("--interval", nargs=2, type=float, default=None, metavar=("T_LO", "T_HI"),
+    p.add_argument("--guidance-interval", nargs=2, dest="interval", deprecated=["--interval"], type=float,
+                   default=None, metavar=("T_LO", "T_HI"),
                    help="the interval method's band in the sampler's timesteps (default: sigma in (0.28, 5.42], "
                         "Kynkaanniemi et al. 2024, mapped to the model's schedule)")
     p.add_argument("--apg-norm-threshold", type=float_in("[0, inf)"), default=defaults.apg.norm_threshold,
                    help="the apg method's cap r on the update's L2 norm over the whole latent (0 = none); the "
                         "default is the paper's for 128x128x4 latents: scale it with the square root of the size")
-    p.add_argument("--rescale", type=float_in("[0, 1]"), default=defaults.rescale,
+    p.add_argument("--guidance-rescale", dest="rescale", deprecated=["--rescale"], type=float_in("[0, 1]"),
+                   default=defaults.rescale,
                    help="the rescale method's phi (Lin et al. 2023)")
     p.add_argument("--tolerance", type=float_in("[0, 1]"), default=defaults.tolerance,
                    help="recommend the lowest FID among settings within this of the best adherence")
-    p.add_argument("--grid-scale", type=float, default=defaults.grid_scale,
+    p.add_argument("--grid-guidance-scale", dest="grid_scale", deprecated=["--grid-scale"], type=float,
+                   default=defaults.grid_scale,
                    help="each method's sample grid shows the swept scale nearest this")
     p.add_argument("--device", default=None)
 

@@ -12,11 +12,11 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="the base pipeline folder the LoRA was trained on")
     p.add_argument("--lora", required=True, help="a LoRA .safetensors (diffusers or web-UI keys) or its folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--scale", type=float_in("[-10, 10]"), default=1.0, help="LoRA strength to fuse (1 = as trained)")
+    p.add_argument("--lora-scale", type=float_in("[-10, 10]"), default=1.0, deprecated=["--scale"], help="LoRA strength to fuse (1 = as trained)")
 
 
 def run(args) -> int:
     from ldm.models.lora import merge_lora
 
-    print(f"wrote {merge_lora(args.model, args.lora, args.out, args.scale)}")
+    print(f"wrote {merge_lora(args.model, args.lora, args.out, args.lora_scale)}")
     return 0

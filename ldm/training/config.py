@@ -10,20 +10,22 @@ One way from a config dataclass to command-line flags, used by every command tha
 
 `parse_config(cls, argv)` is those two on a parser of its own whose errors raise ValueError instead of exiting.
 
-Flag conventions:
-  * each field `name` is `--name VALUE` or `--name-with-dashes VALUE`; `--name=VALUE` works too. Unknown flags
-    and abbreviations are errors. `--help` lists every field with its default and its comment in the source.
+Flag conventions (ldm/flags.py, the same for every command):
+  * each field `name` is `--name-with-dashes VALUE` (`--name_with_underscores` and `--name=VALUE` work too), or
+    the flag its `setting(flag=...)` names where the field's name is not the concept's (output_dir is `--out`;
+    the field's own spelling is then a deprecated alias). Unknown flags and abbreviations are errors. `--help`
+    lists every flag with its default and its comment in the source (the shared ones: base_config.py).
   * bool fields: `--flag` alone means true; `--flag false` (or true/yes/no/on/off/1/0) sets it either way.
-  * list fields (e.g. validation_prompts): repeat the flag, one item per occurrence, taken verbatim, so an item
-    may hold commas: `--validation_prompts "a red, round thing" --validation_prompts "a blue square"`. The
-    flags replace the list of the YAML file or the default as a whole; `--validation_prompts []` (the text `[]`
-    alone) empties it.
+  * list fields (e.g. validation_prompts): the items space-separated after the flag, each taken verbatim, so an
+    item may hold commas: `--validation-prompts "a red, round thing" "a blue square"` (repeating the flag adds
+    items). The flags replace the list of the YAML file or the default as a whole; `--validation-prompts []`
+    (the text `[]` alone) empties it.
   * optional fields: the text none (or null, ~) means None.
   * numbers: typed here, then range-checked by the class's `validate()` (below), before any work starts.
 
 Unknown keys and values of the wrong type, from the YAML file or from a flag, raise ValueError naming the key.
 
-Every int/float field has an allowed range in the class's RANGES dict: ldm/ranges.py.
+Every int/float field has an allowed range, declared next to it with ldm.ranges.setting.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ import types
 import typing
 
 import yaml
+
+from ldm.flags import FlagParser, dashed
+from ldm.ranges import field_metadata
 
 
 def _field_types(cls) -> dict[str, typing.Any]:
@@ -157,12 +162,12 @@ def format_config(cfg) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()
 
 
-class ConfigArgumentParser(argparse.ArgumentParser):
+class ConfigArgumentParser(FlagParser):
     """An ArgumentParser whose errors raise ValueError naming the flag, instead of printing usage and exiting
     (for parse_config: scripts and tests get an exception, as from a bad YAML key)."""
 
     def error(self, message: str):
-        missing = re.match(r"argument (-[^/:\s]+)\S*: expected one argument", message)
+        missing = re.match(r"argument (-[^/:\s]+)\S*: expected (?:at least )?one argument", message)
         if missing:
             raise ValueError(f"flag {missing.group(1)} needs a value")
         unrecognized = re.match(r"unrecognized arguments: (.*)", message)
@@ -171,8 +176,7 @@ class ConfigArgumentParser(argparse.ArgumentParser):
             if not first.startswith("-"):
                 raise ValueError(f"unexpected argument {first!r}; write --key value")
             flag = first.partition("=")[0]
-            close = difflib.get_close_matches(flag, [s for s in self._option_string_actions if s.startswith("--")],
-                                              n=1)
+            close = difflib.get_close_matches(dashed(flag), self.visible_flags(), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"unknown flag {flag}{hint} (--help lists every flag)")
         raise ValueError(message)
@@ -212,18 +216,28 @@ def _flag_text_type(key: str, hint):
     return convert
 
 
-class _ListItemAction(argparse.Action):
-    """Appends one item per occurrence of the flag; the text `[]` empties the list."""
+class _ListItemsAction(argparse.Action):
+    """Adds the items after the flag (each occurrence adds more); the text `[]` alone empties the list."""
 
-    def __call__(self, parser, namespace, value, option_string=None):
+    def __call__(self, parser, namespace, values, option_string=None):
         items = list(getattr(namespace, self.dest, None) or [])
-        setattr(namespace, self.dest, [] if value == "[]" else items + [value])
+        setattr(namespace, self.dest, [] if list(values) == ["[]"] else items + list(values))
 
 
 @functools.lru_cache(maxsize=None)
 def field_comments(cls) -> dict[str, str]:
-    """Returns {field: its trailing `# comment` in the class's source, continuation lines joined}; {} where the
-    source cannot be read (a frozen install, a class made at run time)."""
+    """Returns {field: its trailing `# comment` in the source of the class or, where the class does not comment
+    it, of the base class that declares it (base_config.py), continuation lines joined}; {} where the source
+    cannot be read (a frozen install, a class made at run time)."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_class_comments(klass))
+    return comments
+
+
+def _class_comments(cls) -> dict[str, str]:
+    """Returns {field: its trailing comment} of the fields declared in `cls`'s own body."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
         tree = ast.parse(source)
@@ -267,17 +281,24 @@ def _conventions(cls) -> str:
     text = ["Settings: the defaults above, then --config FILE.yaml, then the flags given."]
     if any(_unwrap_optional(h) is bool for h in hints.values()):
         text.append("A bool flag alone means true (--flag false sets false).")
-    lists = [name for name, h in hints.items() if _list_item(h) is not None]
+    lists = [flag_name(cls, name) for name, h in hints.items() if _list_item(h) is not None]
     if lists:
-        text.append(f"A list setting takes one item per flag, repeated, commas kept: --{lists[0]} 'a red, round "
-                    f"thing' --{lists[0]} 'a cat'; --{lists[0]} [] empties it.")
+        text.append(f"A list setting takes its items space-separated, commas kept: {lists[0]} 'a red, round "
+                    f"thing' 'a cat'; {lists[0]} [] empties it.")
+    text.append("Every flag may be spelled with underscores too (--max_steps).")
     text.append("Numbers outside their ranges are refused before any work.")
     return " ".join(text)
 
 
-def add_config_arguments(parser, cls) -> None:
-    """Adds `--config FILE.yaml` and one option per field of dataclass `cls` to an argparse parser, spelled
-    `--name` and `--name-with-dashes`, its help the field's default and comment (conventions: module docstring).
+def flag_name(cls, name: str) -> str:
+    """Returns the flag of field `name`: `--name-with-dashes`, or the one its setting(flag=...) names."""
+    return "--" + (field_metadata(cls, name, "flag") or name).replace("_", "-")
+
+
+def add_config_arguments(parser: FlagParser, cls) -> None:
+    """Adds `--config FILE.yaml` and one option per field of dataclass `cls` to a FlagParser, spelled
+    `--name-with-dashes` (the underscore spelling a hidden alias; a renamed field's former flags deprecated
+    aliases), its help the field's default and comment (conventions: module docstring).
 
     Options absent from the command line are absent from the Namespace (argparse.SUPPRESS), so that
     config_from_args applies only the flags given, over the YAML file. Abbreviated flags are turned off."""
@@ -287,24 +308,30 @@ def add_config_arguments(parser, cls) -> None:
     if parser.epilog is None:
         parser.epilog = _conventions(cls)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
-                        help="a YAML file of settings (the keys below, with underscores); flags override it")
+                        help="a YAML file of settings (the flags below with underscores, or the key named in "
+                             "[yaml: ...]); flags override it")
     defaults, comments = cls(), field_comments(cls)
     for name, hint in _field_types(cls).items():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flag = flag_name(cls, name)
+        old = tuple(field_metadata(cls, name, "old") or ())
+        if flag != dashed(f"--{name}"):
+            old += (f"--{name}",)
         item = _list_item(hint)
         scalar = _unwrap_optional(hint)
         text = f"[default: {show_default(getattr(defaults, name))}]"
+        if flag != dashed(f"--{name}"):
+            text += f" [yaml: {name}]"
         if comments.get(name):
             text += " " + comments[name]
-        options = dict(dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        options = dict(dest=name, default=argparse.SUPPRESS, help=text.replace("%", "%%"), deprecated=old)
         if item is not None:
-            options.update(action=_ListItemAction, type=_flag_text_type(name, item),
-                           metavar=_METAVARS.get(item, "ITEM"), help=options["help"] + " (one item per flag)")
+            options.update(action=_ListItemsAction, nargs="+", type=_flag_text_type(name, item),
+                           metavar=_METAVARS.get(item, "ITEM"), help=options["help"] + " (space-separated)")
         elif scalar is bool:
             options.update(nargs="?", const=True, type=_flag_text_type(name, hint), metavar="BOOL")
         else:
             options.update(type=_flag_text_type(name, hint), metavar=_METAVARS.get(scalar, "VALUE"))
-        parser.add_argument(*flags, **options)
+        parser.add_argument(flag, **options)
 
 
 def _flag_value(key: str, value, hint):

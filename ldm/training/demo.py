@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ldm.evaluation.shape_prompts import canonical_prompt, eval_prompts, held_out_prompts, two_shape_prompts
-from ldm.ranges import check_ranges
+from ldm.ranges import check_ranges, setting
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.train_vae import TrainVAEConfig
 
@@ -27,58 +27,52 @@ FLOW_SAMPLERS = ("euler", "heun")
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    minutes: float = 15.0            # the target duration. Step counts decide the run: past it the demo goes on
-                                     # and says so at the end; only a phase past RUNAWAY x its share stops
+    minutes: float = setting(15.0, "(0, 1e5]")  # the target duration. Step counts decide the run: past it the demo goes
+                                                # on and says so at the end; only a phase past RUNAWAY x its share stops
     device: str = "cpu"
-    model: str = "small"             # a preset: small (UNet), dit-small (DiT), pixart-small, or any in ldm.presets
-    resolution: int = 32
-    num_samples: int = 4000
-    two_shape_fraction: float = 0.1  # mostly single shapes: the scenes the demo prompts for
+    model: str = setting("small", old=("--preset",))  # a preset: small (UNet), dit-small (DiT), pixart-small, or any in
+                                                      # ldm.presets
+    resolution: int = setting(32, "[8, 1024]")
+    num_samples: int = setting(4000, "[1, 1e7]")
+    two_shape_fraction: float = setting(0.1, "[0, 1]")  # mostly single shapes: the scenes the demo prompts for
     canonical_captions: bool = False # True: single shapes captioned in one wording only ("a red circle on the left")
     hold_out_wordings: bool = True   # single shapes captioned in 8 of their 12 wordings, one drawn per step; the
                                      # other 4 (shapes.HELD_OUT_WORDINGS) are graded as unseen wordings
     vae: str = ""                    # a trained AutoencoderKL folder (e.g. the README's real-image recipe, `ldm
                                      # train-vae --model small-photo ...`) in place of the VAE phase: the demo's
                                      # model then encodes real images as well as that VAE does
-    vae_steps: int = 700             # with the L2 loss and cosine decay below: enough for the grader to read
+    vae_steps: int = setting(700, "[1, 1e7]")  # with the L2 loss and cosine decay below: enough for the grader to read
                                      # the reconstructions' colours (README, Demo)
-    vae_batch_size: int = 16
-    vae_learning_rate: float = 3e-3
+    vae_batch_size: int = setting(16, "[1, 4096]")
+    vae_learning_rate: float = setting(3e-3, "(0, 1]")
     vae_lr_scheduler: str = "cosine" # a constant rate ends noisier and shifts colours (README, Demo)
     vae_rec_loss: str = "l2"         # L1 shifted colours and rounded squares (README, Demo)
-    vae_dark_fraction: float = 0.0   # > 0: also train the VAE on this share of the scenes on a dark background,
-                                     # so that a LoRA can later teach the model a dark style (the LDM sees none)
-    vae_photo_fraction: float = 1.0  # also train the VAE on this many (x num_samples) augmented crops of real
-                                     # photographs (ldm.data.photos), so that it encodes images unlike the shapes
-    ldm_steps: int = 3500            # fixed: a slower machine takes longer, it does not train less (README, Demo)
-    ldm_batch_size: int = 32
-    ldm_learning_rate: float = 2e-3
+    vae_dark_fraction: float = setting(0.0, "[0, 1]")  # > 0: also train the VAE on this share of the scenes on a dark
+                                                       # background, so that a LoRA can later teach the model a dark
+                                                       # style (the LDM sees none)
+    vae_photo_fraction: float = setting(1.0, "[0, 10]")  # also train the VAE on this many (x num_samples) augmented
+                                                         # crops of real photographs (ldm.data.photos), so that it
+                                                         # encodes images unlike the shapes
+    ldm_steps: int = setting(3500, "[1, 1e7]")  # fixed: a slower machine takes longer, it does not train less (README,
+                                                # Demo)
+    ldm_batch_size: int = setting(32, "[1, 4096]")
+    ldm_learning_rate: float = setting(2e-3, "(0, 1]")
     train_text_encoder: bool = False # frozen random CLIP (token std 1, see presets.small), embeddings cached
-    text_encoder_steps: int = 0      # > 0: first train the text encoder contrastively (ldm train-text-encoder) on
-                                     # the shapes for this many steps; the LDM then conditions on it, frozen
-    num_pair_prompts: int = 60       # two-shape prompts graded beside the single shapes; 0 = none
+    text_encoder_steps: int = setting(0, "[0, 1e7]")  # > 0: first train the text encoder contrastively (ldm
+                                                      # train-text-encoder) on the shapes for this many steps; the LDM
+                                                      # then conditions on it, frozen
+    num_pair_prompts: int = setting(60, "[0, 1000]")  # two-shape prompts graded beside the single shapes; 0 = none
     timestep_sampling: str = "uniform"  # or logit_normal (the two compared: README, Train), mode, cosmap
     prediction_type: str = "epsilon"    # the LDM's objective: epsilon, v_prediction, sample or flow (flow matching,
                                         # sampled and graded with euler and heun instead of ddpm, ddim and lms)
     zero_terminal_snr: bool = False     # with v_prediction (Lin et al. 2023)
-    guidance: float = 4.0
-    sample_steps: int = 50
-    num_prompts: int = 90            # every colour x shape x position once
-    threads: int = 0                 # torch CPU threads; 0 = half the cores (a busy machine punishes more)
+    guidance: float = setting(4.0, "[0, 100]", flag="guidance_scale")  # of the graded samples
+    sample_steps: int = setting(50, "[1, 1000]", flag="steps")  # sampling steps of the graded samples
+    num_prompts: int = setting(90, "[1, 90]")  # every colour x shape x position once
+    threads: int = setting(0, "[0, 1024]")  # torch CPU threads; 0 = half the cores (a busy machine punishes more)
     resume: bool = False             # continue OUT's VAE and LDM runs from their last checkpoints: after Ctrl-C,
                                      # SIGTERM or max minutes, or with more vae_steps / ldm_steps than before
-    seed: int = 0
-
-    # Allowed values of every int/float field (ldm.ranges.check_ranges).
-    RANGES = {
-        "minutes": "(0, 1e5]", "resolution": "[8, 1024]", "num_samples": "[1, 1e7]", "two_shape_fraction": "[0, 1]",
-        "vae_steps": "[1, 1e7]", "vae_batch_size": "[1, 4096]", "vae_learning_rate": "(0, 1]",
-        "vae_dark_fraction": "[0, 1]", "vae_photo_fraction": "[0, 10]", "ldm_steps": "[1, 1e7]",
-        "ldm_batch_size": "[1, 4096]",
-        "ldm_learning_rate": "(0, 1]", "guidance": "[0, 100]", "sample_steps": "[1, 1000]", "num_prompts": "[1, 90]",
-        "text_encoder_steps": "[0, 1e7]", "num_pair_prompts": "[0, 1000]",
-        "threads": "[0, 1024]", "seed": "[0, 4294967295]",
-    }
+    seed: int = setting(0, "[0, 4294967295]")
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting."""

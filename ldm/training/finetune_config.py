@@ -6,101 +6,83 @@ learning rate and validation interval that suit it without tuning.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from ldm.ranges import check_ranges
+from ldm.ranges import setting
+from ldm.training.base_config import TrainingConfig
 
 METHODS = ("lora", "full")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingConfig):
+    # the shared settings: TrainingConfig (ldm/training/base_config.py); 0 below means "scaled to the folder"
     # inputs and outputs
     model: str = ""                        # the base pipeline folder
     data: str = ""                         # a folder of images (captions optional), or any ldm.data spec
     out: str = "runs/finetune"
     instance_prompt: str = ""              # e.g. "a painting in the style of sks"; prepended to captions if any
-    resolution: int = 0                    # 0 = the model's native size
+    resolution: int = setting(0, "[0, 8192]")  # 0 = the model's native size
     aspect_buckets: bool = True            # mixed aspect ratios train at their own shape
     random_flip: bool = False
     # method
     method: str = "lora"                   # lora: adapters on attention projections; full: every UNet weight
-    lora_rank: int = 8
-    lora_alpha: float = 0.0                # 0 = rank (scale 1)
-    lora_dropout: float = 0.0
+    lora_rank: int = setting(8, "[1, 1024]")
+    lora_alpha: float = setting(0.0, "[0, 1e4]")  # 0 = rank (scale 1)
+    lora_dropout: float = setting(0.0, "[0, 1)")
     train_text_encoder: bool = False       # LoRA: adapters on the text encoder too; full: train it whole
     # DreamBooth prior preservation (Ruiz et al. 2023, arXiv:2208.12242, Eq. 2)
     class_prompt: str = ""                 # e.g. "a painting"; "" = no prior preservation
-    num_class_images: int = 0              # 0 = as many as training images (at least 8) when class_prompt is set
-    prior_loss_weight: float = 1.0
-    class_sample_steps: int = 25
+    num_class_images: int = setting(0, "[0, 1e5]")  # 0 = as many as training images (at least 8) when
+                                                    # class_prompt is set
+    prior_loss_weight: float = setting(1.0, "[0, 1e3]")
+    class_sample_steps: int = setting(25, "[1, 1000]", flag="class_image_steps")  # sampling steps of the class
+                                                                                  # images
     # optimisation (0 = scaled to the folder)
-    max_steps: int = 0
-    repeats: int = 10                      # passes over each image per "epoch" (kohya's repeats)
-    epochs: int = 10
-    learning_rate: float = 0.0
+    max_steps: int = setting(0, "[0, 1e8]")
+    repeats: int = setting(10, "[1, 1e4]")  # passes over each image per "epoch" (kohya's repeats)
+    epochs: int = setting(10, "[1, 1e5]")
+    learning_rate: float = setting(0.0, "[0, 1]")
     batch_size: int = 4
-    gradient_accumulation_steps: int = 1   # micro-batches per optimiser step: batch_size x this images per update
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    max_nonfinite_steps: int = 10          # stop after this many non-finite losses in a row (each skips its update)
-    caption_dropout: float = 0.0            # DreamBooth trains without; > 0 also teaches the empty prompt the style
+    lr_warmup_steps: int = 0               # 0 = scaled to the folder
+    caption_dropout: float = setting(0.0, "[0, 1)")  # DreamBooth trains without; > 0 also teaches the empty prompt
+                                                     # the style
     # tag captions ("sks style, 1girl, red hair"; the instance prompt is the first tag), each time one is used
     shuffle_tags: bool = False             # shuffle the tags after the first keep_tags (kohya's shuffle_caption)
-    keep_tags: int = 0                     # the first N tags stay in place and are never dropped (kohya's keep_tokens)
-    tag_dropout: float = 0.0               # drop each other tag with this probability; 0 = off (a caption keeps a tag)
+    keep_tags: int = setting(0, "[0, 1000]")  # the first N tags stay in place and are never dropped (kohya's
+                                              # keep_tokens)
+    tag_dropout: float = setting(0.0, "[0, 1)")  # drop each other tag with this probability; 0 = off (a caption
+                                                 # keeps a tag)
     tag_separator: str = ","               # what separates tags (ldm.data.captions)
-    mixed_precision: str = "no"
     # validation and the memorisation guard
-    holdout_fraction: float = 0.1          # held out for validation loss; leave-one-out below 10 images
-    validation_every: int = 0              # 0 = 4 times per run
-    validation_prompts: list[str] = field(default_factory=list)   # default: the instance prompt (or first captions)
-    num_validation_samples: int = 4
-    validation_sample_steps: int = 20
-    validation_guidance: float = 4.0
+    holdout_fraction: float = setting(0.1, "(0, 1)")  # held out for validation loss; leave-one-out below 10 images
+    validation_every: int = setting(0, "[0, 1e8]")  # 0 = 4 times per run
+    validation_prompts: list[str] = setting(factory=list)   # default: the instance prompt (or first captions)
+    num_validation_samples: int = setting(4, "[1, 1000]")
+    validation_sample_steps: int = setting(20, "[1, 1000]", flag="validation_steps")
+    validation_guidance: float = setting(4.0, "[0, 100]", flag="validation_guidance_scale")
     validation_guidance_method: str = "cfg"  # or interval, apg, cfg_zero_star, rescale (`ldm eval-guidance`'s)
-    val_loss_bins: int = 5
-    near_copy_ratio: float = 0.35          # a sample closer than this x the typical training-image distance is a copy
-    max_loss_gap: float = 1.5              # held-out / training loss at low noise above this warns too
+    val_loss_bins: int = setting(5, "[1, 1000]", flag="validation_loss_bins")
+    near_copy_ratio: float = setting(0.35, "(0, 10]")  # a sample closer than this x the typical training-image
+                                                       # distance is a copy
+    max_loss_gap: float = setting(1.5, "(0, 1e3]")  # held-out / training loss at low noise above this warns too
     early_stop_on_memorization: bool = False
     # outputs
     export_webui: bool = False             # also write a kohya-format LoRA for AUTOMATIC1111 / ComfyUI
     save_pipeline: bool = False            # LoRA: also write the fused pipeline folder (full always writes one)
-    # checkpoints and stops (OUT/checkpoints/checkpoint-N: Accelerate state, weights, trainer_state.json)
-    checkpoint_every: int = 500            # 0 = only when stopped by a signal or max_minutes
-    checkpoints_total_limit: int = 2       # keep the newest this many (0 = all)
-    resume: str = ""                       # "", "latest" or a checkpoint folder
-    max_minutes: float = 0.0               # >0: stop (with a checkpoint) after this much training time
-    seed: int = 0
+    # checkpoints (OUT/checkpoints/checkpoint-N: Accelerate state, weights, trainer_state.json): TrainingConfig's
     device: str = "auto"
-
-    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means
-    # "scaled to the folder" or "off".
-    RANGES = {
-        "resolution": "[0, 8192]", "lora_rank": "[1, 1024]", "lora_alpha": "[0, 1e4]", "lora_dropout": "[0, 1)",
-        "num_class_images": "[0, 1e5]", "prior_loss_weight": "[0, 1e3]", "class_sample_steps": "[1, 1000]",
-        "max_steps": "[0, 1e8]", "repeats": "[1, 1e4]", "epochs": "[1, 1e5]", "learning_rate": "[0, 1]",
-        "batch_size": "[1, 4096]", "gradient_accumulation_steps": "[1, 4096]", "lr_warmup_steps": "[0, 1e8]",
-        "max_grad_norm": "[0, 1e6]", "max_nonfinite_steps": "[1, 1e9]", "caption_dropout": "[0, 1)",
-        "keep_tags": "[0, 1000]", "tag_dropout": "[0, 1)",
-        "holdout_fraction": "(0, 1)", "validation_every": "[0, 1e8]", "num_validation_samples": "[1, 1000]",
-        "validation_sample_steps": "[1, 1000]", "validation_guidance": "[0, 100]", "val_loss_bins": "[1, 1000]",
-        "near_copy_ratio": "(0, 10]", "max_loss_gap": "(0, 1e3]", "checkpoint_every": "[0, 1e9]",
-        "checkpoints_total_limit": "[0, 1e6]", "max_minutes": "[0, 1e7]", "seed": "[0, 4294967295]",
-    }
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting and how to fix it."""
-        check_ranges(self)
+        super().validate()
         if not self.model:
             raise ValueError("no base model: pass --model DIR (a pipeline folder, e.g. from `ldm train` or SD 1.x)")
         if not self.data:
             raise ValueError("no images: pass --data FOLDER (5 to 200 pictures; captions optional)")
         from ldm.evaluation.guidance_sweep import METHODS as GUIDANCE_METHODS
 
-        for key, options in (("method", METHODS), ("mixed_precision", MIXED_PRECISION),
-                             ("validation_guidance_method", tuple(GUIDANCE_METHODS))):
+        for key, options in (("method", METHODS), ("validation_guidance_method", tuple(GUIDANCE_METHODS))):
             if getattr(self, key) not in options:
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of {options}")
         if self.class_prompt and self.prior_loss_weight <= 0:

@@ -43,65 +43,46 @@ from ldm.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 from ldm.training import loop
 from ldm.training.checkpoint import list_checkpoints, resolve_resume
 from ldm.training.config import format_config, save_config
-from ldm.ranges import check_ranges
+from ldm.ranges import setting
+from ldm.training.base_config import TrainingConfig
 from ldm.training.step import batch_captions, step_generator
 from ldm.training.stream import BatchStream
 from ldm.training.validation import first_samples
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature (Radford et al. 2021, Sec. 2.5)
 MAX_LOGIT_SCALE = math.log(100)        # CLIP clips the scale at 100 to keep training stable
 
 
 @dataclass
-class TrainTextEncoderConfig:
+class TrainTextEncoderConfig(TrainingConfig):
+    # the shared settings: TrainingConfig (ldm/training/base_config.py); here the text encoder's own and defaults
     data: str = "shapes:2000@32"           # any ldm.data spec: folder, shards, parquet, COCO json, hf folder, shapes:N
-    resolution: int = 32                   # the image side the image tower sees
+    resolution: int = 32                   # the image side the image tower sees; a multiple of patch_size
     model: str = "small"                   # a preset (its text encoder, random init) or a folder with text_encoder/
                                            # (a model folder, a checkpoint or run of this command) to continue
-    embed_dim: int = 128                   # width of the shared embedding space both towers project into
-    vision_width: int = 128                # width of the image tower, an open_clip ViT over the pixels
-    vision_layers: int = 2                 # the image tower's transformer blocks
-    vision_head_width: int = 32            # the image tower's head width: vision_width // it heads, equal in width
-    patch_size: int = 8                    # the image tower's square patch side; resolution must be a multiple
+    embed_dim: int = setting(128, "[2, 65536]")  # width of the shared embedding space both towers project into
+    vision_width: int = setting(128, "[8, 65536]")  # width of the image tower, an open_clip ViT over the pixels
+    vision_layers: int = setting(2, "[1, 1000]")  # the image tower's transformer blocks
+    vision_head_width: int = setting(32, "[1, 65536]")  # the image tower's head width: vision_width // it heads,
+                                                        # equal in width
+    patch_size: int = setting(8, "[1, 8192]")  # the image tower's square patch side; resolution must be a multiple
     learning_rate: float = 5e-4
-    weight_decay: float = 0.0              # AdamW's, on matrices other than embeddings; 0 = none
+    weight_decay: float = setting(0.0, "[0, 10]")  # AdamW's, on matrices other than embeddings; 0 = none
     lr_scheduler: str = "cosine"           # any diffusers.optimization name (constant, cosine, linear, ...)
     lr_warmup_steps: int = 50
-    batch_size: int = 64                   # pairs per step and process: each text's negatives are the other images
-    gradient_accumulation_steps: int = 1   # each micro-batch contrasts its own pairs (no larger negative pool)
-    max_grad_norm: float = 1.0             # 0 = no clipping
-    max_nonfinite_steps: int = 10          # stop after this many non-finite losses in a row (each skips its update)
-    mixed_precision: str = "no"
-    max_steps: int = 1000
-    max_minutes: float = 0.0               # 0 = no time limit
-    output_dir: str = "runs/text_encoder"
-    checkpoint_every: int = 500            # 0 = only at the end (max_steps, max_minutes or a signal)
-    checkpoints_total_limit: int = 2       # 0 = keep every checkpoint
-    resume: str = ""                       # "", "latest" or a checkpoint folder
-    log_every: int = 50                    # print the step's loss every this many steps; 0 = never
-    validation_every: int = 100            # held-out loss and retrieval accuracy; 0 = never (not even at the end)
-    val_samples: int = 128                 # the first N pairs of the data, held out of training
-    num_workers: int = 0
-    seed: int = 0
-
-    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means "off".
-    RANGES = {
-        "resolution": "[8, 8192]", "embed_dim": "[2, 65536]", "vision_width": "[8, 65536]",
-        "vision_layers": "[1, 1000]", "vision_head_width": "[1, 65536]", "patch_size": "[1, 8192]",
-        "learning_rate": "(0, 1]", "weight_decay": "[0, 10]", "lr_warmup_steps": "[0, 1e9]",
-        "batch_size": "[2, 65536]", "gradient_accumulation_steps": "[1, 65536]", "max_grad_norm": "[0, 1e6]",
-        "max_nonfinite_steps": "[1, 1e9]", "max_steps": "[1, 1e9]", "max_minutes": "[0, 1e7]",
-        "checkpoint_every": "[0, 1e9]", "checkpoints_total_limit": "[0, 1e6]", "log_every": "[0, 1e9]",
-        "validation_every": "[0, 1e9]", "val_samples": "[2, 1e5]", "num_workers": "[0, 256]",
-        "seed": "[0, 4294967295]",
-    }
+    batch_size: int = setting(64, "[2, 65536]")  # pairs per step and process: each text's negatives are the other
+                                                 # images
+    output_dir: str = setting("runs/text_encoder", flag="out")  # the run folder (checkpoints, the text encoder)
+    log_every: int = setting(50, "[0, 1e9]")  # print the step's loss every this many steps; 0 = never
+    validation_every: int = setting(100, "[0, 1e9]")  # held-out loss and retrieval accuracy; 0 = never (not even
+                                                      # at the end)
+    val_samples: int = setting(128, "[2, 1e5]", flag="num_validation_images")  # the first N pairs of the data,
+                                                                               # held out of training
+    num_workers: int = setting(0, "[0, 256]")
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting and its fix."""
-        check_ranges(self)
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        super().validate()
         if self.resolution % self.patch_size:
             raise ValueError(f"resolution {self.resolution} is not a multiple of patch_size {self.patch_size}; "
                              "change either (e.g. --resolution 32 --patch_size 8)")

@@ -24,7 +24,8 @@ from ldm.models.presets import MODEL_PRESETS, build_vae, get_spec
 from ldm.models.vae import encode_posterior, reconstruction_report
 from ldm.training import loop
 from ldm.training.config import format_config, save_config
-from ldm.ranges import check_ranges
+from ldm.ranges import setting
+from ldm.training.base_config import TrainingConfig
 from ldm.training.lpips import load_lpips
 from ldm.training.step import step_generator
 from ldm.training.stream import BatchStream
@@ -34,55 +35,35 @@ from ldm.training.vae_losses import (PatchDiscriminator, adaptive_disc_weight, h
 
 
 @dataclass
-class TrainVAEConfig:
-    data: str = "shapes:2000"
-    resolution: int = 64
+class TrainVAEConfig(TrainingConfig):
+    # the shared settings: TrainingConfig (ldm/training/base_config.py); here the VAE's own and its defaults
     model: str = "small"                 # a preset name, or an AutoencoderKL folder to continue
     rec_loss: str = "l1"                 # l1 or l2
-    kl_weight: float = 1e-6              # per pixel value, as in the LDM paper (see the module docstring)
+    kl_weight: float = setting(1e-6, "[0, 1e3]")  # per pixel value, as in the LDM paper (see the module docstring)
     lpips_weights: str = ""              # LPIPS linear heads file (ldm/training/lpips.py); "" = no perceptual loss
     lpips_vgg_weights: str = ""          # torchvision VGG16 file, LPIPS's trunk; needed with lpips_weights
     allow_pickle: bool = False           # accept pickled .pth/.bin LPIPS files (they can run code when loaded)
-    lpips_weight: float = 1.0
-    disc_start: int = -1                 # step that switches the patch discriminator on; -1 = never
-    disc_weight: float = 0.05            # times the adaptive weight; taming's 0.5 assumes LPIPS and a trained VAE
-    disc_width: int = 64                 # the discriminator's first-layer channels (taming: 64); fewer is faster
-    disc_learning_rate: float = 1e-4
-    learning_rate: float = 1e-4
+    lpips_weight: float = setting(1.0, "[0, 1e3]")
+    disc_start: int = setting(-1, "[-1, 1e9]")  # step that switches the patch discriminator on; -1 = never
+    disc_weight: float = setting(0.05, "[0, 1e3]")  # times the adaptive weight; taming's 0.5 assumes LPIPS and a
+                                                    # trained VAE
+    disc_width: int = setting(64, "[4, 4096]")  # the discriminator's first-layer channels (taming: 64); fewer is
+                                                # faster
+    disc_learning_rate: float = setting(1e-4, "(0, 1]")
     lr_scheduler: str = "constant"       # any diffusers.optimization name (constant, cosine, linear, ...)
-    lr_warmup_steps: int = 0
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
     max_grad_norm: float = 0.0           # 0 = no clipping
-    max_nonfinite_steps: int = 10        # stop after this many non-finite losses in a row (each skips its update)
-    mixed_precision: str = "no"
     max_steps: int = 2000
-    max_minutes: float = 0.0             # 0 = no time limit
-    output_dir: str = "runs/vae"
-    checkpoint_every: int = 500          # 0 = only at the end (max_steps, max_minutes or a signal)
-    checkpoints_total_limit: int = 2     # 0 = keep every checkpoint
-    resume: str = ""
-    log_every: int = 50                  # print the step's losses every this many steps; 0 = never
-    val_samples: int = 8
+    output_dir: str = setting("runs/vae", flag="out")  # the run folder (checkpoints, samples)
+    log_every: int = setting(50, "[0, 1e9]")  # print the step's losses every this many steps; 0 = never
+    val_samples: int = setting(8, "[1, 1e4]", flag="num_validation_images")  # held-out images reconstructed at
+                                                                              # each checkpoint
     held_out_psnr: bool = True           # at each checkpoint, PSNR on images no trainer uses: held-out photographs,
                                          # generated dark, saturated, textured art and shapes
                                          # (ldm.models.vae.reconstruction_report)
-    num_workers: int = 0
-    seed: int = 0
-
-    # Allowed values of every int/float field (ldm.ranges.check_ranges); 0 is allowed where it means "off".
-    RANGES = {
-        "resolution": "[8, 8192]", "kl_weight": "[0, 1e3]", "lpips_weight": "[0, 1e3]", "disc_start": "[-1, 1e9]",
-        "disc_weight": "[0, 1e3]", "disc_width": "[4, 4096]", "disc_learning_rate": "(0, 1]",
-        "learning_rate": "(0, 1]",
-        "lr_warmup_steps": "[0, 1e9]", "batch_size": "[1, 65536]", "gradient_accumulation_steps": "[1, 65536]",
-        "max_grad_norm": "[0, 1e6]", "max_nonfinite_steps": "[1, 1e9]", "max_steps": "[1, 1e9]", "max_minutes": "[0, 1e7]", "checkpoint_every": "[0, 1e9]",
-        "checkpoints_total_limit": "[0, 1e6]", "log_every": "[0, 1e9]", "val_samples": "[1, 1e4]",
-        "num_workers": "[0, 256]", "seed": "[0, 4294967295]",
-    }
+    num_workers: int = setting(0, "[0, 256]")
 
     def validate(self) -> None:
-        check_ranges(self)
+        super().validate()
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be l1 or l2, got {self.rec_loss!r}")
         if self.resolution % 8:

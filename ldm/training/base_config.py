@@ -1,0 +1,44 @@
+"""TrainingConfig: the settings every trainer shares (`ldm train`, `train-vae`, `train-text-encoder`, `finetune`),
+each declared once here with its range and its help (the trailing comment).
+
+A command's config is one dataclass below this one that adds only its own settings; where a command wants
+another default it sets the field again with that default alone (the range and help stay these), or with a
+range of its own where 0 means something there (finetune: "scaled to the folder").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ldm.ranges import check_ranges, setting
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainingConfig:
+    data: str = "shapes:2000"             # any ldm.data spec: folder, shards, parquet, COCO json, hf folder, shapes:N
+    resolution: int = setting(64, "[8, 8192]")  # image side; must be divisible by the VAE's downsampling factor
+    model: str = "tiny"                    # a preset name (tiny, small, sd15, sd21, ...; ldm.models.presets) or a
+                                           # pipeline folder to continue
+    learning_rate: float = setting(1e-4, "(0, 1]")
+    lr_warmup_steps: int = setting(0, "[0, 1e9]")   # 0 = no warm-up
+    batch_size: int = setting(16, "[1, 65536]")     # per process
+    gradient_accumulation_steps: int = setting(1, "[1, 65536]")  # micro-batches per optimiser step
+    max_grad_norm: float = setting(1.0, "[0, 1e6]")  # 0 = no clipping
+    max_nonfinite_steps: int = setting(10, "[1, 1e9]")  # stop after this many non-finite losses in a row (each
+                                                        # skips its update)
+    mixed_precision: str = "no"            # no, fp16 or bf16
+    max_steps: int = setting(1000, "[1, 1e9]")
+    max_minutes: float = setting(0.0, "[0, 1e7]")  # >0: stop (with a checkpoint) after this much training time;
+                                                   # 0 = no limit
+    checkpoint_every: int = setting(500, "[0, 1e9]")  # 0 = only at the end (max_steps, max_minutes or a signal)
+    checkpoints_total_limit: int = setting(2, "[0, 1e6]")  # keep the newest this many; 0 = keep every checkpoint
+    resume: str = ""                       # "", "latest" or a checkpoint folder
+    seed: int = setting(0, "[0, 4294967295]")
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first shared setting out of its range or choices; a command's validate()
+        calls this first, then checks its own."""
+        check_ranges(self)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
