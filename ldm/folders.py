@@ -31,7 +31,7 @@ def check_model_folder(path: str, components=COMPONENTS) -> str:
                          "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) first.")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist; pass a folder written by "
-                                "Pipeline.save_pretrained (or `ldm create-model --preset tiny --out DIR`)")
+                                "Pipeline.save_pretrained (or `ldm create-model --model tiny --out DIR`)")
     for name in components:
         sub = os.path.join(path, name)
         if name == "unet" and not os.path.isdir(sub) and os.path.isdir(os.path.join(path, "transformer")):

@@ -1,6 +1,9 @@
 """One way from a config dataclass to flags (ldm.training.config): `ldm train`, `train-vae`, `finetune` and `demo`
 list every field with its default in --help, accept every field as a flag, apply a YAML file then the flags, and
-keep list items with commas intact. Parsing only: nothing here trains."""
+keep list items with commas intact. And one convention for every command's flags (ldm/flags.py): dashed, the
+underscore spelling a hidden alias, one name per concept, former names deprecated aliases, a misspelt flag refused
+with the command's usage. Parsing only: nothing here trains."""
+import argparse
 import dataclasses
 import os
 import re
@@ -9,6 +12,7 @@ import sys
 
 import pytest
 
+from ldm.cli import COMMANDS as COMMANDS_ALL
 from ldm.cli import build_parser
 from ldm.cli import main as ldm_main
 from ldm.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SAMPLING, WEIGHTINGS
@@ -260,3 +264,222 @@ def test_script_help_lists_every_field():
     for f in dataclasses.fields(TrainLDMConfig):
         flag = flag_name(TrainLDMConfig, f.name)
         assert f"{flag} " in text and f"[default: {shown(getattr(TrainLDMConfig(), f.name))}]" in text, f.name
+
+
+# --- one convention for every command's flags (issue 30, item 4) ---------------------------------------------------
+
+# Every renamed flag, per command: former flag -> canonical flag (the former one still parses, with a message).
+RENAMED = {
+    "train": {"--output_dir": "--out", "--output-dir": "--out", "--validation_guidance": "--validation-guidance-scale",
+              "--val_loss_samples": "--num-validation-loss-images", "--val_loss_bins": "--validation-loss-bins"},
+    "train-vae": {"--output_dir": "--out", "--output-dir": "--out", "--val_samples": "--num-validation-images"},
+    "train-text-encoder": {"--output_dir": "--out", "--output-dir": "--out",
+                           "--val_samples": "--num-validation-images"},
+    "finetune": {"--validation_sample_steps": "--validation-steps", "--validation-sample-steps": "--validation-steps",
+                 "--validation_guidance": "--validation-guidance-scale", "--class_sample_steps": "--class-image-steps",
+                 "--val_loss_bins": "--validation-loss-bins"},
+    "demo": {"--guidance": "--guidance-scale", "--sample_steps": "--steps", "--sample-steps": "--steps",
+             "--preset": "--model"},
+    "create-model": {"--preset": "--model"},
+    "merge-lora": {"--scale": "--lora-scale"},
+    "eval": {"--inception-weights": "--feature-weights"},
+    "eval-guidance": {"--methods": "--guidance-methods", "--scales": "--guidance-scales",
+                      "--interval": "--guidance-interval", "--rescale": "--guidance-rescale",
+                      "--grid-scale": "--grid-guidance-scale"},
+    "diagnose schedule": {"--beta-schedule": "--noise-schedule"},
+}
+
+# Concept -> its one flag; every other spelling in the list must not be a visible flag of any command.
+CONCEPTS = {
+    "output folder": ("--out", ["--output-dir", "--output", "--outdir", "--out-dir"]),
+    "model or preset": ("--model", ["--preset", "--model-dir", "--pretrained"]),
+    "sampling steps": ("--steps", ["--sample-steps", "--num-inference-steps", "--inference-steps"]),
+    "validation sampling steps": ("--validation-steps", ["--validation-sample-steps", "--val-steps"]),
+    "class image sampling steps": ("--class-image-steps", ["--class-sample-steps"]),
+    "guidance scale": ("--guidance-scale", ["--guidance", "--cfg-scale", "--cfg"]),
+    "validation guidance scale": ("--validation-guidance-scale", ["--validation-guidance", "--val-guidance"]),
+    "guidance scales swept": ("--guidance-scales", ["--scales"]),
+    "guidance methods swept": ("--guidance-methods", ["--methods"]),
+    "guidance interval": ("--guidance-interval", ["--interval"]),
+    "guidance rescale": ("--guidance-rescale", ["--rescale"]),
+    "LoRA strength": ("--lora-scale", ["--scale"]),
+    "noise schedule": ("--noise-schedule", ["--beta-schedule"]),
+    "feature extractor weights": ("--feature-weights", ["--inception-weights"]),
+}
+
+# What each command needs to parse at all (required flags and positionals), as argv after the command's name.
+REQUIRED = {
+    "generate": ["a red circle", "--model", "m"], "create-model": ["--out", "o"],
+    "merge-lora": ["--model", "m", "--lora", "l", "--out", "o"], "prepare-data": ["shapes:8", "--out", "o"],
+    "cache-latents": ["shapes:8", "--vae", "v", "--out", "o"],
+    "diagnose timesteps": ["--model", "m", "--data", "d", "--out", "o"],
+    "diagnose sampling": ["--model", "m", "--prompt", "p", "--out", "o"], "diagnose schedule": ["--out", "o"],
+    "diagnose training": ["--history", "h", "--out", "o"], "diagnose all": ["--model", "m", "--out", "o"],
+    "eval": ["--model", "m", "--prompts", "p", "--out", "o"],
+    "eval-guidance": ["--model", "m", "--prompts", "p", "--reference", "r", "--out", "o"],
+}
+
+
+def command_parsers() -> dict:
+    """Returns {'generate': parser, ..., 'diagnose timesteps': parser, ...}: every command's own parser."""
+    found = {}
+
+    def walk(parser, path):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in subs:
+            for name, child in action.choices.items():
+                walk(child, f"{path} {name}".strip())
+        if not subs:
+            found[path] = parser
+
+    for command in COMMANDS_ALL:
+        top = build_parser([command])
+        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        walk(sub.choices[command], command)
+    return found
+
+
+def visible_flags(parser) -> list[str]:
+    return [s for a in parser._actions if a.help is not argparse.SUPPRESS for s in a.option_strings
+            if s.startswith("--") and s != "--help"]
+
+
+def sample_argv(action) -> list[str]:
+    """Returns a value the option `action` accepts, as argv after its flag."""
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [str(next(iter(action.choices)))] * (action.nargs if isinstance(action.nargs, int) else 1)
+    text = "x"
+    for candidate in ("8", "1", "0.5", "x"):  # the first that the option's type (and range) accepts
+        try:
+            if action.type is None or action.type(candidate) is not None:
+                text = candidate
+                break
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            continue
+    return [text] * (action.nargs if isinstance(action.nargs, int) else 1)
+
+
+def parse(command: str, argv: list[str]):
+    return build_parser([command.split()[0]]).parse_args([*command.split(), *REQUIRED.get(command, []), *argv])
+
+
+def test_every_command_is_walked():
+    assert set(command_parsers()) == {*COMMANDS_ALL, *REQUIRED} - {"diagnose"}
+
+
+@pytest.mark.parametrize("command", sorted(command_parsers()))
+def test_flags_are_dashed_and_both_spellings_parse_alike(command):
+    """No visible flag has an underscore; every flag's underscore spelling is the same option, hidden."""
+    parser = command_parsers()[command]
+    for flag in visible_flags(parser):
+        assert "_" not in flag, f"ldm {command}: {flag} is not dashed"
+        assert not flag.startswith("--val-"), f"ldm {command}: {flag}: the prefix is --validation-"
+        action = parser._option_string_actions[flag]
+        assert parser._option_string_actions.get(underscored(flag)) is action, f"ldm {command}: {underscored(flag)}"
+        if action.dest in ("help", "version"):
+            continue
+        value = sample_argv(action)
+        dashed_ns, under_ns = parse(command, [flag, *value]), parse(command, [underscored(flag), *value])
+        assert vars(dashed_ns) == vars(under_ns), f"ldm {command}: {flag} and {underscored(flag)} differ"
+
+
+def test_no_concept_is_spelled_two_ways_across_commands():
+    """The synonym table above, and one flag per destination: a setting that two commands share has one name."""
+    parsers = command_parsers()
+    flags_of = {command: set(visible_flags(p)) for command, p in parsers.items()}
+    for concept, (canonical, synonyms) in CONCEPTS.items():
+        users = [c for c, flags in flags_of.items() if canonical in flags]
+        assert users, f"{concept}: no command has {canonical}"
+        for command, flags in flags_of.items():
+            assert not flags & set(synonyms), f"ldm {command}: {sorted(flags & set(synonyms))} for {concept}: " \
+                                              f"write {canonical}"
+    names = {}  # destination -> {visible flag: commands}
+    for command, parser in parsers.items():
+        for action in parser._actions:
+            long = [s for s in action.option_strings if s.startswith("--")]
+            if long and action.help is not argparse.SUPPRESS:
+                names.setdefault(action.dest, {}).setdefault(long[0], []).append(command)
+    two_ways = {dest: spellings for dest, spellings in names.items() if len(spellings) > 1}
+    assert not two_ways, f"one setting, several flags: {two_ways}"
+
+
+@pytest.mark.parametrize("command, old, new", [(c, o, n) for c, table in RENAMED.items() for o, n in table.items()])
+def test_former_flags_still_work_and_say_they_are_deprecated(command, old, new, capsys):
+    parser = command_parsers()[command]
+    assert old not in visible_flags(parser) and new in visible_flags(parser)
+    value = sample_argv(parser._option_string_actions[new])
+    assert vars(parse(command, [old, *value])) == vars(parse(command, [new, *value]))
+    assert f"{old} is deprecated, use {new}" in capsys.readouterr().err
+    parse(command, [new, *value])
+    assert "deprecated" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, cls", [("train", TrainLDMConfig), ("train-vae", TrainVAEConfig),
+                                          ("train-text-encoder", TrainTextEncoderConfig), ("finetune", FinetuneConfig)])
+def test_train_scripts_take_the_same_flags_as_their_commands(command, cls, capsys):
+    """train/*.py (accelerate launch) parse with parse_config: the same flags, aliases and deprecations."""
+    from ldm.training.config import ConfigArgumentParser, add_config_arguments
+
+    script = ConfigArgumentParser(prog="train/x.py")
+    add_config_arguments(script, cls)
+    ours = command_parsers()[command]
+    assert set(script._option_string_actions) == set(ours._option_string_actions)
+    assert visible_flags(script) == visible_flags(ours)
+    for old, new in RENAMED.get(command, {}).items():
+        value = "7" if old.endswith(("steps", "samples", "bins")) else ("3.5" if "guidance" in old else "runs/x")
+        extra = base_argv(cls)
+        assert parse_config(cls, [*extra, old, value]) == parse_config(cls, [*extra, new, value])
+        assert f"{old} is deprecated, use {new}" in capsys.readouterr().err
+
+
+def test_output_dir_lands_in_the_output_dir_field_and_yaml_key(tmp_path, capsys):
+    cfg = parse_config(TrainLDMConfig, ["--out", str(tmp_path / "a")])
+    assert cfg.output_dir == str(tmp_path / "a")
+    assert parse_config(TrainLDMConfig, ["--output_dir", str(tmp_path / "a")]) == cfg
+    assert "train_ldm" not in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text(f"output_dir: {tmp_path / 'b'}\n")  # YAML keys stay the field names
+    assert parse_config(TrainLDMConfig, ["--config", str(tmp_path / "c.yaml")]).output_dir == str(tmp_path / "b")
+
+
+def test_generate_takes_the_underscore_spelling():
+    args = parse("generate", ["--guidance_scale", "5", "--num_images", "2", "--negative_prompt", "blur"])
+    assert (args.guidance_scale, args.num_images, args.negative_prompt) == (5.0, 2, "blur")
+
+
+def test_list_flags_are_space_separated_and_take_the_former_commas(capsys):
+    args = parse("diagnose sampling", ["--schedulers", "ddim", "lms"])
+    assert args.schedulers == ["ddim", "lms"] and "deprecated" not in capsys.readouterr().err
+    args = parse("diagnose schedule", ["--schedulers", "ddim,lms", "--noise-schedule", "linear", "scaled_linear"])
+    assert args.schedulers == ["ddim", "lms"] and args.beta_schedule == ["linear", "scaled_linear"]
+    assert "--schedulers a,b is deprecated, write the items space-separated: --schedulers ddim lms" in \
+        capsys.readouterr().err
+    args = parse("eval-guidance", ["--guidance-scales", "1", "3.5", "--guidance-methods", "cfg", "apg"])
+    assert args.scales == [1.0, 3.5] and args.methods == ["cfg", "apg"]
+
+
+@pytest.mark.parametrize("argv, usage, flag, nearest", [
+    (["generate", "a cat", "--model", "m", "--guidence-scale", "5"], "ldm generate", "--guidence-scale",
+     "--guidance-scale"),
+    (["generate", "a cat", "--model", "m", "--guidence_scale", "5"], "ldm generate", "--guidence_scale",
+     "--guidance-scale"),
+    (["train", "--learning_rat", "1e-4"], "ldm train", "--learning_rat", "--learning-rate"),
+    (["diagnose", "timesteps", "--model", "m", "--data", "d", "--out", "o", "--per-bins"], "ldm diagnose timesteps",
+     "--per-bins", "--per-bin"),
+    (["create-model", "--out", "o", "--preset-name", "tiny"], "ldm create-model", "--preset-name", None),
+])
+def test_a_misspelt_flag_prints_the_commands_usage(argv, usage, flag, nearest, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ldm_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(f"usage: {usage} "), err
+    assert f"{usage}: error: unrecognized arguments: {flag}" in err, err
+    assert (f"did you mean {nearest}?" in err) if nearest else "did you mean" not in err, err
+
+
+def test_abbreviations_are_refused_everywhere(capsys):
+    with pytest.raises(SystemExit):
+        parse("generate", ["--guidance", "5"])  # once an abbreviation of --guidance-scale
+    assert "unrecognized arguments: --guidance" in capsys.readouterr().err

@@ -175,7 +175,8 @@ def test_cli_help_and_a_bad_value_fails_before_any_work(tmp_path, capsys, monkey
         ldm_main(["train-text-encoder", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert all(f"--{name}" in text for name in ("data", "model", "embed_dim", "val_samples", "validation_every"))
+    assert all(f"--{name}" in text for name in ("data", "model", "embed-dim", "num-validation-images",
+                                                 "validation-every"))
     out = tmp_path / "never"
     assert ldm_main(["train-text-encoder", "--batch_size", "0", "--output_dir", str(out)]) == 2
     err = capsys.readouterr().err

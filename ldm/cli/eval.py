@@ -1,7 +1,7 @@
 """`ldm eval --model DIR --prompts FILE --out DIR`: prompt adherence, FID/KID, CLIP score and memorisation.
 
     ldm eval --model models/demo --prompts prompts.txt --out eval/ \
-        --reference real_images/ --inception-weights ~/.cache/ldm/inception_v3_google-0cc3c7bd.pth \
+        --reference real_images/ --feature-weights ~/.cache/ldm/inception_v3_google-0cc3c7bd.pth \
         --clip-model ViT-B-32 --clip-weights open_clip_model.safetensors --train-data train_images/
 Every weights file is local; a missing one stops with what to download and where to put it.
 """

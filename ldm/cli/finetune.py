@@ -1,8 +1,8 @@
 """`ldm finetune --model DIR --data FOLDER --out DIR`: LoRA or full fine-tuning on a folder of your own images.
 
 The same as `accelerate launch train/finetune.py ...`. Every field of ldm/training/finetune_config.py is a flag
-(dashes or underscores), plus `--config FILE.yaml`; a bool flag alone means true, and a list takes one item per
-flag (`--validation-prompts "a red, round thing" --validation-prompts "sks art"`), e.g.
+(dashes or underscores), plus `--config FILE.yaml`; a bool flag alone means true, and a list takes its items
+space-separated (`--validation-prompts "a red, round thing" "sks art"`), e.g.
 
     ldm finetune --model models/base --data my-art/ --out runs/my-art \
         --instance-prompt "a painting in the style of sks" --class-prompt "a painting" --export-webui

@@ -1,8 +1,8 @@
 """`ldm train`: train a latent diffusion model (the same as `accelerate launch train/train_ldm.py`).
 
-Every field of ldm/training/ldm_config.py is a flag (`--key value` or `--key-with-dashes value`), plus
-`--config FILE.yaml`; `ldm train --help` lists them with their defaults. The conventions (bools, lists) are in
-ldm/training/config.py's docstring.
+Every field of ldm/training/ldm_config.py (and of the shared ldm/training/base_config.py) is a flag
+(`--key-with-dashes value`; `--key_with_underscores` works too), plus `--config FILE.yaml`; `ldm train --help` lists
+them with their defaults. The conventions (bools, lists, renamed flags) are in ldm/training/config.py's docstring.
 """
 from __future__ import annotations
 

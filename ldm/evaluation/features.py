@@ -70,7 +70,7 @@ def resolve_weights(kind: str, path: str | None) -> str:
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         hint = (f"download {INCEPTION_URL} (torchvision's Inception v3) and put it at {path}, or pass "
-                f"--inception-weights PATH / set {INCEPTION_ENV}; nothing is downloaded for you"
+                f"--feature-weights PATH / set {INCEPTION_ENV}; nothing is downloaded for you"
                 if kind == "inception" else "save a TinyFeatureNet state dict there (torch.save or safetensors)")
         raise FileNotFoundError(f"feature weights not found at {path}: {hint}")
     return path

@@ -262,7 +262,7 @@ class TextEncoderTrainer(loop.Trainer):
         if len(batch["caption"]) < 2:
             raise ValueError(f"a training batch kept {len(batch['caption'])} pair(s) after leaving out the "
                              f"{len(self.held_out)} held-out ones: the data is hardly larger than val_samples; "
-                             "lower --val_samples or add data")
+                             "lower --num-validation-images or add data")
         return batch
 
     def micro_loss(self, step: int, micro: int):
