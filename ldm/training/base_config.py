@@ -1,7 +1,8 @@
 """TrainingConfig: the settings every trainer shares (`ldm train`, `train-vae`, `train-text-encoder`, `finetune`),
-each declared once here with its range and its help (the trailing comment).
+each declared once here with its range and its help (the trailing comment); CaptionTags: the tag-caption settings
+of the two text-to-image trainers (`ldm train`, `ldm finetune`).
 
-A command's config is one dataclass below this one that adds only its own settings; where a command wants
+A command's config is one dataclass below these that adds only its own settings; where a command wants
 another default it sets the field again with that default alone (the range and help stay these), or with a
 range of its own where 0 means something there (finetune: "scaled to the folder").
 """
@@ -42,3 +43,19 @@ class TrainingConfig:
         check_ranges(self)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+
+
+@dataclass
+class CaptionTags:
+    # tag captions ("sks style, 1girl, red hair"), each time a caption is used (ldm.data.captions)
+    shuffle_tags: bool = False             # shuffle the tags after the first keep_tags (kohya's shuffle_caption)
+    keep_tags: int = setting(0, "[0, 1000]")  # the first N tags stay in place and are never dropped (kohya's
+                                              # keep_tokens)
+    tag_dropout: float = setting(0.0, "[0, 1)")  # drop each other tag with this probability; 0 = off (a caption
+                                                 # keeps a tag)
+    tag_separator: str = ","               # what separates tags; changed captions are never cached as embeddings
+
+    def check_tags(self) -> None:
+        """Raises ValueError for a tag setting that cannot work (ranges: check_ranges)."""
+        if not self.tag_separator:
+            raise ValueError("--tag-separator must not be empty: pass --tag-separator ',' (the usual one)")

@@ -9,14 +9,15 @@ import math
 from dataclasses import dataclass, replace
 
 from ldm.ranges import setting
-from ldm.training.base_config import TrainingConfig
+from ldm.training.base_config import CaptionTags, TrainingConfig
 
 METHODS = ("lora", "full")
 
 
 @dataclass
-class FinetuneConfig(TrainingConfig):
-    # the shared settings: TrainingConfig (ldm/training/base_config.py); 0 below means "scaled to the folder"
+class FinetuneConfig(CaptionTags, TrainingConfig):
+    # the shared settings: TrainingConfig and CaptionTags (ldm/training/base_config.py; the instance prompt is the
+    # first tag); 0 below means "scaled to the folder"
     # inputs and outputs
     model: str = ""                        # the base pipeline folder
     data: str = ""                         # a folder of images (captions optional), or any ldm.data spec
@@ -47,13 +48,6 @@ class FinetuneConfig(TrainingConfig):
     lr_warmup_steps: int = 0               # 0 = scaled to the folder
     caption_dropout: float = setting(0.0, "[0, 1)")  # DreamBooth trains without; > 0 also teaches the empty prompt
                                                      # the style
-    # tag captions ("sks style, 1girl, red hair"; the instance prompt is the first tag), each time one is used
-    shuffle_tags: bool = False             # shuffle the tags after the first keep_tags (kohya's shuffle_caption)
-    keep_tags: int = setting(0, "[0, 1000]")  # the first N tags stay in place and are never dropped (kohya's
-                                              # keep_tokens)
-    tag_dropout: float = setting(0.0, "[0, 1)")  # drop each other tag with this probability; 0 = off (a caption
-                                                 # keeps a tag)
-    tag_separator: str = ","               # what separates tags (ldm.data.captions)
     # validation and the memorisation guard
     holdout_fraction: float = setting(0.1, "(0, 1)")  # held out for validation loss; leave-one-out below 10 images
     validation_every: int = setting(0, "[0, 1e8]")  # 0 = 4 times per run
@@ -91,8 +85,7 @@ class FinetuneConfig(TrainingConfig):
             raise ValueError("--num-class-images needs --class-prompt (e.g. --class-prompt 'a painting')")
         if self.resolution % 8:
             raise ValueError(f"--resolution must be divisible by 8, got {self.resolution}")
-        if not self.tag_separator:
-            raise ValueError("--tag-separator must not be empty: pass --tag-separator ',' (the usual one)")
+        self.check_tags()
 
 
 def default_learning_rate(method: str) -> float:

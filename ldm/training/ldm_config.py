@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ldm.diffusion import BETA_SCHEDULES, TIMESTEP_SAMPLING, WEIGHTINGS
 from ldm.objectives import OBJECTIVES
 from ldm.ranges import setting
-from ldm.training.base_config import MIXED_PRECISION, TrainingConfig
+from ldm.training.base_config import MIXED_PRECISION, CaptionTags, TrainingConfig
 
 LOSSES = ("mse", "huber", "l1")
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -14,8 +14,8 @@ __all__ = ["LOSSES", "MIXED_PRECISION", "OPTIMIZERS", "TrainLDMConfig"]
 
 
 @dataclass
-class TrainLDMConfig(TrainingConfig):
-    # data, model, optimiser steps, checkpoints and seed: TrainingConfig (ldm/training/base_config.py)
+class TrainLDMConfig(CaptionTags, TrainingConfig):
+    # data, model, optimiser steps, checkpoints and seed: TrainingConfig; tag captions: CaptionTags (base_config.py)
     center_crop: bool = True
     random_flip: bool = False
     aspect_buckets: bool = False           # mixed aspect ratios keep most of each image: each goes to the bucket of
@@ -61,14 +61,7 @@ class TrainLDMConfig(TrainingConfig):
                                                   # (SD3 Sec. 5.3.2)
     offset_noise: float = setting(0.0, "[0, 1]")
     caption_dropout: float = setting(0.1, "[0, 1)")  # p_uncond for classifier-free guidance (after the tag
-                                                     # settings below)
-    # tag captions ("sks style, 1girl, red hair"), each time a caption is used (ldm.data.captions)
-    shuffle_tags: bool = False             # shuffle the tags after the first keep_tags (kohya's shuffle_caption)
-    keep_tags: int = setting(0, "[0, 1000]")  # the first N tags stay in place and are never dropped (kohya's
-                                              # keep_tokens)
-    tag_dropout: float = setting(0.0, "[0, 1)")  # drop each other tag with this probability; 0 = off (a caption
-                                                 # keeps a tag)
-    tag_separator: str = ","               # what separates tags; changed captions are never cached as embeddings
+                                                     # settings, CaptionTags)
     # optimiser
     adam_beta1: float = setting(0.9, "[0, 1)")
     adam_beta2: float = setting(0.999, "[0, 1)")
@@ -120,8 +113,7 @@ class TrainLDMConfig(TrainingConfig):
             from ldm.models.vae import check_vae_folder
 
             check_vae_folder(self.vae, self.model, self.resolution)
-        if not self.tag_separator:
-            raise ValueError("tag_separator must not be empty: pass --tag_separator ',' (the usual one)")
+        self.check_tags()
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
         if self.prediction_type == "flow":
