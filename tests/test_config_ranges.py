@@ -142,3 +142,33 @@ def test_train_vae_checkpoint_every_zero_checkpoints_only_at_the_end(tmp_path):
     result = train_vae.main(cfg)
     assert result["step"] == 2
     assert sorted(os.listdir(tmp_path / "vae" / "checkpoints")) == ["checkpoint-00000002"]
+
+
+TRAINERS = (TrainLDMConfig, TrainVAEConfig, TrainTextEncoderConfig, FinetuneConfig)
+
+
+def test_settings_every_trainer_has_are_declared_once_in_the_base_config():
+    """Issue 30 item 3: the settings the four trainers share live in TrainingConfig, each with its range there; a
+    trainer sets one again only to change its default, range or help, never to repeat it."""
+    from ldm.training.config import field_comments
+
+    shared = set.intersection(*({f.name for f in dataclasses.fields(c)} for c in TRAINERS))
+    assert shared == {f.name for f in dataclasses.fields(TrainingConfig)}, sorted(shared)
+    assert len(shared) >= 16 and all(issubclass(c, TrainingConfig) for c in TRAINERS)
+    base, base_ranges, base_help = TrainingConfig(), ranges_of(TrainingConfig), field_comments(TrainingConfig)
+    for cls in TRAINERS:
+        for name in set(vars(cls)["__annotations__"]) & shared:  # declared again in the trainer's own body
+            changed = (getattr(cls(**CONFIGS[cls]), name) != getattr(base, name) or
+                       ranges_of(cls).get(name) != base_ranges.get(name) or
+                       field_comments(cls).get(name) != base_help.get(name))
+            assert changed, f"{cls.__name__}.{name} repeats TrainingConfig's declaration: delete it"
+
+
+@pytest.mark.parametrize("cls", [c for c in CONFIGS if c.__module__.startswith("ldm.training")],
+                         ids=lambda c: c.__name__)
+def test_training_ranges_sit_next_to_their_fields(cls):
+    """No separate string table: every numeric field's range is in its own declaration (ldm.ranges.setting)."""
+    assert "RANGES" not in vars(cls)
+    declared = {f.name for f in dataclasses.fields(cls) if "range" in f.metadata}
+    inherited = {n for n in numeric_fields(cls) if n not in declared and n in ranges_of(TrainingConfig)}
+    assert set(numeric_fields(cls)) == declared | inherited
