@@ -64,7 +64,9 @@ class FinetuneConfig(CaptionTags, TrainingConfig):
     # outputs
     export_webui: bool = False             # also write a kohya-format LoRA for AUTOMATIC1111 / ComfyUI
     save_pipeline: bool = False            # LoRA: also write the fused pipeline folder (full always writes one)
-    # checkpoints (OUT/checkpoints/checkpoint-N: Accelerate state, weights, trainer_state.json): TrainingConfig's
+    # checkpoints (OUT/checkpoints/checkpoint-N: Accelerate state, weights, trainer_state.json)
+    checkpoint_every: int = 500            # 0 = only when stopped by a signal or max_minutes (the end of the run
+                                           # writes the LoRA / pipeline instead)
     device: str = "auto"
 
     def validate(self) -> None:

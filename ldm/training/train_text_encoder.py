@@ -72,6 +72,7 @@ class TrainTextEncoderConfig(TrainingConfig):
     lr_warmup_steps: int = 50
     batch_size: int = setting(64, "[2, 65536]")  # pairs per step and process: each text's negatives are the other
                                                  # images
+    gradient_accumulation_steps: int = 1   # each micro-batch contrasts its own pairs (no larger negative pool)
     output_dir: str = setting("runs/text_encoder", flag="out")  # the run folder (checkpoints, the text encoder)
     log_every: int = setting(50, "[0, 1e9]")  # print the step's loss every this many steps; 0 = never
     validation_every: int = setting(100, "[0, 1e9]")  # held-out loss and retrieval accuracy; 0 = never (not even
