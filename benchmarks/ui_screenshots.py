@@ -55,7 +55,7 @@ def start_ui(args, port: int, work: str) -> tuple[subprocess.Popen, str]:
     def read():
         for line in process.stdout:
             lines.append(line)
-            match = re.search(r"https?://[^\s'\"<>)]+", line)
+            match = re.search(r"http://(?:127\.0\.0\.1|localhost)[^\s'\"<>)\x1b]*", line)
             if match and not found:
                 found.append(match.group(0).rstrip(".,;"))
 

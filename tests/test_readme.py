@@ -26,6 +26,7 @@ TINY_DEMO = ("--num_samples 32 --vae_steps 3 --vae_batch_size 8 --ldm_steps 3 --
              "--num_pair_prompts 2 --sample_steps 2 --minutes 30 --threads 1")
 TINY_TRAINING = "--max_steps 2"
 SERVERS = ("ldm ui", "mkdocs serve")  # run until they print their URL, which must then answer
+LOCAL_URL = r"http://(?:127\.0\.0\.1|localhost)[^\s'\"<>)\x1b]*"  # the server's own, not a banner's link
 
 
 def code_blocks(text: str, language: str) -> list[str]:
@@ -133,7 +134,7 @@ def serve_and_fetch(command: str, cwd: Path, env: dict) -> str:
     def read():
         for line in process.stdout:
             lines.append(line)
-            urls.extend(re.findall(r"https?://[^\s'\"<>)]+", line)[:1])
+            urls.extend(re.findall(LOCAL_URL, line)[:1])
 
     threading.Thread(target=read, daemon=True).start()
     try:
