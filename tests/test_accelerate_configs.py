@@ -1,5 +1,5 @@
 """configs/accelerate/*.yaml: each is read by Accelerate's own loader and launch checks, picks the launcher its
-comment promises, and cpu_2proc.yaml runs the README's command on two ranks; EMA under FSDP is refused."""
+comment promises, and cpu_2proc.yaml runs the docs' command (docs/src/guides/scale-out.md) on two ranks; EMA under FSDP is refused."""
 import glob
 import json
 import os
@@ -84,13 +84,16 @@ def test_deepspeed_fields_build_accelerates_plugin_and_match_the_sd15_config(mon
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == sd15["gradient_accumulation_steps"]
 
 
+SCALE_OUT = os.path.join(REPO, "docs", "src", "guides", "scale-out.md")  # the docs' Scale out guide
+
+
 def readme_command(config_name: str) -> list[str]:
-    """Returns the README's `accelerate launch --config_file configs/accelerate/<name> ...` command as argv."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    """Returns the Scale out guide's `accelerate launch --config_file configs/accelerate/<name> ...` command as argv."""
+    with open(SCALE_OUT, encoding="utf-8") as f:
         text = f.read()
     match = re.search(rf"^accelerate launch --config_file configs/accelerate/{re.escape(config_name)} (?:.*\\\n)*.*$",
                       text, flags=re.M)
-    assert match, f"README.md has no `accelerate launch` line for {config_name}"
+    assert match, f"{SCALE_OUT} has no `accelerate launch` line for {config_name}"
     return shlex.split(match.group(0).replace("\\\n", " "), comments=True)
 
 
