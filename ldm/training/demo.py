@@ -200,7 +200,7 @@ def load_vae_result(cfg: DemoConfig) -> dict:
     """Returns train_vae.main's result for the given cfg.vae folder: its held-out PSNR measured now, no steps."""
     from diffusers import AutoencoderKL
 
-    from ldm.models.vae import reconstruction_report
+    from ldm.training.vae_report import reconstruction_report
 
     vae = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True).to(cfg.device)
     return {"vae_dir": cfg.vae, "step": 0, "psnr": None, "held_out_psnr": reconstruction_report(vae, cfg.resolution),
