@@ -128,7 +128,7 @@ class TrainLDMConfig:
                    "weighting": WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
                    "optimizer": OPTIMIZERS,
                    "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none")}
-        from ldm.evaluation.guidance_sweep import METHODS
+        from ldm.pipelines.guidance import GUIDANCE_METHODS as METHODS
 
         choices["validation_guidance_method"] = tuple(METHODS)
         for key, options in choices.items():
