@@ -92,6 +92,7 @@ class Objective:
     """
     name: str = ""                       # the config's prediction_type
     prediction_type: str | None = None   # diffusers' prediction_type its scheduler config carries (None: flow)
+    samplers: tuple[str, ...] = ()       # the named samplers (pipelines/schedulers.py) the demo and diagnostics compare
 
     def __init__(self, schedule: NoiseSchedule, settings: ObjectiveSettings):
         self.schedule, self.settings = schedule, settings
@@ -140,6 +141,7 @@ class VPDiffusion(Objective):
     integer t in [0, T); a subclass says what the network predicts: its `target`, how a prediction converts to
     (x0, eps) (`x0_and_eps`), the factor from its MSE to the eps-MSE (`eps_loss_factor`), and diffusers'
     `prediction_type` its scheduler samples with."""
+    samplers = ("ddpm", "ddim", "lms")
 
     def target(self, x0, noise, t):
         raise NotImplementedError
