@@ -8,6 +8,10 @@ import os
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
+# The sampler names of ldm.pipelines.schedulers -> the AUTOMATIC1111 web UI's, for the PNG "parameters" text.
+WEBUI_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "lms": "LMS", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+               "heun": "Heun", "dpm++": "DPM++ 2M"}
+
 
 def _quote(value) -> str:
     """Returns value as the web UI writes it: as is, or JSON-quoted when it holds a comma, colon or newline."""
@@ -25,8 +29,6 @@ def webui_parameters(params: dict) -> str:
 
     Size is width x height; Model is the folder's name; further parameters follow as "Key name: value".
     """
-    from ldm.pipelines.schedulers import WEBUI_NAMES
-
     named = {"Steps": params.get("steps"), "Sampler": WEBUI_NAMES.get(params.get("scheduler"), params.get("scheduler")),
              "CFG scale": params.get("guidance_scale"), "Seed": params.get("seed"),
              "Size": f"{params['width']}x{params['height']}" if "width" in params and "height" in params else None,

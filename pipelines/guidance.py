@@ -17,6 +17,10 @@ from typing import Callable
 
 import torch
 
+# The guidance methods by name, as `--validation-guidance-method`, `ldm eval-guidance --methods` and guidance.json's
+# "method" name them (ldm.evaluation.guidance_sweep.METHODS gives each its call keywords)
+GUIDANCE_METHODS = ("cfg", "interval", "apg", "cfg_zero_star", "rescale")
+
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Returns the guided prediction eps_uncond + w (eps_cond - eps_uncond).

@@ -33,10 +33,6 @@ FLOW_SCHEDULERS = {
     "heun": FlowMatchHeunDiscreteScheduler,
 }
 
-# Our names -> the AUTOMATIC1111 web UI's sampler names, for the PNG "parameters" text (ldm.images).
-WEBUI_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "lms": "LMS", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
-               "heun": "Heun", "dpm++": "DPM++ 2M"}
-
 # Samplers whose update stays finite at zero terminal SNR (alpha_bar_{T-1} = 0; Lin et al. 2023,
 # arXiv:2305.08891): with v-prediction x0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022, Sec. 4) holds at
 # a = 0. The others divide by alpha_bar_t (PNDM) or use sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (LMS,

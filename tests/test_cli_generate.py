@@ -1,4 +1,5 @@
 """The `ldm` command: help, generate (PNG metadata, reproducible seeds), create-model, clear errors."""
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,71 @@ def test_unknown_scheduler_flag_lists_choices(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--model", "m", "--scheduler", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def _generate_parser():
+    import argparse
+
+    from ldm.cli.generate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def _accepts(convert, value) -> bool:
+    import argparse
+
+    try:
+        convert(repr(value))
+        return True
+    except argparse.ArgumentTypeError:
+        return False
+
+
+def test_every_generate_flag_fills_a_field_of_the_generate_request():
+    import dataclasses
+
+    from ldm.pipelines.generate import GenerateRequest
+
+    dests = {a.dest for a in _generate_parser()._actions if a.dest != "help"}
+    assert dests == {f.name for f in dataclasses.fields(GenerateRequest)}
+
+
+def test_generate_flags_take_the_generate_requests_ranges():
+    """The web page checks its fields with GenerateRequest.RANGES: each flag must allow exactly the same numbers
+    (probed at and just past both ends of each interval)."""
+    from ldm.pipelines.generate import GenerateRequest
+    from ldm.ranges import parse_interval
+
+    checked = []
+    for action in _generate_parser()._actions:
+        spec = GenerateRequest.RANGES.get(action.dest) or (
+            GenerateRequest.INTERVAL_RANGE if action.dest == "guidance_interval" else None)
+        if action.type is None or spec is None:
+            continue
+        lo, hi, lo_closed, hi_closed = parse_interval(spec)
+        step = 1 if action.type.__name__ == "int" else 1e-6
+        kind = int if step == 1 else float
+        for end, closed, outward in ((lo, lo_closed, -step), (hi, hi_closed, step)):
+            if abs(end) != float("inf"):
+                assert _accepts(action.type, kind(end)) == closed, (action.dest, spec, end)
+                assert not _accepts(action.type, kind(end) + outward), (action.dest, spec, end + outward)
+                assert _accepts(action.type, kind(end) - outward) or lo == hi, (action.dest, spec)
+        checked.append(action.dest)
+    numeric = set(GenerateRequest.RANGES) | {"guidance_interval"}
+    assert set(checked) == numeric, numeric - set(checked)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("steps", 0, "steps (--steps): 0 is outside the allowed range [1, 1000]"),
+    ("guidance_scale", -1.0, "--guidance-scale"), ("apg_momentum", 1.0, "--apg-momentum"),
+    ("scheduler", "nope", "scheduler (--scheduler): 'nope' is not one of"), ("prompt", " ", "prompt: empty"),
+    ("apg_eta", 0.5, "--apg-eta set adaptive projected guidance, which is off; add --apg"),
+    ("guidance_interval", (-1.0, 5.0), "--guidance-interval")])
+def test_a_generate_request_refuses_a_bad_field_naming_it_and_its_flag(field, value, words):
+    from ldm.pipelines.generate import GenerateRequest, prepare
+
+    request = GenerateRequest(**{"prompt": "a red circle", "model": "/no/such/model", field: value})
+    with pytest.raises(ValueError, match=re.escape(words)):
+        prepare(request)  # before any model is read

@@ -144,3 +144,119 @@ def test_the_measured_figure_pattern_finds_figures():
         assert MEASURED.search(text), text
     for text in ("0 = never", "a 64 px image", "at most 60 lines", "beta_start 0.00085", "t = 999"):
         assert not MEASURED.search(text), text
+
+
+# ------------------------------------------------------------------ layers import downward only (STYLE.md 16)
+# Each level, lowest first, lists its packages in their order inside the level: a package may import the packages
+# of the levels below and those before it in its own level, never the ones after (siblings never import each other
+# both ways). Core modules are plain helpers every layer uses (files, ranges, PNG metadata): they import only core.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("core", ["ldm", "ldm.folders", "ldm.flags", "ldm.ranges", "ldm.images"]),
+    # the diffusion math is pure functions; objectives put it behind one interface; the models (presets, LoRA,
+    # the VAE) may ask an objective or the math, never the reverse
+    ("models, diffusion, objectives", ["ldm.diffusion", "ldm.objectives", "ldm.models"]),
+    # data feeds training only; the pipelines sample: neither needs the other, data first by the data flow
+    ("data, pipelines", ["ldm.data", "ldm.pipelines"]),
+    # diagnostics read a model and write plots; evaluation scores models (and may use a diagnostic's files);
+    # training calls both for its validation and its demo report
+    ("training, evaluation, diagnostics", ["ldm.diagnostics", "ldm.evaluation", "ldm.training"]),
+    ("ui", ["ldm.ui"]),
+    ("cli", ["ldm.cli"]),
+]
+SCRIPT_FOLDERS = ("train", "benchmarks")   # scripts above every layer: they may import anything
+NAMESPACE = {"ldm": "ldm", "pipelines": "ldm.pipelines", "data": "ldm.data"}  # pyproject.toml's package-dir
+
+
+def _rank(module: str) -> tuple[int, int, str] | None:
+    """Returns (level, order inside the level, package) of an ldm module: its longest listed prefix."""
+    best = None
+    for level, (_, packages) in enumerate(LAYERS):
+        for order, package in enumerate(packages):
+            if (module == package or module.startswith(package + ".")) and (best is None or len(package) > len(best[2])):
+                best = (level, order, package)
+    return best
+
+
+def _module_name(path: str) -> str:
+    parts = list(Path(path).with_suffix("").parts)
+    parts[0] = NAMESPACE[parts[0]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _ldm_modules() -> set[str]:
+    return {_module_name(p) for p in _python_files() if Path(p).parts[0] in NAMESPACE}
+
+
+def _imports(path: str, tree: ast.AST, modules: set[str]) -> list[tuple[int, str]]:
+    """Returns (line, module) of every ldm module a file imports: module-level and function-local imports,
+    relative ones resolved, `from package import submodule` as the submodule, importlib.import_module("ldm...")."""
+    package = _module_name(path) if path.endswith("__init__.py") else _module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
+            found += [(node.lineno, name) for name in subs] or [(node.lineno, base)]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and node.args[0].value.startswith("ldm")
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"):
+            found.append((node.lineno, node.args[0].value))
+    return [(line, name) for line, name in found if name == "ldm" or name.startswith("ldm.")]
+
+
+def _upward_imports(files: dict[str, str]) -> list[str]:
+    """Returns `file:line imports X (layer a -> layer b)` for every import of a higher layer, or of a later
+    sibling in the same layer, among `files` (path -> source)."""
+    modules = _ldm_modules() | {_module_name(p) for p in files if Path(p).parts[0] in NAMESPACE}
+    wrong = []
+    for path, source in files.items():
+        if Path(path).parts[0] not in NAMESPACE:
+            continue  # train/ and benchmarks/ scripts sit above every layer
+        own = _rank(_module_name(path))
+        for line, name in _imports(path, ast.parse(source), modules):
+            other = _rank(name)
+            if other is None or own is None:
+                wrong.append(f"{path}:{line} imports {name} (a module no layer lists)")
+            elif other[:2] > own[:2]:
+                where = "a higher layer" if other[0] > own[0] else "a later sibling"
+                wrong.append(f"{path}:{line} imports {name} ({where}: {own[2]} in {LAYERS[own[0]][0]} -> "
+                             f"{other[2]} in {LAYERS[other[0]][0]})")
+    return wrong
+
+
+def test_layers_import_downward_only():
+    wrong = _upward_imports({path: _source(path) for path in _python_files()})
+    assert not wrong, ("a layer imports only the layers below it (STYLE.md 16; order in LAYERS): move the code "
+                       "it needs down, or the caller up:\n" + "\n".join(wrong))
+
+
+def test_the_layer_map_places_every_package():
+    top = {".".join(m.split(".")[:2]) for m in _ldm_modules()}
+    listed = {package for _, packages in LAYERS for package in packages}
+    assert top <= listed, f"place these in LAYERS (tests/test_code_shape.py): {sorted(top - listed)}"
+    assert not listed - top, f"LAYERS lists packages that do not exist: {sorted(listed - top)}"
+    import tomllib
+    packages = tomllib.loads(_source("pyproject.toml"))["tool"]["setuptools"]["packages"]
+    assert all(_rank(p) for p in packages), [p for p in packages if not _rank(p)]
+    assert all(Path(folder).is_dir() for folder in (ROOT / f for f in SCRIPT_FOLDERS))
+
+
+def test_the_layer_check_finds_upward_and_function_local_imports():
+    files = {
+        "ldm/models/bad.py": "def f():\n    from ldm.training import loop\n",
+        "ldm/diagnostics/bad.py": "import importlib\nx = importlib.import_module('ldm.cli.generate')\n",
+        "data/bad.py": "from ..pipelines import stable\n",           # a later sibling in the same layer, relative
+        "ldm/folders.py": "from ldm import diffusion\n",               # core imports only core
+        "ldm/cli/fine.py": "from ldm.ui import server\nfrom ldm import models\n",
+        "train/fine.py": "from ldm.cli import main\n",
+    }
+    wrong = _upward_imports(files)
+    assert [w.split(" (")[0] for w in wrong] == [
+        "ldm/models/bad.py:2 imports ldm.training.loop", "ldm/diagnostics/bad.py:2 imports ldm.cli.generate",
+        "data/bad.py:1 imports ldm.pipelines.stable", "ldm/folders.py:1 imports ldm.diffusion"], wrong

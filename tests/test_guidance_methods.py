@@ -251,3 +251,11 @@ def test_generate_refuses_bad_guidance_flags_in_one_line_before_loading(capsys, 
     assert main(["generate", "x", "--model", "/no/such/model", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "does not exist" not in err
+
+
+def test_every_named_guidance_method_has_its_call_keywords():
+    from ldm.evaluation.guidance_sweep import METHODS, SweepConfig
+    from ldm.pipelines.guidance import GUIDANCE_METHODS
+
+    assert tuple(METHODS) == GUIDANCE_METHODS
+    assert all(isinstance(METHODS[name](SweepConfig(interval=(100.0, 800.0))), dict) for name in GUIDANCE_METHODS)

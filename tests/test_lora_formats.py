@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from ldm.models.lora import LoraSettings, add_lora, kohya_key, merge_lora, read_lora_file, save_lora, save_webui_lora
+from ldm.models.lora import LoraSettings, add_lora, kohya_key, read_lora_file, save_lora, save_webui_lora
+from ldm.pipelines.lora import merge_lora
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

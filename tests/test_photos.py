@@ -94,7 +94,7 @@ def test_only_built_in_sources_mix(tmp_path):
 
 def test_reconstruction_report_measures_each_held_out_set():
     from ldm.models.presets import build_vae, get_spec
-    from ldm.models.vae import reconstruction_psnr, reconstruction_report
+    from ldm.training.vae_report import reconstruction_psnr, reconstruction_report
 
     torch.manual_seed(0)
     vae = build_vae(get_spec("small"))

@@ -5,8 +5,8 @@ import re
 import PIL.Image
 import pytest
 
-from ldm.images import read_png_params, save_png
-from ldm.pipelines.schedulers import SCHEDULERS, WEBUI_NAMES
+from ldm.images import WEBUI_NAMES, read_png_params, save_png
+from ldm.pipelines.schedulers import SCHEDULERS
 
 # One "Key: value" pair of the last line: a key of word characters, spaces, "-" or "/", then a value that is
 # either double-quoted (JSON escapes) or runs to the next comma.

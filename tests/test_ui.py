@@ -385,3 +385,19 @@ def test_bad_input_in_each_field_leaves_the_server_serving(server):
             break
         threading.Event().wait(0.25)
     assert state["status"] == "done" and len(state["result"]["images"]) == 1
+
+
+def test_the_page_builds_a_generate_request_not_an_argv():
+    import ast
+
+    from ldm.pipelines.generate import GenerateRequest
+    from ldm.ui import generate as page
+
+    tree = ast.parse(open(page.__file__, encoding="utf-8").read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "argparse" not in imported and not any(m.startswith("ldm.cli") for m in imported if m)
+    request = page.parse_form({**FORM, "guidance_scale": "3.5", "negative_prompt": "blur"}, "/some/model")
+    assert isinstance(request, GenerateRequest)
+    assert (request.steps, request.seed, request.guidance_scale, request.negative_prompt, request.model) == (
+        4, 7, 3.5, "blur", "/some/model")

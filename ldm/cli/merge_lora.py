@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ldm.models.lora import merge_lora
+    from ldm.pipelines.lora import merge_lora
 
     print(f"wrote {merge_lora(args.model, args.lora, args.out, args.lora_scale)}")
     return 0

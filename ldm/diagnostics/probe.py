@@ -1,7 +1,7 @@
 """A fixed probe set for per-timestep diagnostics: fixed images, fixed noise, fixed timesteps, so runs compare.
 
     probe = make_probe(pipe, "shapes:16", num_images=8, n_bins=10, per_bin=4)
-    preds = predict_probe(pipe.denoiser, probe, prediction_type)     # (N, C, h, w) eps predictions
+    preds = predict_probe(pipe.denoiser, probe, objective_for(pipe.scheduler))  # (N, C, h, w) eps predictions
 
 The probe holds N = num_images * n_bins * per_bin rows: every image at every probe timestep, each with its own
 noise drawn from a fixed seed. For a flow model (its scheduler a FlowMatch one, ldm.objectives.objective_for) the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm.diagnostics.bias import probe_sigmas, probe_timesteps
-from ldm.diffusion import add_noise, flow_noised, to_parameterisations
+from ldm.diffusion import add_noise, flow_noised
 from ldm.models.denoiser import denoise
 from ldm.models.vae import encode_posterior
 
@@ -92,9 +92,9 @@ def build_flow_probe(latents: torch.Tensor, context: torch.Tensor, n_bins: int =
 
 
 @torch.no_grad()
-def predict_probe(unet, probe: Probe, prediction_type: str, batch_size: int = 64) -> torch.Tensor:
-    """Returns the model's noise prediction eps_pred (N, C, h, w) for every probe row (converted from v or x0); for
-    a flow probe, the predicted velocity as it is."""
+def predict_probe(unet, probe: Probe, objective, batch_size: int = 64) -> torch.Tensor:
+    """Returns the model's noise prediction eps_pred (N, C, h, w) for every probe row (converted from v or x0 by
+    the model's objective, ldm.objectives.objective_for); for a flow probe, the predicted velocity as it is."""
     dtype, device = unet.dtype, unet.device
     out = []
     for i in range(0, len(probe.timesteps), batch_size):
@@ -102,7 +102,7 @@ def predict_probe(unet, probe: Probe, prediction_type: str, batch_size: int = 64
         context = probe.context[i:i + batch_size].to(device, dtype)
         pred = denoise(unet, x_t.to(device, dtype), t.to(device), context).float().cpu()
         if not probe.flow:  # a flow model's velocity is reported as it is
-            pred = to_parameterisations(pred, x_t, probe.alphas_cumprod[t], prediction_type)["eps"]
+            pred = objective.parameterisations(pred, x_t, probe.alphas_cumprod[t])["eps"]
         out.append(pred)
     return torch.cat(out)
 

@@ -80,11 +80,11 @@ def plot_sampling(report: dict, out_dir: str) -> list[str]:
 
 
 def default_samplers(pipe) -> list[str]:
-    """Returns the samplers a diagnostic compares by default: euler and heun for a flow model, else ddpm, ddim, lms."""
-    from ldm.objectives import is_flow_scheduler
-    from ldm.objectives.flow import FLOW_SAMPLERS
+    """Returns the samplers a diagnostic compares by default: the model's objective's (euler and heun for a flow
+    model, else ddpm, ddim, lms)."""
+    from ldm.objectives import objective_for
 
-    return list(FLOW_SAMPLERS) if is_flow_scheduler(pipe.scheduler) else ["ddpm", "ddim", "lms"]
+    return list(objective_for(pipe.scheduler).samplers)
 
 
 def diagnose_sampling(pipe, prompt: str, out_dir: str, schedulers: list[str] | None = None, steps: int = 20,

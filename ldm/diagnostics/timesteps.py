@@ -35,6 +35,7 @@ import torch
 from ldm.diagnostics.bias import flow_per_bin_report, per_bin_report
 from ldm.diagnostics.gaussian import GaussianEpsModel, GaussianFlowModel, fit_gaussian
 from ldm.diffusion import timestep_bins
+from ldm.objectives import objective_for
 from ldm.diagnostics.io import write_csv, write_json
 from ldm.diagnostics.plots import line_plot, panels_plot
 from ldm.diagnostics.probe import Probe, encode_latents, load_probe_images, make_probe, predict_probe
@@ -133,8 +134,9 @@ def diagnose_timesteps(pipe, data: str, out_dir: str, num_images: int = 8, n_bin
     """Runs the probe through the pipeline's UNet and writes timesteps.json, timesteps.csv and the PNGs;
     returns the report (with "files"). A flow model's report is of its velocity, per sigma bin."""
     probe = make_probe(pipe, data, num_images, n_bins, per_bin, seed)
-    prediction_type = "flow" if probe.flow else pipe.scheduler.config.prediction_type
-    eps_pred = predict_probe(pipe.denoiser, probe, prediction_type)
+    objective = objective_for(pipe.scheduler)
+    prediction_type = objective.name
+    eps_pred = predict_probe(pipe.denoiser, probe, objective)
     reference = None
     if gaussian_reference:
         resolution = pipe.denoiser.config.sample_size * pipe.vae_scale_factor

@@ -20,8 +20,9 @@ REVERSE_VARIANCES = ("posterior", "beta")
 __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLING", "REVERSE_VARIANCES",
            "make_betas", "rescale_zero_terminal_snr", "alphas_cumprod", "snr", "posterior_variance",
            "posterior_mean_coefs", "reverse_variance", "vlb_weights", "alpha_bar_at", "add_noise", "velocity",
-           "training_target", "to_parameterisations", "eps_loss_factor", "min_snr_weight", "vlb_weight",
-           "loss_weights", "per_sample_loss", "offset_noise", "drop_captions", "sample_timesteps",
+           "velocity_at", "eps_to_x0", "x0_to_eps", "v_to_x0_eps", "broadcast_alpha_bar", "training_target",
+           "to_parameterisations", "v_eps_loss_factor", "eps_loss_factor", "min_snr_eps_weight", "min_snr_weight",
+           "vlb_eps_weight", "vlb_weight", "eps_weights", "loss_weights", "per_sample_loss", "offset_noise", "drop_captions", "sample_timesteps",
            "stratified_timesteps", "timestep_bins", "unit_times", "flow_noised", "flow_velocity", "flow_to_x0",
            "flow_to_noise", "shift_sigmas", "resolution_shift", "flow_marginal_moments"]
 
@@ -141,85 +142,124 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Te
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
+def velocity_at(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Returns v (`velocity`) at integer timesteps t (B,) of the schedule alpha_bar (T,)."""
+    return velocity(x0, noise, _gather(alpha_bar, t, x0.ndim))
+
+
+# Each prediction -> (x0, eps) conversion at x_t = sqrt(a) x0 + sqrt(1 - a) eps; a = alpha_bar_t broadcastable
+# to x_t. The objectives (ldm/objectives/) pick theirs; to_parameterisations names them by diffusers' types.
+def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Returns x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), Eq. (15), Ho et al. 2020."""
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def x0_to_eps(x0: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Returns eps = (x_t - sqrt(a) x0) / sqrt(1 - a), Eq. (4), Ho et al. 2020, solved for eps."""
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def v_to_x0_eps(v: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (x0, eps) = (sqrt(a) x_t - sqrt(1 - a) v, sqrt(1 - a) x_t + sqrt(a) v), Sec. 4, Salimans & Ho 2022."""
+    return a.sqrt() * x_t - (1 - a).sqrt() * v, (1 - a).sqrt() * x_t + a.sqrt() * v
+
+
+def broadcast_alpha_bar(alpha_bar_t, x_t: torch.Tensor) -> torch.Tensor:
+    """Returns alpha_bar_t (a number or (B,)) as x_t's dtype and device, shaped (B or 1, 1, ..., 1)."""
+    return torch.as_tensor(alpha_bar_t).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
+
+
 def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                     kind: str) -> torch.Tensor:
-    """Returns what the network learns to predict: eps, v or x0."""
+    """Returns what the network learns to predict for a diffusers prediction type: eps, v or x0 (the objectives
+    own this choice: ldm.objectives; this names it for a caller that holds only the type)."""
     if kind == "epsilon":
         return noise
     if kind == "sample":
         return x0
     if kind == "v_prediction":
-        return velocity(x0, noise, _gather(alpha_bar, t, x0.ndim))
+        return velocity_at(x0, noise, t, alpha_bar)
     raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
 
 
 def to_parameterisations(prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
                          kind: str) -> dict[str, torch.Tensor]:
-    """Returns {"eps", "x0", "v"} implied by a prediction of type `kind` at x_t, each shaped like x_t (B, C, ...);
-    alpha_bar_t is a number or (B,).
-
-    eps -> x0: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), Eq. (15), Ho et al. 2020;
-    v -> x0, eps: x0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, Sec. 4, Salimans & Ho 2022.
-    """
-    a = torch.as_tensor(alpha_bar_t).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))  # (B or 1, 1, ..., 1)
+    """Returns {"eps", "x0", "v"} implied by a prediction of diffusers type `kind` at x_t, each shaped like x_t
+    (B, C, ...); alpha_bar_t is a number or (B,). The conversions: eps_to_x0, x0_to_eps, v_to_x0_eps."""
+    a = broadcast_alpha_bar(alpha_bar_t, x_t)  # (B or 1, 1, ..., 1)
     if kind == "epsilon":
-        eps = prediction
-        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        x0, eps = eps_to_x0(prediction, x_t, a), prediction
     elif kind == "v_prediction":
-        x0 = a.sqrt() * x_t - (1 - a).sqrt() * prediction
-        eps = (1 - a).sqrt() * x_t + a.sqrt() * prediction
+        x0, eps = v_to_x0_eps(prediction, x_t, a)
     elif kind == "sample":
-        x0 = prediction
-        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        x0, eps = prediction, x0_to_eps(prediction, x_t, a)
     else:
         raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
     return {"eps": eps, "x0": x0, "v": velocity(x0, eps, a)}
 
 
-def eps_loss_factor(snr_t: torch.Tensor, kind: str) -> torch.Tensor:
-    """Returns c with ||eps - eps_pred||^2 = c ||target - pred||^2 for a prediction type, (B,).
+def v_eps_loss_factor(snr_t: torch.Tensor) -> torch.Tensor:
+    """Returns c = SNR / (1 + SNR) with ||eps - eps_pred||^2 = c ||v - v_pred||^2: a v error e gives an eps error
+    sqrt(a) e, a = SNR / (1 + SNR). (An x0 error e gives an eps error sqrt(SNR) e: c = SNR.)"""
+    return snr_t / (snr_t + 1)
 
-    From x_t = sqrt(a) x0 + sqrt(1-a) eps: an x0 error e gives an eps error sqrt(SNR) e, and a v error e gives an
-    eps error sqrt(a) e with a = SNR / (1 + SNR).
-    """
+
+def eps_loss_factor(snr_t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Returns c with ||eps - eps_pred||^2 = c ||target - pred||^2 for a diffusers prediction type, (B,)."""
     if kind == "epsilon":
         return torch.ones_like(snr_t)
     if kind == "sample":
         return snr_t
     if kind == "v_prediction":
-        return snr_t / (snr_t + 1)
+        return v_eps_loss_factor(snr_t)
     raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTION_TYPES}")
 
 
-def min_snr_weight(snr_t: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
-    """Returns the Min-SNR-gamma loss weight of the prediction type's MSE, (B,).
+def min_snr_eps_weight(snr_t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Returns the Min-SNR-gamma weight of the eps-MSE, min(SNR, gamma) / SNR, (B,). Eq. (7)ff, Hang et al. 2023,
+    "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556."""
+    return torch.clamp(snr_t, max=gamma) / snr_t.clamp(min=1e-20)
 
-    Eq. (7)ff, Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556: the eps-loss
-    weight is min(SNR, gamma) / SNR; for x0 it is min(SNR, gamma) and for v min(SNR, gamma) / (SNR + 1).
-    """
-    eps_weight = torch.clamp(snr_t, max=gamma) / snr_t.clamp(min=1e-20)
-    return eps_weight * eps_loss_factor(snr_t, kind)
+
+def min_snr_weight(snr_t: torch.Tensor, gamma: float, kind: str) -> torch.Tensor:
+    """Returns the Min-SNR-gamma loss weight of the prediction type's MSE, (B,): for eps min(SNR, gamma) / SNR,
+    for x0 min(SNR, gamma) and for v min(SNR, gamma) / (SNR + 1)."""
+    return min_snr_eps_weight(snr_t, gamma) * eps_loss_factor(snr_t, kind)
+
+
+def vlb_eps_weight(t: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Returns the ELBO weight of each timestep's eps-MSE relative to the simple (uniform) loss, (B,): `vlb_weights`
+    (posterior variance) divided by their mean over all T steps. The relative weighting is the ELBO's exactly, while
+    the loss keeps the simple loss's scale (the ELBO's overall scale only rescales the learning rate)."""
+    lam = vlb_weights(betas)
+    lam = lam / lam.mean()  # (T,) eps-MSE weights, mean 1
+    return lam.to(t.device)[t].float()
 
 
 def vlb_weight(t: torch.Tensor, betas: torch.Tensor, kind: str) -> torch.Tensor:
-    """Returns the ELBO weight of each timestep's MSE relative to the simple (uniform) loss, (B,): `vlb_weights`
-    (posterior variance) divided by their mean over all T steps, times the eps-loss factor of the prediction type.
-    The relative weighting is the ELBO's exactly, while the loss keeps the simple loss's scale (the ELBO's overall
-    scale only rescales the learning rate)."""
-    lam = vlb_weights(betas)
-    lam = lam / lam.mean()  # (T,) eps-MSE weights, mean 1
-    return lam.to(t.device)[t].float() * eps_loss_factor(snr(alphas_cumprod(betas.double()), t), kind)
+    """Returns `vlb_eps_weight` times the eps-loss factor of the prediction type, (B,)."""
+    return vlb_eps_weight(t, betas) * eps_loss_factor(snr(alphas_cumprod(betas.double()), t), kind)
+
+
+def eps_weights(t: torch.Tensor, betas: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor | None:
+    """Returns a weighting's per-sample weights of the eps-MSE (B,): min_snr or vlb; None for uniform (DDPM's
+    L_simple, Eq. (14), Ho et al. 2020, weighs the prediction's own MSE by 1, whatever it predicts)."""
+    if weighting == "uniform":
+        return None
+    if weighting == "min_snr":
+        return min_snr_eps_weight(snr(alphas_cumprod(betas.double()), t), gamma)
+    if weighting == "vlb":
+        return vlb_eps_weight(t, betas)
+    raise ValueError(f"unknown timestep weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
 
 def loss_weights(t: torch.Tensor, betas: torch.Tensor, weighting: str, kind: str, gamma: float = 5.0) -> torch.Tensor:
-    """Returns per-sample loss weights (B,) for a weighting name: uniform (DDPM's L_simple), min_snr or vlb."""
-    if weighting == "uniform":  # Eq. (14), Ho et al. 2020
+    """Returns per-sample loss weights (B,) of a diffusers prediction type's MSE for a weighting name: uniform,
+    min_snr or vlb (`eps_weights` times the type's eps-loss factor)."""
+    weights = eps_weights(t, betas, weighting, gamma)
+    if weights is None:
         return torch.ones(t.shape, device=t.device)
-    if weighting == "min_snr":
-        return min_snr_weight(snr(alphas_cumprod(betas.double()), t), gamma, kind)
-    if weighting == "vlb":
-        return vlb_weight(t, betas, kind)
-    raise ValueError(f"unknown timestep weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    return weights * eps_loss_factor(snr(alphas_cumprod(betas.double()), t), kind)
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float = 0.1) -> torch.Tensor:

@@ -60,7 +60,7 @@ def rescale_params(settings: "SweepConfig") -> dict:
     return {"guidance_rescale": settings.rescale}
 
 
-# method name -> its Pipeline.__call__ keywords (what guidance.json's "params" stores)
+# method name (ldm.pipelines.guidance.GUIDANCE_METHODS) -> its Pipeline.__call__ keywords (guidance.json's "params")
 METHODS: dict[str, Callable[["SweepConfig"], dict]] = {
     "cfg": cfg_params, "interval": interval_params, "apg": apg_params, "cfg_zero_star": cfg_zero_star_params,
     "rescale": rescale_params}

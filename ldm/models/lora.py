@@ -223,20 +223,3 @@ def load_transformer_lora(transformer, path_or_state, adapter_name: str | None =
     if scale != 1.0:
         transformer.set_adapters([adapter_name], weights=[scale])
 
-
-def merge_lora(model: str, lora: str, out: str, scale: float = 1.0) -> str:
-    """Writes OUT: the pipeline folder MODEL with the LoRA fused into its weights (W + scale * B A); returns OUT."""
-    from ldm.pipelines import Pipeline
-
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"model folder {model} does not exist; pass the base model the LoRA was trained on")
-    pipe = Pipeline.from_pretrained(model)
-    pipe.load_lora_weights(lora_path(lora), adapter_name="merged")
-    if pipe.transformer is not None:
-        pipe.transformer.fuse_lora(lora_scale=scale, adapter_names=["merged"])
-        pipe.transformer.unload_lora()  # the fused weights stay; the adapter layers go
-    else:
-        pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
-        pipe.unload_lora_weights()
-    pipe.save_pretrained(out)
-    return out

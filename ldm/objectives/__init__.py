@@ -6,7 +6,10 @@ and the diagnostics ask of a prediction (x0). One file per objective; each regis
     t = objective.sample_timesteps(batch, generator); x_t = objective.noised(x0, noise, t)
     loss = objective.weight(t) * mse(denoise(model, x_t, objective.model_time(t), context), objective.target(x0, noise, t))
 
-Adding one: a file defining a subclass of Objective with `name`, decorated with @register, and its import below.
+Adding one: a file defining a subclass of Objective (or of VPDiffusion: target, x0_and_eps, eps_loss_factor) with
+its `name` and diffusers' `prediction_type`, decorated with @register, and its import below; nothing else changes
+(the training config's prediction_type choices, the trainer, the pipeline and the diagnostics ask the objective).
+tests/test_objectives.py defines one in a test file, trains it and samples with it.
 """
 from __future__ import annotations
 

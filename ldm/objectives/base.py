@@ -1,6 +1,8 @@
 """The objective interface and its variance-preserving diffusion implementation (epsilon, v and x0 share it).
 
-An objective owns the forward process and the loss's choices; the formulas themselves are in ldm.diffusion.
+An objective owns its behaviour: the forward process, what the network predicts, the loss's weights, and how a
+prediction converts to x0 (and eps); the formulas themselves are pure functions in ldm.diffusion, and nothing
+outside the objective's class branches on its name.
 """
 from __future__ import annotations
 
@@ -88,7 +90,9 @@ class Objective:
 
     Timesteps t are the objective's own training times (B,); `model_time` turns them into the denoiser's time input.
     """
-    name: str = ""
+    name: str = ""                       # the config's prediction_type
+    prediction_type: str | None = None   # diffusers' prediction_type its scheduler config carries (None: flow)
+    samplers: tuple[str, ...] = ()       # the named samplers (pipelines/schedulers.py) the demo and diagnostics compare
 
     def __init__(self, schedule: NoiseSchedule, settings: ObjectiveSettings):
         self.schedule, self.settings = schedule, settings
@@ -134,7 +138,22 @@ class Objective:
 
 class VPDiffusion(Objective):
     """Variance-preserving diffusion, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020), at
-    integer t in [0, T); subclasses name what the network predicts (diffusers' `prediction_type`)."""
+    integer t in [0, T); a subclass says what the network predicts: its `target`, how a prediction converts to
+    (x0, eps) (`x0_and_eps`), the factor from its MSE to the eps-MSE (`eps_loss_factor`), and diffusers'
+    `prediction_type` its scheduler samples with."""
+    samplers = ("ddpm", "ddim", "lms")
+
+    def target(self, x0, noise, t):
+        raise NotImplementedError
+
+    def x0_and_eps(self, prediction: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns (x0, eps) a prediction at x_t implies; a is alpha_bar_t shaped (B or 1, 1, ..., 1)."""
+        raise NotImplementedError
+
+    def eps_loss_factor(self, snr_t: torch.Tensor) -> torch.Tensor:
+        """Returns c (B,) with ||eps - eps_pred||^2 = c ||target - pred||^2 at SNR snr_t: what the weightings
+        (Min-SNR, the ELBO's), defined on the eps-MSE, become for this prediction."""
+        raise NotImplementedError
 
     def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         s = self.settings
@@ -147,20 +166,25 @@ class VPDiffusion(Objective):
     def model_time(self, t):
         return t
 
-    def target(self, x0, noise, t):
-        return diffusion.training_target(x0, noise, t, self.schedule.alpha_bar, self.name)
-
     def weight(self, t):
         s = self.settings
-        return diffusion.loss_weights(t, self.schedule.betas, s.weighting, self.name, s.snr_gamma)
+        weights = diffusion.eps_weights(t, self.schedule.betas, s.weighting, s.snr_gamma)  # None: uniform
+        if weights is None:
+            return torch.ones(t.shape, device=t.device)
+        return weights * self.eps_loss_factor(diffusion.snr(self.schedule.alpha_bar, t))
 
     def alpha_bar_at(self, t) -> torch.Tensor:
         """Returns alpha_bar at times t (fractional ones as diffusers' LMS/Euler interpolate)."""
         return diffusion.alpha_bar_at(self.schedule.alpha_bar, torch.as_tensor(t, dtype=torch.float64).cpu())
 
+    def parameterisations(self, prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar_t) -> dict[str, torch.Tensor]:
+        """Returns {"eps", "x0", "v"} a prediction at x_t implies, each shaped like x_t; alpha_bar_t a number or (B,)."""
+        a = diffusion.broadcast_alpha_bar(alpha_bar_t, x_t)  # (B or 1, 1, ..., 1)
+        x0, eps = self.x0_and_eps(prediction, x_t, a)
+        return {"eps": eps, "x0": x0, "v": diffusion.velocity(x0, eps, a)}
+
     def to_x0(self, prediction, x_t, time):
-        a = self.alpha_bar_at(time)
-        return diffusion.to_parameterisations(prediction, x_t, a.to(x_t.device), self.name)["x0"]
+        return self.parameterisations(prediction, x_t, self.alpha_bar_at(time).to(x_t.device))["x0"]
 
     def validation_times(self, count):
         return diffusion.stratified_timesteps(count, self.schedule.num_train_timesteps)
@@ -171,4 +195,4 @@ class VPDiffusion(Objective):
     def scheduler(self, base_config):
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(self.schedule.scheduler_config(base_config, self.name))
+        return DDIMScheduler.from_config(self.schedule.scheduler_config(base_config, self.prediction_type))

@@ -18,6 +18,7 @@ FLOW_SAMPLERS = ("euler", "heun")   # the named samplers that integrate a veloci
 @register
 class FlowMatching(Objective):
     name = "flow"
+    samplers = FLOW_SAMPLERS
 
     @property
     def num_train_timesteps(self) -> int:

@@ -19,9 +19,7 @@ from ldm.ranges import check_ranges, setting
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.train_vae import TrainVAEConfig
 
-SAMPLERS = ("ddpm", "ddim", "lms")
 RUNAWAY = 4  # a phase stops at this many times its share of DemoConfig.minutes: a hung or far too slow machine
-FLOW_SAMPLERS = ("euler", "heun")
 
 
 @dataclass
@@ -194,7 +192,7 @@ def load_vae_result(cfg: DemoConfig) -> dict:
     """Returns train_vae.main's result for the given cfg.vae folder: its held-out PSNR measured now, no steps."""
     from diffusers import AutoencoderKL
 
-    from ldm.models.vae import reconstruction_report
+    from ldm.training.vae_report import reconstruction_report
 
     vae = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True).to(cfg.device)
     return {"vae_dir": cfg.vae, "step": 0, "psnr": None, "held_out_psnr": reconstruction_report(vae, cfg.resolution),
@@ -334,6 +332,7 @@ def train_models(cfg: DemoConfig, pixels: PixelDataset) -> dict:
 def run_demo(cfg: DemoConfig, samplers=None) -> dict:
     """Runs the whole demo; returns the report (also written to out/report.json). samplers: the names to grade
     with (default: ddpm, ddim, lms; euler and heun for a flow model)."""
+    from ldm.objectives import objective_for
     from ldm.pipelines import Pipeline
 
     cfg.validate()
@@ -361,7 +360,7 @@ def run_demo(cfg: DemoConfig, samplers=None) -> dict:
     print(f"[5/5] sampling and grading {sum(map(len, sets.values()))} prompts ({', '.join(sets)})", flush=True)
     pipe = Pipeline.from_pretrained(pipe_dir, device=cfg.device)
     pipe.set_progress_bar_config(disable=True)
-    samplers = samplers or (FLOW_SAMPLERS if cfg.prediction_type == "flow" else SAMPLERS)
+    samplers = samplers or objective_for(pipe.scheduler).samplers
     tables = {name: evaluate(pipe, prompts, samplers, (1.0, cfg.guidance), cfg.sample_steps, cfg.out, cfg.seed,
                              "" if name == "trained" else name) for name, prompts in sets.items()}
     table, prompts = tables["trained"], sets["trained"]

@@ -205,7 +205,8 @@ def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: s
 
 def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder) -> dict:
     """Writes the LoRA file(s) or the pipeline folder; returns {"lora", "webui", "pipeline"} paths (or None)."""
-    from ldm.models.lora import merge_lora, save_webui_lora
+    from ldm.models.lora import save_webui_lora
+    from ldm.pipelines.lora import merge_lora
 
     outputs = {"webui": None, **save_weights(cfg, parts, unet, text_encoder, cfg.out)}
     if cfg.method == "full":

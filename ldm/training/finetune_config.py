@@ -76,7 +76,7 @@ class FinetuneConfig(CaptionTags, TrainingConfig):
             raise ValueError("no base model: pass --model DIR (a pipeline folder, e.g. from `ldm train` or SD 1.x)")
         if not self.data:
             raise ValueError("no images: pass --data FOLDER (5 to 200 pictures; captions optional)")
-        from ldm.evaluation.guidance_sweep import METHODS as GUIDANCE_METHODS
+        from ldm.pipelines.guidance import GUIDANCE_METHODS
 
         for key, options in (("method", METHODS), ("validation_guidance_method", tuple(GUIDANCE_METHODS))):
             if getattr(self, key) not in options:

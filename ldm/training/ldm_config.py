@@ -99,7 +99,7 @@ class TrainLDMConfig(CaptionTags, TrainingConfig):
         choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": tuple(OBJECTIVES), "loss": LOSSES,
                    "weighting": WEIGHTINGS, "optimizer": OPTIMIZERS,
                    "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none")}
-        from ldm.evaluation.guidance_sweep import METHODS
+        from ldm.pipelines.guidance import GUIDANCE_METHODS as METHODS
 
         choices["validation_guidance_method"] = tuple(METHODS)
         for key, options in choices.items():

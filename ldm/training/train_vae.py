@@ -21,7 +21,8 @@ from diffusers import AutoencoderKL
 
 from ldm.images import image_grid
 from ldm.models.presets import MODEL_PRESETS, build_vae, get_spec
-from ldm.models.vae import encode_posterior, reconstruction_report
+from ldm.models.vae import encode_posterior
+from ldm.training.vae_report import reconstruction_report
 from ldm.training import loop
 from ldm.training.config import format_config, save_config
 from ldm.ranges import setting
@@ -59,7 +60,7 @@ class TrainVAEConfig(TrainingConfig):
                                                                               # each checkpoint
     held_out_psnr: bool = True           # at each checkpoint, PSNR on images no trainer uses: held-out photographs,
                                          # generated dark, saturated, textured art and shapes
-                                         # (ldm.models.vae.reconstruction_report)
+                                         # (ldm.training.vae_report.reconstruction_report)
     num_workers: int = setting(0, "[0, 256]")
 
     def validate(self) -> None:

@@ -27,7 +27,7 @@ def parse_diagnose_form(form: dict, default_model: str | None) -> dict:
 def diagnose(form: dict, cache: ModelCache, out_dir: str, job: Job | None = None,
              default_model: str | None = None) -> dict:
     """Runs the timestep diagnostics of the form's model into out_dir; returns {"plots": [paths], "biased_bins"}. Progress counts the denoiser's calls; a cancel stops at the next one."""
-    from ldm.cli.generate import resolve_device_dtype
+    from ldm.pipelines.generate import resolve_device_dtype
     from ldm.diagnostics.timesteps import diagnose_timesteps
 
     job = job or Job("0", "diagnose")

@@ -11,7 +11,6 @@ import copy
 import os
 import threading
 from collections import OrderedDict
-from types import SimpleNamespace
 
 
 class LoadedModel:
@@ -43,7 +42,7 @@ class ModelCache:
 
     def get(self, model: str, device: str, dtype, lora: str | None = None, lora_scale: float = 1.0) -> LoadedModel:
         """Returns the loaded model, reading the folder (and LoRA file) only the first time they are asked for."""
-        from ldm.cli.generate import load_pipeline
+        from ldm.pipelines.generate import load_pipeline
 
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise FileNotFoundError(f"model folder {model!r} does not exist or has no model_index.json; pass a "
@@ -52,8 +51,7 @@ class ModelCache:
         key = (os.path.realpath(model), lora_key, device, str(dtype))
         with self._lock:  # one load at a time: two tabs asking for a new folder at once read it once
             if key not in self._models:
-                args = SimpleNamespace(model=model, allow_pickle=False, lora=lora, lora_scale=lora_scale)
-                pipe = load_pipeline(args, device, dtype, scheduler=None)
+                pipe = load_pipeline(model, device, dtype, scheduler=None, lora=lora, lora_scale=lora_scale)
                 pipe.set_progress_bar_config(disable=True)
                 self._models[key] = LoadedModel(pipe)
                 self.loads += 1

@@ -90,10 +90,10 @@ def create_app(settings: UISettings, cache: ModelCache | None = None):
     @app.get("/api/config")
     def config():
         from ldm.pipelines.schedulers import SCHEDULERS
-        from ldm.ui.generate import FLAGS, MAX_IMAGES, MAX_SIDE
+        from ldm.ui.generate import FIELDS, MAX_IMAGES, MAX_SIDE
 
         return jsonify(model=settings.model, runs=os.path.abspath(settings.runs), schedulers=list(SCHEDULERS),
-                       fields=["prompt", *FLAGS], max_side=MAX_SIDE, max_images=MAX_IMAGES,
+                       fields=["prompt", *FIELDS], max_side=MAX_SIDE, max_images=MAX_IMAGES,
                        recommended_guidance=recommended_guidance(settings.model))
 
     @app.get("/file")

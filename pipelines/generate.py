@@ -1,0 +1,283 @@
+"""The generate service: a typed request in, PNG files that record every generation parameter out.
+
+`ldm generate` (its flags build the request) and the web page's Generate form (its fields build the request)
+both call it, so an image from the page is the image `ldm generate` makes with the same parameters, bit for bit,
+with the same PNG metadata.
+
+    request = GenerateRequest("a red circle on the left", model="models/demo", steps=30, seed=1, num_images=4)
+    result = generate(request)          # result.images: [GeneratedImage(path, seed, width, height)]
+
+Image i uses seed + i with its own CPU generator, so any single image can be remade with seed S+i and one image,
+on any device. The steps of one request, in order: check the request (ranges, names), resolve the guidance (the
+model folder's guidance.json when no scale is given), load the pipeline (+ LoRA), sample in batches, save each PNG.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ldm.images import save_png
+from ldm.ranges import in_interval, numeric_fields
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_SAVE_LOCK = threading.Lock()  # a folder's files are numbered: two generations must not pick the same name
+
+
+@dataclass
+class GenerateRequest:
+    """One generation: every `ldm generate` flag, by its destination name (--guidance-scale -> guidance_scale).
+    None means "the default the model decides": the folder's scheduler, its native size, its guidance.json."""
+    prompt: str
+    model: str
+    scheduler: str | None = None          # a name of ldm.pipelines.schedulers.SCHEDULERS; None: the folder's
+    steps: int = 50
+    guidance_scale: float | None = None   # <= 1 turns guidance off; None: guidance.json, else 7.5
+    guidance_rescale: float = 0.0         # Lin et al. 2023
+    guidance_interval: tuple[float, float] | None = None   # guide only at timesteps lo <= t <= hi
+    apg: bool = False                     # adaptive projected guidance (Sadat et al. 2024) instead of CFG
+    apg_eta: float | None = None          # APG's tuning; None: APGSettings' default
+    apg_norm_threshold: float | None = None
+    apg_momentum: float | None = None
+    cfg_zero_star: bool = False           # CFG-Zero*'s optimized scale (Fan et al. 2025)
+    cfg_zero_init_steps: int = 0
+    negative_prompt: str | None = None
+    seed: int | None = None               # of the first image; None: random (recorded)
+    num_images: int = 1
+    batch_size: int = 4                   # images per pipeline call
+    height: int | None = None             # pixels; None: the model's native size
+    width: int | None = None
+    eta: float = 0.0                      # DDIM eta
+    clip_skip: int | None = None
+    device: str = "auto"                  # auto: cuda if available
+    dtype: str = "auto"                   # auto: float16 on cuda, float32 elsewhere
+    out: str = "outputs"                  # a folder, or a file name ending in .png
+    allow_pickle: bool = False            # load .bin/.ckpt weights (can run code)
+    lora: str | None = None               # a LoRA .safetensors
+    lora_scale: float = 1.0
+
+    # The allowed range of each number (ldm.ranges notation); `ldm generate`'s flags use the same ones.
+    RANGES = {"steps": "[1, 1000]", "guidance_scale": "[0, 100]", "guidance_rescale": "[0, 1]",
+              "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)",
+              "cfg_zero_init_steps": "[0, 1000]", "seed": "[0, 4294967295]", "num_images": "[1, 100000]",
+              "batch_size": "[1, 1024]", "height": "[8, 8192]", "width": "[8, 8192]", "eta": "[0, 1]",
+              "clip_skip": "[0, 32]", "lora_scale": "[-10, 10]"}
+    INTERVAL_RANGE = "[0, inf)"           # each end of guidance_interval
+
+    def validate(self) -> "GenerateRequest":
+        """Returns the request after checking it; raises ValueError naming the field (and its flag) otherwise."""
+        from ldm.pipelines.schedulers import SCHEDULERS
+
+        if not str(self.prompt).strip():
+            raise ValueError("prompt: empty; type what to draw")
+        for name in numeric_fields(type(self)):
+            value = getattr(self, name)
+            if value is not None and not in_interval(float(value), self.RANGES[name]):
+                raise ValueError(f"{name} ({flag(name)}): {value!r} is outside the allowed range {self.RANGES[name]}")
+        if self.guidance_interval is not None and (
+                len(self.guidance_interval) != 2 or not all(in_interval(float(t), self.INTERVAL_RANGE)
+                                                            for t in self.guidance_interval)):
+            raise ValueError(f"guidance_interval ({flag('guidance_interval')}): {self.guidance_interval!r} must be "
+                             f"two timesteps T_LO T_HI, each in {self.INTERVAL_RANGE}")
+        for name, allowed in (("scheduler", SCHEDULERS), ("dtype", DTYPES)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                raise ValueError(f"{name} ({flag(name)}): {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        tuning = [n for n in ("apg_eta", "apg_norm_threshold", "apg_momentum") if getattr(self, n) is not None]
+        if tuning and not self.apg:
+            raise ValueError(f"{', '.join(flag(n) for n in tuning)} set adaptive projected guidance, which is off; "
+                             "add --apg")
+        return self
+
+
+def flag(name: str) -> str:
+    """Returns the `ldm generate` flag of a request field: guidance_scale -> --guidance-scale."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class Guidance:
+    """A request's guidance, resolved: the scale and rescale it runs with, the pipeline call's guidance-method
+    keywords, and where the scale came from (RECOMMENDED_SOURCE, or None for the request's own)."""
+    scale: float
+    rescale: float
+    methods: dict
+    source: str | None = None
+
+
+def resolve_request_guidance(request: GenerateRequest) -> Guidance:
+    """Returns the request's guidance. Without a guidance_scale: the model folder's guidance.json (whose method
+    parameters then fill the methods the request left off, as Pipeline.__call__ does with guidance_scale=None),
+    else 7.5."""
+    from ldm.pipelines.guidance import APGSettings
+    from ldm.pipelines.recommended import RECOMMENDED_SOURCE, read_recommended_guidance, resolve_guidance
+
+    tuning = {k: getattr(request, f"apg_{k}") for k in ("eta", "norm_threshold", "momentum")}
+    methods = dict(guidance_interval=tuple(request.guidance_interval) if request.guidance_interval else None,
+                   apg=APGSettings(**{k: v for k, v in tuning.items() if v is not None}) if request.apg else None,
+                   cfg_zero_star=request.cfg_zero_star, cfg_zero_init_steps=request.cfg_zero_init_steps)
+    recommended = read_recommended_guidance(request.model) if request.guidance_scale is None else None
+    scale, methods = resolve_guidance(recommended, request.guidance_scale,
+                                      {**methods, "guidance_rescale": request.guidance_rescale})
+    rescale = methods.pop("guidance_rescale")
+    if isinstance(methods["apg"], dict):  # guidance.json stores the call's keywords as JSON
+        methods["apg"] = APGSettings(**methods["apg"])
+    if methods["guidance_interval"] is not None:
+        methods["guidance_interval"] = tuple(methods["guidance_interval"])
+    return Guidance(scale, rescale, methods, RECOMMENDED_SOURCE if recommended is not None else None)
+
+
+def recorded_methods(methods: dict) -> dict:
+    """Returns the guidance methods in use as PNG metadata entries; none when every method is off."""
+    record = {}
+    if methods["guidance_interval"] is not None:
+        record["guidance_interval"] = list(methods["guidance_interval"])
+    if methods["apg"] is not None:
+        record.update({f"apg_{k}": v for k, v in dataclasses.asdict(methods["apg"]).items()})
+    if methods["cfg_zero_star"]:
+        record["cfg_zero_star"] = True
+    if methods["cfg_zero_init_steps"]:
+        record["cfg_zero_init_steps"] = methods["cfg_zero_init_steps"]
+    return record
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    """Returns (device, torch dtype) for "auto" or named ones; raises ValueError for CUDA without a CUDA device."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+@dataclass
+class Prepared:
+    """A checked request with its guidance, device and dtype resolved: what remains is loading and sampling."""
+    request: GenerateRequest
+    guidance: Guidance
+    device: str
+    dtype: object
+
+
+def prepare(request: GenerateRequest) -> Prepared:
+    """Returns the request checked and resolved, before any model is loaded; raises ValueError for bad input."""
+    from ldm.pipelines.checks import check_guidance
+
+    request.validate()
+    guidance = resolve_request_guidance(request)
+    check_guidance(guidance.scale, guidance.rescale, **guidance.methods, steps=request.steps)
+    return Prepared(request, guidance, *resolve_device_dtype(request.device, request.dtype))
+
+
+def load_pipeline(model: str, device: str, dtype, scheduler: str | None = None, allow_pickle: bool = False,
+                  lora: str | None = None, lora_scale: float = 1.0):
+    """Returns the model folder's Pipeline on `device` with `scheduler` (None: the folder's) and the LoRA applied."""
+    from ldm.models.lora import lora_path
+    from ldm.pipelines.stable import Pipeline
+
+    pipe = Pipeline.from_pretrained(model, scheduler=scheduler, torch_dtype=dtype, allow_pickle=allow_pickle).to(device)
+    if lora:
+        pipe.load_lora_weights(lora_path(lora), scale=lora_scale)
+    return pipe
+
+
+def generation_params(prepared: Prepared, pipe) -> dict:
+    """Returns what every image's PNG records (its seed and time added per image): the request, resolved."""
+    from ldm import __version__
+    from ldm.pipelines.schedulers import scheduler_name
+
+    r, g = prepared.request, prepared.guidance
+    native = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
+    return dict(prompt=r.prompt, negative_prompt=r.negative_prompt, model=os.path.abspath(r.model),
+                scheduler=scheduler_name(pipe.scheduler), steps=r.steps, guidance_scale=g.scale,
+                guidance_rescale=g.rescale, eta=r.eta, clip_skip=r.clip_skip,
+                height=r.height or native, width=r.width or native,
+                device=prepared.device, dtype=str(prepared.dtype).removeprefix("torch."), ldm_version=__version__,
+                **recorded_methods(g.methods), **({"guidance_source": g.source} if g.source else {}),
+                **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}))
+
+
+def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, trace: bool = False):
+    """Returns the PipelineOutput of one pipeline call: one image per seed, each drawn with its own CPU generator
+    (so an image depends on its seed alone). callback: the pipeline's callback_on_step_end."""
+    import torch
+
+    return pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_inference_steps=params["steps"],
+                guidance_scale=params["guidance_scale"], guidance_rescale=params["guidance_rescale"],
+                eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
+                num_images_per_prompt=len(seeds), **methods, callback_on_step_end=callback, trace=trace,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+
+
+def output_path(out: str, index: int, count: int, seed: int) -> str:
+    """Returns the path of image `index` of `count`: OUT itself (or OUT-i.png) for a .png name, else a new
+    OUT/NNNN-SEED.png numbered after the PNGs already there (call it under _SAVE_LOCK, and save before releasing)."""
+    if out.lower().endswith(".png"):
+        return out if count == 1 else f"{out[:-4]}-{index}.png"
+    os.makedirs(out, exist_ok=True)
+    start = len([f for f in os.listdir(out) if f.endswith(".png")])
+    return os.path.join(out, f"{start:04d}-{seed}.png")
+
+
+@dataclass
+class GeneratedImage:
+    path: str
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]
+    params: dict                          # what each PNG records, less its seed and seconds
+    trace: list | None = None             # the first pipeline call's trace (ldm.pipelines.StepRecord), if asked
+    seeds: list[int] = field(default_factory=list)
+
+
+def generate_with(pipe, prepared: Prepared, progress: Callable[[float, str], None] | None = None,
+                  trace: bool = False, on_image: Callable[[str], None] | None = None) -> GenerateResult:
+    """Generates the prepared request's images with a loaded `pipe` (its scheduler set as the request asks), in
+    batches, each PNG saved with its metadata as soon as its batch is done. progress(fraction, message) is
+    called after every denoising step; trace records the first call's steps; on_image(path) follows each save."""
+    request = prepared.request
+    params = generation_params(prepared, pipe)
+    first = request.seed if request.seed is not None else random.randrange(2**31)
+    seeds = [first + i for i in range(request.num_images)]
+    images, first_trace, total = [], None, len(seeds) * request.steps
+    for start in range(0, len(seeds), request.batch_size):
+        chunk = seeds[start: start + request.batch_size]
+
+        def on_step(_pipe, i, _t, _tensors, done=start * request.steps, n=len(chunk)):
+            progress((done + (i + 1) * n) / total,
+                     f"images {start + 1}-{start + n} of {len(seeds)}: step {i + 1}/{request.steps}")
+            return {}
+
+        began = time.perf_counter()
+        out = sample(pipe, params, prepared.guidance.methods, chunk, callback=on_step if progress else None,
+                     trace=trace and start == 0)
+        seconds = (time.perf_counter() - began) / len(chunk)
+        first_trace = first_trace or out.trace
+        for index, (seed, image) in enumerate(zip(chunk, out.images), start):
+            with _SAVE_LOCK:
+                path = save_png(image, output_path(request.out, index, len(seeds), seed),
+                                {**params, "seed": seed, "seconds": round(seconds, 3)})
+            images.append(GeneratedImage(os.path.abspath(path), seed, image.width, image.height))
+            if on_image:
+                on_image(path)
+    return GenerateResult(images, params, first_trace, seeds)
+
+
+def generate(request: GenerateRequest, on_image: Callable[[str], None] | None = None) -> GenerateResult:
+    """Checks the request, loads its pipeline (+ LoRA) and generates its images into request.out."""
+    prepared = prepare(request)
+    pipe = load_pipeline(request.model, prepared.device, prepared.dtype, request.scheduler, request.allow_pickle,
+                         request.lora, request.lora_scale)
+    return generate_with(pipe, prepared, on_image=on_image)
