@@ -3,7 +3,7 @@ without the dark VAE scenes: 400 VAE and 600 LDM steps at 32 px, 30 prompts grad
 one run per mode and seed.
 
 Prints, per run, the validation loss (fixed images, noise and timesteps, so comparable across modes) overall
-and per timestep bin, and the prompt adherence at guidance 1 and 4 (its run time: README, Train).
+and per timestep bin, and the prompt adherence at guidance 1 and 4 (its run time: docs/src/guides/train.md).
 
     python benchmarks/compare_timestep_sampling.py --seeds 0 1 --out runs/timestep_sampling
 """

@@ -4,7 +4,7 @@
     ldm diagnose sampling --model DIR --prompt "a red circle" --schedulers ddpm ddim lms --steps 25 --out diag/
     ldm diagnose schedule --noise-schedule linear scaled_linear --out diag/
     ldm diagnose training --history run/val_loss.jsonl --out diag/
-    ldm diagnose all --model DIR --out benchmarks/figures/   # everything the README shows
+    ldm diagnose all --model DIR --out benchmarks/figures/   # every figure of docs/src/guides/diagnostics.md
 
 A flow-matching model (its scheduler a FlowMatch one) is diagnosed in its own terms: the loss and bias of the
 predicted velocity per sigma bin, the samplers euler and heun by default, its shifted sigma schedule.
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--history", required=True, help="the run's TensorBoard folder (RUN/logs), or validation reports "
                    "as .jsonl (one per line) / .json list")
     p.add_argument("--out", required=True)
-    p = sub.add_parser("all", help="every diagnostic of one model (the README's figures)")
+    p = sub.add_parser("all", help="every diagnostic of one model (the figures of the diagnostics guide)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--data", default="shapes:64")

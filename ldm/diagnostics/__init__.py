@@ -11,7 +11,7 @@
     schedule_report.py   `ldm diagnose schedule`: schedule tables, VLB weights, visited timesteps (the formulas
                          themselves are ldm.diffusion's, the ones training uses); a flow model's sigma schedule
     training_heatmap.py  per-bin validation loss over training as a heatmap
-    render.py            `ldm diagnose all`: every figure of one model folder (the README's)
+    render.py            `ldm diagnose all`: every figure of one model folder (the diagnostics guide's)
 """
 _LAZY = {
     "diagnose_timesteps": "ldm.diagnostics.timesteps", "diagnose_sampling": "ldm.diagnostics.sampling_report",

@@ -1,4 +1,4 @@
-"""Every diagnostic of one model folder at once: what `ldm diagnose all` runs to make the README's figures."""
+"""Every diagnostic of one model folder at once: what `ldm diagnose all` runs to make the diagnostics guide's figures."""
 from __future__ import annotations
 
 import os

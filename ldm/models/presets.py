@@ -105,8 +105,8 @@ def small() -> ModelSpec:
         scheduler=_latent_scheduler(),
         # A text encoder trained from nothing with the UNet, from CLIP's init (token std 0.02, as small as its
         # position table), barely separated "left" from "right", and the demo's position adherence stayed at
-        # chance. Tokens drawn at std 1 stay distinct through a frozen random encoder, which fixed it (README,
-        # Demo; `ldm demo` keeps this encoder frozen).
+        # chance. Tokens drawn at std 1 stay distinct through a frozen random encoder, which fixed it
+        # (docs/src/reports/demo.md; `ldm demo` keeps this encoder frozen).
         token_embedding_std=1.0,
     )
 
@@ -219,14 +219,14 @@ def pixart_alpha() -> ModelSpec:
 def small_photo() -> ModelSpec:
     """`small` with a 4x wider VAE (block_out_channels 32, 64, 64): the same 4x8x8 latents at 32 px, so its VAE
     serves the `small` UNet (`ldm train --model small --vae ...`). Trained on shapes and photographs it reconstructs
-    held-out photographs and art far better than `small`'s (README, "A VAE that encodes any image")."""
+    held-out photographs and art far better than `small`'s (docs/src/reports/vae-recipe.md)."""
     spec = small()
     return dataclasses.replace(spec, name="small-photo", vae=dict(spec.vae, block_out_channels=(32, 64, 64)))
 
 
 def small_photo_deep() -> ModelSpec:
     """`small-photo` with two resnets per encoder level and three per decoder level (layers_per_block 2; 1.29 M
-    parameters): the same 4x8x8 latents, for the README's longer VAE recipe (its cost per step: BENCHMARKS.md)."""
+    parameters): the same 4x8x8 latents, for the longer VAE recipe (docs/src/reports/vae-recipe.md) (its cost per step: BENCHMARKS.md)."""
     spec = small_photo()
     return dataclasses.replace(spec, name="small-photo-deep", vae=dict(spec.vae, layers_per_block=2))
 

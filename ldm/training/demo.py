@@ -36,22 +36,22 @@ class DemoConfig:
     canonical_captions: bool = False # True: single shapes captioned in one wording only ("a red circle on the left")
     hold_out_wordings: bool = True   # single shapes captioned in 8 of their 12 wordings, one drawn per step; the
                                      # other 4 (shapes.HELD_OUT_WORDINGS) are graded as unseen wordings
-    vae: str = ""                    # a trained AutoencoderKL folder (e.g. the README's real-image recipe, `ldm
+    vae: str = ""                    # a trained AutoencoderKL folder (e.g. the real-image recipe, docs/src/reports/vae-recipe.md, `ldm
                                      # train-vae --model small-photo ...`) in place of the VAE phase: the demo's
                                      # model then encodes real images as well as that VAE does
     vae_steps: int = setting(700, "[1, 1e7]")  # with the L2 loss and cosine decay below: enough for the grader to read
-                                     # the reconstructions' colours (README, Demo)
+                                     # the reconstructions' colours (docs: reports/demo.md)
     vae_batch_size: int = setting(16, "[1, 4096]")
     vae_learning_rate: float = setting(3e-3, "(0, 1]")
-    vae_lr_scheduler: str = "cosine" # a constant rate ends noisier and shifts colours (README, Demo)
-    vae_rec_loss: str = "l2"         # L1 shifted colours and rounded squares (README, Demo)
+    vae_lr_scheduler: str = "cosine" # a constant rate ends noisier and shifts colours (docs: reports/demo.md)
+    vae_rec_loss: str = "l2"         # L1 shifted colours and rounded squares (docs: reports/demo.md)
     vae_dark_fraction: float = setting(0.0, "[0, 1]")  # > 0: also train the VAE on this share of the scenes on a dark
                                                        # background, so that a LoRA can later teach the model a dark
                                                        # style (the LDM sees none)
     vae_photo_fraction: float = setting(1.0, "[0, 10]")  # also train the VAE on this many (x num_samples) augmented
                                                          # crops of real photographs (ldm.data.photos), so that it
                                                          # encodes images unlike the shapes
-    ldm_steps: int = setting(3500, "[1, 1e7]")  # fixed: a slower machine takes longer, it does not train less (README,
+    ldm_steps: int = setting(3500, "[1, 1e7]")  # fixed: a slower machine takes longer, it does not train less (docs:
                                                 # Demo)
     ldm_batch_size: int = setting(32, "[1, 4096]")
     ldm_learning_rate: float = setting(2e-3, "(0, 1]")
@@ -60,7 +60,7 @@ class DemoConfig:
                                                       # train-text-encoder) on the shapes for this many steps; the LDM
                                                       # then conditions on it, frozen
     num_pair_prompts: int = setting(60, "[0, 1000]")  # two-shape prompts graded beside the single shapes; 0 = none
-    timestep_sampling: str = "uniform"  # or logit_normal (the two compared: README, Train), mode, cosmap
+    timestep_sampling: str = "uniform"  # or logit_normal (the two compared: docs/src/guides/train.md), mode, cosmap
     prediction_type: str = "epsilon"    # the LDM's objective: epsilon, v_prediction, sample or flow (flow matching,
                                         # sampled and graded with euler and heun instead of ddpm, ddim and lms)
     zero_terminal_snr: bool = False     # with v_prediction (Lin et al. 2023)
@@ -164,7 +164,7 @@ def with_photos(pixels: PixelDataset, cfg: "DemoConfig") -> PixelDataset:
     """Returns `pixels` plus vae_photo_fraction x num_samples crops of real photographs (ldm.data.photos)."""
     from ldm.data.photos import PhotoCrops, to_pixels
 
-    # No recolouring: at the demo's 700 steps, hue-rotated crops cost the VAE the shapes' exact colours (README)
+    # No recolouring: at the demo's 700 steps, hue-rotated crops cost the VAE the shapes' exact colours (docs/src/reports/demo.md)
     crops = PhotoCrops(round(cfg.vae_photo_fraction * cfg.num_samples), cfg.resolution, seed=cfg.seed, recolour=0.0)
     photos = to_pixels([crops[i]["image"] for i in range(len(crops))])
     return PixelDataset.from_tensors(torch.cat([pixels.pixels, photos]), pixels.captions + [""] * len(crops))
@@ -201,7 +201,7 @@ def load_vae_result(cfg: DemoConfig) -> dict:
 
 def vae_config(cfg: DemoConfig) -> TrainVAEConfig:
     # A KL 3 x R^2 times the LDM paper's 1e-6 per pixel value (the weight the demo's figures were measured with,
-    # before kl_weight became per pixel value); the paper's reconstructed as well at 32 px (README, Train)
+    # before kl_weight became per pixel value); the paper's reconstructed as well at 32 px (docs/src/guides/train.md)
     return TrainVAEConfig(model=cfg.model, resolution=cfg.resolution, rec_loss=cfg.vae_rec_loss,
                           kl_weight=1e-6 * 3 * cfg.resolution ** 2,
                           learning_rate=cfg.vae_learning_rate, lr_scheduler=cfg.vae_lr_scheduler, lr_warmup_steps=50,
