@@ -226,7 +226,8 @@ def small_photo() -> ModelSpec:
 
 def small_photo_deep() -> ModelSpec:
     """`small-photo` with two resnets per encoder level and three per decoder level (layers_per_block 2; 1.29 M
-    parameters): the same 4x8x8 latents, for the longer VAE recipe (docs/src/reports/vae-recipe.md) (its cost per step: BENCHMARKS.md)."""
+    parameters): the same 4x8x8 latents, for the longer VAE recipe of docs/src/reports/vae-recipe.md (its cost
+    per step: BENCHMARKS.md)."""
     spec = small_photo()
     return dataclasses.replace(spec, name="small-photo-deep", vae=dict(spec.vae, layers_per_block=2))
 

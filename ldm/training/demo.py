@@ -36,8 +36,9 @@ class DemoConfig:
     canonical_captions: bool = False # True: single shapes captioned in one wording only ("a red circle on the left")
     hold_out_wordings: bool = True   # single shapes captioned in 8 of their 12 wordings, one drawn per step; the
                                      # other 4 (shapes.HELD_OUT_WORDINGS) are graded as unseen wordings
-    vae: str = ""                    # a trained AutoencoderKL folder (e.g. the real-image recipe, docs/src/reports/vae-recipe.md, `ldm
-                                     # train-vae --model small-photo ...`) in place of the VAE phase: the demo's
+    vae: str = ""                    # a trained AutoencoderKL folder (e.g. the real-image recipe of
+                                     # docs/src/reports/vae-recipe.md, `ldm train-vae --model small-photo ...`)
+                                     # in place of the VAE phase: the demo's
                                      # model then encodes real images as well as that VAE does
     vae_steps: int = setting(700, "[1, 1e7]")  # with the L2 loss and cosine decay below: enough for the grader to read
                                      # the reconstructions' colours (docs: reports/demo.md)
@@ -164,7 +165,8 @@ def with_photos(pixels: PixelDataset, cfg: "DemoConfig") -> PixelDataset:
     """Returns `pixels` plus vae_photo_fraction x num_samples crops of real photographs (ldm.data.photos)."""
     from ldm.data.photos import PhotoCrops, to_pixels
 
-    # No recolouring: at the demo's 700 steps, hue-rotated crops cost the VAE the shapes' exact colours (docs/src/reports/demo.md)
+    # No recolouring: at the demo's 700 steps, hue-rotated crops cost the VAE the shapes' exact colours
+    # (docs/src/reports/demo.md)
     crops = PhotoCrops(round(cfg.vae_photo_fraction * cfg.num_samples), cfg.resolution, seed=cfg.seed, recolour=0.0)
     photos = to_pixels([crops[i]["image"] for i in range(len(crops))])
     return PixelDataset.from_tensors(torch.cat([pixels.pixels, photos]), pixels.captions + [""] * len(crops))
