@@ -25,7 +25,7 @@ from ldm.models.denoiser import denoise
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
 from ldm.pipelines.calls import inference, lora_scaled
-from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance
+from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance, check_number
 from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.loading import load_components
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
@@ -120,6 +120,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with cross_attention_kwargs={"scale": s}; the two multiply. A transformer's LoRA (keys
         "transformer.<module>.lora_A.weight", as `ldm finetune` writes them) goes onto the transformer.
         """
+        check_number("lora_scale", scale)
         if self.transformer is not None:
             from ldm.models.lora import load_transformer_lora
 
@@ -254,7 +255,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt, negative_prompt = check_call_inputs(
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
-            callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs, clip_skip)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
