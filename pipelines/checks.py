@@ -8,7 +8,7 @@ import torch
 
 from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.schedulers import ZERO_SNR_EXACT
-from ldm.ranges import in_interval
+from ldm.ranges import check_multiple, in_interval
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -59,10 +59,7 @@ def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negati
     """Returns (prompts, negative_prompts) as lists after validating every argument of a pipeline call."""
     f = pipe.vae_scale_factor
     for name, side in (("height", height), ("width", width)):
-        if not isinstance(side, int) or side <= 0 or side % f:
-            below = int(side // f * f) if isinstance(side, (int, float)) else 0
-            fix = f"use {name}={below} or {below + f}" if below >= f else f"use {name}={f} or larger"
-            raise ValueError(f"{name}={side} is not a positive multiple of {f} (the VAE's downsampling factor); {fix}")
+        check_multiple(name, side, f)
         check_number(name, side, integer=True)
     check_number("num_inference_steps", steps, integer=True)
     check_number("num_images_per_prompt", num_images_per_prompt, integer=True)
