@@ -5,9 +5,6 @@ Needs the ui extra: pip install -c configs/constraints.txt -e ".[ui]"
 """
 from __future__ import annotations
 
-import os
-import sys
-
 from ldm.ranges import int_in
 
 
@@ -26,10 +23,10 @@ def run(args) -> int:
         import flask  # noqa: F401
     except ImportError as e:
         raise ValueError("the web UI needs Flask: pip install -c configs/constraints.txt -e \".[ui]\"") from e
+    from ldm.folders import check_model_folder
     from ldm.ui.server import UISettings, serve
 
-    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        print(f"ldm ui: warning: {args.model} is not a model folder (no model_index.json); the page will say so "
-              "when it generates", file=sys.stderr)
+    if args.model:
+        check_model_folder(args.model)  # as `ldm generate` does: a missing folder or component stops here
     serve(UISettings(model=args.model, runs=args.runs, out=args.out), args.host, args.port)
     return 0
