@@ -27,7 +27,7 @@ from ldm.objectives import is_flow_scheduler, objective_for
 from ldm.pipelines.calls import inference, lora_scaled
 from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance, check_number
 from ldm.pipelines.guidance import APGSettings, Guidance
-from ldm.pipelines.loading import load_components
+from ldm.pipelines.loading import load_components, name_diffusers_pipeline
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.pipelines.recommended import GUIDANCE_FILE, read_recommended_guidance, resolve_guidance
 from ldm.pipelines.schedulers import make_scheduler
@@ -88,8 +88,10 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         For a UNet, model_index.json names StableDiffusionPipeline so that diffusers'
         DiffusionPipeline.from_pretrained opens the folder as Stable Diffusion (safety checker absent); our
         from_pretrained reads either name. A transformer's folder names this class (diffusers has no pipeline for
-        a CLIP-conditioned DiT); its transformer/ opens with the model class's own from_pretrained. A recommended
-        guidance (pipe.recommended_guidance) goes along as guidance.json.
+        a CLIP-conditioned DiT) through a custom pipeline file (ldm.pipelines.loading.name_diffusers_pipeline), so
+        DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) opens it; its transformer/ opens with
+        the model class's own from_pretrained. A recommended guidance (pipe.recommended_guidance) goes along as
+        guidance.json.
         """
         if any(getattr(m, "fused_projections", False) for m in self.denoiser.modules()):
             raise RuntimeError("the denoiser's attention projections are fused (pipe.compile(fuse_qkv=True)), which adds "
@@ -108,6 +110,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if self.unet is not None:
                 index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
                              feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+            else:
+                index = name_diffusers_pipeline(tmp, index)
             write_json(index_path, index)
             if self.recommended_guidance is not None:
                 write_json(os.path.join(tmp, GUIDANCE_FILE), self.recommended_guidance)
