@@ -213,3 +213,14 @@ def test_bf16_runs_the_frozen_vae_and_text_encoder_in_bf16_and_keeps_their_weigh
         weights = load_file(next(os.path.join(folder, part, f) for f in os.listdir(os.path.join(folder, part))
                                  if f.endswith(".safetensors")))
         assert {w.dtype for w in weights.values()} == {torch.float32}, part
+
+
+def test_train_says_where_it_wrote_the_pipeline_and_its_checkpoints(tmp_path, capsys):
+    result = run(tiny_config(tmp_path, max_steps=1))
+    lines = capsys.readouterr().out.splitlines()
+    pipeline = next(line for line in lines if line.startswith("train_ldm: wrote the pipeline folder")).split(": ")[-1]
+    checkpoints = next(line for line in lines if line.startswith("train_ldm: checkpoints: ")).split(": ")[-1]
+    assert pipeline == os.path.abspath(os.path.join(result["checkpoint"], "pipeline"))
+    assert os.path.isfile(os.path.join(pipeline, "model_index.json"))
+    assert checkpoints == os.path.abspath(tmp_path / "run" / "checkpoints") and os.path.dirname(pipeline) in [
+        os.path.join(checkpoints, name) for name in os.listdir(checkpoints)]

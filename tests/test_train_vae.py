@@ -172,3 +172,11 @@ def test_wrong_vae_message_suggests_the_vae_folder_a_real_run_writes(tmp_path):
     check_vae_folder(path, "tiny", 32)  # the suggested folder is taken
     with pytest.raises(ValueError, match=r"resolution=30 is not a positive multiple of 8 .*use resolution=24 or 32"):
         check_vae_folder(path, "tiny", 30)
+
+
+def test_train_vae_says_where_it_wrote_the_vae(tmp_path, capsys):
+    result = train_vae.main(vae_config(tmp_path, max_steps=1))
+    lines = capsys.readouterr().out.splitlines()
+    written = next(line for line in lines if line.startswith("train_vae: wrote the VAE folder")).split(": ")[-1]
+    assert written == os.path.abspath(result["vae_dir"]) and os.path.isfile(os.path.join(written, "config.json"))
+    assert f"train_vae: checkpoints: {os.path.abspath(tmp_path / 'vae' / 'checkpoints')}" in lines
