@@ -224,3 +224,25 @@ def test_train_says_where_it_wrote_the_pipeline_and_its_checkpoints(tmp_path, ca
     assert os.path.isfile(os.path.join(pipeline, "model_index.json"))
     assert checkpoints == os.path.abspath(tmp_path / "run" / "checkpoints") and os.path.dirname(pipeline) in [
         os.path.join(checkpoints, name) for name in os.listdir(checkpoints)]
+
+
+def test_skipped_samples_report_starts_on_its_own_line_below_the_progress_bar(tmp_path, capsys, monkeypatch):
+    import logging
+
+    import PIL.Image
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a terminal: no handler, warnings go to stderr
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(("red", "blue", "green", "yellow")):
+        PIL.Image.new("RGB", (32, 32), colour).save(data / f"{colour}.png")
+        (data / f"{colour}.txt").write_text(f"a {colour} square")
+    (data / "broken.png").write_bytes(b"not a png")  # skipped at each epoch: the report comes mid-run
+    run(tiny_config(tmp_path, data=str(data), batch_size=2, max_steps=4, log_every=0, ema_decay=0.0,
+                    use_ema=False))
+    err = capsys.readouterr().err
+    reports = [line for line in err.split("\n") if "skipped 1 samples" in line]
+    assert reports and "train" in err  # the bar was drawn, and the report written while it was
+    for line in reports:  # what is left on the screen's line after the carriage returns: the report alone
+        assert line.split("\r")[-1].startswith("epoch "), repr(line)
