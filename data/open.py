@@ -4,7 +4,7 @@ Spec forms (a prefix forces the kind; without one it is inferred):
     shapes:N  |  shapes:N@R          the embedded shapes data set, N samples at R px (default 64)
     digits | digits:SPLIT[@R]        scikit-learn's handwritten digits, split train (default), test or all, at R px
                                      (default 32); a bare "digits" that is an existing path is that path
-    photos:N | photos:N@R            N augmented crops of scikit-image's sample photographs (ldm/data/photos.py)
+    photos:N | photos:N@R            N augmented crops of scikit-image's sample photographs (data/photos.py)
     drawings:N | drawings:N@R        the same of its drawings and line art, inverted half the time
     A+B                              the built-in sources above mixed, e.g. shapes:2000@32+photos:2000@32
     folder:DIR  | DIR                a folder of images (recursive) with captions

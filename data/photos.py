@@ -12,7 +12,7 @@ pictures are covered), with probability `recolour` (default 0.5) the hue rotated
 ..., get a random two-colour tint instead), and resized to `resolution`: the VAE sees scales from texture to
 whole scene, and colours that photographs rarely hold. The HELD_OUT photographs never enter PhotoCrops; their
 crops measure how a VAE reconstructs photographs it never saw. `open_dataset("photos:N@R")` wraps PhotoCrops;
-"shapes:N@R+photos:N@R" mixes both (ldm/data/open.py); `drawings:N@R` gives crops of the DRAWINGS (text, a
+"shapes:N@R+photos:N@R" mixes both (data/open.py); `drawings:N@R` gives crops of the DRAWINGS (text, a
 logo, a silhouette, ...), inverted half the time.
 """
 from __future__ import annotations
