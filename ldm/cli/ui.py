@@ -1,5 +1,8 @@
 """`ldm ui [--model DIR] [--runs DIR] [--port N]`: a local web page to generate images, look inside the sampler,
-follow training runs and run diagnostics (ldm.ui). It listens on 127.0.0.1 only unless --host says otherwise.
+follow training runs and run diagnostics (ldm.ui). It listens on 127.0.0.1 only unless --host says otherwise, and
+prints the page's URL with a token made at each launch (http://127.0.0.1:7860/?token=...) on a line of its own:
+the server answers only requests carrying that token and naming it in their Host header, so another web page
+cannot drive it. A --model that is not a model folder stops it at start, as `ldm generate` does.
 
 Needs the ui extra: pip install -c configs/constraints.txt -e ".[ui]"
 """
