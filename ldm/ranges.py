@@ -122,3 +122,13 @@ def int_in(spec: str):
 def float_in(spec: str):
     """Returns an argparse `type=` for a number in the interval `spec`, e.g. float_in("[0, 100]")."""
     return number_in(float, spec)
+
+
+def check_multiple(name: str, value, factor: int, of: str = "the VAE's downsampling factor") -> None:
+    """Raises ValueError unless `value` is a positive integer multiple of `factor`, naming the two nearest valid
+    values: an image side the VAE cannot divide would give latents of another size than asked."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % factor == 0:
+        return
+    below = int(value // factor * factor) if isinstance(value, (int, float)) else 0
+    fix = f"use {name}={below} or {below + factor}" if below >= factor else f"use {name}={factor} or larger"
+    raise ValueError(f"{name}={value} is not a positive multiple of {factor} ({of}); {fix}")

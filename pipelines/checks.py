@@ -2,15 +2,41 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 
 import torch
 
 from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.schedulers import ZERO_SNR_EXACT
+from ldm.ranges import check_multiple, in_interval
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# The allowed range of each numeric argument of Pipeline.__call__ (and of APGSettings' fields, as apg_*).
+# `ldm generate` declares its flags with these same ranges (int_in(CALL_RANGES[...])), so Python and the CLI
+# refuse the same values. num_images_per_prompt is one call's batch: the CLI's --batch-size.
+CALL_RANGES = {
+    "num_inference_steps": "[1, 1000]", "guidance_scale": "[0, 100]", "guidance_rescale": "[0, 1]",
+    "eta": "[0, 1]", "num_images_per_prompt": "[1, 1024]", "height": "[8, 8192]", "width": "[8, 8192]",
+    "clip_skip": "[0, 32]", "cfg_zero_init_steps": "[0, 1000]", "guidance_interval": "[0, inf)",
+    "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)", "lora_scale": "[-10, 10]",
+}
+_HINTS = {
+    "num_inference_steps": " (e.g. 50)", "guidance_scale": " (7.5 is typical; <= 1 turns guidance off)",
+    "guidance_rescale": " (0.7 is the paper's choice)", "eta": " (0: deterministic DDIM, 1: DDPM-like noise)",
+    "clip_skip": " (None: the last layer; k: the k-th layer from the end)",
+    "lora_scale": " (0: the base model, 1: as trained)",
+}
+
+
+def check_number(name: str, value, integer: bool = False):
+    """Returns value after checking that it is a number (an int if `integer`) in CALL_RANGES[name]; raises
+    ValueError naming the argument, its value and the range otherwise."""
+    kind = "an integer" if integer else "a number"
+    ok = _is_number(value) and (isinstance(value, int) or not integer)
+    if not ok or not in_interval(float(value), CALL_RANGES[name]):
+        raise ValueError(f"{name}={value!r} must be {kind} in {CALL_RANGES[name]}{_HINTS.get(name, '')}")
+    return value
 
 
 def _as_prompt_list(value, name: str) -> list[str]:
@@ -29,24 +55,19 @@ def _as_prompt_list(value, name: str) -> list[str]:
 
 def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negative_prompt, num_images_per_prompt,
                       eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, guidance_rescale,
-                      callback_tensor_inputs) -> tuple[list[str] | None, list[str] | None]:
+                      callback_tensor_inputs, clip_skip=None) -> tuple[list[str] | None, list[str] | None]:
     """Returns (prompts, negative_prompts) as lists after validating every argument of a pipeline call."""
     f = pipe.vae_scale_factor
     for name, side in (("height", height), ("width", width)):
-        if not isinstance(side, int) or side <= 0 or side % f:
-            below = int(side // f * f) if isinstance(side, (int, float)) else 0
-            fix = f"use {name}={below} or {below + f}" if below >= f else f"use {name}={f} or larger"
-            raise ValueError(f"{name}={side} is not a positive multiple of {f} (the VAE's downsampling factor); {fix}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1 (e.g. 50)")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-    if not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a number (7.5 is typical), not {type(guidance_scale).__name__}")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta={eta} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)")
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale={guidance_rescale} must be in [0, 1] (0.7 is the paper's choice)")
+        check_multiple(name, side, f)
+        check_number(name, side, integer=True)
+    check_number("num_inference_steps", steps, integer=True)
+    check_number("num_images_per_prompt", num_images_per_prompt, integer=True)
+    check_number("guidance_scale", guidance_scale)
+    check_number("eta", eta)
+    check_number("guidance_rescale", guidance_rescale)
+    if clip_skip is not None:
+        check_number("clip_skip", clip_skip, integer=True)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
     unknown = [k for k in callback_tensor_inputs if k not in pipe._callback_tensor_inputs]
@@ -98,8 +119,9 @@ def _check_interval(interval) -> tuple[float, float] | None:
     if not isinstance(interval, (tuple, list)) or len(interval) != 2 or not all(map(_is_number, interval)):
         raise ValueError(f"guidance_interval={interval!r} is not a pair of numbers; {fix}")
     lo, hi = float(interval[0]), float(interval[1])
-    if math.isnan(lo) or math.isnan(hi) or lo < 0:
-        raise ValueError(f"guidance_interval={interval!r} has a negative or NaN end; {fix}")
+    allowed = CALL_RANGES["guidance_interval"]
+    if not in_interval(lo, allowed) or not in_interval(hi, allowed):
+        raise ValueError(f"guidance_interval={interval!r} has a negative, NaN or infinite end (allowed: {allowed}); {fix}")
     if lo > hi:
         raise ValueError(f"guidance_interval={interval!r} starts after it ends (t_lo > t_hi); swap them: "
                          f"guidance_interval=({hi:g}, {lo:g})")
@@ -124,13 +146,13 @@ def _apg_settings(apg) -> APGSettings | None:
     bad = [k for k in keys if not _is_number(getattr(apg, k))]
     if bad:
         raise ValueError(f"apg {', '.join(bad)} must be numbers, got {apg}")
-    if not apg.eta >= 0:
+    if not in_interval(apg.eta, CALL_RANGES["apg_eta"]):
         raise ValueError(f"apg eta={apg.eta!r} must be >= 0: 0 drops the guidance's component parallel to the "
                          "conditional prediction (the paper's choice), 1 keeps it")
-    if not apg.norm_threshold >= 0:
+    if not in_interval(apg.norm_threshold, CALL_RANGES["apg_norm_threshold"]):
         raise ValueError(f"apg norm_threshold={apg.norm_threshold!r} must be >= 0 (0 = no cap on the guidance "
                          "update's norm; the paper uses 15 for Stable Diffusion XL)")
-    if not -1 < apg.momentum < 1:
+    if not in_interval(apg.momentum, CALL_RANGES["apg_momentum"]):
         raise ValueError(f"apg momentum={apg.momentum!r} must be in (-1, 1): the paper uses -0.5; 0 = no momentum")
     return apg
 
@@ -146,7 +168,7 @@ def check_guidance(guidance_scale, guidance_rescale, guidance_interval, apg, cfg
         raise ValueError("apg and cfg_zero_star are two rules for combining the two predictions; pass one of them "
                          "(cfg_zero_init_steps and guidance_interval go with either)")
     if not isinstance(cfg_zero_init_steps, int) or isinstance(cfg_zero_init_steps, bool) or \
-            not 0 <= cfg_zero_init_steps < steps:
+            not 0 <= cfg_zero_init_steps < steps:  # steps <= 1000: inside CALL_RANGES["cfg_zero_init_steps"]
         raise ValueError(f"cfg_zero_init_steps={cfg_zero_init_steps!r} must be an integer in [0, {steps}) "
                          f"(num_inference_steps={steps}): 0 = off; the CFG-Zero* authors zero about 4% of the steps")
     return Guidance(guidance_scale, guidance_rescale, interval, settings, cfg_zero_star, cfg_zero_init_steps)

@@ -23,6 +23,7 @@ from typing import Callable
 
 from ldm.images import save_png
 from ldm.ranges import in_interval, numeric_fields
+from ldm.pipelines.checks import CALL_RANGES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _SAVE_LOCK = threading.Lock()  # a folder's files are numbered: two generations must not pick the same name
@@ -61,12 +62,14 @@ class GenerateRequest:
     lora_scale: float = 1.0
 
     # The allowed range of each number (ldm.ranges notation); `ldm generate`'s flags use the same ones.
-    RANGES = {"steps": "[1, 1000]", "guidance_scale": "[0, 100]", "guidance_rescale": "[0, 1]",
-              "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)",
-              "cfg_zero_init_steps": "[0, 1000]", "seed": "[0, 4294967295]", "num_images": "[1, 100000]",
-              "batch_size": "[1, 1024]", "height": "[8, 8192]", "width": "[8, 8192]", "eta": "[0, 1]",
-              "clip_skip": "[0, 32]", "lora_scale": "[-10, 10]"}
-    INTERVAL_RANGE = "[0, inf)"           # each end of guidance_interval
+    # The Python call's ranges (pipelines/checks.py), so the page, the CLI and pipe(...) refuse the same values;
+    # seed and num_images are the request's own.
+    RANGES = {**{name: CALL_RANGES[name] for name in (
+                  "guidance_scale", "guidance_rescale", "apg_eta", "apg_norm_threshold", "apg_momentum",
+                  "cfg_zero_init_steps", "height", "width", "eta", "clip_skip", "lora_scale")},
+              "steps": CALL_RANGES["num_inference_steps"], "batch_size": CALL_RANGES["num_images_per_prompt"],
+              "seed": "[0, 4294967295]", "num_images": "[1, 100000]"}
+    INTERVAL_RANGE = CALL_RANGES["guidance_interval"]           # each end of guidance_interval
 
     def validate(self) -> "GenerateRequest":
         """Returns the request after checking it; raises ValueError naming the field (and its flag) otherwise."""

@@ -10,6 +10,26 @@ from ldm.folders import check_model_folder, read_json, weights_format
 from ldm.pipelines.schedulers import zero_snr_safe_config
 import os
 
+# diffusers has no pipeline class for a CLIP-conditioned transformer, so a transformer folder's model_index.json
+# names ours as a custom pipeline file in the folder, which diffusers runs only when asked to
+# (DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)); without that flag it says so and names the
+# file, whose docstring names ldm's loader. ldm's own from_pretrained never runs it.
+DIFFUSERS_PIPELINE_FILE = "ldm_pipeline.py"
+DIFFUSERS_PIPELINE_CODE = '''"""This folder was written by ldm. Open it with ldm.pipelines.Pipeline.from_pretrained(folder) (pip install ldm),
+which never runs this file, or in diffusers with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True),
+which runs it to find ldm's Pipeline class (diffusers has none for a CLIP-conditioned transformer)."""
+import ldm.models.dit  # noqa: F401  (diffusers loads transformer/ only from a module already imported)
+from ldm.pipelines.stable import Pipeline  # noqa: F401
+'''
+
+
+def name_diffusers_pipeline(folder: str, index: dict) -> dict:
+    """Returns model_index.json's entries with _class_name naming ldm's Pipeline through the custom pipeline file,
+    which it writes into `folder`."""
+    with open(os.path.join(folder, DIFFUSERS_PIPELINE_FILE), "w", encoding="utf-8") as f:
+        f.write(DIFFUSERS_PIPELINE_CODE)
+    return {**index, "_class_name": [DIFFUSERS_PIPELINE_FILE.removesuffix(".py"), "Pipeline"]}
+
 
 def load_scheduler(folder: str) -> SchedulerMixin:
     """Returns the folder's scheduler; its class must be one of diffusers' schedulers. A zero-terminal-SNR

@@ -25,9 +25,9 @@ from ldm.models.denoiser import denoise
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
 from ldm.pipelines.calls import inference, lora_scaled
-from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance
+from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance, check_number
 from ldm.pipelines.guidance import APGSettings, Guidance
-from ldm.pipelines.loading import load_components
+from ldm.pipelines.loading import load_components, name_diffusers_pipeline
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
 from ldm.pipelines.recommended import GUIDANCE_FILE, read_recommended_guidance, resolve_guidance
 from ldm.pipelines.schedulers import make_scheduler
@@ -88,8 +88,10 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         For a UNet, model_index.json names StableDiffusionPipeline so that diffusers'
         DiffusionPipeline.from_pretrained opens the folder as Stable Diffusion (safety checker absent); our
         from_pretrained reads either name. A transformer's folder names this class (diffusers has no pipeline for
-        a CLIP-conditioned DiT); its transformer/ opens with the model class's own from_pretrained. A recommended
-        guidance (pipe.recommended_guidance) goes along as guidance.json.
+        a CLIP-conditioned DiT) through a custom pipeline file (ldm.pipelines.loading.name_diffusers_pipeline), so
+        DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) opens it; its transformer/ opens with
+        the model class's own from_pretrained. A recommended guidance (pipe.recommended_guidance) goes along as
+        guidance.json.
         """
         if any(getattr(m, "fused_projections", False) for m in self.denoiser.modules()):
             raise RuntimeError("the denoiser's attention projections are fused (pipe.compile(fuse_qkv=True)), which adds "
@@ -108,6 +110,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if self.unet is not None:
                 index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
                              feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
+            else:
+                index = name_diffusers_pipeline(tmp, index)
             write_json(index_path, index)
             if self.recommended_guidance is not None:
                 write_json(os.path.join(tmp, GUIDANCE_FILE), self.recommended_guidance)
@@ -120,6 +124,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with cross_attention_kwargs={"scale": s}; the two multiply. A transformer's LoRA (keys
         "transformer.<module>.lora_A.weight", as `ldm finetune` writes them) goes onto the transformer.
         """
+        check_number("lora_scale", scale)
         if self.transformer is not None:
             from ldm.models.lora import load_transformer_lora
 
@@ -254,7 +259,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt, negative_prompt = check_call_inputs(
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
-            callback_on_step_end_tensor_inputs)
+            callback_on_step_end_tensor_inputs, clip_skip)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their

@@ -260,3 +260,54 @@ def test_the_layer_check_finds_upward_and_function_local_imports():
     assert [w.split(" (")[0] for w in wrong] == [
         "ldm/models/bad.py:2 imports ldm.training.loop", "ldm/diagnostics/bad.py:2 imports ldm.cli.generate",
         "data/bad.py:1 imports ldm.pipelines.stable", "ldm/folders.py:1 imports ldm.diffusion"], wrong
+
+
+# Paths named in prose and messages: a token that starts at one of the repository's top-level folders and names a
+# file (by its extension), or any ldm/... path (ldm.data and ldm.pipelines are modules; their files are in data/
+# and pipelines/). Globs, brace lists and placeholders (RUN/..., checkpoint-N) do not start at a top-level folder
+# or are skipped.
+TOP_FOLDERS = ("ldm", "data", "pipelines", "train", "tests", "benchmarks", "configs", "docs", ".ci")
+REPO_PATH = re.compile(r"(?<![\w./~-])((?:%s)/[\w./-]*[\w])" % "|".join(map(re.escape, TOP_FOLDERS)))
+FILE_SUFFIXES = (".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".json", ".sh")
+
+
+def _named_paths(text: str) -> list[str]:
+    """Returns the repository paths `text` names: files by extension, and every ldm/... path."""
+    return [m.group(1) for m in REPO_PATH.finditer(text)
+            if m.group(1).endswith(FILE_SUFFIXES) or m.group(1).startswith("ldm/")]
+
+
+def _strings_and_comments(path: str) -> list[tuple[int, str]]:
+    """Returns (line, text) of every comment and string literal (docstrings, messages) of a Python file (of a
+    test file: its comments and docstrings, since its other strings are test data such as made-up paths), every
+    comment of a YAML file, or the whole text of a Markdown page."""
+    source = _source(path)
+    if path.endswith(".md"):
+        return [(1, source)]
+    if not path.endswith(".py"):
+        return [(i, line[line.index("#"):]) for i, line in enumerate(source.splitlines(), 1) if "#" in line]
+    test_data = path.startswith("tests/")
+    return [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT or (tok.type == tokenize.STRING
+                                               and not (test_data and not tok.string.startswith('"""')))]
+
+
+def test_every_path_named_in_a_docstring_comment_or_message_exists():
+    files = sorted(str(p.relative_to(ROOT)) for folder in ("ldm", "data", "pipelines", "train", "benchmarks", "tests")
+                   for p in (ROOT / folder).rglob("*.py"))
+    files += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+    files += ["README.md", "benchmarks/BENCHMARKS.md"] + sorted(str(p.relative_to(ROOT))
+                                                                for p in (ROOT / "docs").rglob("*.md"))
+    missing = [f"{path}:{line + text[:text.index(named)].count(chr(10))}: {named}"
+               for path in files for line, text in _strings_and_comments(path)
+               for named in _named_paths(text) if not (ROOT / named).exists()]
+    assert not missing, f"these paths do not exist (ldm.data's files are in data/, ldm.pipelines' in pipelines/): " \
+                        f"{missing}"
+
+
+def test_the_path_pattern_finds_paths_and_leaves_placeholders():
+    text = ("see {L}/data/photos.py and data/photos.py, {L}/pipelines/, configs/sd15.yaml; RUN/checkpoints/"
+            "checkpoint-N/vae, model/unet/config.json, data/*.png, a train/held-out split").replace("{L}", "ldm")
+    wrong = ["ldm" + "/data/photos.py", "ldm" + "/pipelines"]  # split, or this file would name them
+    assert _named_paths(text) == [wrong[0], "data/photos.py", wrong[1], "configs/sd15.yaml"]
+    assert [p for p in _named_paths(text) if not (ROOT / p).exists()] == wrong

@@ -78,3 +78,17 @@ def test_cli_builds_then_reuses(tmp_path, parts, capsys):
     assert cli_main(args) == 0 and "reused valid" in capsys.readouterr().out
     assert json.load(open(tmp_path / "c" / "cache.json"))["count"] == 4
     assert cli_main(["cache-latents", "shapes:4", "--vae", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+
+
+def test_cli_refuses_a_resolution_the_vae_cannot_divide_before_any_work(tmp_path, parts, capsys):
+    vae, _ = parts
+    vae.save_pretrained(str(tmp_path / "vae"))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    assert factor == 8
+    args = ["cache-latents", "shapes:4", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "c"), "--device", "cpu"]
+    assert cli_main(args + ["--resolution", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--resolution=30 is not a positive multiple of 8" in err and "downsamples 8x" in err
+    assert "use --resolution=24 or 32" in err and not os.path.exists(tmp_path / "c")
+    assert cli_main(args + ["--resolution", "32"]) == 0
+    assert open_latent_cache(str(tmp_path / "c"))[0]["latent_mean"].shape == (4, 4, 4)  # 32 / 8

@@ -75,6 +75,24 @@ def test_folder_filename_captions_and_instance_prompt(tmp_path):
     assert set(instance.values()) == {"a photo of sks dog"}
 
 
+def test_folder_without_any_caption_names_the_missing_captions_before_reading_images(tmp_path):
+    for name in ("0001.png", "0002.png", "0003.jpg"):  # numbered photos: no words in the names, no captions
+        Image.new("RGB", (30, 20), (0, 0, 255)).save(write(tmp_path / "photos" / name, b""))
+    with pytest.raises(ValueError) as refused:
+        open_dataset(str(tmp_path / "photos"), resolution=R)
+    message = str(refused.value)
+    assert "none of the 3 images" in message and "has a caption" in message
+    assert 'metadata.jsonl' in message and '"file_name": "0001.png"' in message and "0001.txt" in message
+    assert "ldm finetune --instance-prompt" in message
+    write(tmp_path / "photos" / "metadata.jsonl", json.dumps({"file_name": "other.png", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="none of the 3 images .* metadata file\\(s\\) here name none of them"):
+        open_dataset(str(tmp_path / "photos"), resolution=R)
+    write(tmp_path / "photos" / "0002.txt", "a blue square")  # one caption: the others are skipped, counted
+    dataset = open_dataset(str(tmp_path / "photos"), resolution=R)
+    assert check(list(dataset), 1) == {"0002": "a blue square"} and dict(dataset.skips.counts) == {"missing_caption": 2}
+    assert len(check(list(open_dataset(str(tmp_path / "photos"), resolution=R, caption="a photo of sks")), 3)) == 3
+
+
 def test_webdataset_txt_json_glob_and_braces(tmp_path):
     for shard in range(3):
         members = []

@@ -154,6 +154,28 @@ def test_dit_folder_round_trips_through_ldm_and_diffusers_from_pretrained(dit_ru
     assert a.shape == (2, 64, 64, 3) and a.std() > 0.01 and np.array_equal(a, b)
 
 
+def test_dit_folder_opens_in_diffusers_from_pretrained_and_names_the_fix_without_trust(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from ldm import Pipeline
+    from ldm.models.presets import build_components
+
+    Pipeline(**build_components("dit-tiny", seed=1)).save_pretrained(tmp_path / "d")
+    index = json.load(open(tmp_path / "d" / "model_index.json"))
+    assert index["_class_name"] == ["ldm_pipeline", "Pipeline"] and "unet" not in index
+    with pytest.raises(ValueError, match=r"(?s)custom code in ldm_pipeline\.py.*trust_remote_code=True"):
+        DiffusionPipeline.from_pretrained(tmp_path / "d")  # diffusers runs no code unasked, and says so
+    assert "ldm.pipelines.Pipeline.from_pretrained(folder)" in (tmp_path / "d" / "ldm_pipeline.py").read_text()
+    theirs = DiffusionPipeline.from_pretrained(tmp_path / "d", trust_remote_code=True)
+    ours = Pipeline.from_pretrained(tmp_path / "d")
+    assert type(theirs).__name__ == "Pipeline" and type(theirs.transformer) is LatentDiT
+    call = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    assert np.array_equal(ours(**call, generator=torch.Generator().manual_seed(0)).images,
+                          theirs(**call, generator=torch.Generator().manual_seed(0)).images)
+
+
 def test_pixart_folder_opens_with_diffusers_pixart_class(tmp_path):
     from diffusers import PixArtTransformer2DModel
 

@@ -71,3 +71,15 @@ def test_eval_missing_inception_weights_is_a_clear_error(tiny_folder, assets, tm
     err = capsys.readouterr().err
     assert rc == 2 and "inception_v3_google-0cc3c7bd.pth" in err and "nope.pth" in err
     assert not (tmp_path / "images").exists()  # failed before sampling anything
+
+
+def test_eval_clip_model_without_weights_says_to_give_them_locally(tiny_folder, assets, tmp_path, capsys):
+    args = ["eval", "--model", tiny_folder, "--prompts", str(assets / "prompts.txt"), "--out", str(tmp_path),
+            "--clip-model", "ViT-B-32"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "weights must be given as a local file with --clip-weights PATH" in err and "nothing is downloaded" in err
+    assert "None" not in err and not (tmp_path / "images").exists()  # refused before sampling anything
+    assert main(args + ["--clip-weights", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "CLIP weights file" in err and "nope.safetensors (--clip-weights, for ViT-B-32) does not exist" in err

@@ -1,6 +1,7 @@
 """Bad input raises ValueError / FileNotFoundError naming the problem and the fix."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -13,14 +14,14 @@ from ldm import Pipeline
     (dict(height=60), r"height=60 is not a positive multiple of 8.*use height=56 or 64"),
     (dict(width=100), r"width=100 is not a positive multiple of 8.*use width=96 or 104"),
     (dict(height=4), r"height=4 is not a positive multiple of 8.*use height=8 or larger"),
-    (dict(num_inference_steps=0), r"num_inference_steps=0 must be an integer >= 1"),
+    (dict(num_inference_steps=0), r"num_inference_steps=0 must be an integer in \[1, 1000\]"),
     (dict(num_inference_steps=2.5), r"num_inference_steps=2.5 must be an integer"),
     (dict(prompt=42), r"prompt must be a str or a list of str, not int"),
     (dict(prompt=["ok", 3]), r"prompt must be a str or a list of str, but the list holds int"),
     (dict(prompt=[]), r"prompt is an empty list"),
     (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), r"negative_prompt has 3 entries but there are 2 prompts"),
     (dict(output_type="jpeg"), r"output_type='jpeg' is not one of pil, np, pt, latent"),
-    (dict(eta=2.0), r"eta=2.0 must be in \[0, 1\]"),
+    (dict(eta=2.0), r"eta=2.0 must be a number in \[0, 1\]"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), r"latents must be a tensor of shape \(1, 4, 8, 8\)"),
     (dict(generator=[torch.Generator()] * 3), r"got 3 generators for 1 images"),
 ])
@@ -28,6 +29,64 @@ def test_bad_call_arguments(tiny_pipe, kw, match):
     call = {"prompt": "a red circle", "num_inference_steps": 2, **kw}
     with pytest.raises(ValueError, match=match):
         tiny_pipe(**call)
+
+
+def _generate_parser():
+    import argparse
+
+    from ldm.cli import generate
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    generate.add_arguments(parser)
+    return parser
+
+
+@pytest.mark.parametrize("kw, flag, value", [
+    (dict(guidance_scale=-1), "--guidance-scale", "-1"),
+    (dict(guidance_scale=101.0), "--guidance-scale", "101"),
+    (dict(guidance_rescale=1.5), "--guidance-rescale", "1.5"),
+    (dict(eta=-0.1), "--eta", "-0.1"),
+    (dict(num_inference_steps=1001), "--steps", "1001"),
+    (dict(num_images_per_prompt=0), "--batch-size", "0"),
+    (dict(num_images_per_prompt=1025), "--batch-size", "1025"),
+    (dict(height=8200), "--height", "8200"),
+    (dict(width=8208), "--width", "8208"),
+    (dict(clip_skip=33), "--clip-skip", "33"),
+    (dict(clip_skip=-1), "--clip-skip", "-1"),
+    (dict(guidance_interval=(0, float("inf"))), "--guidance-interval", "inf"),
+    (dict(apg=dict(momentum=-1.0)), "--apg-momentum", "-1"),
+])
+def test_python_call_refuses_what_the_cli_refuses(tiny_pipe, kw, flag, value):
+    values = ["0", value] if flag == "--guidance-interval" else [value]
+    argv = ["x", "--model", "m", flag, *values] + (["--apg"] if flag.startswith("--apg-") else [])
+    with pytest.raises((SystemExit, Exception), match="outside the allowed range|invalid"):
+        _generate_parser().parse_args(argv)
+    with pytest.raises(ValueError, match=r"must be (an integer |a number )?in|has a negative, NaN or infinite end"):
+        tiny_pipe("a red circle", **{"num_inference_steps": 2, "output_type": "latent", **kw})
+
+
+def test_python_and_cli_ranges_are_one_definition():
+    from ldm.pipelines.checks import CALL_RANGES
+
+    flags = {"--steps": "num_inference_steps", "--guidance-scale": "guidance_scale", "--eta": "eta",
+             "--guidance-rescale": "guidance_rescale", "--batch-size": "num_images_per_prompt", "--height": "height",
+             "--width": "width", "--clip-skip": "clip_skip", "--lora-scale": "lora_scale",
+             "--cfg-zero-init-steps": "cfg_zero_init_steps", "--apg-momentum": "apg_momentum"}
+    for action in _generate_parser()._actions:
+        name = next((flags.pop(o) for o in action.option_strings if o in flags), None)
+        if name is None:
+            continue
+        lo, hi = (float(v) for v in CALL_RANGES[name].strip("[]()").split(", "))
+        for outside in (lo - 1, hi + 1):
+            text = str(int(outside)) if action.type.__name__ == "int" else str(outside)
+            with pytest.raises(Exception, match="outside the allowed range " + re.escape(CALL_RANGES[name])):
+                action.type(text)
+    assert not flags, f"ldm generate has no flags {sorted(flags)}"
+
+
+def test_lora_scale_outside_the_cli_range_is_refused(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"lora_scale=11 must be a number in \[-10, 10\]"):
+        tiny_pipe.load_lora_weights(str(tmp_path / "none.safetensors"), scale=11)
 
 
 def test_unknown_scheduler_lists_valid_names(tiny_folder, tiny_pipe):

@@ -60,6 +60,17 @@ def test_resumed_run_ends_with_the_same_text_encoder(tmp_path):
     assert metrics["step"] == 4 and set(metrics) >= {"val_loss", "val_retrieval", "val_chance"}
 
 
+def test_train_text_encoder_says_where_it_wrote_the_text_encoder(tmp_path, capsys):
+    result = train_text_encoder.main(config(tmp_path / "run", data="shapes:48@32", val_samples=8, batch_size=8,
+                                            max_steps=1, validation_every=1))
+    lines = capsys.readouterr().out.splitlines()
+    prefix = "train_text_encoder: wrote the text encoder folder: "
+    written = next(line for line in lines if line.startswith(prefix)).removeprefix(prefix)
+    assert written == os.path.abspath(result["text_encoder_dir"])
+    assert os.path.isfile(os.path.join(written, "text_encoder", "model.safetensors"))
+    assert f"train_text_encoder: checkpoints: {os.path.abspath(tmp_path / 'run' / 'checkpoints')}" in lines
+
+
 def test_held_out_pairs_never_enter_a_training_batch():
     batch = {"pixel_values": torch.arange(4.0).reshape(4, 1), "caption": list("abcd"), "key": ["k0", "k1", "k2", "k3"],
              "captions": [["a"], ["b"], ["c"], ["d"]]}

@@ -213,3 +213,36 @@ def test_bf16_runs_the_frozen_vae_and_text_encoder_in_bf16_and_keeps_their_weigh
         weights = load_file(next(os.path.join(folder, part, f) for f in os.listdir(os.path.join(folder, part))
                                  if f.endswith(".safetensors")))
         assert {w.dtype for w in weights.values()} == {torch.float32}, part
+
+
+def test_train_says_where_it_wrote_the_pipeline_and_its_checkpoints(tmp_path, capsys):
+    result = run(tiny_config(tmp_path, max_steps=1))
+    lines = capsys.readouterr().out.splitlines()
+    pipeline = next(line for line in lines if line.startswith("train_ldm: wrote the pipeline folder")).split(": ")[-1]
+    checkpoints = next(line for line in lines if line.startswith("train_ldm: checkpoints: ")).split(": ")[-1]
+    assert pipeline == os.path.abspath(os.path.join(result["checkpoint"], "pipeline"))
+    assert os.path.isfile(os.path.join(pipeline, "model_index.json"))
+    assert checkpoints == os.path.abspath(tmp_path / "run" / "checkpoints") and os.path.dirname(pipeline) in [
+        os.path.join(checkpoints, name) for name in os.listdir(checkpoints)]
+
+
+def test_skipped_samples_report_starts_on_its_own_line_below_the_progress_bar(tmp_path, capsys, monkeypatch):
+    import logging
+
+    import PIL.Image
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a terminal: no handler, warnings go to stderr
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, colour in enumerate(("red", "blue", "green", "yellow")):
+        PIL.Image.new("RGB", (32, 32), colour).save(data / f"{colour}.png")
+        (data / f"{colour}.txt").write_text(f"a {colour} square")
+    (data / "broken.png").write_bytes(b"not a png")  # skipped at each epoch: the report comes mid-run
+    run(tiny_config(tmp_path, data=str(data), batch_size=2, max_steps=4, log_every=0, ema_decay=0.0,
+                    use_ema=False))
+    err = capsys.readouterr().err
+    reports = [line for line in err.split("\n") if "skipped 1 samples" in line]
+    assert reports and "train" in err  # the bar was drawn, and the report written while it was
+    for line in reports:  # what is left on the screen's line after the carriage returns: the report alone
+        assert line.split("\r")[-1].startswith("epoch "), repr(line)

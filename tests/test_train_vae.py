@@ -154,3 +154,29 @@ def test_vae_gradient_accumulation_steps_the_optimizer_once_per_micro_batches(tm
     checkpoint = os.path.dirname(result["vae_dir"])
     optimizer = torch.load(os.path.join(checkpoint, "accelerate", "optimizer.bin"), weights_only=False)
     assert {int(s["step"]) for s in optimizer["state"].values()} == {3}  # AdamW stepped 3 times, not 6
+
+
+def test_wrong_vae_message_suggests_the_vae_folder_a_real_run_writes(tmp_path):
+    import re
+
+    from ldm.models.vae import check_vae_folder
+
+    run = tmp_path / "vae_run"
+    result = train_vae.main(vae_config(tmp_path, "vae_run", max_steps=1))
+    with pytest.raises(ValueError, match="not a VAE folder") as refused:
+        check_vae_folder(str(tmp_path), "tiny", 32)
+    suggested = re.search(r"(RUN/\S+/vae)", str(refused.value)).group(1)
+    checkpoint = os.path.basename(os.path.dirname(result["vae_dir"]))  # checkpoint-00000001
+    path = suggested.replace("RUN", str(run)).replace("checkpoint-N", checkpoint)
+    assert os.path.isfile(os.path.join(path, "config.json")) and path == result["vae_dir"], (suggested, result)
+    check_vae_folder(path, "tiny", 32)  # the suggested folder is taken
+    with pytest.raises(ValueError, match=r"resolution=30 is not a positive multiple of 8 .*use resolution=24 or 32"):
+        check_vae_folder(path, "tiny", 30)
+
+
+def test_train_vae_says_where_it_wrote_the_vae(tmp_path, capsys):
+    result = train_vae.main(vae_config(tmp_path, max_steps=1))
+    lines = capsys.readouterr().out.splitlines()
+    written = next(line for line in lines if line.startswith("train_vae: wrote the VAE folder")).split(": ")[-1]
+    assert written == os.path.abspath(result["vae_dir"]) and os.path.isfile(os.path.join(written, "config.json"))
+    assert f"train_vae: checkpoints: {os.path.abspath(tmp_path / 'vae' / 'checkpoints')}" in lines

@@ -219,21 +219,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, data: bytes | None = None) -> tuple[int, bytes]:
+def get(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     """Returns (status, body) of a GET (or a POST of data), errors included."""
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers or {}), timeout=30) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
+class Server:
+    """A running `ldm ui`: the URL it printed (with its token), and requests that carry the token."""
+
+    def __init__(self, page: str):
+        import urllib.parse
+
+        self.page = page
+        parts = urllib.parse.urlsplit(page)
+        self.url, self.token = f"{parts.scheme}://{parts.netloc}", urllib.parse.parse_qs(parts.query)["token"][0]
+
+    def get(self, path: str, data: bytes | None = None) -> tuple[int, bytes]:
+        return get(self.url + path, data, {"X-LDM-Token": self.token})
+
+
 @pytest.fixture(scope="module")
 def server(tiny_folder, tmp_path_factory):
-    """`ldm ui` on a free localhost port with the tiny model and two runs; yields its URL."""
+    """`ldm ui` on a free localhost port with the tiny model and two runs; yields it as a Server, from the URL it
+    printed on a line of its own."""
+    import re
     import subprocess
     import sys
     import time
@@ -246,16 +262,21 @@ def server(tiny_folder, tmp_path_factory):
     process = subprocess.Popen([sys.executable, "-m", "ldm.cli", "ui", "--model", tiny_folder, "--port", str(port),
                                 "--runs", str(root / "runs"), "--out", str(root / "out")], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if process.poll() is not None:
-            pytest.fail(f"ldm ui exited: {process.stdout.read()}")
+    printed = []
+    while not printed or not printed[-1].startswith("http"):
+        printed.append(process.stdout.readline())
+        if printed[-1] == "" and process.poll() is not None:
+            pytest.fail(f"ldm ui exited: {''.join(printed)}")
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # its request log must not fill the pipe
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?token=[\w-]{{40,}}\n", printed[-1]), printed
+    server = Server(printed[-1].strip())
+    for _ in range(20):  # its first answer imports the pipelines: slow on a busy machine
         try:
-            if get(url + "/api/config")[0] == 200:
+            if server.get("/api/config")[0] == 200:
                 break
         except OSError:
             time.sleep(0.25)
-    yield url
+    yield server
     process.terminate()
     process.wait(timeout=30)
 
@@ -306,7 +327,7 @@ def wait_for(browser, condition: str, seconds: float = 60):
 def test_the_page_generates_shows_inside_the_sampler_runs_and_diagnoses(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    browser.get(server)
+    browser.get(server.page)
     wait_for(browser, "document.getElementById('scheduler').options.length > 1")
     for field, value in {"prompt": "a red circle on the left", "width": "32", "height": "48", "steps": "6",
                          "seed": "3"}.items():
@@ -362,25 +383,25 @@ def test_the_page_generates_shows_inside_the_sampler_runs_and_diagnoses(server, 
 
 def test_bad_input_in_each_field_leaves_the_server_serving(server):
     for field, value, words in BAD:
-        status, body = get(server + "/api/generate", json.dumps({**FORM, field: value}).encode())
+        status, body = server.get("/api/generate", json.dumps({**FORM, field: value}).encode())
         if status == 200:  # found once the model is loaded (a size the VAE cannot take): the job says why
             job = json.loads(body)["job"]
             for _ in range(240):
-                state = json.loads(get(f"{server}/api/jobs/{job}")[1])
+                state = json.loads(server.get(f"/api/jobs/{job}")[1])
                 if state["status"] != "running":
                     break
                 threading.Event().wait(0.25)
             status, body = 400 if state["status"] == "error" else 200, json.dumps({"error": state["error"]}).encode()
         assert status == 400 and words in json.loads(body)["error"], (field, value, body)
-    runs = json.loads(get(server + "/api/config")[1])["runs"]
+    runs = json.loads(server.get("/api/config")[1])["runs"]
     for path, data in (("/api/generate", b"not json"), ("/api/params", b"not a png"), ("/api/run?path=/etc", None),
                        ("/file?path=/etc/passwd", None), ("/file?path=" + os.path.join(runs, "lora", "report.json"), None),
                        ("/api/jobs/999", None), ("/api/diagnose", b'{"bins": "x"}')):
-        assert get(server + path, data)[0] in (400, 404), path
-    assert get(server + "/")[0] == 200
-    job = json.loads(get(server + "/api/generate", json.dumps({**FORM, "steps": "2"}).encode())[1])["job"]
+        assert server.get(path, data)[0] in (400, 404), path
+    assert server.get("/")[0] == 200
+    job = json.loads(server.get("/api/generate", json.dumps({**FORM, "steps": "2"}).encode())[1])["job"]
     for _ in range(240):
-        state = json.loads(get(f"{server}/api/jobs/{job}")[1])
+        state = json.loads(server.get(f"/api/jobs/{job}")[1])
         if state["status"] != "running":
             break
         threading.Event().wait(0.25)
@@ -401,3 +422,72 @@ def test_the_page_builds_a_generate_request_not_an_argv():
     assert isinstance(request, GenerateRequest)
     assert (request.steps, request.seed, request.guidance_scale, request.negative_prompt, request.model) == (
         4, 7, 3.5, "blur", "/some/model")
+
+
+# ---------------------------------------------------------------------------------- who may talk to the server
+
+def ui_app(tmp_path, host="127.0.0.1", port=7861):
+    """Returns (settings, Flask test client) of `ldm ui` as served on host:port, without a model."""
+    from ldm.ui.server import UISettings, create_app
+
+    settings = UISettings(runs=str(tmp_path), out=str(tmp_path / "out"), host=host, port=port)
+    return settings, create_app(settings).test_client()
+
+
+def test_ui_refuses_a_host_header_that_does_not_name_it(tmp_path):
+    settings, client = ui_app(tmp_path)
+    token = {"X-LDM-Token": settings.token}
+    for host in ("127.0.0.1:7861", "localhost:7861", "LOCALHOST:7861", "[::1]:7861"):
+        assert client.get("/api/config", headers={**token, "Host": host}).status_code == 200, host
+    for host in ("attacker.example:7861", "attacker.example", "127.0.0.1:80", "localhost", "192.168.1.5:7861"):
+        response = client.get("/api/config", headers={**token, "Host": host})
+        assert response.status_code == 403 and "does not name this server" in response.json["error"], host
+    settings, client = ui_app(tmp_path, host="192.168.1.5")  # --host: its address is answered too
+    assert client.get("/api/config", headers={"X-LDM-Token": settings.token, "Host": "192.168.1.5:7861"}).status_code == 200
+
+
+def test_ui_refuses_a_request_without_the_launchs_token(tiny_folder, tmp_path):
+    settings, client = ui_app(tmp_path)
+    host = {"Host": "127.0.0.1:7861"}
+    png = tmp_path / "out" / "a.png"
+    PIL.Image.new("RGB", (8, 8)).save(png)
+    form = json.dumps({**FORM, "model": tiny_folder})
+    for wrong in ({}, {"X-LDM-Token": ""}, {"X-LDM-Token": settings.token[:-1]}, {"X-LDM-Token": "x" * 43}):
+        for method, path in (("get", "/"), ("get", "/api/config"), ("get", "/api/runs"), ("post", "/api/generate"),
+                             ("post", "/api/params"), ("get", f"/file?path={png}"), ("get", "/api/jobs/1")):
+            response = getattr(client, method)(path, headers={**host, **wrong}, data=form if method == "post" else None)
+            assert response.status_code == 403 and "no valid token" in response.json["error"], (path, wrong)
+    assert client.get("/api/config", headers={**host, "X-LDM-Token": settings.token}).status_code == 200
+    assert client.get(f"/?token={settings.token}", headers=host).status_code == 200
+    assert client.get(f"/file?path={png}&token={settings.token}", headers=host).status_code == 200
+    assert client.get("/static/app.js", headers=host).status_code == 200  # the page's code: public, it holds no secret
+    assert ui_app(tmp_path)[0].token != settings.token  # a new token at each launch
+
+
+def test_ui_answers_image_urls_that_carry_the_token(tmp_path):
+    from ldm.ui.server import with_urls
+
+    png = tmp_path / "a.png"
+    PIL.Image.new("RGB", (8, 8)).save(png)
+    url = with_urls({"images": [str(png)]}, [str(tmp_path)], "tok")["images"][0]
+    assert url.startswith("/file?path=") and url.endswith("&token=tok")
+
+
+def test_ui_with_a_missing_model_folder_stops_at_start_as_generate_does(tmp_path, capsys):
+    assert main(["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    generate_says = capsys.readouterr().err.removeprefix("ldm generate: error: ")
+    assert main(["ui", "--model", str(tmp_path / "nope"), "--port", str(free_port())]) == 2  # returns: no server
+    err = capsys.readouterr().err
+    assert err == "ldm ui: error: " + generate_says and "does not exist" in err
+
+
+def test_the_running_ui_refuses_a_rebound_host_name_and_a_tokenless_call(server):
+    import http.client
+    import urllib.parse
+
+    netloc = urllib.parse.urlsplit(server.url).netloc
+    for host, headers in (("attacker.example:80", {"X-LDM-Token": server.token}), (netloc, {})):
+        connection = http.client.HTTPConnection(netloc, timeout=30)
+        connection.request("POST", "/api/generate", body=json.dumps(FORM), headers={"Host": host, **headers})
+        assert connection.getresponse().status == 403, host
+        connection.close()

@@ -13,6 +13,7 @@ Yields records {"image_path": str, "caption": str | bytes, "key": path relative 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -66,6 +67,26 @@ class FolderSource:
         self.images.sort()
         if not self.images:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self._check_some_caption()
+
+    def _check_some_caption(self) -> None:
+        """Raises ValueError, before any image is read, when no image has a caption (every one would be skipped
+        as missing_caption), naming how many images there are and the ways to caption them."""
+        for relative in self.images:  # stops at the first captioned image: one look in the usual case
+            with contextlib.suppress(OSError):
+                caption = self._caption(relative)
+                if caption is not None and caption.strip():
+                    return
+        example = self.images[0]
+        found = (f"the metadata file(s) here name none of them (file_name is relative to the metadata file)"
+                 if self.metadata else "there is no metadata.jsonl or metadata.csv, no NAME.txt beside an image, and "
+                 "their file names hold no words to use as captions")
+        raise ValueError(
+            f"none of the {len(self.images)} images under {self.root} has a caption: {found}. Caption them with a "
+            f"metadata.jsonl beside the images, one line per image: {{\"file_name\": \"{example}\", \"text\": "
+            f"\"a red circle\"}}; or a text file beside each image ({os.path.splitext(example)[0]}.txt); or fine-tune "
+            "on them uncaptioned with `ldm finetune --instance-prompt 'a photo in the style of sks'`, which "
+            "captions every image with that prompt")
 
     def units(self) -> list[str]:
         return self.images

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ldm.ranges import int_in
+from ldm.ranges import check_multiple, int_in
 
 
 def add_arguments(parser) -> None:
@@ -54,6 +54,9 @@ def run(args) -> int:
     from ldm.data.latent_cache import ensure_latent_cache
 
     vae, tokenizer = load_vae_and_tokenizer(args.vae, args.tokenizer)
+    if args.resolution is not None:  # before any image is encoded, as the other commands refuse it
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        check_multiple("--resolution", args.resolution, factor, of=f"the VAE in {args.vae} downsamples {factor}x")
     if args.force and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     cache, rebuilt = ensure_latent_cache(args.src, vae, tokenizer, args.out, resolution=args.resolution,

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
                      clip_model=args.clip_model, clip_weights=args.clip_weights, train_data=args.train_data,
                      adherence=args.adherence, images_per_prompt=args.images_per_prompt, steps=args.steps,
                      guidance_scale=args.guidance_scale, seed=args.seed)
+    cfg.validate()  # fail on bad settings and missing CLIP weights before loading or sampling anything
     if cfg.reference:  # fail on missing weights before sampling anything
         resolve_weights(cfg.features, cfg.feature_weights)
     pipe = load_pipeline(args.model, args.device)

@@ -12,52 +12,62 @@ from ldm.ranges import float_in, int_in
 
 
 def add_arguments(p):
-    from ldm.pipelines.generate import DTYPES
+    from ldm.pipelines.generate import DTYPES, GenerateRequest
+
     from ldm.pipelines.schedulers import SCHEDULERS
+
+    R = GenerateRequest.RANGES  # the request's ranges, which are the Python call's (pipelines/checks.py)
 
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", required=True, help="a model folder (diffusers layout)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the folder's)")
-    p.add_argument("--steps", type=int_in("[1, 1000]"), default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float_in("[0, 100]"), default=None,
+    p.add_argument("--steps", type=int_in(R["steps"]), default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float_in(R["guidance_scale"]), default=None,
                    help="classifier-free guidance; <= 1 turns it off (default: the model folder's guidance.json, "
                         "written by `ldm eval-guidance --save`, else 7.5)")
-    p.add_argument("--guidance-rescale", type=float_in("[0, 1]"), default=0.0, help="Lin et al. 2023 rescale, 0..1")
+    p.add_argument("--guidance-rescale", type=float_in(R["guidance_rescale"]), default=0.0,
+                   help="Lin et al. 2023 rescale, 0..1")
     add_guidance_method_arguments(p)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    p.add_argument("--seed", type=int_in("[0, 4294967295]"), default=None,
+    p.add_argument("--seed", type=int_in(R["seed"]), default=None,
                    help="seed of the first image (default: random, recorded)")
-    p.add_argument("--num-images", type=int_in("[1, 100000]"), default=1, help="how many images")
-    p.add_argument("--batch-size", type=int_in("[1, 1024]"), default=4, help="images per pipeline call")
-    p.add_argument("--height", type=int_in("[8, 8192]"), default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--width", type=int_in("[8, 8192]"), default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--eta", type=float_in("[0, 1]"), default=0.0, help="DDIM eta")
-    p.add_argument("--clip-skip", type=int_in("[0, 32]"), default=None,
+    p.add_argument("--num-images", type=int_in(R["num_images"]), default=1, help="how many images")
+    p.add_argument("--batch-size", type=int_in(R["batch_size"]), default=4,
+                   help="images per pipeline call")
+    p.add_argument("--height", type=int_in(R["height"]), default=None,
+                   help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int_in(R["width"]), default=None,
+                   help="pixels (default: the model's native size)")
+    p.add_argument("--eta", type=float_in(R["eta"]), default=0.0, help="DDIM eta")
+    p.add_argument("--clip-skip", type=int_in(R["clip_skip"]), default=None,
                    help="use the text encoder's k-th layer from the end")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, float32 elsewhere")
     p.add_argument("--out", default="outputs", help="a folder, or a file name ending in .png")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt weights (can run code)")
     p.add_argument("--lora", default=None, help="a LoRA .safetensors (from `ldm finetune`, or a web-UI LoRA)")
-    p.add_argument("--lora-scale", type=float_in("[-10, 10]"), default=1.0,
+    p.add_argument("--lora-scale", type=float_in(R["lora_scale"]), default=1.0,
                    help="LoRA strength: 0 = the base model, 1 = as trained")
 
 
 def add_guidance_method_arguments(p):
+    from ldm.pipelines.generate import GenerateRequest
     from ldm.pipelines.guidance import APGSettings
 
-    p.add_argument("--guidance-interval", nargs=2, type=float_in("[0, inf)"), default=None, metavar=("T_LO", "T_HI"),
+    R = {**GenerateRequest.RANGES, "guidance_interval": GenerateRequest.INTERVAL_RANGE}
+    p.add_argument("--guidance-interval", nargs=2, type=float_in(R["guidance_interval"]), default=None,
+                   metavar=("T_LO", "T_HI"),
                    help="guide only at timesteps T_LO <= t <= T_HI (the sampler's timesteps, 0..1000; sigma * 1000 "
                         "for flow models); other steps run the conditional branch alone, at half the cost")
     p.add_argument("--apg", action="store_true", help="adaptive projected guidance (Sadat et al. 2024) instead of CFG")
-    p.add_argument("--apg-eta", type=float_in("[0, inf)"), default=None,
+    p.add_argument("--apg-eta", type=float_in(R["apg_eta"]), default=None,
                    help=f"APG: weight of the update's part parallel to the prediction (default {APGSettings.eta})")
-    p.add_argument("--apg-norm-threshold", type=float_in("[0, inf)"), default=None,
+    p.add_argument("--apg-norm-threshold", type=float_in(R["apg_norm_threshold"]), default=None,
                    help=f"APG: cap on the update's norm, 0 = none (default {APGSettings.norm_threshold})")
-    p.add_argument("--apg-momentum", type=float_in("(-1, 1)"), default=None,
+    p.add_argument("--apg-momentum", type=float_in(R["apg_momentum"]), default=None,
                    help=f"APG: reverse momentum beta, 0 = none (default {APGSettings.momentum})")
     p.add_argument("--cfg-zero-star", action="store_true", help="CFG-Zero*'s optimized scale (Fan et al. 2025)")
-    p.add_argument("--cfg-zero-init-steps", type=int_in("[0, 1000]"), default=0,
+    p.add_argument("--cfg-zero-init-steps", type=int_in(R["cfg_zero_init_steps"]), default=0,
                    help="CFG-Zero*'s zero-init: the first K steps predict 0 (for flow models)")
 
 

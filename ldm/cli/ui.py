@@ -1,12 +1,12 @@
 """`ldm ui [--model DIR] [--runs DIR] [--port N]`: a local web page to generate images, look inside the sampler,
-follow training runs and run diagnostics (ldm.ui). It listens on 127.0.0.1 only unless --host says otherwise.
+follow training runs and run diagnostics (ldm.ui). It listens on 127.0.0.1 only unless --host says otherwise, and
+prints the page's URL with a token made at each launch (http://127.0.0.1:7860/?token=...) on a line of its own:
+the server answers only requests carrying that token and naming it in their Host header, so another web page
+cannot drive it. A --model that is not a model folder stops it at start, as `ldm generate` does.
 
 Needs the ui extra: pip install -c configs/constraints.txt -e ".[ui]"
 """
 from __future__ import annotations
-
-import os
-import sys
 
 from ldm.ranges import int_in
 
@@ -26,10 +26,10 @@ def run(args) -> int:
         import flask  # noqa: F401
     except ImportError as e:
         raise ValueError("the web UI needs Flask: pip install -c configs/constraints.txt -e \".[ui]\"") from e
+    from ldm.folders import check_model_folder
     from ldm.ui.server import UISettings, serve
 
-    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        print(f"ldm ui: warning: {args.model} is not a model folder (no model_index.json); the page will say so "
-              "when it generates", file=sys.stderr)
+    if args.model:
+        check_model_folder(args.model)  # as `ldm generate` does: a missing folder or component stops here
     serve(UISettings(model=args.model, runs=args.runs, out=args.out), args.host, args.port)
     return 0

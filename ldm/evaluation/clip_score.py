@@ -18,20 +18,34 @@ CLIP_HINT = ("download an open_clip checkpoint (e.g. the ViT-B-32 laion2b_s34b_b
              "FOLDER; nothing is downloaded for you")
 
 
-def load_clip(model: str, weights: str | None = None, device: str = "cpu"):
-    """Returns (model, preprocess, tokenizer) of an open_clip model from local files."""
+def check_clip_files(model: str, weights: str | None) -> None:
+    """Raises (before any work) unless `model` is a folder with open_clip_config.json, or an open_clip
+    architecture name with a local `weights` file: ldm never downloads CLIP weights."""
     import open_clip
 
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "open_clip_config.json")):
             raise FileNotFoundError(f"{model} has no open_clip_config.json; {CLIP_HINT}")
+        return
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model!r}; pass a folder or one of open_clip.list_models()")
+    if weights is None:
+        raise FileNotFoundError(f"--clip-model {model} names an architecture only: its CLIP weights must be given "
+                                f"as a local file with --clip-weights PATH (nothing is downloaded); {CLIP_HINT}")
+    if not os.path.isfile(os.path.expanduser(weights)):
+        raise FileNotFoundError(f"CLIP weights file {weights} (--clip-weights, for {model}) does not exist; "
+                                f"{CLIP_HINT}")
+
+
+def load_clip(model: str, weights: str | None = None, device: str = "cpu"):
+    """Returns (model, preprocess, tokenizer) of an open_clip model from local files."""
+    import open_clip
+
+    check_clip_files(model, weights)
+    if os.path.isdir(model):
         name = f"local-dir:{model}"
         clip, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     else:
-        if model not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model!r}; pass a folder or one of open_clip.list_models()")
-        if weights is None or not os.path.isfile(os.path.expanduser(weights)):
-            raise FileNotFoundError(f"CLIP weights for {model} not found at {weights}; {CLIP_HINT}")
         name = model
         clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=os.path.expanduser(weights),
                                                                     device=device, pretrained_text=False)

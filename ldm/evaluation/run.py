@@ -41,8 +41,12 @@ class EvalConfig:
               "seed": "[0, 4294967295]", "memorisation_size": "[8, 1024]"}
 
     def validate(self) -> None:
-        """Raises ValueError naming the first bad setting."""
+        """Raises ValueError (FileNotFoundError for missing CLIP weights) naming the first bad setting."""
         check_ranges(self)
+        if self.clip_model:
+            from ldm.evaluation.clip_score import check_clip_files
+
+            check_clip_files(self.clip_model, self.clip_weights)
 
 
 def read_prompts(path: str) -> list[str]:

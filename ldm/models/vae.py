@@ -34,11 +34,12 @@ def check_vae_folder(path: str, model: str, resolution: int) -> None:
     import os
 
     from ldm.models.presets import get_spec
+    from ldm.ranges import check_multiple
 
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise ValueError(f"vae {path!r} is not a VAE folder (no config.json); give an AutoencoderKL folder such as "
-                         "RUN/checkpoint-N/vae from `ldm train-vae`")
+                         "RUN/checkpoints/checkpoint-N/vae from `ldm train-vae`")
     with open(config, encoding="utf-8") as f:
         vae = json.load(f)
     channels, wanted = vae.get("latent_channels"), get_spec(model).vae["latent_channels"]
@@ -46,6 +47,4 @@ def check_vae_folder(path: str, model: str, resolution: int) -> None:
     if channels != wanted:
         raise ValueError(f"vae {path!r} has {channels} latent channels; the {model} preset's denoiser takes "
                          f"{wanted}: train it with `ldm train-vae --model {model}` (or small-photo for small)")
-    if resolution % factor:
-        raise ValueError(f"vae {path!r} downsamples {factor}x; resolution {resolution} is not a multiple of "
-                         f"{factor}: use one that is")
+    check_multiple("resolution", resolution, factor, of=f"vae {path!r} downsamples {factor}x")

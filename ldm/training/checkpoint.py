@@ -25,6 +25,15 @@ def checkpoint_root(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def where_written(name: str, what: str, path: str | None, output_dir: str) -> str:
+    """Returns the end-of-run lines naming where the run wrote `what` (`path`; None when the run ended before its
+    first checkpoint) and its checkpoints, one absolute path per line."""
+    if path is None:
+        return f"{name}: the run ended before its first checkpoint, so no {what} was written"
+    return (f"{name}: wrote the {what}: {os.path.abspath(path)}\n"
+            f"{name}: checkpoints: {os.path.abspath(checkpoint_root(output_dir))}")
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     """Returns the complete checkpoint folders of a run, oldest first."""
     root = checkpoint_root(output_dir)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
 from ldm.training.config import every
@@ -181,7 +182,9 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
     last, stopped_by, started = checkpoint, None, time.time()
     progress = tqdm(total=settings.max_steps, initial=state["step"], desc=settings.name,
                     disable=not accelerator.is_local_main_process)
-    with StopRequest() as stop:
+    # Warnings logged while the bar is drawn (the data's skipped-samples report at each epoch's end) go through
+    # tqdm.write: each on a line of its own, the bar redrawn below it, instead of glued to the bar's line.
+    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
         while state["step"] < settings.max_steps:
             loss, logs = accumulated_step(accelerator, trainer, settings, state)
             state["step"] += 1

@@ -23,6 +23,7 @@ from ldm.models.presets import MODEL_PRESETS, build_components
 from ldm.objectives import ObjectiveSettings, make_objective
 from ldm.objectives.base import NoiseSchedule
 from ldm.training import loop
+from ldm.training.checkpoint import where_written
 from ldm.training.config import config_to_dict, format_config, save_config
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
@@ -221,6 +222,9 @@ def main(cfg: TrainLDMConfig, dataset=None, val_dataset=None) -> dict:
     if accelerator.is_main_process and result["checkpoint"]:
         _write_losses(cfg.output_dir, result["losses"])
     accelerator.end_training()
+    pipeline = os.path.join(result["checkpoint"], "pipeline") if result["checkpoint"] else None
+    accelerator.print(where_written("train_ldm", "pipeline folder (ldm generate --model PATH)", pipeline,
+                                    cfg.output_dir))
     return {"step": result["step"], "losses": result["losses"], "val": result["history"],
             "checkpoint": result["checkpoint"], "stopped_by": result["stopped_by"],
             "nonfinite_total": result["nonfinite_total"]}

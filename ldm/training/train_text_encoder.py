@@ -41,7 +41,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm.models.presets import MODEL_PRESETS, build_text_encoder, get_spec
 from ldm.models.tokenizer import build_clip_tokenizer, save_clip_tokenizer
 from ldm.training import loop
-from ldm.training.checkpoint import list_checkpoints, resolve_resume
+from ldm.training.checkpoint import list_checkpoints, resolve_resume, where_written
 from ldm.training.config import format_config, save_config
 from ldm.ranges import setting
 from ldm.training.base_config import TrainingConfig
@@ -359,6 +359,8 @@ def main(cfg: TrainTextEncoderConfig, dataset=None, val_dataset=None) -> dict:
         accelerator.print("train_text_encoder before training: " + describe(initial))
     settings = loop.LoopSettings.from_config(cfg, name="train_text_encoder", print_logs=True)
     result = loop.train(accelerator, trainer, settings)
+    accelerator.print(where_written("train_text_encoder", "text encoder folder",
+                                    result["checkpoint"], cfg.output_dir))
     return {"step": result["step"], "losses": result["losses"], "initial": initial, "history": result["history"],
             "text_encoder_dir": result["checkpoint"], "checkpoint": result["checkpoint"],
             "stopped_by": result["stopped_by"], "nonfinite_total": result["nonfinite_total"]}

@@ -24,6 +24,7 @@ from ldm.models.presets import MODEL_PRESETS, build_vae, get_spec
 from ldm.models.vae import encode_posterior
 from ldm.training.vae_report import reconstruction_report
 from ldm.training import loop
+from ldm.training.checkpoint import where_written
 from ldm.training.config import format_config, save_config
 from ldm.ranges import setting
 from ldm.training.base_config import TrainingConfig
@@ -237,6 +238,8 @@ def main(cfg: TrainVAEConfig, dataset=None) -> dict:
     last = result["checkpoint"]
     report = trainer.report or (_read_metrics(last) if last else {})
     losses = {step: loss for step, loss in result["losses"].items()}
+    accelerator.print(where_written("train_vae", "VAE folder (ldm train --vae PATH)",
+                                    os.path.join(last, "vae") if last else None, cfg.output_dir))
     return {"step": result["step"], "losses": losses, "vae_dir": os.path.join(last, "vae") if last else None,
             "stopped_by": result["stopped_by"], "nonfinite_total": result["nonfinite_total"], **report}
 

@@ -1,14 +1,21 @@
 """The web server of `ldm ui`: Flask routes over the plain functions of ldm.ui, and the page (static/).
 
 Every route answers JSON; a request with a bad field answers 400 with {"error": message} and the server goes on
-serving. Long work (generate, diagnose) starts a job and answers its id at once; the page polls
-/api/jobs/<id> for progress and the result, and POSTs /api/jobs/<id>/cancel. Files are served only when they
-are PNGs (images, plots, grids) in the output, work or runs folder.
+serving. Every request but the page's static code must name this server in its Host header (127.0.0.1, localhost,
+[::1] or the --host value, with the port: a DNS-rebound name is refused) and carry the launch's token (header
+X-LDM-Token, or ?token= in the page's and the images' URLs), or it answers 403: another web page the user visits
+can then neither drive the server nor read from it. Long work (generate, diagnose) starts a job and answers its
+id at once; the page polls /api/jobs/<id> for progress and the result, and POSTs /api/jobs/<id>/cancel. Files are
+served only when they are PNGs (images, plots, grids) in the output, work or runs folder.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import secrets
+import socket
 import tempfile
 import traceback
 import urllib.parse
@@ -27,25 +34,62 @@ class UISettings:
     runs: str = "."
     out: str = "outputs"
     work: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ldm-ui-"))
+    host: str = "127.0.0.1"  # the address served; with `port`, the Host headers answered
+    port: int = 7860
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # new at each launch
 
 
-def file_url(path: str) -> str:
-    """Returns the URL the page fetches a file by (with its modification time, so a redrawn plot reloads)."""
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """Returns the Host header values that name this server: loopback names, and `host` (with this machine's
+    names and addresses when it listens on every interface), each with the port."""
+    names = {"127.0.0.1", "localhost", "[::1]", f"[{host}]" if ":" in host else host}
+    if host in ("0.0.0.0", "::"):
+        hostname = socket.gethostname()
+        names |= {hostname, socket.getfqdn()}
+        with contextlib.suppress(OSError):
+            names |= set(socket.gethostbyname_ex(hostname)[2])
+    return {f"{name.lower()}:{port}" for name in names}
+
+
+def page_url(settings: UISettings) -> str:
+    """Returns the URL that opens the page, with the launch's token, as `ldm ui` prints it."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.port}/?token={settings.token}"
+
+
+def file_url(path: str, token: str) -> str:
+    """Returns the URL the page fetches a file by (with its modification time, so a redrawn plot reloads, and the
+    token, which an <img> cannot send as a header)."""
     stamp = int(os.path.getmtime(path) * 1000) if os.path.exists(path) else 0
-    return f"/file?path={urllib.parse.quote(os.path.abspath(path))}&t={stamp}"
+    return f"/file?path={urllib.parse.quote(os.path.abspath(path))}&t={stamp}&token={token}"
 
 
-def with_urls(value, roots: list[str]):
+def with_urls(value, roots: list[str], token: str):
     """Returns value (JSON-like) with each PNG path under `roots` replaced by its URL and NaN/inf by None."""
     from ldm.diagnostics.io import _clean  # the one NaN-to-null rule of the JSON we write
 
     if isinstance(value, dict):
-        return {k: with_urls(v, roots) for k, v in value.items()}
+        return {k: with_urls(v, roots, token) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [with_urls(v, roots) for v in value]
+        return [with_urls(v, roots, token) for v in value]
     if isinstance(value, str) and value.endswith(".png") and under(value, roots):
-        return file_url(value)
+        return file_url(value, token)
     return _clean(value)
+
+
+def refusal(settings: UISettings, host: str, token: str | None, path: str) -> str | None:
+    """Returns why a request is refused (a Host that does not name this server, a missing or wrong token), or None.
+    The page's static code (/static/) needs no token: it holds nothing private."""
+    if host.lower() not in allowed_hosts(settings.host, settings.port):
+        return (f"Host {host!r} does not name this server; open the page as http://127.0.0.1:{settings.port}/ "
+                "(or the --host it was started with), with the token `ldm ui` printed")
+    if path.startswith("/static/"):
+        return None
+    if not token or not secrets.compare_digest(token, settings.token):
+        return ("this request has no valid token; open the URL with ?token=... that `ldm ui` printed at start "
+                "(API calls send it as the X-LDM-Token header)")
+    return None
 
 
 def under(path: str, roots: list[str]) -> bool:
@@ -73,7 +117,15 @@ def create_app(settings: UISettings, cache: ModelCache | None = None):
     app = Flask("ldm.ui", static_folder=STATIC, static_url_path="/static")
     roots = [settings.out, settings.work, settings.runs]
     os.makedirs(settings.out, exist_ok=True)
-    reply = lambda value: app.response_class(json.dumps(with_urls(value, roots)), mimetype="application/json")  # noqa: E731
+    reply = lambda value: app.response_class(json.dumps(with_urls(value, roots, settings.token)),  # noqa: E731
+                                             mimetype="application/json")
+
+    @app.before_request
+    def guard():
+        why = refusal(settings, request.host, request.headers.get("X-LDM-Token") or request.args.get("token"),
+                      request.path)
+        if why is not None:
+            return jsonify(error=why), 403
 
     @app.errorhandler(Exception)
     def bad_request(e):  # a bad field (ValueError, FileNotFoundError) or a bug: a message, never a dead server
@@ -177,12 +229,15 @@ def add_run_routes(app, settings: UISettings, reply) -> None:
 
 
 def serve(settings: UISettings, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serves the page until interrupted: each request in its own thread (two tabs at once both get answers)."""
+    """Serves the page until interrupted: each request in its own thread (two tabs at once both get answers).
+    Prints the page's URL with the launch's token on a line of its own (scripts read the line starting http)."""
     from werkzeug.serving import make_server
 
+    settings = dataclasses.replace(settings, host=host, port=port)
     server = make_server(host, port, create_app(settings), threaded=True)
-    print(f"ldm ui: serving http://{host}:{server.port}/ (model {settings.model or 'none'}, runs "
-          f"{os.path.abspath(settings.runs)}); Ctrl-C stops", flush=True)
+    print(f"ldm ui: serving (model {settings.model or 'none'}, runs {os.path.abspath(settings.runs)}); Ctrl-C "
+          "stops. Open this URL (its token lets the page in; keep it to yourself):", flush=True)
+    print(page_url(settings), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

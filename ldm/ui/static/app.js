@@ -5,9 +5,13 @@ const $ = (id) => document.getElementById(id);
 const FIELDS = ["prompt", "negative_prompt", "scheduler", "steps", "guidance_scale", "guidance_rescale", "seed",
                 "width", "height", "num_images", "lora", "lora_scale", "model"];
 let inside = null, runTimer = null, playTimer = null;
+// The launch's token, from the URL `ldm ui` printed (/?token=...): every API call sends it; the server writes it
+// into the image URLs it answers, which an <img> fetches without headers.
+const TOKEN = new URLSearchParams(window.location.search).get("token") || "";
 
 async function api(path, options) {
-  const response = await fetch(path, options);
+  options = options || {};
+  const response = await fetch(path, {...options, headers: {...(options.headers || {}), "X-LDM-Token": TOKEN}});
   const body = await response.json().catch(() => ({error: response.statusText}));
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
