@@ -31,7 +31,7 @@ def micro_spec() -> ModelSpec:
         token_embedding_std=1.0)  # distinct tokens through the frozen random encoder: "sks" reads unlike the rest
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test here trains hundreds of steps
 
 
 def train_vae(vae, steps: int = 300) -> None:

@@ -35,6 +35,7 @@ def short_run(tmp_path_factory, one_thread):
     return cfg, train_text_encoder.main(cfg)
 
 
+@pytest.mark.slow
 def test_short_run_lowers_held_out_loss_and_retrieves_above_chance(short_run):
     cfg, result = short_run
     before, after = result["initial"], result["history"][-1]
@@ -110,6 +111,7 @@ def wording_margins(encoder: CLIPTextModel, tokenizer) -> dict[str, torch.Tensor
     return {name: torch.stack(rows) for name, rows in margins.items()}  # (180, 2) each
 
 
+@pytest.mark.slow
 def test_a_held_out_wording_lands_next_to_a_trained_wording_of_the_same_scene(tmp_path):
     """The evidence for training the text encoder: a frozen random encoder ranks "one red circle on the left"
     nearer "one blue circle on the left" than "a red circle on the left" (shared words win); after contrastive

@@ -44,6 +44,7 @@ def test_held_out_prompts_are_the_same_scenes_in_wordings_the_demo_never_trains_
         assert prompt in single_wordings(obj, held_out=True) and prompt not in single_wordings(obj, held_out=False)
 
 
+@pytest.mark.slow
 def test_short_demo_learns_to_follow_the_prompt(short_demo):
     cfg, report = short_demo  # tests/conftest.py: 700 VAE and 600 LDM steps, 30 prompts, DDIM
     table = report["adherence"]["ddim"]
