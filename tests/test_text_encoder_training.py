@@ -35,6 +35,15 @@ def short_run(tmp_path_factory, one_thread):
     return cfg, train_text_encoder.main(cfg)
 
 
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, one_thread):
+    """A text encoder trained for two steps: what `ldm train --text_encoder` loads, without the short run's cost."""
+    cfg = config(tmp_path_factory.mktemp("text_encoder") / "two_steps", data="shapes:48@32", val_samples=8,
+                 batch_size=8, max_steps=2, validation_every=2)
+    cfg.validate()
+    return cfg, train_text_encoder.main(cfg)
+
+
 @pytest.mark.slow
 def test_short_run_lowers_held_out_loss_and_retrieves_above_chance(short_run):
     cfg, result = short_run
@@ -147,8 +156,8 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_ldm_train_loads_the_trained_text_encoder(short_run, tmp_path):
-    te_cfg, te_result = short_run
+def test_ldm_train_loads_the_trained_text_encoder(two_step_run, tmp_path):
+    te_cfg, te_result = two_step_run
     saved = CLIPTextModel.from_pretrained(os.path.join(te_result["text_encoder_dir"], "text_encoder"))
     cfg = ldm_config(tmp_path, text_encoder=te_cfg.output_dir, max_token_length=16)  # the run folder: newest
     cfg.validate()
@@ -161,8 +170,8 @@ def test_ldm_train_loads_the_trained_text_encoder(short_run, tmp_path):
     assert same_weights(CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")), saved)  # frozen
 
 
-def test_ldm_train_refuses_a_text_encoder_of_another_width(short_run, tmp_path, capsys):
-    te_cfg, _ = short_run
+def test_ldm_train_refuses_a_text_encoder_of_another_width(two_step_run, tmp_path, capsys):
+    te_cfg, _ = two_step_run
     with pytest.raises(ValueError, match=r"128 wide .* attends to 32-wide text"):
         train_ldm.build_models(ldm_config(tmp_path, model="tiny", text_encoder=te_cfg.output_dir))
     code = ldm_main(["train", "--model", "dit-tiny", "--text_encoder", te_cfg.output_dir, "--report_to", "none",
