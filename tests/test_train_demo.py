@@ -81,6 +81,7 @@ def tiny_demo(out, **overrides):
     return DemoConfig(**{**base, **overrides})
 
 
+@pytest.mark.slow
 def test_demo_stopped_by_sigterm_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     from conftest import sigterm_after_step
 
@@ -100,6 +101,7 @@ def test_demo_stopped_by_sigterm_resumes_where_it_stopped(tmp_path, monkeypatch,
     assert (longer["vae_steps"], longer["ldm_steps"]) == (4, 6) and os.path.exists(longer["pipeline"])
 
 
+@pytest.mark.slow
 def test_demo_skips_a_nonfinite_update_and_reports_it(tmp_path, monkeypatch):
     from conftest import nan_loss_at
 
@@ -111,6 +113,7 @@ def test_demo_skips_a_nonfinite_update_and_reports_it(tmp_path, monkeypatch):
     assert report["nonfinite_total"] == {"vae": 0, "ldm": 1} and report["ldm_steps"] == 4
 
 
+@pytest.mark.slow
 def test_demo_with_a_trained_vae_skips_the_vae_phase_and_ships_that_vae(tmp_path):
     from safetensors.torch import load_file
 
