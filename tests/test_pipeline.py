@@ -13,6 +13,8 @@ from ldm.pipelines.schedulers import SCHEDULERS
 
 from conftest import seeded
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_opens_folder_written_by_diffusers(tmp_path):
     c = build_components("tiny", seed=3)
