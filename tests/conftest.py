@@ -7,6 +7,34 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the slow tier (tests marked @pytest.mark.slow); LDM_SLOW=1 does the same")
+
+
+def run_slow(config) -> bool:
+    """Returns whether this run includes the slow tier: `--runslow` or LDM_SLOW=1 (any value but '', '0')."""
+    return config.getoption("--runslow") or os.environ.get("LDM_SLOW", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (a plain `pytest`) deselects the tests marked slow: trainings of more than a few steps,
+    multi-process launches, the browser. Deselected, not skipped: no slow test reads as passed-by-skipping, and
+    `--runslow -m slow` runs the slow tier alone."""
+    if run_slow(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    if run_slow(config):
+        return "ldm test tiers: fast and slow (--runslow / LDM_SLOW=1)"
+    return "ldm test tiers: fast only; tests marked slow are deselected (add --runslow or set LDM_SLOW=1)"
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A tiny random pipeline saved by our save_pretrained; returns its path."""

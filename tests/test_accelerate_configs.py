@@ -97,6 +97,7 @@ def readme_command(config_name: str) -> list[str]:
     return shlex.split(match.group(0).replace("\\\n", " "), comments=True)
 
 
+@pytest.mark.slow
 def test_cpu_2proc_config_runs_the_readme_command_on_two_ranks(tmp_path):
     argv = readme_command("cpu_2proc.yaml")
     assert argv[:2] == ["accelerate", "launch"]

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +16,7 @@ def run_benchmark(name: str, *args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_bench_pipeline_smoke(tmp_path):
     stdout = run_benchmark("bench_pipeline.py", "--preset", "tiny", "--repeats", "1", "--warmup", "0",
                            "--steps", "2", "--json", str(tmp_path / "r.json"))
@@ -37,12 +39,14 @@ def test_bench_pipeline_pair_shares_the_modules_and_only_the_pipelines_differ(tm
     assert ours.scheduler is not theirs.scheduler and dict(ours.scheduler.config) == dict(theirs.scheduler.config)
 
 
+@pytest.mark.slow
 def test_bench_data_smoke():
     stdout = run_benchmark("bench_data.py", "--num-images", "8", "--resolution", "32", "--workers", "1",
                            "--batch-size", "4", "--vae-preset", "tiny", "--cache-images", "4")
     assert "samples/s" in stdout or "samples per second" in stdout, stdout
 
 
+@pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
     stdout = run_benchmark("bench_train.py", "--preset", "tiny", "--resolution", "32", "--batch-size", "2",
                            "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "t.json"))
@@ -51,6 +55,7 @@ def test_bench_train_smoke(tmp_path):
     assert (tmp_path / "t.json").exists()
 
 
+@pytest.mark.slow
 def test_bench_train_times_only_the_variants_asked_for():
     stdout = run_benchmark("bench_train.py", "--preset", "tiny", "--resolution", "32", "--batch-size", "2",
                            "--steps", "1", "--warmup", "0", "--variants", "ours", "ours_cached")
@@ -59,6 +64,7 @@ def test_bench_train_times_only_the_variants_asked_for():
     assert "reference" not in stdout and "checkpointing" not in stdout, stdout
 
 
+@pytest.mark.slow
 def test_compare_timestep_sampling_smoke(tmp_path):
     stdout = run_benchmark("compare_timestep_sampling.py", "--seeds", "0", "--vae-steps", "5", "--ldm-steps", "5",
                            "--num-prompts", "2", "--out", str(tmp_path))
@@ -69,6 +75,7 @@ def test_compare_timestep_sampling_smoke(tmp_path):
         assert f"timestep_sampling: {mode}\n" in (tmp_path / f"{mode}_0" / "ldm_run" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_compare_objectives_smoke(tmp_path):
     import json
 
@@ -92,6 +99,7 @@ def test_compare_objectives_smoke(tmp_path):
     assert (tmp_path / "adherence.png").exists() and (tmp_path / "val_loss.png").exists()
 
 
+@pytest.mark.slow
 def test_count_syncs_runs_and_ours_reads_no_more_tensor_values_than_diffusers_but_the_nan_guard():
     """CUDA sync counts are 0 on a CPU by construction, so the CPU run checks what it can: the host reads of tensor
     values (each a sync on a GPU), ours against diffusers' pipeline on the same model and scheduler."""
@@ -120,6 +128,7 @@ def test_count_host_reads_counts_each_read():
     assert count_host_reads(three_reads_and_a_nonzero, {}) == 4
 
 
+@pytest.mark.slow
 def test_compare_backbones_smoke(tmp_path):
     import json
 
@@ -141,6 +150,7 @@ def test_compare_backbones_smoke(tmp_path):
     assert (tmp_path / "mechanisms_shapes.png").exists()
 
 
+@pytest.mark.slow
 def test_bench_dit_smoke():
     stdout = run_benchmark("bench_dit.py", "--preset", "dit-tiny", "--device", "cpu", "--batch-size", "2",
                            "--sample-batch", "1", "--steps", "1", "--warmup", "0", "--precision", "fp32")

@@ -211,6 +211,7 @@ def recorded(monkeypatch, name: str) -> list[tuple]:
     return calls
 
 
+@pytest.mark.slow
 def test_training_picks_among_all_cached_captions_and_resumes_exactly(coco, tmp_path, monkeypatch):
     def config(name, **overrides):
         base = dict(model="tiny", data=coco, resolution=32, batch_size=4, learning_rate=2e-3, lr_warmup_steps=0,
@@ -299,6 +300,7 @@ def test_bad_values_raise_naming_the_field(cls, extra, field, value):
             CaptionSpec(**{field: value})
 
 
+@pytest.mark.slow
 def test_finetune_shuffles_the_instance_captions_keeping_the_instance_prompt(tiny_folder, tmp_path, monkeypatch):
     from ldm.data.shapes import SceneObject, render_scene
     from ldm.training import finetune

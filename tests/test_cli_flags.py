@@ -255,6 +255,7 @@ def test_finetune_prints_the_memorization_warning(monkeypatch, capsys):
     assert "finetune: samples copy the training images" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_script_help_lists_every_field():
     env = {**os.environ, "COLUMNS": "2000", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, os.path.join(REPO, "train", "train_ldm.py"), "--help"], env=env, cwd=REPO,

@@ -20,6 +20,7 @@ def test_help_lists_every_command():
     assert {"generate", "create-model"} <= set(available_commands()) <= set(COMMANDS)
 
 
+@pytest.mark.slow
 def test_generate_writes_pngs_with_parameters_and_reproducible_seeds(tiny_folder, tmp_path, capsys):
     args = ["generate", "a red circle on the left", "--model", tiny_folder, "--steps", "3", "--num-images", "2",
             "--seed", "11", "--scheduler", "ddim", "--negative-prompt", "blue", "--guidance-scale", "5",
@@ -45,6 +46,7 @@ def test_generate_writes_pngs_with_parameters_and_reproducible_seeds(tiny_folder
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
+@pytest.mark.slow
 def test_create_model_then_generate(tmp_path):
     assert main(["create-model", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
     assert main(["generate", "x", "--model", str(tmp_path / "m"), "--steps", "1", "--out", str(tmp_path / "a.png"),

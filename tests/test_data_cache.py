@@ -38,6 +38,7 @@ def test_cache_contents_match_the_vae(tmp_path, parts):
     assert z.shape == (4, 8, 8) and not torch.equal(z, item["latent_mean"])
 
 
+@pytest.mark.slow
 def test_reused_when_valid_rebuilt_when_vae_or_transform_changes(tmp_path, parts):
     vae, tokenizer = parts
     out = str(tmp_path / "cache")

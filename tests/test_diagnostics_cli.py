@@ -22,6 +22,7 @@ def _png(path):
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_diagnose_timesteps(tiny_folder, tmp_path):
     out = tmp_path / "t"
     rc = main(["diagnose", "timesteps", "--model", tiny_folder, "--data", "shapes:4", "--out", str(out),
@@ -39,6 +40,7 @@ def test_diagnose_timesteps(tiny_folder, tmp_path):
         assert _png(out / name)
 
 
+@pytest.mark.slow
 def test_diagnose_sampling(tiny_folder, tmp_path):
     out = tmp_path / "s"
     rc = main(["diagnose", "sampling", "--model", tiny_folder, "--prompt", "a red circle", "--out", str(out),
@@ -80,6 +82,7 @@ def test_sampling_starts_on_the_forward_marginal(tiny_folder):
         assert all(abs(s - 1) < 0.15 for s in first["latent_std"]), name
 
 
+@pytest.mark.slow
 def test_diagnose_schedule(tmp_path):
     out = tmp_path / "sch"
     rc = main(["diagnose", "schedule", "--beta-schedule", "linear", "scaled_linear", "--out", str(out), "--steps", "5"])
@@ -105,6 +108,7 @@ def test_diagnose_training_heatmap(tmp_path):
     assert rc == 0 and _png(tmp_path / "training_heatmap.png")
 
 
+@pytest.mark.slow
 def test_diagnose_all_renders_every_figure(tiny_folder, tmp_path):
     out = tmp_path / "all"
     rc = main(["diagnose", "all", "--model", tiny_folder, "--out", str(out), "--data", "shapes:6", "--steps", "2",

@@ -115,6 +115,7 @@ def dit_run(tmp_path_factory):
     return train_ldm.main(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [dict(prediction_type="flow", timestep_sampling="logit_normal"),
                                        dict(model="pixart-small", max_token_length=16, max_steps=20)],
                          ids=["dit-flow", "pixart-epsilon"])
@@ -125,11 +126,13 @@ def test_short_transformer_runs_lower_validation_loss(tmp_path, overrides):
     assert val[-1] < 0.8 * val[0], val
 
 
+@pytest.mark.slow
 def test_short_dit_run_lowers_validation_loss(dit_run):
     val = [v["val_loss"] for v in dit_run["val"]]
     assert len(val) == 3 and val[-1] < 0.8 * val[0], val
 
 
+@pytest.mark.slow
 def test_dit_folder_round_trips_through_ldm_and_diffusers_from_pretrained(dit_run):
     from ldm import Pipeline
 
@@ -198,6 +201,7 @@ def test_pipeline_needs_exactly_one_denoiser(tiny_pipe):
                  transformer=build("dit-tiny"))
 
 
+@pytest.mark.slow
 def test_trace_of_a_dit_model(dit_run):
     from ldm import Pipeline
 
@@ -209,6 +213,7 @@ def test_trace_of_a_dit_model(dit_run):
     assert torch.isfinite(out.trace[-1].x0_pred).all()
 
 
+@pytest.mark.slow
 def test_diagnostics_run_on_a_dit_model(dit_run, tmp_path):
     from ldm.cli import main
 
@@ -222,6 +227,7 @@ def test_diagnostics_run_on_a_dit_model(dit_run, tmp_path):
     assert (tmp_path / "s" / "sampling_drift.png").exists()
 
 
+@pytest.mark.slow
 def test_lora_on_a_dit_changes_and_restores_outputs(dit_run, tmp_path):
     from ldm import Pipeline
     from ldm.data.shapes import SceneObject, render_scene
@@ -275,6 +281,7 @@ def test_lora_refuses_what_a_transformer_cannot_do():
         to_kohya(model)
 
 
+@pytest.mark.slow
 def test_demo_trains_and_grades_a_dit(tmp_path):
     from ldm.cli import main
 

@@ -38,6 +38,7 @@ def assets(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_eval_writes_every_metric(tiny_folder, assets, tmp_path):
     out = tmp_path / "out"
     rc = main(["eval", "--model", tiny_folder, "--prompts", str(assets / "prompts.txt"), "--out", str(out),

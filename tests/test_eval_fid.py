@@ -85,6 +85,7 @@ def test_fid_kid_zero_for_identical_folders_positive_for_different(folders, tiny
     assert fid_diff > 0 and kid_diff > 0 and abs(kid_same) < kid_diff
 
 
+@pytest.mark.slow
 def test_inception_loads_from_a_local_file(tmp_path, folders):
     # A randomly initialised torchvision Inception v3 saved locally stands in for the ImageNet weights.
     from torchvision.models.inception import Inception3

@@ -30,6 +30,7 @@ def finetune(model, data, out, *extra) -> int:
                 "--num-validation-samples", "2", "--validation-sample-steps", "2", "--device", "cpu", *extra])
 
 
+@pytest.mark.slow
 def test_finetune_merge_and_generate(tiny_folder, tmp_path):
     data = write_folder(tmp_path / "art", 5)
     assert finetune(tiny_folder, data, tmp_path / "run", "--instance-prompt", "sks art", "--export-webui",
@@ -49,6 +50,7 @@ def test_finetune_merge_and_generate(tiny_folder, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "base.png")), np.asarray(Image.open(tmp_path / "zero.png")))
 
 
+@pytest.mark.slow
 def test_full_finetune_writes_a_pipeline_folder(tiny_folder, tmp_path):
     from ldm import Pipeline
 

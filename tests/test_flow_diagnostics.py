@@ -57,6 +57,7 @@ def _finite(values) -> bool:
     return not isinstance(values, float) or math.isfinite(values)
 
 
+@pytest.mark.slow
 def test_diagnose_timesteps_on_a_flow_model(flow_folder, tmp_path):
     out = tmp_path / "t"
     report = _diagnose("timesteps", flow_folder, out, "timesteps.json", "--data", "shapes:8", "--num-images", "2",
@@ -75,6 +76,7 @@ def test_diagnose_timesteps_on_a_flow_model(flow_folder, tmp_path):
         assert _png(out / name)
 
 
+@pytest.mark.slow
 def test_diagnose_sampling_on_a_flow_model(flow_folder, tmp_path):
     out = tmp_path / "s"
     report = _diagnose("sampling", flow_folder, out, "sampling.json", "--prompt", "a red circle", "--steps", "3",
@@ -99,6 +101,7 @@ def test_diagnose_sampling_on_a_flow_model(flow_folder, tmp_path):
         assert _png(out / name)
 
 
+@pytest.mark.slow
 def test_diagnose_all_on_a_flow_model(flow_folder, tmp_path):
     out = tmp_path / "all"
     index = _diagnose("all", flow_folder, out, "index.json", "--data", "shapes:6", "--steps", "2", "--num-images", "2")
@@ -112,6 +115,7 @@ def test_diagnose_all_on_a_flow_model(flow_folder, tmp_path):
     assert schedule["visited"]["euler"]["linspace"][0] == pytest.approx(1000.0)
 
 
+@pytest.mark.slow
 def test_a_noise_sampler_on_a_flow_model_is_a_clear_error(flow_folder, tmp_path, capsys):
     rc = main(["diagnose", "sampling", "--model", flow_folder, "--prompt", "x", "--out", str(tmp_path),
                "--schedulers", "ddim", "--steps", "2"])

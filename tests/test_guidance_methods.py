@@ -144,6 +144,7 @@ def test_interval_skips_the_unconditional_branch_with_one_call_on_b_rows(tiny_pi
                                                                       record.noise_pred_cond, 7.5))
 
 
+@pytest.mark.slow
 def test_defaults_off_are_bit_identical_to_a_call_without_them(tiny_pipe):
     call = dict(prompt=["a red circle"], num_inference_steps=4, num_images_per_prompt=2, output_type="np",
                 negative_prompt=["blurry"])
@@ -228,6 +229,7 @@ def tiny_model(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_generate_with_interval_and_apg_records_them(tiny_model, tmp_path):
     argv = ["generate", "a red circle", "--model", tiny_model, "--steps", "4", "--seed", "3", "--scheduler", "ddim",
             "--guidance-interval", "200", "800", "--apg", "--apg-norm-threshold", "5", "--apg-momentum", "-0.25",

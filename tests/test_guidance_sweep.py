@@ -45,6 +45,7 @@ def folder_copy(tiny_folder, tmp_path):
 
 # ------------------------------------------------------------------ the sweep
 
+@pytest.mark.slow
 def test_sweep_writes_one_point_per_method_and_scale(swept):
     report, out = swept
     assert [(p["method"], p["scale"]) for p in report["points"]] == [
@@ -60,6 +61,7 @@ def test_sweep_writes_one_point_per_method_and_scale(swept):
     assert 0 < lo < hi < 1000
 
 
+@pytest.mark.slow
 def test_scale_1_is_the_same_unguided_images_for_every_method(swept):
     unguided = [p for p in swept[0]["points"] if p["scale"] == 1.0]
     assert len({(p["fid"], p["kid"]) for p in unguided}) == 1
@@ -97,6 +99,7 @@ def test_recommend_takes_the_lowest_distance_within_tolerance_of_the_best_adhere
 
 # ------------------------------------------------------------------ guidance.json
 
+@pytest.mark.slow
 def test_from_pretrained_uses_guidance_json_when_no_scale_is_given(swept, folder_copy):
     report = {**swept[0], "recommended": {**point("interval", 3.0, 1.0, 5.0), "n": 10,
                                           "params": {"guidance_interval": [100, 700]}}}
@@ -131,6 +134,7 @@ def test_a_broken_guidance_json_fails_at_load_naming_the_file(folder_copy):
         Pipeline.from_pretrained(folder_copy)
 
 
+@pytest.mark.slow
 def test_cli_save_writes_guidance_json_and_generate_records_its_source(folder_copy, tmp_path):
     out = str(tmp_path / "sweep")
     argv = ["eval-guidance", "--model", folder_copy, "--prompts", "digits", "--reference", "digits:test@32",

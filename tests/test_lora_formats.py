@@ -52,6 +52,7 @@ def test_adapters_start_at_zero_and_train_only_lora():
     assert len(before) < len(parts["unet"].state_dict())
 
 
+@pytest.mark.slow
 def test_diffusers_and_ldm_load_the_file_with_the_same_images(adapted):
     from diffusers import StableDiffusionPipeline
 
@@ -82,6 +83,7 @@ def test_scale_zero_is_the_base_model_exactly(adapted):
     assert (run(loaded, cross_attention_kwargs={"scale": 0.0}) == base).all()
 
 
+@pytest.mark.slow
 def test_merged_folder_equals_base_plus_lora(adapted):
     from ldm import Pipeline
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,6 +32,7 @@ def test_no_source_file_is_ignored_by_git():
     assert done.stdout == "", f"ignored by .gitignore, so missing from a fresh clone: {done.stdout}"
 
 
+@pytest.mark.slow
 def test_users_data_folder_does_not_shadow_ldm_data(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "__init__.py").write_text("raise SystemExit('shadowed')\n")

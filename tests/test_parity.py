@@ -29,6 +29,7 @@ def run(pipe, scheduler_name, seed=1234, **overrides):
     return pipe(**{**CALL, **overrides}, generator=torch.Generator().manual_seed(seed)).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler_name", ["ddpm", "ddim", "lms"])
 def test_same_images_as_diffusers(pair, round_trip_pair, scheduler_name):
     ours, theirs = pair
@@ -41,6 +42,7 @@ def test_same_images_as_diffusers(pair, round_trip_pair, scheduler_name):
     assert np.abs(a - c).max() <= 1e-4 and np.abs(c - d).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_parity_with_guidance_rescale_and_eta(pair):
     ours, theirs = pair
     a = run(ours, "ddim", guidance_rescale=0.7, eta=0.5)
@@ -48,6 +50,7 @@ def test_parity_with_guidance_rescale_and_eta(pair):
     assert np.abs(a - b).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_different_seeds_differ(pair):
     assert np.abs(run(pair[0], "ddim", seed=1) - run(pair[0], "ddim", seed=2)).max() > 1e-2
 

@@ -92,6 +92,7 @@ def test_only_built_in_sources_mix(tmp_path):
         open_dataset(f"shapes:4@16+folder:{tmp_path / 'art'}")
 
 
+@pytest.mark.slow
 def test_reconstruction_report_measures_each_held_out_set():
     from ldm.models.presets import build_vae, get_spec
     from ldm.training.vae_report import reconstruction_psnr, reconstruction_report

@@ -13,6 +13,8 @@ from ldm.pipelines.schedulers import SCHEDULERS
 
 from conftest import seeded
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_opens_folder_written_by_diffusers(tmp_path):
     c = build_components("tiny", seed=3)
@@ -164,6 +166,7 @@ def test_compiled_unet_gives_the_same_images_on_cpu(tiny_pipe, tmp_path):
     assert Pipeline.from_pretrained(tmp_path / "saved").unet.config.sample_size == 8
 
 
+@pytest.mark.slow
 def test_fused_qkv_and_channels_last_keep_the_images_and_refuse_to_save(tiny_pipe, tmp_path):
     kw = dict(prompt="a red circle", num_inference_steps=2, output_type="np")
     modes = []

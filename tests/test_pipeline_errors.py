@@ -164,6 +164,7 @@ def test_leading_spacing_at_all_train_steps_is_a_clear_error(tiny_pipe):
         tiny_pipe("x", num_inference_steps=1000, output_type="latent")
 
 
+@pytest.mark.slow
 def test_our_models_sample_all_train_steps(tiny_pipe):
     tiny_pipe.set_scheduler("ddpm")
     out = tiny_pipe("x", num_inference_steps=1000, guidance_scale=1.0, output_type="latent", trace=True)

@@ -35,6 +35,16 @@ def short_run(tmp_path_factory, one_thread):
     return cfg, train_text_encoder.main(cfg)
 
 
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, one_thread):
+    """A text encoder trained for two steps: what `ldm train --text_encoder` loads, without the short run's cost."""
+    cfg = config(tmp_path_factory.mktemp("text_encoder") / "two_steps", data="shapes:48@32", val_samples=8,
+                 batch_size=8, max_steps=2, validation_every=2)
+    cfg.validate()
+    return cfg, train_text_encoder.main(cfg)
+
+
+@pytest.mark.slow
 def test_short_run_lowers_held_out_loss_and_retrieves_above_chance(short_run):
     cfg, result = short_run
     before, after = result["initial"], result["history"][-1]
@@ -121,6 +131,7 @@ def wording_margins(encoder: CLIPTextModel, tokenizer) -> dict[str, torch.Tensor
     return {name: torch.stack(rows) for name, rows in margins.items()}  # (180, 2) each
 
 
+@pytest.mark.slow
 def test_a_held_out_wording_lands_next_to_a_trained_wording_of_the_same_scene(tmp_path):
     """The evidence for training the text encoder: a frozen random encoder ranks "one red circle on the left"
     nearer "one blue circle on the left" than "a red circle on the left" (shared words win); after contrastive
@@ -156,8 +167,8 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_ldm_train_loads_the_trained_text_encoder(short_run, tmp_path):
-    te_cfg, te_result = short_run
+def test_ldm_train_loads_the_trained_text_encoder(two_step_run, tmp_path):
+    te_cfg, te_result = two_step_run
     saved = CLIPTextModel.from_pretrained(os.path.join(te_result["text_encoder_dir"], "text_encoder"))
     cfg = ldm_config(tmp_path, text_encoder=te_cfg.output_dir, max_token_length=16)  # the run folder: newest
     cfg.validate()
@@ -170,8 +181,8 @@ def test_ldm_train_loads_the_trained_text_encoder(short_run, tmp_path):
     assert same_weights(CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")), saved)  # frozen
 
 
-def test_ldm_train_refuses_a_text_encoder_of_another_width(short_run, tmp_path, capsys):
-    te_cfg, _ = short_run
+def test_ldm_train_refuses_a_text_encoder_of_another_width(two_step_run, tmp_path, capsys):
+    te_cfg, _ = two_step_run
     with pytest.raises(ValueError, match=r"128 wide .* attends to 32-wide text"):
         train_ldm.build_models(ldm_config(tmp_path, model="tiny", text_encoder=te_cfg.output_dir))
     code = ldm_main(["train", "--model", "dit-tiny", "--text_encoder", te_cfg.output_dir, "--report_to", "none",

@@ -32,6 +32,7 @@ def val_losses(result):
     return [v["val_loss"] for v in result["val"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     dict(prediction_type="epsilon", weighting="uniform"),
     dict(prediction_type="v_prediction", weighting="min_snr", loss="huber", noise_schedule="squaredcos_cap_v2"),
@@ -70,6 +71,7 @@ def test_checkpoint_pipeline_opens_in_ldm_and_diffusers(tmp_path):
     assert not torch.equal(raw[name], ours.unet.state_dict()[name])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = run(tiny_config(tmp_path / "a", max_steps=6, checkpoint_every=3, caption_dropout=0.3))
     half = run(tiny_config(tmp_path / "b", max_steps=3, caption_dropout=0.3))

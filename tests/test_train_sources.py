@@ -90,6 +90,7 @@ def test_vae_training_improves_psnr_and_stores_the_scaling_factor(tmp_path):
     assert abs(vae.config.scaling_factor - first["scaling_factor"]) < 1e-9 and vae.config.scaling_factor > 0
 
 
+@pytest.mark.slow
 def test_two_processes_under_accelerate_launch_read_disjoint_data(tmp_path):
     out = tmp_path / "ddp"
     command = two_cpu_processes("train_ldm.py", "--model", "tiny", "--data", "shapes:64@32", "--resolution", "32",

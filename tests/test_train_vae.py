@@ -68,6 +68,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_only_one_gets_sigterm(tmp_path):
     out = tmp_path / "ddp"
     command = two_cpu_processes("train_vae.py", "--model", "tiny", "--data", "shapes:64@32", "--resolution", "32",

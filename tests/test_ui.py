@@ -381,6 +381,7 @@ def test_the_page_generates_shows_inside_the_sampler_runs_and_diagnoses(server, 
     assert "empty" in browser.find_element(By.ID, "generate-status").text
 
 
+@pytest.mark.slow
 def test_bad_input_in_each_field_leaves_the_server_serving(server):
     for field, value, words in BAD:
         status, body = server.get("/api/generate", json.dumps({**FORM, field: value}).encode())
