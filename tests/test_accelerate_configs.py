@@ -101,7 +101,7 @@ def readme_command(config_name: str) -> list[str]:
 def test_cpu_2proc_config_runs_the_readme_command_on_two_ranks(tmp_path):
     argv = readme_command("cpu_2proc.yaml")
     assert argv[:2] == ["accelerate", "launch"]
-    argv[argv.index("--output_dir") + 1] = str(tmp_path / "two-ranks")
+    argv[argv.index("--out") + 1] = str(tmp_path / "two-ranks")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *argv[2:]], capture_output=True,
                           text=True, timeout=900, env=env, cwd=REPO)
