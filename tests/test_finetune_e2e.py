@@ -165,7 +165,7 @@ def test_lora_on_the_demo_model_leaves_other_prompts_alone(short_demo, tmp_path)
     print(f"demo base: instance prompt {before:.3f} -> {after:.3f} (folder {target:.3f}, gap closed {closed:.0%}); "
           f"other prompts moved {[round(d, 3) for d in drift]}")
     # Learning rate 1e-3: since the fixture's VAE also learns photographs, 3e-4 closed only 11% of the gap in
-    # the default steps (README, Fine-tune, for the measured moves)
+    # the default steps (docs/src/guides/finetune.md, for the measured moves)
     assert closed >= 0.5
     assert sum(abs(d) for d in drift) / len(drift) <= 0.3 * (before - after)
 
@@ -234,7 +234,7 @@ def test_lora_on_the_demo_model_learns_a_folder_of_photographs(short_demo, tmp_p
     print(f"photo folder: instance prompt's histogram distance to the folder {before:.3f} -> {after:.3f}; other "
           f"prompts moved toward it by {[round(d, 3) for d in toward]}")
     # The 700-step VAE encodes the photographs' colours only roughly, so the instance prompt gets their palette,
-    # not their detail (README, Fine-tune). Both bounds leave a margin over the spread measured over two demo seeds
+    # not their detail (docs/src/guides/finetune.md). Both bounds leave a margin over the spread measured over two demo seeds
     # times two fine-tuning seeds, and over a run of this test on another 2-core machine (its floating point moves
     # the trajectory as a seed does): the drift of the other prompts depends on the demo model, so it is bounded on
     # the histogram distance's own scale (0 same colours, 1 disjoint) rather than as a fraction of the instance

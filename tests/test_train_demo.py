@@ -1,6 +1,6 @@
 """`ldm demo`, shortened: the whole chain (shapes -> VAE -> LDM -> samplers -> grader) learns text conditioning.
 
-The full demo's bar (>= 90% with DDIM and guidance) is measured by running `ldm demo` (README table); this
+The full demo's bar (>= 90% with DDIM and guidance) is measured by running `ldm demo` (the table in docs/src/reports/demo.md); this
 shorter run (about 2.5 minutes: 400 VAE steps, 600 LDM steps) checks that the whole chain learns to follow the
 prompt, with a lower bar: chance is 1/5 for position and 1/90 for all three.
 """

@@ -43,7 +43,7 @@ def test_discriminator_step_sees_no_gradient_from_the_generator_step(tmp_path, m
 
 @pytest.mark.slow
 def test_gan_reconstructions_are_no_worse_on_held_out_images():
-    """benchmarks/bench_vae_gan.py as README runs it (but one timing round): 300 steps with and without the
+    """benchmarks/bench_vae_gan.py as benchmarks/BENCHMARKS.md runs it (but one timing round): 300 steps with and without the
     discriminator (on from step 50, disc_weight 0.05), scored on images of another seed."""
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_vae_gan.py"), "--steps", "300",
                            "--disc-start", "50", "--disc-weight", "0.05", "--timing-rounds", "1"],

@@ -301,7 +301,7 @@ def browser():
 
 
 def screenshot(browser, name: str, tmp_path) -> None:
-    """Saves the page to tmp_path, and as a small PNG to $LDM_UI_SCREENSHOTS (the README's) when it is set."""
+    """Saves the page to tmp_path, and as a small PNG to $LDM_UI_SCREENSHOTS (the web UI guide's) when it is set."""
     browser.save_screenshot(str(tmp_path / f"{name}.png"))
     folder = os.environ.get("LDM_UI_SCREENSHOTS")
     if folder:
