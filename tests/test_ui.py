@@ -482,6 +482,7 @@ def test_ui_with_a_missing_model_folder_stops_at_start_as_generate_does(tmp_path
     assert err == "ldm ui: error: " + generate_says and "does not exist" in err
 
 
+@pytest.mark.slow  # starts `ldm ui` as a server process; the same checks run in the fast tier on the test client
 def test_the_running_ui_refuses_a_rebound_host_name_and_a_tokenless_call(server):
     import http.client
     import urllib.parse
