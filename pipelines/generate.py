@@ -60,6 +60,8 @@ class GenerateRequest:
     allow_pickle: bool = False            # load .bin/.ckpt weights (can run code)
     lora: str | None = None               # a LoRA .safetensors
     lora_scale: float = 1.0
+    prompt_syntax: str = "a1111"          # "a1111": (word:1.3) emphasis and BREAK; "plain": the text as it is
+    long_prompts: str = "chunk"           # "chunk": every token, in 77-token windows; "truncate": the first 75 tokens
 
     # The allowed range of each number (ldm.ranges notation); `ldm generate`'s flags use the same ones.
     # The Python call's ranges (pipelines/checks.py), so the page, the CLI and pipe(...) refuse the same values;
@@ -73,6 +75,7 @@ class GenerateRequest:
 
     def validate(self) -> "GenerateRequest":
         """Returns the request after checking it; raises ValueError naming the field (and its flag) otherwise."""
+        from ldm.pipelines.prompts import LONG_PROMPTS, PROMPT_SYNTAXES
         from ldm.pipelines.schedulers import SCHEDULERS
 
         if not str(self.prompt).strip():
@@ -86,7 +89,8 @@ class GenerateRequest:
                                                             for t in self.guidance_interval)):
             raise ValueError(f"guidance_interval ({flag('guidance_interval')}): {self.guidance_interval!r} must be "
                              f"two timesteps T_LO T_HI, each in {self.INTERVAL_RANGE}")
-        for name, allowed in (("scheduler", SCHEDULERS), ("dtype", DTYPES)):
+        for name, allowed in (("scheduler", SCHEDULERS), ("dtype", DTYPES), ("prompt_syntax", PROMPT_SYNTAXES),
+                              ("long_prompts", LONG_PROMPTS)):
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} ({flag(name)}): {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         tuning = [n for n in ("apg_eta", "apg_norm_threshold", "apg_momentum") if getattr(self, n) is not None]
@@ -204,7 +208,8 @@ def generation_params(prepared: Prepared, pipe) -> dict:
                 height=r.height or native, width=r.width or native,
                 device=prepared.device, dtype=str(prepared.dtype).removeprefix("torch."), ldm_version=__version__,
                 **recorded_methods(g.methods), **({"guidance_source": g.source} if g.source else {}),
-                **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}))
+                **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}),
+                prompt_syntax=r.prompt_syntax, long_prompts=r.long_prompts)
 
 
 def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, trace: bool = False):
@@ -216,7 +221,8 @@ def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, t
                 guidance_scale=params["guidance_scale"], guidance_rescale=params["guidance_rescale"],
                 eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
                 num_images_per_prompt=len(seeds), **methods, callback_on_step_end=callback, trace=trace,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                prompt_syntax=params["prompt_syntax"], long_prompts=params["long_prompts"])
 
 
 def output_path(out: str, index: int, count: int, seed: int) -> str:

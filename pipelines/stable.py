@@ -29,6 +29,7 @@ from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance
 from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.loading import load_components, name_diffusers_pipeline
 from ldm.pipelines.output import PipelineOutput, StepRecord, predict_x0
+from ldm.pipelines.prompts import PromptTokens, check_prompt_options, repeat_windows, tokenize_prompts
 from ldm.pipelines.recommended import GUIDANCE_FILE, read_recommended_guidance, resolve_guidance
 from ldm.pipelines.schedulers import make_scheduler
 
@@ -179,10 +180,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     # ------------------------------------------------------------------ prompt encoding
 
-    def _tokenize(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return ids  # (B, 77)
+    def _tokenize(self, texts: list[str], prompt_syntax: str = "a1111", long_prompts: str = "chunk") -> PromptTokens:
+        """Returns the prompts' token ids (B*k, 77) and emphasis weights (B, k, 77): ldm.pipelines.prompts."""
+        return tokenize_prompts(self.tokenizer, texts, prompt_syntax, long_prompts)
 
     def _encode_ids(self, input_ids: torch.Tensor, clip_skip: int | None, device=None) -> torch.Tensor:
         """Returns text embeddings (B, 77, D): the last layer, or with clip_skip=k the k-th from last + final LN."""
@@ -197,9 +197,15 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, num_images_per_prompt: int,
                       do_cfg: bool, clip_skip: int | None = None, lora_scale: float | None = None,
-                      device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D).
+                      device: torch.device | None = None, prompt_syntax: str = "a1111",
+                      long_prompts: str = "chunk") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77 * k, D).
 
+        prompt_syntax="a1111" reads (word:1.3) emphasis and BREAK as AUTOMATIC1111 does; "plain" takes the text
+        literally. long_prompts="chunk" encodes a prompt past 75 tokens in k windows of 77 and concatenates them,
+        the shorter prompts (the negative ones included) padded with empty windows; "truncate" keeps the first
+        window and warns naming the words it cuts (ldm.pipelines.prompts). A prompt of at most 75 tokens without
+        emphasis gives k = 1 and the embeddings of a plain tokenizer + text encoder call, bit for bit.
         Both branches go through the text encoder in one batched call. clip_skip applies to both: a model
         trained on the k-th layer from the end saw the empty prompt through that layer too (diffusers 0.42
         applies it to the conditional branch only). lora_scale multiplies the text encoder's LoRA adapters
@@ -209,12 +215,13 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         device = device if device is not None else self._execution_device
         uncond = (negative_prompt if negative_prompt is not None else [""] * len(prompt)) if do_cfg else []
+        tokens = self._tokenize(uncond + prompt, prompt_syntax, long_prompts)  # every window of every prompt
         with lora_scaled(self.text_encoder, lora_scale):
-            embeds = self._encode_ids(self._tokenize(uncond + prompt), clip_skip, device)  # (2B or B, 77, D)
+            embeds = tokens.weighted(self._encode_ids(tokens.ids, clip_skip, device))  # (2B or B, 77*k, D)
         embeds = embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
         if not do_cfg:
             return embeds, None
-        negative_embeds, prompt_embeds = embeds.chunk(2)  # (B*n, 77, D) each
+        negative_embeds, prompt_embeds = embeds.chunk(2)  # (B*n, 77*k, D) each
         return prompt_embeds, negative_embeds
 
     # ------------------------------------------------------------------ sampling
@@ -235,11 +242,11 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
-                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
+                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None, prompt_syntax: str = "a1111",
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
-                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0):
+                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, long_prompts: str = "chunk"):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
@@ -249,7 +256,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         predictions) on the CPU in float32, for ldm.diagnostics. Guidance methods (ldm.pipelines.guidance), off
         by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
-        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models)."""
+        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). Prompts: prompt_syntax ("a1111":
+        (word:1.3) emphasis and BREAK, or "plain") and long_prompts ("chunk" or "truncate"): encode_prompt."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
@@ -266,10 +274,10 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # .device would mislead; read once (the property walks every module).
         device = self._execution_device
 
-        # 1. Encode the prompts: (B*n, 77, D) each; one batched UNet call per step later, uncond first
+        # 1. Encode the prompts: (B*n, 77*k, D) each; one batched UNet call per step later, uncond first
         prompt_embeds, negative_embeds = self._prompt_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, do_cfg, clip_skip,
-            (cross_attention_kwargs or {}).get("scale"), device)
+            (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts)
 
         # 2. Timesteps, and 3. the initial noise x_T: (B*n, 4, H/f, W/f)
         timesteps, host_timesteps = self._timesteps(num_inference_steps, device)
@@ -291,19 +299,22 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _prompt_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                            num_images_per_prompt: int, do_cfg: bool, clip_skip: int | None, lora_scale: float | None,
-                           device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (prompt_embeds, negative_embeds), each (B*n, 77, D), negative_embeds None without guidance:
-        the prompts encoded, or the given embeddings repeated per image (the empty prompt's when no negative
-        embeddings are given)."""
+                           device, prompt_syntax: str = "a1111",
+                           long_prompts: str = "chunk") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (prompt_embeds, negative_embeds), each (B*n, 77*k, D), negative_embeds None without guidance:
+        the prompts encoded, or the given embeddings repeated per image (the empty prompt's, repeated to their
+        length, when no negative embeddings are given)."""
+        check_prompt_options(prompt_syntax, long_prompts)  # also where embeddings are given, so no typo passes
         if prompt_embeds is None:
             return self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
-                                      lora_scale=lora_scale, device=device)
+                                      lora_scale=lora_scale, device=device, prompt_syntax=prompt_syntax,
+                                      long_prompts=long_prompts)
         batch = prompt_embeds.shape[0]
         prompt_embeds = prompt_embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
         if not do_cfg:
             return prompt_embeds, None
-        negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None
-                           else self.encode_prompt([""] * batch, None, 1, False, device=device)[0])
+        negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None else repeat_windows(
+            self.encode_prompt([""] * batch, None, 1, False, device=device)[0], prompt_embeds.shape[1]))
         return prompt_embeds, negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
 
     def _timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:

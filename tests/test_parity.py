@@ -57,7 +57,7 @@ def test_different_seeds_differ(pair):
 
 def test_clip_skip_uses_penultimate_layer_with_final_norm(pair):
     ours = pair[0]
-    ids = ours._tokenize(["a red circle"])
+    ids = ours._tokenize(["a red circle"]).ids
     hidden = ours.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
     expected = ours.text_encoder.final_layer_norm(hidden)
     assert torch.allclose(ours._encode_ids(ids, clip_skip=1), expected)

@@ -142,7 +142,7 @@ def test_clip_skip_applies_to_both_branches(tiny_pipe):
     cond, uncond = tiny_pipe.encode_prompt(["a red circle"], ["blue"], 1, True, clip_skip=1)
     te = tiny_pipe.text_encoder
     for text, got in (("a red circle", cond), ("blue", uncond)):
-        hidden = te(tiny_pipe._tokenize([text]), output_hidden_states=True).hidden_states[-2]
+        hidden = te(tiny_pipe._tokenize([text]).ids, output_hidden_states=True).hidden_states[-2]
         assert torch.allclose(got, te.final_layer_norm(hidden), atol=1e-6)
 
 

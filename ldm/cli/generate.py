@@ -13,7 +13,7 @@ from ldm.ranges import float_in, int_in
 
 def add_arguments(p):
     from ldm.pipelines.generate import DTYPES, GenerateRequest
-
+    from ldm.pipelines.prompts import LONG_PROMPTS, PROMPT_SYNTAXES
     from ldm.pipelines.schedulers import SCHEDULERS
 
     R = GenerateRequest.RANGES  # the request's ranges, which are the Python call's (pipelines/checks.py)
@@ -48,6 +48,12 @@ def add_arguments(p):
     p.add_argument("--lora", default=None, help="a LoRA .safetensors (from `ldm finetune`, or a web-UI LoRA)")
     p.add_argument("--lora-scale", type=float_in(R["lora_scale"]), default=1.0,
                    help="LoRA strength: 0 = the base model, 1 = as trained")
+    p.add_argument("--prompt-syntax", choices=PROMPT_SYNTAXES, default="a1111",
+                   help="a1111: AUTOMATIC1111's (word:1.3), (word), [word] emphasis, \\( escapes and BREAK; "
+                        "plain: the prompt taken literally")
+    p.add_argument("--long-prompts", choices=LONG_PROMPTS, default="chunk",
+                   help="chunk: a prompt past 75 tokens is encoded in 77-token windows, every word counts; "
+                        "truncate: only the first 75 tokens, with a warning naming the words cut")
 
 
 def add_guidance_method_arguments(p):
