@@ -215,7 +215,7 @@ def _truncated(tokenizer, pieces, size: int) -> tuple[list[int], list[float]]:
     tokens = [t for piece_tokens, _, breaks in pieces if not breaks for t in piece_tokens]
     weights = [w for piece_tokens, w, breaks in pieces if not breaks for _ in piece_tokens]
     if len(tokens) > size:
-        cut = tokenizer.decode(tokens[size:])
+        cut = tokenizer.decode(tokens[size:], clean_up_tokenization_spaces=True)
         warnings.warn(f"prompt cut at token {size} of {len(tokens)} (the text encoder reads {size + 2} tokens, its "
                       f"start and end tokens included): {cut!r} are ignored; pass long_prompts='chunk' "
                       "(--long-prompts chunk) to encode every token", stacklevel=2)

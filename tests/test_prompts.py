@@ -151,17 +151,22 @@ def _images(pipe, prompt, **kwargs):
                 height=32, width=32, **kwargs).images
 
 
-def test_the_last_words_of_a_150_token_prompt_change_the_image_unless_truncated(tiny_pipe):
+def test_the_last_words_of_a_150_token_prompt_change_the_image(tiny_pipe):
     assert len(tiny_pipe.tokenizer(_long_prompt("a green square"), add_special_tokens=False).input_ids) == 150
     cond, _ = tiny_pipe.encode_prompt([_long_prompt("a green square")], None, 1, False)
     assert cond.shape[1] == 2 * 77
     assert not torch.equal(_images(tiny_pipe, _long_prompt("a green square")),
                            _images(tiny_pipe, _long_prompt("a blue triangle")))
+
+
+def test_truncated_the_last_words_change_nothing_and_a_warning_names_them(tiny_pipe):
     with pytest.warns(UserWarning, match=r"prompt cut at token 75 of 150.*a green square at last' are ignored"):
         cut = _images(tiny_pipe, _long_prompt("a green square"), long_prompts="truncate")
     with warnings.catch_warnings(record=True):
         other = _images(tiny_pipe, _long_prompt("a blue triangle"), long_prompts="truncate")
+        truncated = tiny_pipe.encode_prompt([_long_prompt("a green square")], None, 1, False, long_prompts="truncate")
     assert torch.equal(cut, other)
+    assert torch.equal(truncated[0], _reference_embeddings(tiny_pipe, [_long_prompt("a green square")]))  # as before
 
 
 def test_given_long_prompt_embeddings_get_an_unconditional_branch_of_their_length(tiny_pipe):
@@ -177,17 +182,26 @@ def test_bad_prompt_options_name_the_allowed_values(tiny_pipe):
         tiny_pipe.encode_prompt(["a red circle"], None, 1, False, long_prompts="cut")
 
 
-def test_a_long_prompt_conditions_a_dit(tmp_path):
+@pytest.mark.parametrize("preset", ["dit-tiny", pytest.param("pixart-small", marks=pytest.mark.slow)])  # LatentDiT, PixArt
+def test_the_last_words_of_a_long_prompt_condition_a_transformer(preset):
     from ldm import Pipeline
     from ldm.models.presets import build_components
 
-    pipe = Pipeline(**build_components("dit-tiny", seed=0))
+    pipe = Pipeline(**build_components(preset, seed=0))
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():  # DiT starts as the identity with a zero output (adaLN-Zero): give it random weights
+    with torch.no_grad():  # DiT starts with a zero output (adaLN-Zero, zero output layer): give it random weights
         for p in pipe.transformer.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    assert pipe.encode_prompt([_long_prompt("a green square")], None, 1, False)[0].shape[1] == 2 * 77
     assert not torch.equal(_images(pipe, _long_prompt("a green square")),
                            _images(pipe, _long_prompt("a blue triangle")))
+
+
+def test_the_built_in_evaluation_prompts_parse_as_their_plain_text():
+    from ldm.evaluation.guidance_sweep import load_prompts
+
+    prompts = load_prompts("shapes") + load_prompts("digits")
+    assert [parse_prompt_attention(p) for p in prompts] == [[(p, 1.0)] for p in prompts]
 
 
 def test_generate_request_passes_the_prompt_options_and_checks_them(tiny_folder, tmp_path):

@@ -10,6 +10,7 @@ s * num_train_timesteps, and predict_probe returns the predicted velocity.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +116,10 @@ def make_probe(pipe, data: str, num_images: int = 8, n_bins: int = 10, per_bin: 
     resolution = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     pixels, captions = load_probe_images(data, resolution, num_images)
     latents = encode_latents(pipe.vae, pixels)
-    context = pipe.encode_prompt(captions, None, 1, False)[0].float().cpu()          # (n, 77, D)
+    with warnings.catch_warnings():  # captions are encoded as training tokenized them: literally, cut at 77
+        warnings.simplefilter("ignore")
+        context = pipe.encode_prompt(captions, None, 1, False, prompt_syntax="plain",
+                                     long_prompts="truncate")[0].float().cpu()          # (n, 77, D)
     if objective_for(pipe.scheduler).name == "flow":
         return build_flow_probe(latents, context, n_bins, per_bin, seed, captions,
                                 pipe.scheduler.config.num_train_timesteps)
