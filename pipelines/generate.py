@@ -75,7 +75,7 @@ class GenerateRequest:
 
     def validate(self) -> "GenerateRequest":
         """Returns the request after checking it; raises ValueError naming the field (and its flag) otherwise."""
-        from ldm.pipelines.prompts import LONG_PROMPTS, PROMPT_SYNTAXES
+        from ldm.pipelines.prompts import LONG_PROMPTS, PROMPT_SYNTAXES, parse_prompt_attention
         from ldm.pipelines.schedulers import SCHEDULERS
 
         if not str(self.prompt).strip():
@@ -93,6 +93,9 @@ class GenerateRequest:
                               ("long_prompts", LONG_PROMPTS)):
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} ({flag(name)}): {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.prompt_syntax == "a1111":  # a malformed weight fails here, before the model loads
+            for text in (self.prompt, self.negative_prompt or ""):
+                parse_prompt_attention(text)
         tuning = [n for n in ("apg_eta", "apg_norm_threshold", "apg_momentum") if getattr(self, n) is not None]
         if tuning and not self.apg:
             raise ValueError(f"{', '.join(flag(n) for n in tuning)} set adaptive projected guidance, which is off; "
@@ -209,7 +212,14 @@ def generation_params(prepared: Prepared, pipe) -> dict:
                 device=prepared.device, dtype=str(prepared.dtype).removeprefix("torch."), ldm_version=__version__,
                 **recorded_methods(g.methods), **({"guidance_source": g.source} if g.source else {}),
                 **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}),
-                prompt_syntax=r.prompt_syntax, long_prompts=r.long_prompts)
+                **prompt_options(r))
+
+
+def prompt_options(request: GenerateRequest) -> dict:
+    """Returns the request's prompt_syntax and long_prompts where they are not the defaults (A1111's reading), as
+    the PNG records them and the pipeline call takes them."""
+    return {name: getattr(request, name) for name in ("prompt_syntax", "long_prompts")
+            if getattr(request, name) != getattr(GenerateRequest, name)}
 
 
 def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, trace: bool = False):
@@ -222,7 +232,7 @@ def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, t
                 eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
                 num_images_per_prompt=len(seeds), **methods, callback_on_step_end=callback, trace=trace,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                prompt_syntax=params["prompt_syntax"], long_prompts=params["long_prompts"])
+                **{k: params[k] for k in ("prompt_syntax", "long_prompts") if k in params})
 
 
 def output_path(out: str, index: int, count: int, seed: int) -> str:

@@ -142,8 +142,9 @@ class PromptTokens:
         """
         n, k, length = self.weights.shape
         z = hidden.reshape(n, k, length, hidden.shape[-1])  # (N, k, 77, D)
-        emphasised = (self.weights != 1).any(dim=2).to(z.device)  # (N, k)
+        emphasised = (self.weights != 1).any(dim=2)  # (N, k), read on the host: no device sync
         if bool(emphasised.any()):
+            emphasised = emphasised.to(z.device)
             z32 = z.float()
             original_mean = z32.mean(dim=(2, 3), keepdim=True)  # (N, k, 1, 1)
             scaled = z32 * self.weights.to(z.device, torch.float32)[..., None]

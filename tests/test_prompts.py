@@ -108,8 +108,9 @@ def _reference_embeddings(pipe, texts, clip_skip=None):
     return pipe.text_encoder.final_layer_norm(hidden)
 
 
-@pytest.mark.parametrize("clip_skip", [None, 1])
-def test_prompts_of_at_most_75_tokens_encode_bit_for_bit_as_before(tiny_pipe, clip_skip):
+@pytest.mark.parametrize("clip_skip,pad", [(None, "<|endoftext|>"), (1, "<|endoftext|>"), (None, "!")])
+def test_prompts_of_at_most_75_tokens_encode_bit_for_bit_as_before(tiny_pipe, clip_skip, pad):
+    tiny_pipe.tokenizer = build_clip_tokenizer(pad_token=pad)  # SD 1.x's padding, or SD 2.x's "!"
     prompts, negatives = ["a red circle", "word " * 75], ["blue", ""]  # the second: 77 tokens with start and end
     cond, uncond = tiny_pipe.encode_prompt(prompts, negatives, 2, True, clip_skip=clip_skip)
     reference = _reference_embeddings(tiny_pipe, negatives + prompts, clip_skip)  # (4, 77, D), one batched call
@@ -205,13 +206,17 @@ def test_the_built_in_evaluation_prompts_parse_as_their_plain_text():
 
 
 def test_generate_request_passes_the_prompt_options_and_checks_them(tiny_folder, tmp_path):
-    from ldm.pipelines.generate import GenerateRequest, generate
+    from ldm.images import read_png_params
+    from ldm.pipelines.generate import GenerateRequest, generate, prepare
 
     with pytest.raises(ValueError, match=r"prompt_syntax \(--prompt-syntax\): 'sd' is not one of a1111, plain"):
         generate(GenerateRequest("a red circle", tiny_folder, prompt_syntax="sd"))
+    with pytest.raises(ValueError, match=r"':1\.2\.3\)' is not a weight"):
+        prepare(GenerateRequest("a red circle", "/no/such/model", negative_prompt="(blue:1.2.3)"))  # before loading
     request = GenerateRequest(_long_prompt("a green square"), tiny_folder, steps=1, seed=0, long_prompts="truncate",
                               height=32, width=32,
                               out=str(tmp_path / "a.png"), device="cpu")
     with pytest.warns(UserWarning, match="a green square at last' are ignored"):
         result = generate(request)
-    assert result.params["long_prompts"] == "truncate" and result.params["prompt_syntax"] == "a1111"
+    recorded = read_png_params(result.images[0].path)  # what is not the default, as for the guidance methods
+    assert recorded["long_prompts"] == "truncate" and "prompt_syntax" not in recorded
