@@ -96,6 +96,23 @@ def atomic_folder(path: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yields a temporary file name beside `path`; on success it replaces `path` in one rename, so a crash never
+    leaves a half-written file under the final name."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def load_state_dict(path: str, allow_pickle: bool = False) -> dict:
     """Returns the tensors of a weights file: safetensors always, pickled files only with allow_pickle."""
     if not os.path.isfile(path):
