@@ -70,7 +70,7 @@ def original_state_dict(pipe) -> tuple[dict, ModelConfigs]:
         if LAYERS[text.layer] == 1:
             open_clip_tower = {k: v for k, v in text.tower.state_dict().items() if k != "attn_mask"}
         text = text.to_clip_text_model(pipe.tokenizer.pad_token_id)
-    layout = "open_clip" if open_clip_tower is not None or text.config.hidden_act == "gelu" else "clip"
+    layout = "open_clip" if open_clip_tower is not None else _text_layout(text.config.to_dict())
     configs = ModelConfigs(unet=dict(pipe.unet.config), vae=dict(pipe.vae.config), text_encoder=text.config.to_dict(),
                            scheduler={**{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
                                       "_class_name": type(pipe.scheduler).__name__},
@@ -226,7 +226,7 @@ def _configs_from(config: str | os.PathLike) -> ModelConfigs:
                              "(e.g. config='sd15' or 'sd21')")
         return ModelConfigs(unet=dict(spec.unet), vae=dict(spec.vae), text_encoder=dict(spec.text_encoder),
                             scheduler={"_class_name": "DDIMScheduler", **spec.scheduler},
-                            tokenizer_pad_token=spec.tokenizer_pad_token)
+                            text_layout=_text_layout(spec.text_encoder), tokenizer_pad_token=spec.tokenizer_pad_token)
     folder = os.path.abspath(os.fspath(config))
     if not os.path.isdir(folder):
         raise ValueError(f"config={config!r} is neither a preset ({', '.join(sorted(MODEL_PRESETS))}) nor a "
@@ -239,7 +239,14 @@ def _configs_from(config: str | os.PathLike) -> ModelConfigs:
                                 "model (it may hold configs only), or a preset name")
     read = {name: read_json(os.path.join(folder, p)) for name, p in parts.items()}
     tokenizer = os.path.join(folder, "tokenizer")
-    return ModelConfigs(**read, tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None)
+    return ModelConfigs(**read, text_layout=_text_layout(read["text_encoder"]),
+                        tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None)
+
+
+def _text_layout(text_config: dict) -> str:
+    """Returns "open_clip" for an OpenCLIP tower's equivalent (gelu, as SD 2.x's ViT-H), else "clip" (OpenAI's
+    quick_gelu CLIP, SD 1.x)."""
+    return "open_clip" if text_config.get("hidden_act") == "gelu" else "clip"
 
 
 def expected_shapes(configs: ModelConfigs) -> dict[str, tuple]:

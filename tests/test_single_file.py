@@ -13,8 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm import Pipeline
+from ldm.cli import main as ldm_main
 from ldm.models.presets import _clip_text, _latent_scheduler, build_components, tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on shared cores: one thread is faster
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CALL = dict(prompt="a red circle on the left", negative_prompt="blurry", guidance_scale=5.0, num_inference_steps=4,
             height=64, width=64, output_type="np")
@@ -115,6 +117,8 @@ def test_sd1_text_encoder_keys_have_text_model_prefix(saved):
     if family == "sd2":
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
         assert "cond_stage_model.model.token_embedding.weight" in keys
+        # SD 2.x reads the tower's penultimate layer: a 2-layer CLIPTextModel is a 3-block tower, as real files hold
+        assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in keys
         assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
         return
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
@@ -122,3 +126,147 @@ def test_sd1_text_encoder_keys_have_text_model_prefix(saved):
     assert not any(k.startswith("cond_stage_model.transformer.embeddings.") for k in keys)
     assert not any(k.startswith("cond_stage_model.transformer.encoder.") for k in keys)
     assert load_file(path)["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == (9 if family == "inpaint" else 4)
+
+
+# ------------------------------------------------------------------ files ldm did not write, and bad files
+
+def rewrite(src, dst, change=None, keep_metadata=True):
+    """Copies a single file with its tensors passed through `change` (a function of the dict)."""
+    with safe_open(src, framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(src)
+    state = change(state) if change else state
+    save_file(state, dst, metadata=metadata if keep_metadata else None)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd1")
+    pipe = Pipeline(**build_components("tiny", seed=0))
+    pipe.save_pretrained(root / "folder")
+    return pipe, str(root / "folder"), pipe.save_single_file(root / "model.safetensors")
+
+
+def test_without_metadata_the_architecture_comes_from_config(sd1, tmp_path):
+    """A file without ldm's metadata (as real files are) is read with config= a preset or a folder; without one,
+    its keys say SD 1.x, and the first tensor whose shape differs from sd15's is named."""
+    pipe, folder, path = sd1
+    bare = rewrite(path, tmp_path / "bare.safetensors", keep_metadata=False)
+    for config in ("tiny", folder):
+        assert_same_weights(Pipeline.from_single_file(bare, config=config), pipe)
+    with pytest.raises(ValueError, match=r"model\.diffusion_model\.input_blocks\.0\.0\.weight with shape "
+                                         r"\(32, 4, 3, 3\) but Stable Diffusion 1\.x's architecture \(preset "
+                                         r"sd15\) expects \(320, 4, 3, 3\)"):
+        Pipeline.from_single_file(bare)
+
+
+def test_a_missing_key_is_named_before_anything_is_built(sd1, tmp_path):
+    _, _, path = sd1
+    key = "first_stage_model.decoder.mid.attn_1.q.weight"
+    bad = rewrite(path, tmp_path / "missing.safetensors", lambda s: {k: v for k, v in s.items() if k != key})
+    with pytest.raises(ValueError, match=rf"lacks {key.replace('.', '[.]')} \(expected shape \(16, 16, 1, 1\)"):
+        Pipeline.from_single_file(bad)
+
+
+def test_a_misshapen_key_is_named(sd1, tmp_path):
+    _, _, path = sd1
+    key = "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
+    bad = rewrite(path, tmp_path / "shape.safetensors", lambda s: {**s, key: torch.zeros(65, 32)})
+    with pytest.raises(ValueError, match=rf"{key.replace('.', '[.]')} with shape \(65, 32\) but .* expects \(64, 32\)"):
+        Pipeline.from_single_file(bad)
+
+
+def test_pickled_checkpoints_are_refused_unless_allowed(sd1, tmp_path):
+    pipe, folder, path = sd1
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(path), "global_step": 10}, ckpt)
+    with pytest.raises(ValueError, match="pickled checkpoint.*allow_pickle=True"):
+        Pipeline.from_single_file(ckpt, config=folder)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        assert_same_weights(Pipeline.from_single_file(ckpt, config=folder, allow_pickle=True), pipe)
+
+
+def test_text_encoder_written_without_text_model_prefix_is_read_with_a_warning(sd1, tmp_path):
+    """The transformers-5 trap: a blind map of our folder writes cond_stage_model.transformer.embeddings...;
+    such a file still reads (with a warning saying A1111 and ComfyUI expect text_model.)."""
+    pipe, _, path = sd1
+    prefix = "cond_stage_model.transformer.text_model."
+    trap = rewrite(path, tmp_path / "trap.safetensors", lambda s: {
+        (k.replace(prefix, "cond_stage_model.transformer.") if k.startswith(prefix) else k): v for k, v in s.items()})
+    assert "cond_stage_model.transformer.embeddings.token_embedding.weight" in load_file(trap)
+    with pytest.warns(UserWarning, match="lack 'text_model.'"):
+        assert_same_weights(Pipeline.from_single_file(trap), pipe)
+
+
+def test_float16_halves_the_file_and_loads(sd1, tmp_path):
+    pipe, _, path = sd1
+    half = pipe.save_single_file(tmp_path / "half.safetensors", dtype=torch.float16)
+    assert load_file(half)["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert 0.45 < os.path.getsize(half) / os.path.getsize(path) < 0.55
+    loaded = Pipeline.from_single_file(half)
+    assert loaded.unet.dtype == torch.float32  # read as float32 unless torch_dtype says otherwise
+    expected = pipe.unet.conv_in.weight.detach().half().float()
+    assert torch.equal(loaded.unet.conv_in.weight, expected)
+    assert Pipeline.from_single_file(half, torch_dtype=torch.float16).unet.dtype == torch.float16
+
+
+def test_transformer_pipelines_and_other_suffixes_are_refused(sd1, tmp_path):
+    dit = Pipeline(**build_components("dit-tiny", seed=0))
+    with pytest.raises(ValueError, match="transformer backbone.*no original Stable Diffusion single-file layout"):
+        dit.save_single_file(tmp_path / "dit.safetensors")
+    with pytest.raises(ValueError, match="written as .safetensors"):
+        sd1[0].save_single_file(tmp_path / "model.ckpt")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_demo_sized_unet_extensions_round_trip(tmp_path):
+    """The `small` preset's pooled-text embedding has no original name: it is written under its diffusers name
+    (with a warning that other tools ignore it) and read back by ldm."""
+    pipe = Pipeline(**build_components("small", seed=0))
+    with pytest.warns(UserWarning, match="add_embedding"):
+        path = pipe.save_single_file(tmp_path / "small.safetensors")
+    assert "model.diffusion_model.add_embedding.norm1.weight" in load_file(path)
+    assert_same_weights(Pipeline.from_single_file(path), pipe)
+
+
+def test_sd15_key_manifest_matches_the_real_v1_5_file():
+    """The keys and shapes we would write for the sd15 preset (built on the meta device: no memory), against
+    what the real v1-5 file holds: every UNet/VAE/CLIP tensor by its original name."""
+    from ldm.pipelines.single_file import _configs_from, expected_shapes
+
+    shapes = expected_shapes(_configs_from("sd15"))
+    count = lambda prefix: sum(k.startswith(prefix) for k in shapes)  # noqa: E731
+    assert (count("model.diffusion_model."), count("first_stage_model."), count("cond_stage_model.")) == (686, 248, 196)
+    known = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+             "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+             "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+             "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+             "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+             "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+             "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+             "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+             "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+             "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+             "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+             "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)}
+    assert {k: shapes.get(k) for k in known} == known
+    sd21 = expected_shapes(_configs_from("sd21"))
+    assert sd21["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == (320, 320)  # linear projections
+    assert sd21["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"] == (3072, 1024)
+    assert sd21["cond_stage_model.model.token_embedding.weight"] == (49408, 1024)
+
+
+def test_convert_command_both_directions(sd1, tmp_path, capsys):
+    pipe, folder, _ = sd1
+    out = tmp_path / "model.safetensors"
+    assert ldm_main(["convert", "--model", folder, "--out", str(out), "--dtype", "float16"]) == 0
+    assert load_file(out)["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert ldm_main(["convert", "--model", str(out), "--out", str(tmp_path / "back"),
+                     "--prediction-type", "v_prediction"]) == 0
+    back = Pipeline.from_pretrained(tmp_path / "back")
+    assert back.scheduler.config.prediction_type == "v_prediction"
+    assert torch.equal(back.unet.conv_in.weight, pipe.unet.conv_in.weight.detach().half().float())
+    assert ldm_main(["convert", "--model", folder, "--out", str(tmp_path / "folder2")]) == 2
+    assert "both folders" in capsys.readouterr().err
