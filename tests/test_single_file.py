@@ -270,3 +270,28 @@ def test_convert_command_both_directions(sd1, tmp_path, capsys):
     assert torch.equal(back.unet.conv_in.weight, pipe.unet.conv_in.weight.detach().half().float())
     assert ldm_main(["convert", "--model", folder, "--out", str(tmp_path / "folder2")]) == 2
     assert "both folders" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a file made by diffusers' conversion script
+
+SCRIPT_FILE = os.path.join(FIXTURES, "sd1-tiny-diffusers-script.safetensors")
+SCRIPT_CONFIG = os.path.join(FIXTURES, "sd1-tiny-config")
+
+
+def test_file_from_diffusers_conversion_script_reads_as_its_source_folder(tmp_path):
+    """tests/fixtures/README.md: the script's file, read with config= its folder's configs, holds the source
+    folder's weights (rebuilt here from its seed) and draws its images."""
+    from fixtures.make_sd1_script_fixture import build_source
+
+    build_source(str(tmp_path / "source"))
+    source = Pipeline.from_pretrained(tmp_path / "source")
+    ours = Pipeline.from_single_file(SCRIPT_FILE, config=SCRIPT_CONFIG)
+    assert_same_weights(ours, source)
+    assert np.abs(images(ours, "sd1") - images(source, "sd1")).max() <= 1e-5
+    # diffusers' own reader of the same file agrees (the tokenizer passed: the config folder has none)
+    theirs = StableDiffusionPipeline.from_single_file(SCRIPT_FILE, config=SCRIPT_CONFIG, local_files_only=True,
+                                                      safety_checker=None, tokenizer=ours.tokenizer)
+    assert_same_weights(theirs, ours)
+    assert np.abs(images(theirs, "sd1") - images(ours, "sd1")).max() <= 1e-4
+    with safe_open(SCRIPT_FILE, framework="pt") as f:
+        assert "ldm_configs" not in (f.metadata() or {})  # not ours: the configs came from config=
