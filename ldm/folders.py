@@ -26,9 +26,9 @@ def check_model_folder(path: str, components=COMPONENTS) -> str:
     """Returns the absolute folder path after checking that it exists and holds every component."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     if os.path.isfile(path):
-        raise ValueError(f"{path} is a single file; ldm loads model folders in the diffusers layout "
-                         f"({', '.join(COMPONENTS)}). Convert a single-file checkpoint with diffusers' "
-                         "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) first.")
+        raise ValueError(f"{path} is a single file; from_pretrained loads model folders in the diffusers layout "
+                         f"({', '.join(COMPONENTS)}). Open a single-file checkpoint with Pipeline.from_single_file"
+                         "(path), or convert it to a folder: ldm convert --model FILE --out DIR")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist; pass a folder written by "
                                 "Pipeline.save_pretrained (or `ldm create-model --model tiny --out DIR`)")

@@ -270,6 +270,9 @@ def test_convert_command_both_directions(sd1, tmp_path, capsys):
     assert torch.equal(back.unet.conv_in.weight, pipe.unet.conv_in.weight.detach().half().float())
     assert ldm_main(["convert", "--model", folder, "--out", str(tmp_path / "folder2")]) == 2
     assert "both folders" in capsys.readouterr().err
+    # `ldm generate` takes the single file as its model
+    assert ldm_main(["generate", "x", "--model", str(out), "--steps", "1", "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").is_file()
 
 
 # ------------------------------------------------------------------ a file made by diffusers' conversion script
