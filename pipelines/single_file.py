@@ -30,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.folders import atomic_file, read_json
 from ldm.models.presets import MODEL_PRESETS, get_spec
 from ldm.models.text_encoders import LAYERS, OpenCLIPTextEncoder
-from ldm.models.tokenizer import build_clip_tokenizer
+from ldm.models.tokenizer import EOS, build_clip_tokenizer
 from ldm.pipelines.loading import scheduler_from_config
 from ldm.pipelines.original_layout import (CLIP_PREFIX, CLIP_PREFIX_FLAT, OPEN_CLIP_PREFIX, UNET_PREFIX,
                                            clip_to_open_clip, clip_to_original, unet_to_original, vae_to_original)
@@ -48,7 +48,7 @@ class ModelConfigs:
     text_encoder: dict                 # CLIPTextConfig fields
     scheduler: dict                    # with _class_name
     text_layout: str = "clip"          # "clip" (SD 1.x) or "open_clip" (SD 2.x)
-    tokenizer_pad_token: str = "<|endoftext|>"
+    tokenizer_pad_token: str = EOS                 # SD 2.x pads with "!"
     tokenizer_folder: str | None = None
 
 
@@ -203,7 +203,7 @@ def resolve_configs(state: dict, configs: dict | None, config: str | os.PathLike
         if family == "sd2" and (global_step == SD2_BASE_GLOBAL_STEP or _in_channels(state) == 9):
             resolved.scheduler["prediction_type"] = "epsilon"  # SD 2.0-base and 2-inpainting: 512 px, epsilon
             resolved.unet["sample_size"], resolved.vae["sample_size"] = 64, 512
-    if config is None or isinstance(config, str) and config in MODEL_PRESETS:
+    if (config is None and configs is None) or (isinstance(config, str) and config in MODEL_PRESETS):
         channels = _in_channels(state)  # an inpainting file: the preset's UNet with its 9-channel conv_in
         if channels in (4, 9):
             resolved.unet["in_channels"] = channels
@@ -239,7 +239,8 @@ def _configs_from(config: str | os.PathLike) -> ModelConfigs:
                                 "model (it may hold configs only), or a preset name")
     read = {name: read_json(os.path.join(folder, p)) for name, p in parts.items()}
     tokenizer = os.path.join(folder, "tokenizer")
-    return ModelConfigs(**read, text_layout=_text_layout(read["text_encoder"]),
+    layout = _text_layout(read["text_encoder"])
+    return ModelConfigs(**read, text_layout=layout, tokenizer_pad_token="!" if layout == "open_clip" else EOS,
                         tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None)
 
 
