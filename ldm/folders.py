@@ -104,8 +104,11 @@ def atomic_file(path: str):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); the final file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -79,7 +79,7 @@ def original_state_dict(pipe) -> tuple[dict, ModelConfigs]:
     if extra:
         warnings.warn(f"the UNet has modules with no name in the original layout ({extra[0]}, ... {len(extra)} "
                       f"keys): they are written under {UNET_PREFIX}<diffusers name>; ldm reads them back, A1111 and "
-                      "ComfyUI ignore them", stacklevel=3)
+                      "ComfyUI ignore them", stacklevel=4)
     if open_clip_tower is not None:
         text_tensors = {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tower.items()}
     elif layout == "open_clip":

@@ -204,6 +204,8 @@ def test_float16_halves_the_file_and_loads(sd1, tmp_path):
     half = pipe.save_single_file(tmp_path / "half.safetensors", dtype=torch.float16)
     assert load_file(half)["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert 0.45 < os.path.getsize(half) / os.path.getsize(path) < 0.55
+    (tmp_path / "plain").write_bytes(b"")
+    assert os.stat(half).st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777  # not mkstemp's 0600
     loaded = Pipeline.from_single_file(half)
     assert loaded.unet.dtype == torch.float32  # read as float32 unless torch_dtype says otherwise
     expected = pipe.unet.conv_in.weight.detach().half().float()
