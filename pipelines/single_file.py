@@ -94,9 +94,13 @@ def original_state_dict(pipe) -> tuple[dict, ModelConfigs]:
 def check_diffusers_reads_back(state: dict, configs: ModelConfigs, unet_state: dict, vae_state: dict, text) -> None:
     """Raises ValueError unless diffusers' reader maps `state` back onto every UNet, VAE and text encoder key with
     its shape: an architecture the original layout cannot name fails here, before a file is written."""
-    back = {"UNet": (convert_ldm_unet_checkpoint(state, configs.unet), unet_state),
-            "VAE": (convert_ldm_vae_checkpoint(state, configs.vae), vae_state),
-            "text encoder": (_text_to_diffusers(state, configs, text), text.state_dict())}
+    try:
+        back = {"UNet": (convert_ldm_unet_checkpoint(state, configs.unet), unet_state),
+                "VAE": (convert_ldm_vae_checkpoint(state, configs.vae), vae_state),
+                "text encoder": (_text_to_diffusers(state, configs, text), text.state_dict())}
+    except (KeyError, AttributeError, IndexError) as e:  # e.g. a class embedding the reader expects as label_emb
+        raise ValueError(f"diffusers' single-file reader fails on this architecture's tensors ({e!r}); it cannot be "
+                         "saved as a single file: save a folder with save_pretrained") from e
     for name, (read, wanted) in back.items():
         for key, value in wanted.items():
             if "position_ids" in key:

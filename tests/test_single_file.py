@@ -356,3 +356,23 @@ def test_what_a_file_without_configs_is_taken_for():
         guess(file("sd1"), prediction_type="x0")
     with pytest.raises(ValueError, match="no Stable Diffusion text encoder.*SDXL"):
         guess({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)})
+
+
+def test_a_layout_diffusers_reader_would_misread_is_refused_before_writing(sd1, tmp_path, monkeypatch):
+    """Every save reads its tensors back with diffusers' reader (which A1111's layout follows): a key map it would
+    misread (here the mid block's second resnet moved to middle_block.3, past the reader's count) is refused,
+    naming the tensor, and nothing is written."""
+    from ldm.pipelines import original_layout
+
+    real = original_layout.unet_prefix_map
+    monkeypatch.setattr(original_layout, "unet_prefix_map",
+                        lambda config: {**real(config), "mid_block.resnets.1.": "middle_block.3."})
+    with pytest.raises(ValueError, match=r"UNet's mid_block\.resnets\.1\..* has no place in the original"):
+        sd1[0].save_single_file(tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+    # and a real architecture diffusers' reader cannot take: a timestep class embedding it expects as label_emb
+    spec = tiny()
+    odd = Pipeline(**build_components(dataclasses.replace(spec, unet=dict(spec.unet, class_embed_type="timestep"))))
+    with pytest.warns(UserWarning, match="class_embedding"), pytest.raises(ValueError, match="label_emb"):
+        odd.save_single_file(tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
