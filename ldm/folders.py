@@ -26,9 +26,9 @@ def check_model_folder(path: str, components=COMPONENTS) -> str:
     """Returns the absolute folder path after checking that it exists and holds every component."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     if os.path.isfile(path):
-        raise ValueError(f"{path} is a single file; ldm loads model folders in the diffusers layout "
-                         f"({', '.join(COMPONENTS)}). Convert a single-file checkpoint with diffusers' "
-                         "StableDiffusionPipeline.from_single_file(...).save_pretrained(folder) first.")
+        raise ValueError(f"{path} is a single file; from_pretrained loads model folders in the diffusers layout "
+                         f"({', '.join(COMPONENTS)}). Open a single-file checkpoint with Pipeline.from_single_file"
+                         "(path), or convert it to a folder: ldm convert --model FILE --out DIR")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist; pass a folder written by "
                                 "Pipeline.save_pretrained (or `ldm create-model --model tiny --out DIR`)")
@@ -94,6 +94,26 @@ def atomic_folder(path: str):
     os.rename(tmp, path)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yields a temporary file name beside `path`; on success it replaces `path` in one rename, so a crash never
+    leaves a half-written file under the final name."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); the final file gets the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_state_dict(path: str, allow_pickle: bool = False) -> dict:

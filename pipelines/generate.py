@@ -188,11 +188,13 @@ def prepare(request: GenerateRequest) -> Prepared:
 
 def load_pipeline(model: str, device: str, dtype, scheduler: str | None = None, allow_pickle: bool = False,
                   lora: str | None = None, lora_scale: float = 1.0):
-    """Returns the model folder's Pipeline on `device` with `scheduler` (None: the folder's) and the LoRA applied."""
+    """Returns the model's Pipeline on `device` with `scheduler` (None: the model's) and the LoRA applied; the model
+    is a folder or a single-file checkpoint (Pipeline.from_single_file)."""
     from ldm.models.lora import lora_path
     from ldm.pipelines.stable import Pipeline
 
-    pipe = Pipeline.from_pretrained(model, scheduler=scheduler, torch_dtype=dtype, allow_pickle=allow_pickle).to(device)
+    load = Pipeline.from_single_file if os.path.isfile(model) else Pipeline.from_pretrained
+    pipe = load(model, scheduler=scheduler, torch_dtype=dtype, allow_pickle=allow_pickle).to(device)
     if lora:
         pipe.load_lora_weights(lora_path(lora), scale=lora_scale)
     return pipe

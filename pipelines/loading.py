@@ -35,9 +35,14 @@ def load_scheduler(folder: str) -> SchedulerMixin:
     """Returns the folder's scheduler; its class must be one of diffusers' schedulers. A zero-terminal-SNR
     schedule is clamped where the class needs it (ldm.pipelines.schedulers.zero_snr_safe_config)."""
     config = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    return scheduler_from_config(config, f"scheduler/scheduler_config.json in {folder}")
+
+
+def scheduler_from_config(config: dict, where: str) -> SchedulerMixin:
+    """Returns the scheduler a config names by _class_name (`where` names the config in errors)."""
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ValueError(f"scheduler/scheduler_config.json in {folder} names {config.get('_class_name')!r}, "
+        raise ValueError(f"{where} names {config.get('_class_name')!r}, "
                          "which is not a diffusers scheduler; set _class_name to e.g. DDIMScheduler")
     return cls.from_config(zero_snr_safe_config(cls, config))
 

@@ -117,6 +117,36 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if self.recommended_guidance is not None:
                 write_json(os.path.join(tmp, GUIDANCE_FILE), self.recommended_guidance)
 
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | None = None,
+                         prediction_type: str | None = None, allow_pickle: bool = False,
+                         torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
+                         device: str | torch.device | None = None) -> "Pipeline":
+        """Returns the pipeline in an original-layout Stable Diffusion file (SD 1.x, 2.x, inpainting), offline.
+
+        config: a preset name ("sd15", "sd21", ...) or a local diffusers folder giving the architecture (default:
+        the file's metadata when ldm wrote it, else SD 1.x/2.x detected from its keys). prediction_type:
+        "epsilon" or "v_prediction" (default: as diffusers guesses; see ldm.pipelines.single_file).
+        allow_pickle: read a .ckpt with torch.load, which can run code; refused by default.
+        """
+        from ldm.pipelines.single_file import load_single_file
+
+        if scheduler is not None:
+            make_scheduler(scheduler, {})  # validate the name before reading gigabytes
+        pipe = cls(**load_single_file(path, config=config, prediction_type=prediction_type,
+                                      allow_pickle=allow_pickle, torch_dtype=torch_dtype))
+        if scheduler is not None:
+            pipe.set_scheduler(scheduler)
+        return pipe.to(device) if device is not None else pipe
+
+    def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
+        """Writes the original Stable Diffusion layout as one .safetensors file (A1111, ComfyUI, diffusers'
+        from_single_file read it); dtype=torch.float16 halves it. Returns the path. A transformer backbone
+        has no such layout and raises ValueError."""
+        from ldm.pipelines.single_file import save_single_file
+
+        return save_single_file(self, path, dtype=dtype)
+
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           scale: float = 1.0, **kwargs) -> None:
         """Loads a LoRA file or folder (diffusers or kohya/web-UI keys) onto the UNet and text encoder.

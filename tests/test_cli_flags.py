@@ -311,7 +311,7 @@ CONCEPTS = {
 # What each command needs to parse at all (required flags and positionals), as argv after the command's name.
 REQUIRED = {
     "generate": ["a red circle", "--model", "m"], "create-model": ["--out", "o"],
-    "merge-lora": ["--model", "m", "--lora", "l", "--out", "o"], "prepare-data": ["shapes:8", "--out", "o"],
+    "merge-lora": ["--model", "m", "--lora", "l", "--out", "o"], "convert": ["--model", "m", "--out", "o"], "prepare-data": ["shapes:8", "--out", "o"],
     "cache-latents": ["shapes:8", "--vae", "v", "--out", "o"],
     "diagnose timesteps": ["--model", "m", "--data", "d", "--out", "o"],
     "diagnose sampling": ["--model", "m", "--prompt", "p", "--out", "o"], "diagnose schedule": ["--out", "o"],

@@ -22,6 +22,8 @@ COMMANDS = {
     "train-text-encoder": ("ldm.cli.train_text_encoder", "train a CLIP text encoder on image-caption pairs"),
     "finetune": ("ldm.cli.finetune", "fine-tune on a folder of your own images (LoRA or full)"),
     "merge-lora": ("ldm.cli.merge_lora", "fuse a LoRA file into a model folder"),
+    "convert": ("ldm.cli.convert", "a model folder to one original-layout .safetensors file (A1111, ComfyUI), "
+                                   "and back"),
     "prepare-data": ("ldm.cli.prepare_data", "pack any image source into webdataset or parquet shards"),
     "cache-latents": ("ldm.cli.cache_latents", "encode a data set to VAE latents and token ids on disk"),
     "diagnose": ("ldm.cli.diagnose", "per-timestep, sampling and schedule diagnostics, as plots and JSON"),

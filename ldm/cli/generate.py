@@ -19,7 +19,8 @@ def add_arguments(p):
     R = GenerateRequest.RANGES  # the request's ranges, which are the Python call's (pipelines/checks.py)
 
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", required=True, help="a model folder (diffusers layout)")
+    p.add_argument("--model", required=True, help="a model folder (diffusers layout) or a single-file checkpoint "
+                                                  "(.safetensors, original Stable Diffusion layout)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="sampler (default: the folder's)")
     p.add_argument("--steps", type=int_in(R["steps"]), default=50, help="denoising steps")
     p.add_argument("--guidance-scale", type=float_in(R["guidance_scale"]), default=None,
