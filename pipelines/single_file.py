@@ -233,7 +233,7 @@ def _configs_from(config: str | os.PathLike) -> ModelConfigs:
                             text_layout=_text_layout(spec.text_encoder), tokenizer_pad_token=spec.tokenizer_pad_token)
     folder = os.path.abspath(os.fspath(config))
     if not os.path.isdir(folder):
-        raise ValueError(f"config={config!r} is neither a preset ({', '.join(sorted(MODEL_PRESETS))}) nor a "
+        raise ValueError(f"config={config!r} (ldm convert --architecture) is neither a preset ({', '.join(sorted(MODEL_PRESETS))}) nor a "
                          "local diffusers model folder")
     parts = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
              "scheduler": "scheduler/scheduler_config.json"}

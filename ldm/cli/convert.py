@@ -5,7 +5,7 @@
 
 The direction follows --out: a name ending in .safetensors gets a single file (the layout A1111, ComfyUI and
 diffusers' from_single_file read), anything else a diffusers folder. Reading a single file is offline: the
-architecture comes from --config, else the file's metadata (files ldm wrote), else SD 1.x/2.x detected from its keys.
+architecture comes from --architecture, else the file's metadata (files ldm wrote), else SD 1.x/2.x detected from its keys.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="DST.safetensors for a single file, any other name for a folder")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="store the weights in this precision (default: as they are); float16 halves a single file")
-    p.add_argument("--config", default=None,
+    p.add_argument("--architecture", default=None,
                    help="single file -> folder: its architecture, a preset (sd15, sd21, tiny, ...) or a local "
                         "diffusers folder (configs suffice); default: the file's metadata, else detected")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
@@ -44,13 +44,13 @@ def run(args) -> int:
                          f"{'single files' if to_file else 'folders'}; convert a folder to DST.safetensors, or a "
                          "single file to a folder")
     if to_file:
-        if args.config or args.prediction_type:
-            raise ValueError("--config and --prediction-type describe a single file being read; a folder already "
+        if args.architecture or args.prediction_type:
+            raise ValueError("--architecture and --prediction-type describe a single file being read; a folder already "
                              "holds its configs")
         pipe = Pipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
         print(f"wrote {pipe.save_single_file(args.out, dtype=dtype)}")
         return 0
-    pipe = Pipeline.from_single_file(args.model, config=args.config, prediction_type=args.prediction_type,
+    pipe = Pipeline.from_single_file(args.model, config=args.architecture, prediction_type=args.prediction_type,
                                      allow_pickle=args.allow_pickle, torch_dtype=dtype)
     pipe.save_pretrained(args.out)
     print(f"wrote {args.out} ({pipe.scheduler.config.prediction_type} prediction, "
