@@ -332,8 +332,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                            device, prompt_syntax: str = "a1111",
                            long_prompts: str = "chunk") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (prompt_embeds, negative_embeds), each (B*n, 77*k, D), negative_embeds None without guidance:
-        the prompts encoded, or the given embeddings repeated per image (the empty prompt's, repeated to their
-        length, when no negative embeddings are given)."""
+        the prompts encoded, or the given embeddings repeated per image; without negative embeddings, the
+        negative prompt's text encoded (or the empty prompt), padded with empty windows to their length."""
         check_prompt_options(prompt_syntax, long_prompts)  # also where embeddings are given, so no typo passes
         if prompt_embeds is None:
             return self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
@@ -343,8 +343,17 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt_embeds = prompt_embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
         if not do_cfg:
             return prompt_embeds, None
-        negative_embeds = (negative_prompt_embeds if negative_prompt_embeds is not None else repeat_windows(
-            self.encode_prompt([""] * batch, None, 1, False, device=device)[0], prompt_embeds.shape[1]))
+        negative_embeds = negative_prompt_embeds
+        if negative_embeds is None:  # the empty prompt's windows, after the negative prompt's text if there is one
+            empty = self.encode_prompt([""] * batch, None, 1, False, device=device)[0]  # (B, 77, D)
+            negative_embeds = repeat_windows(empty, prompt_embeds.shape[1])
+            if negative_prompt is not None:
+                text = self.encode_prompt(negative_prompt, None, 1, False, clip_skip, lora_scale, device,
+                                          prompt_syntax, long_prompts)[0]  # (B, 77*j, D)
+                if text.shape[1] > prompt_embeds.shape[1]:
+                    raise ValueError(f"negative_prompt encodes to {text.shape[1]} tokens, more than the "
+                                     f"{prompt_embeds.shape[1]} of prompt_embeds; pass negative_prompt_embeds")
+                negative_embeds = torch.cat([text, negative_embeds[:, text.shape[1]:]], dim=1)
         return prompt_embeds, negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
 
     def _timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,6 +176,16 @@ def test_given_long_prompt_embeddings_get_an_unconditional_branch_of_their_lengt
     assert torch.equal(given, _images(tiny_pipe, _long_prompt("a green square")))
 
 
+def test_a_negative_prompt_text_is_used_with_given_prompt_embeddings(tiny_pipe):
+    cond, _ = tiny_pipe.encode_prompt([_long_prompt("a green square")], None, 1, True)
+    given = _images(tiny_pipe, None, prompt_embeds=cond, negative_prompt="a blue triangle")
+    assert torch.equal(given, _images(tiny_pipe, _long_prompt("a green square"), negative_prompt="a blue triangle"))
+    assert not torch.equal(given, _images(tiny_pipe, None, prompt_embeds=cond))
+    short, _ = tiny_pipe.encode_prompt(["a red circle"], None, 1, True)
+    with pytest.raises(ValueError, match="negative_prompt encodes to 154 tokens, more than the 77"):
+        _images(tiny_pipe, None, prompt_embeds=short, negative_prompt=_long_prompt("a blue triangle"))
+
+
 def test_bad_prompt_options_name_the_allowed_values(tiny_pipe):
     with pytest.raises(ValueError, match=r"prompt_syntax='sd'.*'a1111', 'plain'"):
         tiny_pipe("a red circle", num_inference_steps=1, prompt_syntax="sd")
