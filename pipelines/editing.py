@@ -152,6 +152,18 @@ def is_inpainting_model(in_channels: int, latent_channels: int) -> bool:
     return in_channels == 2 * latent_channels + 1
 
 
+def refuse_inpainting_training(parts: dict, command: str) -> None:
+    """Raises ValueError when the components' denoiser is an inpainting UNet, which the trainers (text-to-image
+    losses, 4-channel inputs) do not train."""
+    denoiser = parts.get("unet") if parts.get("unet") is not None else parts.get("transformer")
+    channels, latent = denoiser.config.in_channels, parts["vae"].config.latent_channels
+    if is_inpainting_model(channels, latent):
+        raise ValueError(f"`ldm {command}` trains text-to-image models, and this one is an inpainting model "
+                         f"({channels} input channels: latents, mask and masked image latents), which it cannot "
+                         "train; train the text-to-image model (e.g. --model tiny, or sd15 instead of sd15-inpaint) "
+                         "and inpaint with it: pipe(prompt, image=..., mask_image=...) blends any model's latents")
+
+
 def prepare_edit(pipe, image, mask_image, height: int, width: int, strength, mask_blur, masked_content: str,
                  paste_back: bool) -> Edit:
     """Returns the call's Edit after checking its arguments: image and mask resized to height x width."""

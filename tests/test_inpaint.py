@@ -157,3 +157,21 @@ def test_sd15_inpaint_has_the_parameter_count_of_runwayml_inpainting_unet():
     assert unet.config.in_channels == 9
     # SD 1.5's UNet plus conv_in's 5 extra input channels (320 x 5 x 3 x 3)
     assert count_parameters(unet) == 859_535_364 == count_parameters(sd15) + 5 * 320 * 3 * 3
+
+
+def test_create_model_writes_a_tiny_inpaint_folder_that_training_refuses(tmp_path, tiny_inpaint):
+    from ldm.cli import main
+    from ldm.training.train_ldm import build_models
+    from ldm.training.ldm_config import TrainLDMConfig
+
+    folder = tmp_path / "inpaint"
+    assert main(["create-model", "--model", "tiny-inpaint", "--out", str(folder)]) == 0
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.unet.config.in_channels == 9
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a", image=init_image(), mask_image=left_half_mask(), num_inference_steps=2, height=32, width=32)
+    assert out.images[0].size == (32, 32)
+    for model in ("tiny-inpaint", str(folder)):
+        with pytest.raises(ValueError, match=r"`ldm train` trains text-to-image models, and this one is an "
+                                             r"inpainting model \(9 input channels"):
+            build_models(TrainLDMConfig(model=model))
