@@ -1,4 +1,4 @@
-"""img2img (ldm/pipelines/editing.py): parity with diffusers' StableDiffusionImg2ImgPipeline on the same tiny
+"""img2img (pipelines/editing.py): parity with diffusers' StableDiffusionImg2ImgPipeline on the same tiny
 random weights and generator, the two ends of strength, every named sampler (flow ones too), sizes and errors."""
 import numpy as np
 import PIL.Image

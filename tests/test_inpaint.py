@@ -1,4 +1,4 @@
-"""Inpainting (ldm/pipelines/editing.py): parity with diffusers' StableDiffusionInpaintPipeline on tiny random
+"""Inpainting (pipelines/editing.py): parity with diffusers' StableDiffusionInpaintPipeline on tiny random
 weights (a 9-channel inpainting UNet, and a 4-channel UNet's latent blend), mask blur, masked content, paste-back,
 and the sd15-inpaint preset's size."""
 import numpy as np
@@ -175,3 +175,50 @@ def test_create_model_writes_a_tiny_inpaint_folder_that_training_refuses(tmp_pat
         with pytest.raises(ValueError, match=r"`ldm train` trains text-to-image models, and this one is an "
                                              r"inpainting model \(9 input channels"):
             build_models(TrainLDMConfig(model=model))
+
+
+def test_generate_cli_img2img_and_inpainting_record_their_parameters(tiny_folder, tmp_path, capsys):
+    import os
+
+    from ldm.cli import main
+    from ldm.images import read_png_params
+
+    init_image().save(tmp_path / "in.png")
+    left_half_mask().save(tmp_path / "mask.png")
+    base = ["generate", "a red circle", "--model", tiny_folder, "--steps", "4", "--seed", "5", "--scheduler", "ddim"]
+    assert main(base + ["--init-image", str(tmp_path / "in.png"), "--strength", "0.5",
+                        "--out", str(tmp_path / "img2img.png")]) == 0
+    params = read_png_params(str(tmp_path / "img2img.png"))
+    assert params["init_image"] == os.path.abspath(tmp_path / "in.png") and params["strength"] == 0.5
+    assert (params["width"], params["height"]) == (32, 32) and "mask" not in params
+    assert PIL.Image.open(tmp_path / "img2img.png").size == (32, 32)  # the init image's size, not the native 64
+
+    assert main(base + ["--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                        "--mask-blur", "0", "--masked-content", "noise", "--strength", "1",
+                        "--out", str(tmp_path / "inpaint.png")]) == 0
+    params = read_png_params(str(tmp_path / "inpaint.png"))
+    assert params["mask"] == os.path.abspath(tmp_path / "mask.png")
+    assert (params["mask_blur"], params["masked_content"], params["paste_back"], params["strength"]) == \
+        (0, "noise", True, 1.0)
+    out = np.asarray(PIL.Image.open(tmp_path / "inpaint.png"))
+    assert np.array_equal(out[:, 16:], np.asarray(init_image())[:, 16:])  # pasted back outside the mask
+    assert "Strength: 1.0" in PIL.Image.open(tmp_path / "inpaint.png").text["parameters"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-image", "{tmp}/missing.png"], "init_image: no file at"),
+    (["--init-image", "{tmp}/text.png"], "is not an image PIL can read"),
+    (["--mask", "{tmp}/mask.png"], "mask (--mask) needs an init image to repaint: add --init-image PATH"),
+    (["--init-image", "{tmp}/in.png", "--mask", "{tmp}/wide.png"], "mask is 64x32 pixels but the init image is 32x32"),
+])
+def test_generate_cli_refuses_bad_images_before_loading_the_model(tmp_path, capsys, extra, message):
+    from ldm.cli import main
+
+    init_image().save(tmp_path / "in.png")
+    left_half_mask().save(tmp_path / "mask.png")
+    PIL.Image.new("L", (64, 32)).save(tmp_path / "wide.png")
+    (tmp_path / "text.png").write_text("not an image")
+    argv = ["generate", "x", "--model", "/no/such/model"] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    assert main(argv) == 2  # the model folder does not exist: the image was checked first
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
