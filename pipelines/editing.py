@@ -114,7 +114,8 @@ def prepare_call(pipe, image, mask_image, strength, mask_blur, masked_content: s
     native = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     if image is None:
         if mask_image is not None:
-            raise ValueError("mask_image= needs image=: pass the image to inpaint (the mask's white pixels are repainted)")
+            raise ValueError("mask_image= needs image=: pass the image to inpaint (the mask's white pixels are "
+                             "repainted)")
         if strength is not None:
             raise ValueError("strength= needs image= (img2img): pass the image to start from, or drop strength")
         channels, latent = pipe.denoiser.config.in_channels, pipe.vae.config.latent_channels

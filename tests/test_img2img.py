@@ -4,7 +4,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+from conftest import seeded
+from diffusers import StableDiffusionImg2ImgPipeline
+from test_guidance_methods import flow_pipe as make_flow_pipe
 
 from ldm import Pipeline
 from ldm.models.presets import build_components
@@ -12,10 +14,6 @@ from ldm.pipelines.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CALL = dict(prompt="a red circle on the left", negative_prompt="blurry", guidance_scale=7.5, height=32, width=32)
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def init_image(size=32, seed=0) -> PIL.Image.Image:
@@ -37,15 +35,12 @@ def pipe(components):
 
 @pytest.fixture(scope="module")
 def flow_pipe():
-    components = build_components("tiny", seed=0)
-    components["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
-    pipe = Pipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_flow_pipe()  # the tiny model with a flow-matching scheduler
 
 
-def diffusers_img2img(components, scheduler_name):
-    theirs = StableDiffusionImg2ImgPipeline(
+def diffusers_edit_pipeline(components, scheduler_name, cls=StableDiffusionImg2ImgPipeline):
+    """Returns diffusers' pipeline `cls` over the same components, with its own scheduler of that name."""
+    theirs = cls(
         **{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet")},
         scheduler=make_scheduler(scheduler_name, components["scheduler"].config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
@@ -59,7 +54,7 @@ def test_img2img_matches_diffusers(components, pipe, scheduler_name):
     image = init_image()
     ours = pipe(**CALL, image=image, strength=0.6, num_inference_steps=5, generator=seeded(3),
                 output_type="np").images
-    theirs = diffusers_img2img(components, scheduler_name)(
+    theirs = diffusers_edit_pipeline(components, scheduler_name)(
         **CALL, image=image, strength=0.6, num_inference_steps=5, generator=seeded(3), output_type="np").images
     assert ours.shape == theirs.shape == (1, 32, 32, 3)
     assert np.abs(ours - theirs).max() <= 1e-4
@@ -71,7 +66,7 @@ def test_img2img_with_a_generator_per_image_matches_diffusers(components, pipe):
     call = dict(**CALL, image=init_image(), strength=0.5, num_inference_steps=4, num_images_per_prompt=2,
                 output_type="np")
     ours = pipe(**call, generator=[seeded(1), seeded(2)]).images
-    theirs = diffusers_img2img(components, "ddim")(**call, generator=[seeded(1), seeded(2)]).images
+    theirs = diffusers_edit_pipeline(components, "ddim")(**call, generator=[seeded(1), seeded(2)]).images
     assert np.abs(ours - theirs).max() <= 1e-4
     # image i depends on its own generator alone
     alone = pipe(**{**call, "num_images_per_prompt": 1}, generator=[seeded(2)]).images

@@ -5,23 +5,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import seeded
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
+from test_img2img import CALL, diffusers_edit_pipeline, init_image
 
 from ldm import Pipeline
 from ldm.models.presets import build_components, build_unet, count_parameters, get_spec
-from ldm.pipelines.schedulers import make_scheduler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CALL = dict(prompt="a red circle on the left", negative_prompt="blurry", guidance_scale=7.5, height=32, width=32)
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def init_image(size=32, seed=0) -> PIL.Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return PIL.Image.fromarray(pixels)
 
 
 def left_half_mask(size=32) -> PIL.Image.Image:
@@ -47,15 +38,6 @@ def tiny_inpaint():
     return build("tiny-inpaint")
 
 
-def diffusers_inpaint(components, scheduler_name):
-    theirs = StableDiffusionInpaintPipeline(
-        **{k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet")},
-        scheduler=make_scheduler(scheduler_name, components["scheduler"].config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    theirs.set_progress_bar_config(disable=True)
-    return theirs
-
-
 def both(components, pipe, scheduler_name, **call):
     """Returns (ours, diffusers') np images for the same call and generator, with diffusers' behaviour: no mask blur
     and no paste-back."""
@@ -63,7 +45,8 @@ def both(components, pipe, scheduler_name, **call):
     call = dict(**CALL, image=init_image(), mask_image=left_half_mask(), num_inference_steps=4, output_type="np",
                 **call)
     ours = pipe(**call, mask_blur=0, paste_back=False, generator=seeded(3)).images
-    theirs = diffusers_inpaint(components, scheduler_name)(**call, generator=seeded(3)).images
+    theirs = diffusers_edit_pipeline(components, scheduler_name, StableDiffusionInpaintPipeline)
+    theirs = theirs(**call, generator=seeded(3)).images
     return ours, theirs
 
 
@@ -142,7 +125,8 @@ def test_bad_masks_are_refused_with_the_fix(tiny, tiny_inpaint):
         tiny[1]("a", image=init_image(), mask_image=left_half_mask(), masked_content="blank")
     with pytest.raises(ValueError, match=r"mask_blur=-1 must be an integer in \[0, 256\]"):
         tiny[1]("a", image=init_image(), mask_image=left_half_mask(), mask_blur=-1)
-    with pytest.raises(ValueError, match=r"inpainting model \(9 input channels\): it samples only with image= and mask_image="):
+    with pytest.raises(ValueError, match=r"inpainting model \(9 input channels\): it samples only with image= and "
+                                         r"mask_image="):
         tiny_inpaint[1]("a")
     with pytest.raises(ValueError, match=r"inpainting model \(9 input channels\): pass mask_image="):
         tiny_inpaint[1]("a", image=init_image())
