@@ -216,3 +216,17 @@ def test_generate_cli_refuses_bad_images_before_loading_the_model(tmp_path, caps
     assert main(argv) == 2  # the model folder does not exist: the image was checked first
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_generate_service_records_pil_images_from_the_web_page_as_uploaded(tiny_folder, tmp_path):
+    from ldm.images import read_png_params
+    from ldm.pipelines.generate import GenerateRequest, generate
+
+    request = GenerateRequest("a red circle", model=tiny_folder, steps=2, seed=1, init_image=init_image(),
+                              mask=left_half_mask(), strength=0.5, mask_blur=0, paste_back=False,
+                              out=str(tmp_path / "page.png"))
+    result = generate(request)
+    params = read_png_params(result.images[0].path)
+    assert (params["init_image"], params["mask"], params["strength"], params["paste_back"]) == \
+        ("uploaded", "uploaded", 0.5, False)
+    assert (result.images[0].width, result.images[0].height) == (32, 32)
