@@ -230,3 +230,15 @@ def test_generate_service_records_pil_images_from_the_web_page_as_uploaded(tiny_
     assert (params["init_image"], params["mask"], params["strength"], params["paste_back"]) == \
         ("uploaded", "uploaded", 0.5, False)
     assert (result.images[0].width, result.images[0].height) == (32, 32)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-inpaint"])
+def test_with_a_generator_per_image_each_image_depends_on_its_own_alone(tiny, tiny_inpaint, preset):
+    _, pipe = tiny if preset == "tiny" else tiny_inpaint
+    pipe.set_scheduler("euler")
+    call = dict(**CALL, image=init_image(), mask_image=left_half_mask(), strength=0.75, num_inference_steps=3,
+                output_type="np")
+    batch = pipe(**call, num_images_per_prompt=2, generator=[seeded(1), seeded(2)]).images
+    alone = pipe(**call, generator=[seeded(2)]).images
+    assert np.abs(batch[1] - alone[0]).max() <= 1e-5
+    assert np.abs(batch[0] - batch[1]).max() > 1e-2
