@@ -24,7 +24,6 @@ the masked image's posterior sample. With a list of generators, image i is encod
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
