@@ -288,8 +288,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
                  cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None,
-                 strength=None, mask_blur=4, masked_content="original", paste_back=True,
-                 long_prompts: str = "chunk"):
+                 strength=None, mask_blur=4, masked_content="original", paste_back=True, long_prompts: str = "chunk"):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
@@ -299,9 +298,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         predictions) on the CPU in float32, for ldm.diagnostics. Guidance methods (ldm.pipelines.guidance), off
         by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
-        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). Prompts: prompt_syntax ("a1111":
-        (word:1.3) emphasis and BREAK, or "plain") and long_prompts ("chunk" or "truncate"): encode_prompt.
-        Editing (image, mask_image, strength, mask_blur, masked_content, paste_back): ldm.pipelines.editing."""
+        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). prompt_syntax, long_prompts:
+        encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: ldm.pipelines.editing."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
@@ -314,9 +312,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             callback_on_step_end_tensor_inputs, clip_skip)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
         do_cfg = guidance_scale > 1.0
-        # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
-        # .device would mislead; read once (the property walks every module).
-        device = self._execution_device
+        device = self._execution_device  # where the UNet runs, CPU offload or not; read once (it walks every module)
 
         # 1. Encode the prompts: (B*n, 77*k, D) each; one batched UNet call per step later, uncond first
         prompt_embeds, negative_embeds = self._prompt_embeddings(
