@@ -54,7 +54,7 @@ async function generate() {
   for (const f of FIELDS) if ($(f).value.trim() !== "") form[f] = $(f).value.trim();
   $("generate-button").disabled = true;
   try {
-    const result = await runJob("generate", form);
+    const result = await runJob("generate", {...form, ...editForm()});  // editForm: edit.js
     $("gallery").innerHTML = "";
     for (const image of result.images) {
       const figure = document.createElement("figure");
@@ -111,6 +111,7 @@ async function fillFromPng(file) {
   try {
     const fields = await api("/api/params", {method: "POST", body: file});
     for (const f of FIELDS) $(f).value = fields[f] ?? (f === "prompt" || f === "model" ? $(f).value : "");
+    fillEditFields(fields);
     say("generate-status", `form filled from ${file.name}`);
   } catch (e) {
     say("generate-status", e.message, true);
@@ -199,6 +200,7 @@ async function init() {
     if ($("run-auto").checked && !$("runs").classList.contains("hidden")) showRun();
   }, 5000);
   const config = await api("/api/config");
+  initEdit(config);
   for (const name of config.schedulers) $("scheduler").add(new Option(name, name));
   $("model").value = config.model || "";
   $("diag-model").value = config.model || "";
