@@ -20,12 +20,15 @@ CALL_RANGES = {
     "eta": "[0, 1]", "num_images_per_prompt": "[1, 1024]", "height": "[8, 8192]", "width": "[8, 8192]",
     "clip_skip": "[0, 32]", "cfg_zero_init_steps": "[0, 1000]", "guidance_interval": "[0, inf)",
     "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)", "lora_scale": "[-10, 10]",
+    "strength": "[0, 1]", "mask_blur": "[0, 256]",
 }
 _HINTS = {
     "num_inference_steps": " (e.g. 50)", "guidance_scale": " (7.5 is typical; <= 1 turns guidance off)",
     "guidance_rescale": " (0.7 is the paper's choice)", "eta": " (0: deterministic DDIM, 1: DDPM-like noise)",
     "clip_skip": " (None: the last layer; k: the k-th layer from the end)",
     "lora_scale": " (0: the base model, 1: as trained)",
+    "strength": " (0: the image unchanged, 1: only its mask and size kept; 0.6 is typical for img2img)",
+    "mask_blur": " (pixels of Gaussian feathering of the mask's edge; 0 = off)",
 }
 
 
@@ -99,7 +102,7 @@ def check_call_inputs(pipe, prompt, height, width, steps, guidance_scale, negati
         raise ValueError(f"got {len(generator)} generators for {total} images (prompts x num_images_per_prompt); "
                          "pass one generator per image or a single generator")
     if latents is not None:
-        expected = (total, pipe.denoiser.config.in_channels, height // f, width // f)
+        expected = (total, pipe.num_latent_channels, height // f, width // f)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a tensor of shape {expected} for these settings, got {got}")
@@ -188,6 +191,8 @@ def check_finite(finite_steps: list[torch.Tensor], timesteps: torch.Tensor, sche
     timesteps: the host copy of the scheduler's timesteps.
     """
     flags = finite_steps + ([torch.isfinite(decoded).all()] if decoded is not None else [])
+    if not flags:  # no step and no decode: an img2img call at strength 0 with output_type="latent"
+        return
     flags = torch.stack(flags).cpu()  # (steps,) or (steps + 1,)
     if bool(flags.all()):
         return

@@ -60,13 +60,20 @@ class GenerateRequest:
     allow_pickle: bool = False            # load .bin/.ckpt weights (can run code)
     lora: str | None = None               # a LoRA .safetensors
     lora_scale: float = 1.0
+    init_image: object = None             # img2img / inpainting: a path, or a PIL image (the web page's upload)
+    mask: object = None                   # inpainting: a path or PIL image, white = repaint, black = keep
+    strength: float = 0.75                # with init_image: 0 = the image unchanged, 1 = drawn anew
+    mask_blur: int = 4                    # pixels of Gaussian feathering of the mask (0 = off)
+    masked_content: str = "original"      # the masked area starts from the re-noised image, or "noise"
+    paste_back: bool = True               # the final image keeps the init image's pixels outside the mask
 
     # The allowed range of each number (ldm.ranges notation); `ldm generate`'s flags use the same ones.
     # The Python call's ranges (pipelines/checks.py), so the page, the CLI and pipe(...) refuse the same values;
     # seed and num_images are the request's own.
     RANGES = {**{name: CALL_RANGES[name] for name in (
                   "guidance_scale", "guidance_rescale", "apg_eta", "apg_norm_threshold", "apg_momentum",
-                  "cfg_zero_init_steps", "height", "width", "eta", "clip_skip", "lora_scale")},
+                  "cfg_zero_init_steps", "height", "width", "eta", "clip_skip", "lora_scale", "strength",
+                  "mask_blur")},
               "steps": CALL_RANGES["num_inference_steps"], "batch_size": CALL_RANGES["num_images_per_prompt"],
               "seed": "[0, 4294967295]", "num_images": "[1, 100000]"}
     INTERVAL_RANGE = CALL_RANGES["guidance_interval"]           # each end of guidance_interval
@@ -93,7 +100,27 @@ class GenerateRequest:
         if tuning and not self.apg:
             raise ValueError(f"{', '.join(flag(n) for n in tuning)} set adaptive projected guidance, which is off; "
                              "add --apg")
+        self._validate_edit()
         return self
+
+    def _validate_edit(self) -> None:
+        """Checks the img2img / inpainting fields: the images readable, a mask only with an init image."""
+        from ldm.pipelines.editing import MASKED_CONTENT, check_edit_images
+
+        if self.masked_content not in MASKED_CONTENT:
+            raise ValueError(f"masked_content ({flag('masked_content')}): {self.masked_content!r} is not one of "
+                             f"{', '.join(MASKED_CONTENT)}")
+        if self.mask is not None and self.init_image is None:
+            raise ValueError(f"mask ({flag('mask')}) needs an init image to repaint: add --init-image PATH")
+        if self.init_image is not None:
+            check_edit_images(self.init_image, self.mask)
+
+    def edit_arguments(self) -> dict:
+        """Returns the pipeline call's editing keywords (none without an init image)."""
+        if self.init_image is None:
+            return {}
+        return dict(image=self.init_image, mask_image=self.mask, strength=self.strength, mask_blur=self.mask_blur,
+                    masked_content=self.masked_content, paste_back=self.paste_back)
 
 
 def flag(name: str) -> str:
@@ -198,24 +225,49 @@ def generation_params(prepared: Prepared, pipe) -> dict:
 
     r, g = prepared.request, prepared.guidance
     native = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
+    if r.init_image is not None:  # an init image sets the default size: its own
+        from ldm.pipelines.editing import default_size, open_image
+
+        native_height, native_width = default_size(open_image(r.init_image, "init_image"), pipe.vae_scale_factor)
+    else:
+        native_height = native_width = native
     return dict(prompt=r.prompt, negative_prompt=r.negative_prompt, model=os.path.abspath(r.model),
                 scheduler=scheduler_name(pipe.scheduler), steps=r.steps, guidance_scale=g.scale,
                 guidance_rescale=g.rescale, eta=r.eta, clip_skip=r.clip_skip,
-                height=r.height or native, width=r.width or native,
+                height=r.height or native_height, width=r.width or native_width,
                 device=prepared.device, dtype=str(prepared.dtype).removeprefix("torch."), ldm_version=__version__,
                 **recorded_methods(g.methods), **({"guidance_source": g.source} if g.source else {}),
-                **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}))
+                **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}),
+                **recorded_edit(r))
 
 
-def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, trace: bool = False):
+def recorded_edit(r: GenerateRequest) -> dict:
+    """Returns the editing parameters as PNG metadata entries (images as absolute paths, or "uploaded" for a PIL
+    image from the web page); none without an init image."""
+    if r.init_image is None:
+        return {}
+
+    def source(image):
+        return os.path.abspath(image) if isinstance(image, (str, os.PathLike)) else "uploaded"
+
+    record = dict(init_image=source(r.init_image), strength=r.strength)
+    if r.mask is not None:
+        record.update(mask=source(r.mask), mask_blur=r.mask_blur, masked_content=r.masked_content,
+                      paste_back=r.paste_back)
+    return record
+
+
+def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, trace: bool = False,
+           edit: dict | None = None):
     """Returns the PipelineOutput of one pipeline call: one image per seed, each drawn with its own CPU generator
-    (so an image depends on its seed alone). callback: the pipeline's callback_on_step_end."""
+    (so an image depends on its seed alone). callback: the pipeline's callback_on_step_end; edit: the call's
+    img2img / inpainting keywords (GenerateRequest.edit_arguments)."""
     import torch
 
     return pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_inference_steps=params["steps"],
                 guidance_scale=params["guidance_scale"], guidance_rescale=params["guidance_rescale"],
                 eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
-                num_images_per_prompt=len(seeds), **methods, callback_on_step_end=callback, trace=trace,
+                num_images_per_prompt=len(seeds), **methods, **(edit or {}), callback_on_step_end=callback, trace=trace,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
 
 
@@ -265,7 +317,7 @@ def generate_with(pipe, prepared: Prepared, progress: Callable[[float, str], Non
 
         began = time.perf_counter()
         out = sample(pipe, params, prepared.guidance.methods, chunk, callback=on_step if progress else None,
-                     trace=trace and start == 0)
+                     trace=trace and start == 0, edit=request.edit_arguments())
         seconds = (time.perf_counter() - began) / len(chunk)
         first_trace = first_trace or out.trace
         for index, (seed, image) in enumerate(zip(chunk, out.images), start):

@@ -24,6 +24,7 @@ from ldm.folders import atomic_folder, read_json, write_json
 from ldm.models.denoiser import denoise
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
+from ldm.pipelines import editing
 from ldm.pipelines.calls import inference, lora_scaled
 from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance, check_number
 from ldm.pipelines.guidance import APGSettings, Guidance
@@ -59,6 +60,13 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def denoiser(self) -> torch.nn.Module:
         """The backbone: the UNet or the transformer."""
         return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def num_latent_channels(self) -> int:
+        """The channels of the latents sampled: the denoiser's input, less an inpainting UNet's mask and masked
+        image latents (ldm.pipelines.editing)."""
+        channels, latent = self.denoiser.config.in_channels, self.vae.config.latent_channels
+        return latent if editing.is_inpainting_model(channels, latent) else channels
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -239,7 +247,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
-                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0):
+                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None,
+                 strength: float | None = None, mask_blur: int = 4, masked_content: str = "original",
+                 paste_back: bool = True):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
@@ -249,11 +259,15 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         predictions) on the CPU in float32, for ldm.diagnostics. Guidance methods (ldm.pipelines.guidance), off
         by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
-        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models)."""
+        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models).
+        Editing (ldm.pipelines.editing): image= (PIL, (B,3,H,W) tensor in [0,1] or path; default size: its own)
+        with strength= (default 0.8) is img2img; with mask_image= (white = repaint; default strength 1.0) it is
+        inpainting, with mask_blur (pixels), masked_content ("original" / "noise") and paste_back."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
             cfg_zero_star=cfg_zero_star, cfg_zero_init_steps=cfg_zero_init_steps))
+        image, height, width = editing.check_edit_call(self, image, mask_image, strength, height, width)
         height = height or self.denoiser.config.sample_size * self.vae_scale_factor
         width = width or self.denoiser.config.sample_size * self.vae_scale_factor
         prompt, negative_prompt = check_call_inputs(
@@ -261,6 +275,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
             callback_on_step_end_tensor_inputs, clip_skip)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
+        edit = None if image is None else editing.prepare_edit(
+            self, image, mask_image, height, width, strength, mask_blur, masked_content, paste_back)
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
         # .device would mislead; read once (the property walks every module).
@@ -272,18 +288,18 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             (cross_attention_kwargs or {}).get("scale"), device)
 
         # 2. Timesteps, and 3. the initial noise x_T: (B*n, 4, H/f, W/f)
-        timesteps, host_timesteps = self._timesteps(num_inference_steps, device)
+        timesteps, host_timesteps = self._timesteps(num_inference_steps, device, edit)
         latents = self._initial_latents(len(prompt_embeds), height, width, generator, latents, prompt_embeds.dtype,
-                                        device)
+                                        device, edit, timesteps[0] if len(timesteps) else None)
 
         # 4. Denoising loop, with no sync per step (the finite flags are read once, in 5.)
         latents, finite, records = self._denoise(
             latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance,
             self._step_kwargs(generator, eta), cross_attention_kwargs, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, trace)
+            callback_on_step_end_tensor_inputs, trace, edit)
 
         # 5. Decode z -> x, check that every step and the pixels are finite
-        images = self._decode(latents, output_type, generator, finite, host_timesteps)
+        images = self._decode(latents, output_type, generator, finite, host_timesteps, edit)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, records)
@@ -306,9 +322,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                            else self.encode_prompt([""] * batch, None, 1, False, device=device)[0])
         return prompt_embeds, negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
 
-    def _timesteps(self, num_inference_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the sampler's timesteps on `device` and a copy on the host; raises ValueError when the spacing
-        asks for a timestep the model was not trained on."""
+    def _timesteps(self, num_inference_steps: int, device, edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the sampler's timesteps on `device` and a copy on the host (an edit's: from the step its
+        strength picks); raises ValueError when the spacing asks for a timestep the model was not trained on."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         # One copy to the host before the loop: the scheduler indexes its host tables (alphas_cumprod) with the
@@ -321,13 +337,19 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                              f"{self.scheduler.config.get('timestep_spacing', 'leading')!r} spacing ask for "
                              f"t={int(host_timesteps.max())} of a {train_steps}-step model; use fewer steps or "
                              "pipe.set_scheduler(...) on a config with timestep_spacing='trailing'")
+        if edit is not None:
+            return editing.strength_timesteps(self.scheduler, timesteps, host_timesteps, num_inference_steps,
+                                              edit.strength)
         return timesteps, host_timesteps
 
     def _initial_latents(self, count: int, height: int, width: int, generator, latents: torch.Tensor | None,
-                         dtype: torch.dtype, device) -> torch.Tensor:
+                         dtype: torch.dtype, device, edit=None, t_start=None) -> torch.Tensor:
         """Returns x_T ~ N(0, sigma_max^2 I) in latent space, (count, 4, H/f, W/f): drawn with `generator`, or
-        the given latents, scaled by the sampler's initial sigma."""
-        shape = (count, self.denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        the given latents, scaled by the sampler's initial sigma; an edit's start at t_start
+        (ldm.pipelines.editing.initial_latents)."""
+        shape = (count, self.num_latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if edit is not None:
+            return editing.initial_latents(self, edit, shape, generator, latents, t_start, dtype, device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         # flow samplers start at sigma = 1 (x_1 = eps) and have no init_noise_sigma
@@ -335,7 +357,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance: Guidance,
                  step_kwargs: dict, cross_attention_kwargs: dict | None, callback: Callable | None, callback_inputs,
-                 trace: bool):
+                 trace: bool, edit=None):
         """Returns (x_0 latents, one device flag "latents all finite" per step, the trace or None).
 
         The flags are read once, after the decode (one sync per call, none per step, so the CPU keeps queueing
@@ -350,12 +372,12 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
                 x_scaled, noise_pred, pred_cond, pred_uncond = self._guided_prediction(
-                    latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs)
+                    latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs, edit)
 
                 # 4c. x_t -> x_{t-1}
                 x_t = latents
                 step = self.scheduler.step(noise_pred, t_host, latents, **step_kwargs, return_dict=True)
-                latents = step.prev_sample
+                latents = editing.after_step(edit, self.scheduler, step.prev_sample, i, host_timesteps)
                 if trace:
                     x0 = predict_x0(step, objective, x_scaled, noise_pred, t_host)
                     records.append(StepRecord.capture(i, t, x_t, x0, noise_pred, pred_cond, pred_uncond))
@@ -368,20 +390,21 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return latents, finite, records
 
     def _guided_prediction(self, latents, i: int, t, t_host, context, guidance: Guidance, objective,
-                           cross_attention_kwargs: dict | None):
+                           cross_attention_kwargs: dict | None, edit=None):
         """Returns (x_scaled, noise_pred, pred_cond, pred_uncond) at step i: the model input, the guided
         prediction and the two branches, each (B*n, 4, h, w); pred_uncond is None where the step runs the
         conditional branch alone (no guidance, outside guidance_interval, a zero-init step)."""
         scale = getattr(self.scheduler, "scale_model_input", None)  # flow samplers feed x_sigma as it is
         x_scaled = scale(latents, t_host) if scale else latents  # sigma-schedulers' input scaling
+        x_model = editing.model_input(edit, x_scaled)  # an inpainting UNet's cat[x, mask, masked latents]
         if not guidance.uses_uncond(i, float(t_host)):
             # 4a. The conditional branch alone: one call on (B*n, 4, h, w) with the prompt embeddings
             cond_context = context.chunk(2)[1] if guidance.enabled else context  # (B*n, 77, D)
-            pred_cond = denoise(self.denoiser, x_scaled, t, cond_context, cross_attention_kwargs=cross_attention_kwargs)
+            pred_cond = denoise(self.denoiser, x_model, t, cond_context, cross_attention_kwargs=cross_attention_kwargs)
             return x_scaled, guidance.unguided(i, pred_cond), pred_cond, None
 
         # 4a. One call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
-        x_in = torch.cat([x_scaled, x_scaled])
+        x_in = torch.cat([x_model, x_model])
         model_out = denoise(self.denoiser, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
         pred_uncond, pred_cond = model_out.chunk(2)  # (B*n, 4, h, w) each
 
@@ -402,11 +425,13 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         return latents, prompt_embeds, negative_embeds, context
 
-    def _decode(self, latents, output_type: str, generator, finite: list, host_timesteps):
+    def _decode(self, latents, output_type: str, generator, finite: list, host_timesteps, edit=None):
         """Returns the images of x_0 latents in `output_type` (the latents themselves for "latent"); raises
         NonFiniteError naming the first step or the VAE when the latents or the pixels are not finite."""
         # z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)
         decoded = None if output_type == "latent" else self.vae.decode(
             latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # (B*n, 3, H, W)
         check_finite(finite, host_timesteps, self.scheduler, latents.dtype, decoded)  # a float16 VAE can overflow too
+        if decoded is not None:
+            decoded = editing.paste(edit, decoded)  # inpainting's paste-back of the pixels outside the mask
         return latents if decoded is None else self.image_processor.postprocess(decoded, output_type=output_type)
