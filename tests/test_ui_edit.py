@@ -231,10 +231,12 @@ def test_the_page_uploads_an_image_for_img2img_and_paints_a_mask_for_inpainting(
 
     Select(browser.find_element("id", "mode")).select_by_value("inpaint")
     canvas = browser.find_element("id", "mask-canvas")
-    assert canvas.is_displayed() and canvas.size["width"] == 384  # the image's aspect, 8x on the page
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # the mouse moves in view only
+    assert canvas.is_displayed() and (canvas.size["width"], canvas.size["height"]) == (320, 213)  # the image's aspect
     set_slider(browser, "brush-size", 40, 1)
-    ActionChains(browser).move_to_element_with_offset(canvas, -150, -100).click_and_hold().move_by_offset(0, 100) \
-        .move_by_offset(0, 90).release().move_to_element_with_offset(canvas, -100, 0).click_and_hold() \
+    # offsets from the canvas's centre in CSS pixels, 20/3 to an image pixel: a stroke down the left edge, a dab
+    ActionChains(browser).move_to_element_with_offset(canvas, -130, -85).click_and_hold().move_by_offset(0, 85) \
+        .move_by_offset(0, 80).release().move_to_element_with_offset(canvas, -80, 0).click_and_hold() \
         .move_by_offset(20, 5).release().perform()
     screenshot(browser, "edit", tmp_path)
     inpainted = generate_and_wait(browser, server, img2img["src"])

@@ -1,10 +1,10 @@
 // img2img and inpainting on the page of `ldm ui` (loaded before app.js, whose $ and say it uses). The image to
 // edit is read as a data URL and sent as it is; the mask is painted on a canvas of the image's own size (white =
-// repaint, black = keep) and sent as a PNG data URL. On the page the strokes show in red over the image.
+// repaint, black = keep) and sent as a PNG data URL. On the page the strokes show in cyan over the image.
 "use strict";
 const edit = {image: null, painted: false, last: null, maxBytes: 16 * 2 ** 20};
 const maskCanvas = document.createElement("canvas");  // the mask sent: black, white where painted
-const DISPLAY = 384;  // the longest side of the image on the page, in CSS pixels
+const DISPLAY = 320;  // the longest side of the image on the page, in CSS pixels
 const EDIT_FIELDS = ["strength", "mask_blur", "masked_content", "paste_back"];
 
 function setMode(mode) {
@@ -73,7 +73,7 @@ function canvasPoint(e) {
 }
 
 function paint(from, to) {
-  for (const [canvas, colour] of [[maskCanvas, "#fff"], [$("mask-canvas"), "#ff3040"]]) {
+  for (const [canvas, colour] of [[maskCanvas, "#fff"], [$("mask-canvas"), "#00e0ff"]]) {
     const g = canvas.getContext("2d");
     g.strokeStyle = g.fillStyle = colour;
     g.lineWidth = to.width;
