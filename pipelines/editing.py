@@ -36,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.objectives import is_flow_scheduler
 from ldm.pipelines.checks import check_number
+from ldm.ranges import check_multiple
 
 MASKED_CONTENT = ("original", "noise")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # diffusers' defaults when strength=None
@@ -101,10 +102,16 @@ def default_size(image, factor: int) -> tuple[int, int]:
     return rounded
 
 
-def check_edit_call(pipe, image, mask_image, strength, height: int | None, width: int | None):
-    """Returns (image, height, width) of a pipeline call: the image opened (a path read) and, where height or width
-    is None, the image's own size (default_size); raises ValueError for a mask or strength without an image, and
-    for an inpainting model without one."""
+def prepare_call(pipe, image, mask_image, strength, mask_blur, masked_content: str, paste_back: bool,
+                 height: int | None, width: int | None):
+    """Returns (Edit or None, height, width) of a pipeline call: without an image, no edit and the size asked for
+    (the model's native size where None); with one, its Edit (prepare_edit) at the size asked for, the image's
+    own where None (default_size). Raises ValueError for a mask or strength without an image, and for an
+    inpainting model without one.
+
+    image: a PIL image, a (B, 3, H, W) tensor in [0, 1] or a path. strength (None: 0.8 for img2img, 1.0 with a
+    mask, diffusers' defaults). mask_image: PIL, tensor or path, white (>= 0.5 after the blur) = repaint."""
+    native = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     if image is None:
         if mask_image is not None:
             raise ValueError("mask_image= needs image=: pass the image to inpaint (the mask's white pixels are repainted)")
@@ -114,13 +121,15 @@ def check_edit_call(pipe, image, mask_image, strength, height: int | None, width
         if is_inpainting_model(channels, latent):
             raise ValueError(f"this denoiser is an inpainting model ({channels} input channels): it samples only with "
                              "image= and mask_image= (white = repaint)")
-        return None, height, width
+        return None, height or native, width or native
     image = open_image(image, "image")
     if height is None or width is None:
         own_height, own_width = default_size(image, pipe.vae_scale_factor)
         height, width = height or own_height, width or own_width
-    return image, height, width
-
+    check_multiple("height", height, pipe.vae_scale_factor)  # before resizing the image to it
+    check_multiple("width", width, pipe.vae_scale_factor)
+    return prepare_edit(pipe, image, mask_image, height, width, strength, mask_blur, masked_content,
+                        paste_back), height, width
 
 @dataclass
 class Edit:
@@ -150,6 +159,18 @@ class Edit:
 def is_inpainting_model(in_channels: int, latent_channels: int) -> bool:
     """Returns whether a denoiser takes cat[latents, mask, masked image latents] (in = 2 * latent + 1)."""
     return in_channels == 2 * latent_channels + 1
+
+
+def refuse_inpainting_training(parts: dict, command: str) -> None:
+    """Raises ValueError when the components' denoiser is an inpainting UNet, which the trainers (text-to-image
+    losses, 4-channel inputs) do not train."""
+    denoiser = parts.get("unet") if parts.get("unet") is not None else parts.get("transformer")
+    channels, latent = denoiser.config.in_channels, parts["vae"].config.latent_channels
+    if is_inpainting_model(channels, latent):
+        raise ValueError(f"`ldm {command}` trains text-to-image models, and this one is an inpainting model "
+                         f"({channels} input channels: latents, mask and masked image latents), which it cannot "
+                         "train; train the text-to-image model (e.g. --model tiny, or sd15 instead of sd15-inpaint) "
+                         "and inpaint with it: pipe(prompt, image=..., mask_image=...) blends any model's latents")
 
 
 def prepare_edit(pipe, image, mask_image, height: int, width: int, strength, mask_blur, masked_content: str,
@@ -210,19 +231,23 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x
 
 
+def strength_steps(steps: int, strength: float) -> int:
+    """Returns how many of `steps` an edit runs: int(steps * strength), at most steps (diffusers' init_timestep)."""
+    return min(int(steps * strength), steps)
+
+
 def strength_timesteps(scheduler, timesteps: torch.Tensor, host_timesteps: torch.Tensor, steps: int,
                        strength: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (timesteps, host copy) from the step that strength picks: the last int(steps * strength) steps,
     as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps (none at strength 0); sets the scheduler's begin
     index there, which sigma samplers' add_noise and step read."""
-    init_timestep = min(int(steps * strength), steps)
-    t_start = max(steps - init_timestep, 0) * scheduler.order
+    t_start = (steps - strength_steps(steps, strength)) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start)
     return timesteps[t_start:], host_timesteps[t_start:]
 
 
-def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def noise_to(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Returns x0 noised to timestep t (B,) by the scheduler's forward process (scale_noise for flow samplers:
     x_sigma = sigma * eps + (1 - sigma) * x0)."""
     if is_flow_scheduler(scheduler):
@@ -272,7 +297,7 @@ def initial_latents(pipe, edit: Edit, shape: tuple, generator, latents: torch.Te
     x0 = edit.image_latents
     if edit.masked_content == "noise" and edit.mask is not None:
         x0 = (1 - edit.latent_mask) * x0 + edit.latent_mask * noise  # A1111's "latent noise"
-    return add_noise(pipe.scheduler, x0, noise, t_start.reshape(1).repeat(count))
+    return noise_to(pipe.scheduler, x0, noise, t_start.reshape(1).repeat(count))
 
 
 def latent_mask(mask: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -297,7 +322,7 @@ def after_step(edit: Edit | None, scheduler, latents: torch.Tensor, i: int, host
         return latents
     original = edit.image_latents
     if i < len(host_timesteps) - 1:
-        original = add_noise(scheduler, original, edit.noise, host_timesteps[i + 1].reshape(1))
+        original = noise_to(scheduler, original, edit.noise, host_timesteps[i + 1].reshape(1))
     return (1 - edit.latent_mask) * original + edit.latent_mask * latents
 
 

@@ -115,6 +115,14 @@ class GenerateRequest:
         if self.init_image is not None:
             check_edit_images(self.init_image, self.mask)
 
+    def denoising_steps(self) -> int:
+        """Returns the steps each image runs: all of them, or with an init image those its strength picks."""
+        if self.init_image is None:
+            return self.steps
+        from ldm.pipelines.editing import strength_steps
+
+        return strength_steps(self.steps, self.strength)
+
     def edit_arguments(self) -> dict:
         """Returns the pipeline call's editing keywords (none without an init image)."""
         if self.init_image is None:
@@ -306,13 +314,14 @@ def generate_with(pipe, prepared: Prepared, progress: Callable[[float, str], Non
     params = generation_params(prepared, pipe)
     first = request.seed if request.seed is not None else random.randrange(2**31)
     seeds = [first + i for i in range(request.num_images)]
-    images, first_trace, total = [], None, len(seeds) * request.steps
+    steps = request.denoising_steps()
+    images, first_trace, total = [], None, max(len(seeds) * steps, 1)
     for start in range(0, len(seeds), request.batch_size):
         chunk = seeds[start: start + request.batch_size]
 
-        def on_step(_pipe, i, _t, _tensors, done=start * request.steps, n=len(chunk)):
+        def on_step(_pipe, i, _t, _tensors, done=start * steps, n=len(chunk)):
             progress((done + (i + 1) * n) / total,
-                     f"images {start + 1}-{start + n} of {len(seeds)}: step {i + 1}/{request.steps}")
+                     f"images {start + 1}-{start + n} of {len(seeds)}: step {i + 1}/{steps}")
             return {}
 
         began = time.perf_counter()

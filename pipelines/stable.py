@@ -248,8 +248,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
                  cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None,
-                 strength: float | None = None, mask_blur: int = 4, masked_content: str = "original",
-                 paste_back: bool = True):
+                 strength=None, mask_blur=4, masked_content="original", paste_back=True):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
@@ -259,24 +258,18 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         predictions) on the CPU in float32, for ldm.diagnostics. Guidance methods (ldm.pipelines.guidance), off
         by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
-        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models).
-        Editing (ldm.pipelines.editing): image= (PIL, (B,3,H,W) tensor in [0,1] or path; default size: its own)
-        with strength= (default 0.8) is img2img; with mask_image= (white = repaint; default strength 1.0) it is
-        inpainting, with mask_blur (pixels), masked_content ("original" / "noise") and paste_back."""
+        scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). Editing: ldm.pipelines.editing."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
             cfg_zero_star=cfg_zero_star, cfg_zero_init_steps=cfg_zero_init_steps))
-        image, height, width = editing.check_edit_call(self, image, mask_image, strength, height, width)
-        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
-        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
+        edit, height, width = editing.prepare_call(self, image, mask_image, strength, mask_blur, masked_content,
+                                                   paste_back, height, width)
         prompt, negative_prompt = check_call_inputs(
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
             callback_on_step_end_tensor_inputs, clip_skip)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
-        edit = None if image is None else editing.prepare_edit(
-            self, image, mask_image, height, width, strength, mask_blur, masked_content, paste_back)
         do_cfg = guidance_scale > 1.0
         # Where the UNet runs: with model CPU offload the modules sit on the CPU between calls, so their
         # .device would mislead; read once (the property walks every module).

@@ -45,7 +45,7 @@ def test_sd21_sizes_on_meta_device():
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd21', 'small', 'small-photo', 'small-photo-deep', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd15-inpaint', 'sd21', 'small', 'small-photo', 'small-photo-deep', 'tiny', 'tiny-inpaint'\]"):
         get_spec("huge")
     assert set(MODEL_PRESETS) >= {"tiny", "small", "sd15"}
 

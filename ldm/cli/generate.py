@@ -48,6 +48,26 @@ def add_arguments(p):
     p.add_argument("--lora", default=None, help="a LoRA .safetensors (from `ldm finetune`, or a web-UI LoRA)")
     p.add_argument("--lora-scale", type=float_in(R["lora_scale"]), default=1.0,
                    help="LoRA strength: 0 = the base model, 1 = as trained")
+    add_edit_arguments(p)
+
+
+def add_edit_arguments(p):
+    from ldm.pipelines.editing import MASKED_CONTENT
+    from ldm.pipelines.generate import GenerateRequest
+
+    R = GenerateRequest.RANGES
+    p.add_argument("--init-image", default=None, metavar="PATH",
+                   help="img2img: start from this image (PNG/JPEG; the output takes its size unless --height/--width)")
+    p.add_argument("--strength", type=float_in(R["strength"]), default=0.75,
+                   help="with --init-image: how much to change it, 0 = not at all, 1 = drawn anew")
+    p.add_argument("--mask", default=None, metavar="PATH",
+                   help="inpainting, with --init-image: white pixels are repainted, black ones kept")
+    p.add_argument("--mask-blur", type=int_in(R["mask_blur"]), default=4,
+                   help="pixels of Gaussian feathering of the mask's edge (0 = off)")
+    p.add_argument("--masked-content", choices=MASKED_CONTENT, default="original",
+                   help="what the masked area starts from: the re-noised image, or noise alone")
+    p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                   help="keep the model's pixels outside the mask too (default: the init image's are pasted back)")
 
 
 def add_guidance_method_arguments(p):

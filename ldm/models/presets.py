@@ -146,6 +146,13 @@ def sd21() -> ModelSpec:
     )
 
 
+def inpainting(base: ModelSpec, name: str) -> ModelSpec:
+    """Returns `base` as an inpainting model: its UNet takes cat[latents, mask, masked image latents] (4 + 1 + 4
+    = 9 channels, runwayml's stable-diffusion-inpainting layout; ldm.pipelines.editing), the rest unchanged."""
+    latent = base.vae["latent_channels"]
+    return dataclasses.replace(base, name=name, unet=dict(base.unet, in_channels=2 * latent + 1))
+
+
 def _dit(base: ModelSpec, name: str, layers: int, heads: int, head_dim: int, patch: int = 2,
          conditioning: str = "adaln_zero", **extra) -> ModelSpec:
     """Returns `base` with its UNet replaced by a LatentDiT of this size (latents as the base's VAE makes them)."""
@@ -234,6 +241,8 @@ def small_photo_deep() -> ModelSpec:
 
 MODEL_PRESETS = {"tiny": tiny, "small": small, "small-photo": small_photo,
                  "small-photo-deep": small_photo_deep, "sd15": sd15, "sd21": sd21,
+                 "sd15-inpaint": lambda: inpainting(sd15(), "sd15-inpaint"),
+                 "tiny-inpaint": lambda: inpainting(tiny(), "tiny-inpaint"),
                  "dit-tiny": dit_tiny, "dit-small": dit_small, "pixart-small": pixart_small,
                  "dit-small-in-context": lambda: dit_small("in_context", "dit-small-in-context"),
                  "dit-small-cross-attention": lambda: dit_small("cross_attention", "dit-small-cross-attention"),

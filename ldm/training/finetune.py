@@ -339,6 +339,7 @@ def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> Finetune
 
 def main(cfg: FinetuneConfig) -> dict:
     """Fine-tunes and returns the report (also written to OUT/report.json)."""
+    from ldm.pipelines.editing import refuse_inpainting_training
     from ldm.pipelines.loading import load_components
 
     if not os.path.isdir(cfg.model):
@@ -348,6 +349,7 @@ def main(cfg: FinetuneConfig) -> dict:
     accelerator = loop.make_accelerator(cfg, cfg.out, cpu=cfg.device == "cpu")
     set_seed(cfg.seed)
     parts = load_components(cfg.model)
+    refuse_inpainting_training(parts, "finetune")
     cfg, data = load_data(cfg, accelerator, parts)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))

@@ -22,6 +22,7 @@ from ldm.models.denoiser import denoiser_of
 from ldm.models.presets import MODEL_PRESETS, build_components
 from ldm.objectives import ObjectiveSettings, make_objective
 from ldm.objectives.base import NoiseSchedule
+from ldm.pipelines.editing import refuse_inpainting_training
 from ldm.training import loop
 from ldm.training.checkpoint import where_written
 from ldm.training.config import config_to_dict, format_config, save_config
@@ -43,6 +44,7 @@ def build_models(cfg: TrainLDMConfig) -> dict:
         parts = load_components(cfg.model)
     else:
         raise ValueError(f"model {cfg.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor a pipeline folder")
+    refuse_inpainting_training(parts, "train")
     if cfg.vae:
         parts["vae"] = AutoencoderKL.from_pretrained(cfg.vae, local_files_only=True)
     if cfg.text_encoder:  # e.g. trained contrastively by `ldm train-text-encoder`; train_text_encoder: frozen or not
