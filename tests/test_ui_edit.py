@@ -77,7 +77,7 @@ class Page:
 
 
 def test_img2img_upload_makes_images_of_its_size_recording_the_image(tiny_folder, cache, tmp_path):
-    from ldm.pipelines.generate import GenerateRequest, generate
+    from ldm.cli import main
 
     page, init = Page(tmp_path, tiny_folder, cache), picture(48, 32)
     result = page.generate({**FORM, "init_image": data_url(init), "strength": "0.5"})
@@ -87,11 +87,13 @@ def test_img2img_upload_makes_images_of_its_size_recording_the_image(tiny_folder
     saved = params["init_image"]
     assert saved.startswith(os.path.abspath(page.settings.out)) and np.array_equal(np.asarray(PIL.Image.open(saved)),
                                                                                    np.asarray(init))
-    # the page's image is the service's (as `ldm generate --init-image FILE`), bit for bit
-    again = generate(GenerateRequest(FORM["prompt"], tiny_folder, steps=4, seed=7, init_image=saved, strength=0.5,
-                                     out=str(tmp_path / "service.png")))
+    # the page's image is `ldm generate --init-image FILE`'s, bit for bit, with the same metadata
+    assert main(["generate", FORM["prompt"], "--model", tiny_folder, "--steps", "4", "--seed", "7", "--init-image",
+                 saved, "--strength", "0.5", "--out", str(tmp_path / "cli.png")]) == 0
     ours = np.asarray(PIL.Image.open(page.path(result["images"][0]["path"])))
-    assert np.array_equal(ours, np.asarray(PIL.Image.open(again.images[0].path)))
+    assert np.array_equal(ours, np.asarray(PIL.Image.open(tmp_path / "cli.png")))
+    drop = lambda p: {k: v for k, v in p.items() if k != "seconds"}  # noqa: E731
+    assert drop(params) == drop(read_png_params(str(tmp_path / "cli.png")))
 
 
 def test_inpainting_upload_repaints_only_the_painted_half(tiny_folder, cache, tmp_path):
