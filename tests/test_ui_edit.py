@@ -160,6 +160,12 @@ def test_decoded_uploads_are_rgb_and_grey_of_the_files_size():
     jpeg = decode_uploads({"init_image": data_url(picture(40, 24), "JPEG")})["init_image"]
     assert (jpeg.mode, jpeg.size) == ("RGB", (40, 24))
     assert decode_uploads({"init_image": "", "mask": None}) == {}
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to show (as a phone writes a portrait photo)
+    buffer = io.BytesIO()
+    picture(40, 24).save(buffer, "JPEG", exif=exif)
+    upright = decode_uploads({"init_image": "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()})
+    assert upright["init_image"].size == (24, 40)  # as the browser shows it, and sizes the mask canvas
 
 
 # ---------------------------------------------------------------------------------------------- the page in a browser

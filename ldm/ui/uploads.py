@@ -13,6 +13,7 @@ import io
 import os
 
 import PIL.Image
+import PIL.ImageOps
 
 # The page's bounds on an upload: a file's bytes and its pixels (a small PNG can hold a huge blank image)
 MAX_UPLOAD_BYTES = 16 * 2**20
@@ -52,7 +53,9 @@ def decode_image(value, name: str) -> PIL.Image.Image:
             if image.width * image.height > MAX_UPLOAD_PIXELS:
                 raise ValueError(f"{name}: {image.width}x{image.height} pixels is above the page's limit of "
                                  f"{MAX_UPLOAD_PIXELS} pixels; scale the image down first")
-            return image.convert("L" if name == "mask" else "RGB")
+            # upright as the browser shows it (a phone's JPEG records its rotation in EXIF), so that the mask
+            # painted over the page's preview has the image's size
+            return PIL.ImageOps.exif_transpose(image).convert("L" if name == "mask" else "RGB")
     except PIL.Image.DecompressionBombError:
         raise ValueError(f"{name}: the image has too many pixels (above the page's limit of {MAX_UPLOAD_PIXELS}); "
                          "scale the image down first") from None
