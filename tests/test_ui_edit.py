@@ -112,6 +112,40 @@ def test_inpainting_upload_repaints_only_the_painted_half(tiny_folder, cache, tm
     assert params["paste_back"] is False
 
 
+def test_an_inpainting_model_inpaints_from_the_page_and_says_what_it_needs(cache, tmp_path):
+    from ldm import Pipeline
+    from ldm.models.presets import build_components
+
+    folder = str(tmp_path / "tiny-inpaint")
+    Pipeline(**build_components("tiny-inpaint", seed=0)).save_pretrained(folder)
+    page, init = Page(tmp_path, folder, cache), picture(32, 32, seed=2)
+    result = page.generate({**FORM, "init_image": data_url(init), "mask": data_url(left_half_mask(32, 32)),
+                            "mask_blur": "0"})
+    image = np.asarray(PIL.Image.open(page.path(result["images"][0]["path"])))
+    assert np.array_equal(image[:, 16:], np.asarray(init)[:, 16:])  # the 9-channel UNet's result, pasted back
+    job = page.post(FORM).json["job"]  # text to image: the page shows the pipeline's message
+    for _ in range(600):
+        state = page.client.get(f"/api/jobs/{job}", headers=page.headers).json
+        if state["status"] != "running":
+            break
+        threading.Event().wait(0.05)
+    assert state["status"] == "error" and "inpainting model (9 input channels)" in state["error"]
+
+
+def test_a_dropped_inpainting_png_fills_the_edit_settings_back(tiny_folder, cache, tmp_path):
+    from ldm.ui.generate import read_png_form
+
+    page = Page(tmp_path, tiny_folder, cache)
+    form = {**FORM, "init_image": data_url(picture(32, 32)), "mask": data_url(left_half_mask(32, 32)),
+            "strength": "0.7", "mask_blur": "2", "masked_content": "noise", "paste_back": "false"}
+    path = page.path(page.generate(form)["images"][0]["path"])
+    with open(path, "rb") as f:
+        fields = read_png_form(f.read())
+    assert (fields["strength"], fields["mask_blur"], fields["masked_content"], fields["paste_back"]) == (
+        0.7, 2, "noise", False)
+    assert "init_image" not in fields and "mask" not in fields  # the page uploads those again
+
+
 def test_a_bad_upload_is_refused_with_a_message_and_the_server_goes_on(tiny_folder, cache, tmp_path):
     from ldm.ui.uploads import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 
