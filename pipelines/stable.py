@@ -93,9 +93,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """Writes the pipeline as a diffusers folder with safetensors weights, atomically.
 
-        For a UNet, model_index.json names StableDiffusionPipeline so that diffusers'
-        DiffusionPipeline.from_pretrained opens the folder as Stable Diffusion (safety checker absent); our
-        from_pretrained reads either name. A transformer's folder names this class (diffusers has no pipeline for
+        For a UNet, model_index.json names StableDiffusionPipeline (StableDiffusionInpaintPipeline for an
+        inpainting UNet) so that diffusers' DiffusionPipeline.from_pretrained opens the folder as Stable Diffusion
+        (safety checker absent); our from_pretrained reads either name. A transformer's folder names this class (diffusers has no pipeline for
         a CLIP-conditioned DiT) through a custom pipeline file (ldm.pipelines.loading.name_diffusers_pipeline), so
         DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) opens it; its transformer/ opens with
         the model class's own from_pretrained. A recommended guidance (pipe.recommended_guidance) goes along as
@@ -116,7 +116,9 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             index = read_json(index_path)
             index.pop("transformer" if self.unet is not None else "unet", None)
             if self.unet is not None:
-                index.update(_class_name="StableDiffusionPipeline", safety_checker=[None, None],
+                inpainting = self.num_latent_channels != self.unet.config.in_channels  # opens as diffusers' inpainting
+                index.update(_class_name="StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+                             safety_checker=[None, None],
                              feature_extractor=[None, None], image_encoder=[None, None], requires_safety_checker=False)
             else:
                 index = name_diffusers_pipeline(tmp, index)

@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline
+from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline
 
 from ldm import Pipeline
 from ldm.models.presets import build_components, build_unet, count_parameters, get_spec
@@ -159,18 +159,28 @@ def test_sd15_inpaint_has_the_parameter_count_of_runwayml_inpainting_unet():
     assert count_parameters(unet) == 859_535_364 == count_parameters(sd15) + 5 * 320 * 3 * 3
 
 
-def test_create_model_writes_a_tiny_inpaint_folder_that_training_refuses(tmp_path, tiny_inpaint):
-    from ldm.cli import main
-    from ldm.training.train_ldm import build_models
-    from ldm.training.ldm_config import TrainLDMConfig
-
+def test_an_inpainting_folder_opens_in_diffusers_as_its_inpainting_pipeline(tmp_path, tiny_inpaint):
     folder = tmp_path / "inpaint"
-    assert main(["create-model", "--model", "tiny-inpaint", "--out", str(folder)]) == 0
+    tiny_inpaint[1].save_pretrained(folder)
     pipe = Pipeline.from_pretrained(folder)
     assert pipe.unet.config.in_channels == 9
     pipe.set_progress_bar_config(disable=True)
-    out = pipe("a", image=init_image(), mask_image=left_half_mask(), num_inference_steps=2, height=32, width=32)
-    assert out.images[0].size == (32, 32)
+    call = dict(**CALL, image=init_image(), mask_image=left_half_mask(), num_inference_steps=2, output_type="np")
+    ours = pipe(**call, mask_blur=0, paste_back=False, generator=seeded(1)).images
+    # diffusers opens the folder as its inpainting pipeline, which samples the same image
+    theirs = DiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    assert type(theirs) is StableDiffusionInpaintPipeline
+    theirs.set_progress_bar_config(disable=True)
+    assert np.abs(ours - theirs(**call, generator=seeded(1)).images).max() <= 1e-4
+
+
+def test_create_model_writes_a_tiny_inpaint_folder_that_training_refuses(tmp_path):
+    from ldm.cli import main
+    from ldm.training.ldm_config import TrainLDMConfig
+    from ldm.training.train_ldm import build_models
+
+    folder = tmp_path / "inpaint"
+    assert main(["create-model", "--model", "tiny-inpaint", "--out", str(folder)]) == 0
     for model in ("tiny-inpaint", str(folder)):
         with pytest.raises(ValueError, match=r"`ldm train` trains text-to-image models, and this one is an "
                                              r"inpainting model \(9 input channels"):
