@@ -270,6 +270,7 @@ def test_the_page_uploads_an_image_for_img2img_and_paints_a_mask_for_inpainting(
     form = sent_forms(browser)[-1]
     assert form["strength"] == "0.6" and "mask" not in form and decoded(form["init_image"]).shape == (32, 48, 3)
     assert img2img["size"] == (48, 32) and img2img["params"]["strength"] == 0.6 and "mask" not in img2img["params"]
+    assert "img2img at strength 0.6" in browser.find_element("id", "generate-status").text
 
     Select(browser.find_element("id", "mode")).select_by_value("inpaint")
     canvas = browser.find_element("id", "mask-canvas")
@@ -286,6 +287,7 @@ def test_the_page_uploads_an_image_for_img2img_and_paints_a_mask_for_inpainting(
     assert mask.shape == (32, 48) and mask.max() == 255 and mask.min() == 0
     assert (mask[:, 24:] == 0).all() and (mask[4:28, 4] == 255).all()  # painted on the left only
     params = inpainted["params"]
+    assert "inpainting at strength 0.6" in browser.find_element("id", "generate-status").text
     assert params["mask"].endswith(".png") and (params["mask_blur"], params["masked_content"]) == (4, "original")
     assert np.array_equal(np.asarray(PIL.Image.open(params["mask"])), mask)  # the server got the mask painted
     shown = browser.execute_script("const c = document.getElementById('mask-canvas'); return [...c.getContext('2d')"

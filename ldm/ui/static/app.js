@@ -63,7 +63,9 @@ async function generate() {
         <a href="${image.path}" download="ldm-${image.seed}.png">download PNG</a></figcaption>`;
       $("gallery").appendChild(figure);
     }
-    say("generate-status", `${result.images.length} image(s), ${result.params.scheduler}, ${result.params.steps} steps`);
+    const p = result.params, how = p.mask ? `inpainting at strength ${p.strength}, ` :
+      p.init_image ? `img2img at strength ${p.strength}, ` : "";
+    say("generate-status", `${result.images.length} image(s), ${how}${p.scheduler}, ${p.steps} steps`);
     showInside(result.inside);
   } catch (e) {
     say("generate-status", e.message, true);
