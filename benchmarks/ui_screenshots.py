@@ -5,7 +5,9 @@
 starts `ldm ui --model MODEL --runs RUNS` on a free localhost port, opens the URL the server prints (with its
 token, if it prints one) in Debian's headless Chromium (apt-get install chromium chromium-driver), types a prompt
 the demo model knows, generates, visits each tab (Generate, Inside the sampler, Training runs, Diagnose) and
-writes generate.png, inside.png, runs.png and diagnose.png into --out (default benchmarks/figures/ui).
+writes generate.png, inside.png, runs.png and diagnose.png into --out (default benchmarks/figures/ui). Then it
+inpaints: it uploads the first generated image, paints a mask over its right half with the mouse, generates with
+--edit-prompt and writes edit.png (the image, the mask over it, the settings and the results).
 """
 import argparse
 import os
@@ -27,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a trained pipeline folder, e.g. runs/demo/pipeline")
     p.add_argument("--runs", required=True, help="a folder of training runs, e.g. runs/demo (its ldm_run, vae_run)")
     p.add_argument("--prompt", default="a red circle on the left")
+    p.add_argument("--edit-prompt", default="a blue square on the right",
+                   help="the prompt that repaints the right half of the first image (edit.png)")
     p.add_argument("--out", default=os.path.join(HERE, "figures", "ui"))
     p.add_argument("--work", default=None, help="where the page writes its PNGs (default: a temporary folder)")
     args = p.parse_args(argv)
@@ -156,6 +160,36 @@ def take(browser, url: str, args) -> None:
     save(browser, args.out, "diagnose")
 
 
+def take_edit(browser, args, work: str) -> None:
+    """Inpaints the first generated image: uploads it, paints over its right half, generates, saves edit.png."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    first = sorted(f for f in os.listdir(work) if f.endswith(".png"))[0]
+    browser.find_element(By.ID, "tab-generate").click()
+    before = browser.find_element(By.CSS_SELECTOR, "#gallery img.result").get_attribute("src")
+    browser.find_element(By.ID, "init-image-input").send_keys(os.path.join(work, first))
+    wait_for(browser, "document.getElementById('init-preview').naturalWidth > 0")
+    Select(browser.find_element(By.ID, "mode")).select_by_value("inpaint")
+    fill(browser, {"prompt": args.edit_prompt, "mask_blur": "4"})
+    browser.execute_script("for (const [id, v] of [['strength', 0.9], ['brush-size', 64]]) {"
+                           "const s = document.getElementById(id); s.value = v; s.dispatchEvent(new Event('input')); }")
+    canvas = browser.find_element(By.ID, "mask-canvas")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)  # the mouse moves in view only
+    width, height = canvas.size["width"], canvas.size["height"]
+    strokes = ActionChains(browser)
+    for y in range(-height // 2 + 24, height // 2 - 16, 48):  # offsets from the canvas's centre: its right half
+        strokes.move_to_element_with_offset(canvas, 24, y).click_and_hold().move_by_offset(width // 2 - 48, 0).release()
+    strokes.perform()
+    browser.find_element(By.ID, "generate-button").click()
+    wait_for(browser, f"[...document.querySelectorAll('#gallery img.result')].length >= 4 && "
+                      f"document.querySelector('#gallery img.result').src !== {before!r} && "
+                      "[...document.querySelectorAll('#gallery img.result')].every(i => i.complete && i.naturalWidth)")
+    browser.execute_script("window.scrollTo(0, 0)")
+    save(browser, args.out, "edit")
+
+
 def main(argv=None) -> None:
     import tempfile
 
@@ -168,6 +202,7 @@ def main(argv=None) -> None:
     try:
         browser = open_browser()
         take(browser, url, args)
+        take_edit(browser, args, work)
     finally:
         if browser is not None:
             browser.quit()

@@ -14,6 +14,7 @@ from ldm.images import read_png_params
 from ldm.ui.generate import generate, read_png_form
 from ldm.ui.jobs import Jobs
 from ldm.ui.models import ModelCache
+from ui_helpers import chromium, free_port, get, screenshot, serve_ui, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FORM = {"prompt": "a red circle on the left", "steps": "4", "seed": "7", "width": "32", "height": "32"}
@@ -211,116 +212,18 @@ def test_diagnose_runs_on_the_cached_model_with_progress(cache, tiny_folder, tmp
 
 # ---------------------------------------------------------------------------------------------- the page in a browser
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    """Returns (status, body) of a GET (or a POST of data), errors included."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers or {}), timeout=30) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-class Server:
-    """A running `ldm ui`: the URL it printed (with its token), and requests that carry the token."""
-
-    def __init__(self, page: str):
-        import urllib.parse
-
-        self.page = page
-        parts = urllib.parse.urlsplit(page)
-        self.url, self.token = f"{parts.scheme}://{parts.netloc}", urllib.parse.parse_qs(parts.query)["token"][0]
-
-    def get(self, path: str, data: bytes | None = None) -> tuple[int, bytes]:
-        return get(self.url + path, data, {"X-LDM-Token": self.token})
-
-
 @pytest.fixture(scope="module")
 def server(tiny_folder, tmp_path_factory):
-    """`ldm ui` on a free localhost port with the tiny model and two runs; yields it as a Server, from the URL it
-    printed on a line of its own."""
-    import re
-    import subprocess
-    import sys
-    import time
-
+    """`ldm ui` on a free localhost port with the tiny model and two runs (ui_helpers.serve_ui)."""
     root = tmp_path_factory.mktemp("ui")
     write_train_run(root / "runs" / "base")
     write_finetune_run(root / "runs" / "lora")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "ldm.cli", "ui", "--model", tiny_folder, "--port", str(port),
-                                "--runs", str(root / "runs"), "--out", str(root / "out")], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    printed = []
-    while not printed or not printed[-1].startswith("http"):
-        printed.append(process.stdout.readline())
-        if printed[-1] == "" and process.poll() is not None:
-            pytest.fail(f"ldm ui exited: {''.join(printed)}")
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # its request log must not fill the pipe
-    assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?token=[\w-]{{40,}}\n", printed[-1]), printed
-    server = Server(printed[-1].strip())
-    for _ in range(20):  # its first answer imports the pipelines: slow on a busy machine
-        try:
-            if server.get("/api/config")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.25)
-    yield server
-    process.terminate()
-    process.wait(timeout=30)
+    yield from serve_ui(tiny_folder, str(root / "runs"), str(root / "out"))
 
 
 @pytest.fixture(scope="module")
 def browser():
-    import shutil
-
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if chromium is None or not os.path.exists(driver):
-        pytest.fail("the browser test needs Debian's headless Chromium: apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver), options=options)
-    yield browser
-    browser.quit()
-
-
-def screenshot(browser, name: str, tmp_path) -> None:
-    """Saves the page to tmp_path, and as a small PNG to $LDM_UI_SCREENSHOTS (the web UI guide's) when it is set."""
-    browser.save_screenshot(str(tmp_path / f"{name}.png"))
-    folder = os.environ.get("LDM_UI_SCREENSHOTS")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        image = PIL.Image.open(tmp_path / f"{name}.png").convert("RGB")
-        image.thumbnail((900, 900))
-        image.quantize(64).save(os.path.join(folder, f"{name}.png"), optimize=True)
-
-
-def wait_for(browser, condition: str, seconds: float = 60):
-    """Waits until the JavaScript expression is true; fails with the page's status line otherwise."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    try:
-        WebDriverWait(browser, seconds, poll_frequency=0.2).until(lambda b: b.execute_script(f"return {condition}"))
-    except TimeoutException:
-        status = browser.execute_script("return document.querySelector('.panel:not(.hidden) .status').textContent")
-        pytest.fail(f"timed out waiting for {condition}; the page says: {status}")
+    yield from chromium()
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Every route answers JSON; a request with a bad field answers 400 with {"error": 
 serving. Every request but the page's static code must name this server in its Host header (127.0.0.1, localhost,
 [::1] or the --host value, with the port: a DNS-rebound name is refused) and carry the launch's token (header
 X-LDM-Token, or ?token= in the page's and the images' URLs), or it answers 403: another web page the user visits
-can then neither drive the server nor read from it. Long work (generate, diagnose) starts a job and answers its
+can then neither drive the server nor read from it. The image to edit and the painted mask (img2img,
+inpainting) come inside the generate form's JSON as data URLs, a body of at most MAX_BODY_BYTES. Long work (generate, diagnose) starts a job and answers its
 id at once; the page polls /api/jobs/<id> for progress and the result, and POSTs /api/jobs/<id>/cancel. Files are
 served only when they are PNGs (images, plots, grids) in the output, work or runs folder.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ldm.ui.jobs import USER_ERRORS, Jobs, error_message
 from ldm.ui.models import ModelCache
+from ldm.ui.uploads import MAX_BODY_BYTES, MAX_UPLOAD_BYTES, too_large_message
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -115,6 +117,7 @@ def create_app(settings: UISettings, cache: ModelCache | None = None):
     from werkzeug.exceptions import HTTPException
 
     app = Flask("ldm.ui", static_folder=STATIC, static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # the uploads of img2img and inpainting (ldm.ui.uploads)
     roots = [settings.out, settings.work, settings.runs]
     os.makedirs(settings.out, exist_ok=True)
     reply = lambda value: app.response_class(json.dumps(with_urls(value, roots, settings.token)),  # noqa: E731
@@ -130,7 +133,7 @@ def create_app(settings: UISettings, cache: ModelCache | None = None):
     @app.errorhandler(Exception)
     def bad_request(e):  # a bad field (ValueError, FileNotFoundError) or a bug: a message, never a dead server
         if isinstance(e, HTTPException):
-            return jsonify(error=str(e)), e.code
+            return jsonify(error=too_large_message(request.content_length) if e.code == 413 else str(e)), e.code
         if not isinstance(e, USER_ERRORS):
             traceback.print_exc()
         return jsonify(error=error_message(e)), 400 if isinstance(e, USER_ERRORS) else 500
@@ -146,6 +149,7 @@ def create_app(settings: UISettings, cache: ModelCache | None = None):
 
         return jsonify(model=settings.model, runs=os.path.abspath(settings.runs), schedulers=list(SCHEDULERS),
                        fields=["prompt", *FIELDS], max_side=MAX_SIDE, max_images=MAX_IMAGES,
+                       max_upload_bytes=MAX_UPLOAD_BYTES,
                        recommended_guidance=recommended_guidance(settings.model))
 
     @app.get("/file")
@@ -173,9 +177,9 @@ def add_job_routes(app, settings: UISettings, cache: ModelCache, reply) -> None:
         form = request.get_json(force=True, silent=True)
         if not isinstance(form, dict):
             raise ValueError("the request body must be a JSON object of form fields")
-        generate.parse_form(form, settings.model)  # bad fields answer at once, before any job starts
+        parsed = generate.parse_form(form, settings.model)  # bad fields answer at once, before any job starts
         job = jobs.start("generate", lambda job: generate.generate(
-            form, cache, settings.out, job, settings.model, os.path.join(settings.work, f"job-{job.id}")))
+            parsed, cache, settings.out, job, settings.model, os.path.join(settings.work, f"job-{job.id}")))
         return jsonify(job=job.id)
 
     @app.post("/api/diagnose")

@@ -54,7 +54,7 @@ async function generate() {
   for (const f of FIELDS) if ($(f).value.trim() !== "") form[f] = $(f).value.trim();
   $("generate-button").disabled = true;
   try {
-    const result = await runJob("generate", form);
+    const result = await runJob("generate", {...form, ...editForm()});  // editForm: edit.js
     $("gallery").innerHTML = "";
     for (const image of result.images) {
       const figure = document.createElement("figure");
@@ -63,7 +63,9 @@ async function generate() {
         <a href="${image.path}" download="ldm-${image.seed}.png">download PNG</a></figcaption>`;
       $("gallery").appendChild(figure);
     }
-    say("generate-status", `${result.images.length} image(s), ${result.params.scheduler}, ${result.params.steps} steps`);
+    const p = result.params, how = p.mask ? `inpainting at strength ${p.strength}, ` :
+      p.init_image ? `img2img at strength ${p.strength}, ` : "";
+    say("generate-status", `${result.images.length} image(s), ${how}${p.scheduler}, ${p.steps} steps`);
     showInside(result.inside);
   } catch (e) {
     say("generate-status", e.message, true);
@@ -111,6 +113,7 @@ async function fillFromPng(file) {
   try {
     const fields = await api("/api/params", {method: "POST", body: file});
     for (const f of FIELDS) $(f).value = fields[f] ?? (f === "prompt" || f === "model" ? $(f).value : "");
+    fillEditFields(fields);
     say("generate-status", `form filled from ${file.name}`);
   } catch (e) {
     say("generate-status", e.message, true);
@@ -199,6 +202,7 @@ async function init() {
     if ($("run-auto").checked && !$("runs").classList.contains("hidden")) showRun();
   }, 5000);
   const config = await api("/api/config");
+  initEdit(config);
   for (const name of config.schedulers) $("scheduler").add(new Option(name, name));
   $("model").value = config.model || "";
   $("diag-model").value = config.model || "";
