@@ -96,7 +96,7 @@ def plan(command: str) -> str:
         return re.sub(r"checkpoint-\d{8}", "checkpoint-00000002", f"{command} {TINY_TRAINING}")
     if words[:2] == ["ldm", "generate"]:
         return re.sub(r"checkpoint-\d{8}", "checkpoint-00000002", command)  # the shortened run's checkpoint
-    if words[:2] in (["ldm", "diagnose"], ["python", "-c"]) or " ".join(words[:2]) in SERVERS:
+    if words[:2] in (["ldm", "diagnose"], ["ldm", "convert"], ["python", "-c"]) or " ".join(words[:2]) in SERVERS:
         return command
     raise AssertionError(f"README command {command!r} is run neither by .ci/run nor by tests/test_readme.py: "
                          "add a rule to plan() (and run it in test_readme_commands_run) or drop it from the README")
