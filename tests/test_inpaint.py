@@ -204,6 +204,9 @@ def test_generate_cli_img2img_and_inpainting_record_their_parameters(tiny_folder
     (["--init-image", "{tmp}/text.png"], "is not an image PIL can read"),
     (["--mask", "{tmp}/mask.png"], "mask (--mask) needs an init image to repaint: add --init-image PATH"),
     (["--init-image", "{tmp}/in.png", "--mask", "{tmp}/wide.png"], "mask is 64x32 pixels but the init image is 32x32"),
+    (["--strength", "0.5"], "--strength acts on --init-image, which is not given"),  # not ignored without a word
+    (["--init-image", "{tmp}/in.png", "--mask-blur", "2"], "--mask-blur acts on --mask, which is not given"),
+    (["--init-image", "{tmp}/in.png", "--no-paste-back"], "--no-paste-back acts on --mask, which is not given"),
 ])
 def test_generate_cli_refuses_bad_images_before_loading_the_model(tmp_path, capsys, extra, message):
     from ldm.cli import main

@@ -65,16 +65,35 @@ def add_edit_arguments(p):
     R = GenerateRequest.RANGES
     p.add_argument("--init-image", default=None, metavar="PATH",
                    help="img2img: start from this image (PNG/JPEG; the output takes its size unless --height/--width)")
-    p.add_argument("--strength", type=float_in(R["strength"]), default=0.75,
-                   help="with --init-image: how much to change it, 0 = not at all, 1 = drawn anew")
+    d = GenerateRequest  # its defaults; a flag left out is None here, so that one given without its image is refused
+    p.add_argument("--strength", type=float_in(R["strength"]), default=None,
+                   help=f"with --init-image: how much to change it, 0 = not at all, 1 = drawn anew (default {d.strength})")
     p.add_argument("--mask", default=None, metavar="PATH",
                    help="inpainting, with --init-image: white pixels are repainted, black ones kept")
-    p.add_argument("--mask-blur", type=int_in(R["mask_blur"]), default=4,
-                   help="pixels of Gaussian feathering of the mask's edge (0 = off)")
-    p.add_argument("--masked-content", choices=MASKED_CONTENT, default="original",
-                   help="what the masked area starts from: the re-noised image, or noise alone")
-    p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
-                   help="keep the model's pixels outside the mask too (default: the init image's are pasted back)")
+    p.add_argument("--mask-blur", type=int_in(R["mask_blur"]), default=None,
+                   help=f"with --mask: pixels of Gaussian feathering of the mask's edge, 0 = off (default {d.mask_blur})")
+    p.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
+                   help="with --mask: what the masked area starts from, the re-noised image (original, the default) "
+                        "or noise alone")
+    p.add_argument("--no-paste-back", dest="paste_back", action="store_const", const=False, default=None,
+                   help="with --mask: keep the model's pixels outside the mask too (default: the init image's are "
+                        "pasted back)")
+
+
+# request field -> (its flag, the field it acts on)
+EDIT_FLAGS = {"strength": ("--strength", "init_image"), "mask_blur": ("--mask-blur", "mask"),
+              "masked_content": ("--masked-content", "mask"), "paste_back": ("--no-paste-back", "mask")}
+
+
+def edit_values(args) -> dict:
+    """Returns the editing flags given, by request field; raises ValueError for one given without the image or
+    mask it acts on (it would otherwise be ignored without a word)."""
+    needs = {"init_image": "--init-image PATH", "mask": "--mask PATH"}
+    for name, (flag, needed) in EDIT_FLAGS.items():
+        if getattr(args, name) is not None and getattr(args, needed) is None:
+            raise ValueError(f"{flag} acts on {needs[needed].split()[0]}, which is not given; add {needs[needed]} "
+                             f"or drop {flag}")
+    return {name: getattr(args, name) for name in EDIT_FLAGS if getattr(args, name) is not None}
 
 
 def add_guidance_method_arguments(p):
@@ -102,7 +121,8 @@ def request_from_args(args):
     """Returns the GenerateRequest the flags describe: each flag's destination names the request's field."""
     from ldm.pipelines.generate import GenerateRequest
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateRequest)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateRequest) if f.name not in EDIT_FLAGS}
+    values.update(edit_values(args))
     if values["guidance_interval"] is not None:
         values["guidance_interval"] = tuple(values["guidance_interval"])
     return GenerateRequest(**values)
