@@ -67,11 +67,13 @@ def add_edit_arguments(p):
                    help="img2img: start from this image (PNG/JPEG; the output takes its size unless --height/--width)")
     d = GenerateRequest  # its defaults; a flag left out is None here, so that one given without its image is refused
     p.add_argument("--strength", type=float_in(R["strength"]), default=None,
-                   help=f"with --init-image: how much to change it, 0 = not at all, 1 = drawn anew (default {d.strength})")
+                   help=f"with --init-image: how much to change it, 0 = not at all, 1 = drawn anew "
+                        f"(default {d.strength})")
     p.add_argument("--mask", default=None, metavar="PATH",
                    help="inpainting, with --init-image: white pixels are repainted, black ones kept")
     p.add_argument("--mask-blur", type=int_in(R["mask_blur"]), default=None,
-                   help=f"with --mask: pixels of Gaussian feathering of the mask's edge, 0 = off (default {d.mask_blur})")
+                   help=f"with --mask: pixels of Gaussian feathering of the mask's edge, 0 = off "
+                        f"(default {d.mask_blur})")
     p.add_argument("--masked-content", choices=MASKED_CONTENT, default=None,
                    help="with --mask: what the masked area starts from, the re-noised image (original, the default) "
                         "or noise alone")
