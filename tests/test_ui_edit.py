@@ -132,6 +132,16 @@ def test_an_inpainting_model_inpaints_from_the_page_and_says_what_it_needs(cache
     assert state["status"] == "error" and "inpainting model (9 input channels)" in state["error"]
 
 
+def test_a_single_file_checkpoint_serves_the_page_as_its_folder_does(tiny_folder, cache, tmp_path):
+    from ldm import Pipeline
+
+    file = Pipeline.from_pretrained(tiny_folder).save_single_file(tmp_path / "tiny.safetensors")
+    pages = Page(tmp_path, str(file), cache), Page(tmp_path, tiny_folder, cache)
+    from_file, from_folder = (page.path(page.generate(FORM)["images"][0]["path"]) for page in pages)
+    assert from_file != from_folder
+    assert np.array_equal(np.asarray(PIL.Image.open(from_file)), np.asarray(PIL.Image.open(from_folder)))
+
+
 def test_a_dropped_inpainting_png_fills_the_edit_settings_back(tiny_folder, cache, tmp_path):
     from ldm.ui.generate import read_png_form
 

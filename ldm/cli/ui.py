@@ -8,6 +8,8 @@ Needs the ui extra: pip install -c configs/constraints.txt -e ".[ui]"
 """
 from __future__ import annotations
 
+import os
+
 from ldm.ranges import int_in
 
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     from ldm.folders import check_model_folder
     from ldm.ui.server import UISettings, serve
 
-    if args.model:
+    if args.model and not os.path.isfile(args.model):  # a single-file checkpoint loads as `ldm generate` loads it
         check_model_folder(args.model)  # as `ldm generate` does: a missing folder or component stops here
     serve(UISettings(model=args.model, runs=args.runs, out=args.out), args.host, args.port)
     return 0

@@ -44,9 +44,10 @@ class ModelCache:
         """Returns the loaded model, reading the folder (and LoRA file) only the first time they are asked for."""
         from ldm.pipelines.generate import load_pipeline
 
-        if not os.path.isfile(os.path.join(model, "model_index.json")):
+        if not os.path.isfile(os.path.join(model, "model_index.json")) and not os.path.isfile(model):
             raise FileNotFoundError(f"model folder {model!r} does not exist or has no model_index.json; pass a "
-                                    "folder written by `ldm train`, `ldm create-model` or `ldm finetune`")
+                                    "folder written by `ldm train`, `ldm create-model` or `ldm finetune`, or a "
+                                    "single-file checkpoint (.safetensors)")
         lora_key = (os.path.realpath(lora), os.path.getmtime(lora), lora_scale) if lora else None
         key = (os.path.realpath(model), lora_key, device, str(dtype))
         with self._lock:  # one load at a time: two tabs asking for a new folder at once read it once
