@@ -131,6 +131,7 @@ def prepare_call(pipe, image, mask_image, strength, mask_blur, masked_content: s
     return prepare_edit(pipe, image, mask_image, height, width, strength, mask_blur, masked_content,
                         paste_back), height, width
 
+
 @dataclass
 class Edit:
     """One call's edit: the init image and mask, preprocessed, and (after initial_latents) their latents.
