@@ -39,7 +39,7 @@ def test_edit_report_has_a_row_per_strength_and_variant_with_a_held_out_target(e
     assert [r["strength"] for r in report["img2img"]] == list(edit_report.STRENGTHS)
     assert [r["variant"] for r in report["inpainting"]] == [v[0] for v in edit_report.INPAINT_VARIANTS]
     assert set(report["img2img"][0]) == {"strength", "target_colour", "keeps_shape_and_position", "all", "blob_iou",
-                                         "mean_abs_pixel_diff"}
+                                         "mean_abs_pixel_diff", "mean_abs_diff_background"}
     assert report["targets"] == ["a green square at the left"]  # red -> green, held-out wording 0: (template 0, phrase 2)
     assert len(images["img2img"][0.6]) == len(images["inpainted"]) == 1
 
@@ -79,3 +79,16 @@ def test_edit_report_mask_covers_the_source_blob_grown_by_the_margin(edit_report
     assert (ys.min(), xs.min()) == (max(bys.min() - margin, 0), max(bxs.min() - margin, 0))
     assert (ys.max(), xs.max()) == (min(bys.max() + margin, 31), min(bxs.max() + margin, 31))
     assert mask.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one filled box
+
+
+def test_edit_report_writes_the_plot_grid_and_tables(edit_report, measured, tmp_path):
+    from PIL import Image
+
+    _, source, report, images = measured
+    edit_report.plot_strength(report["img2img"], str(tmp_path / "strength.png"))
+    edit_report.example_grid(images, edit_report.EXAMPLE_STRENGTHS, 6, str(tmp_path / "examples.png"), scale=1)
+    with Image.open(tmp_path / "examples.png") as grid:  # one scene: one row of source, strengths, mask, inpainted
+        assert grid.size == ((len(edit_report.EXAMPLE_STRENGTHS) + 3) * (source.width + 2), source.height + 2)
+    assert (tmp_path / "strength.png").stat().st_size > 0
+    text = edit_report.tables({"scenes": 1, "sources_graded_right": 1, **report})
+    assert text.count("\n| ") == len(report["img2img"]) + len(report["inpainting"]) + 2  # rows and two headers
