@@ -46,15 +46,18 @@ INPAINT_VARIANTS = (
 
 def parse_args(argv=None):
     from ldm.flags import FlagParser
+    from ldm.pipelines.checks import CALL_RANGES
+    from ldm.ranges import float_in, int_in
 
     p = FlagParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a pipeline folder (the shapes demo: runs/demo/pipeline)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "edit"), help="folder of report.json")
     p.add_argument("--figures", default=os.path.join(HERE, "figures", "edit"), help="folder of the PNGs")
-    p.add_argument("--num-scenes", type=int, default=24, help="scenes sampled as sources (1 to 90)")
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps of every sample and edit")
-    p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0, help="scene i is sampled and edited with seed + i")
+    p.add_argument("--num-scenes", type=int_in("[1, 90]"), default=24, help="scenes sampled as sources (eval_scenes)")
+    p.add_argument("--steps", type=int_in(CALL_RANGES["num_inference_steps"]), default=30,
+                   help="DDIM steps of every sample and edit")
+    p.add_argument("--guidance-scale", type=float_in(CALL_RANGES["guidance_scale"]), default=4.0)
+    p.add_argument("--seed", type=int_in("[0, 1e9]"), default=0, help="scene i is sampled and edited with seed + i")
     return p.parse_args(argv)
 
 
