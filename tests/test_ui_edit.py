@@ -156,6 +156,20 @@ def test_a_dropped_inpainting_png_fills_the_edit_settings_back(tiny_folder, cach
     assert "init_image" not in fields and "mask" not in fields  # the page uploads those again
 
 
+def test_the_prompt_options_go_from_the_page_to_the_png_and_back(tiny_folder, cache, tmp_path):
+    from ldm.ui.generate import read_png_form
+
+    page, prompt = Page(tmp_path, tiny_folder, cache), "a (red:1.5) circle on the left"
+    a1111, plain = (page.path(page.generate({**FORM, "prompt": prompt, **options})["images"][0]["path"])
+                    for options in ({}, {"prompt_syntax": "plain", "long_prompts": "truncate"}))
+    assert not np.array_equal(np.asarray(PIL.Image.open(a1111)), np.asarray(PIL.Image.open(plain)))
+    with open(plain, "rb") as f:
+        fields = read_png_form(f.read())
+    assert (fields["prompt_syntax"], fields["long_prompts"]) == ("plain", "truncate")
+    response = page.post({**FORM, "prompt_syntax": "sd"})
+    assert response.status_code == 400 and "'sd' is not one of a1111, plain" in response.json["error"]
+
+
 def test_a_bad_upload_is_refused_with_a_message_and_the_server_goes_on(tiny_folder, cache, tmp_path):
     from ldm.ui.uploads import MAX_BODY_BYTES, MAX_UPLOAD_BYTES
 

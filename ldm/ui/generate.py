@@ -18,7 +18,8 @@ from ldm.ui.uploads import UPLOADS, decode_uploads, save_uploads
 
 # The form's fields besides the prompt: GenerateRequest fields, each the `ldm generate` flag of the same name
 FIELDS = ("negative_prompt", "scheduler", "steps", "guidance_scale", "guidance_rescale", "seed", "height", "width",
-          "num_images", "lora", "lora_scale", "model", "strength", "mask_blur", "masked_content", "paste_back")
+          "num_images", "lora", "lora_scale", "model", "strength", "mask_blur", "masked_content", "paste_back",
+          "prompt_syntax", "long_prompts")
 TRUE, FALSE = ("true", "1", "on", "yes"), ("false", "0", "off", "no")
 # Bounds of the page beyond the command's: a request that would run for hours or exhaust memory is refused
 MAX_SIDE = 2048

@@ -3,7 +3,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const FIELDS = ["prompt", "negative_prompt", "scheduler", "steps", "guidance_scale", "guidance_rescale", "seed",
-                "width", "height", "num_images", "lora", "lora_scale", "model"];
+                "width", "height", "num_images", "lora", "lora_scale", "model", "prompt_syntax", "long_prompts"];
 let inside = null, runTimer = null, playTimer = null;
 // The launch's token, from the URL `ldm ui` printed (/?token=...): every API call sends it; the server writes it
 // into the image URLs it answers, which an <img> fetches without headers.
@@ -112,7 +112,9 @@ function drawHistogram(canvas, edges, series) {
 async function fillFromPng(file) {
   try {
     const fields = await api("/api/params", {method: "POST", body: file});
-    for (const f of FIELDS) $(f).value = fields[f] ?? (f === "prompt" || f === "model" ? $(f).value : "");
+    // a field the PNG does not record takes its default: empty, or a select's first option
+    const empty = (f) => ($(f).tagName === "SELECT" ? $(f).options[0].value : "");
+    for (const f of FIELDS) $(f).value = fields[f] ?? (f === "prompt" || f === "model" ? $(f).value : empty(f));
     fillEditFields(fields);
     say("generate-status", `form filled from ${file.name}`);
   } catch (e) {
