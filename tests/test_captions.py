@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import json
 import os
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -319,3 +320,20 @@ def test_finetune_shuffles_the_instance_captions_keeping_the_instance_prompt(tin
     captions = [c for _, out in calls for c in out]
     assert len(calls) == 4 and all(split_tags(c)[0] == "sks art" for c in captions)  # one batch per step
     assert len({tuple(split_tags(c)[2:]) for c in captions}) > 1  # the other tags move
+
+
+def test_a_caption_past_the_text_window_is_cut_with_one_warning(tiny_step):
+    accelerator, parts, _ = tiny_step
+    embed = step.TextEmbedder(parts["text_encoder"], parts["tokenizer"])
+    short = ["a red circle on the left"]
+    long = ["a red circle on the left, " * 20 + "and a green square at last"]  # past 75 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embed(short, accelerator.device)  # within the window: no warning
+    with pytest.warns(UserWarning, match=r"more than the 75 tokens the text encoder reads.*a red circle on the left"):
+        cut = embed(long, accelerator.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = embed(long, accelerator.device)  # once per run
+    head = parts["tokenizer"].decode(parts["tokenizer"](long).input_ids[0][1:76])
+    assert torch.equal(cut, again) and torch.equal(cut, embed([head], accelerator.device))  # its first window

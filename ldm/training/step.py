@@ -8,6 +8,7 @@ ldm.models.denoiser, so the same step trains a UNet or a transformer.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +47,25 @@ class TextEmbedder:
 
     def __init__(self, text_encoder, tokenizer, cache: bool = False):
         self.text_encoder, self.tokenizer, self.cache = text_encoder, tokenizer, {} if cache else None
+        self.warned_cut = False  # a caption past the text encoder's window is cut, with one warning per run
 
     def _encode(self, captions: list[str], device) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+        window = self.tokenizer.model_max_length
+        if not self.warned_cut:
+            self._warn_if_cut(captions, window)
+        ids = self.tokenizer(captions, padding="max_length", max_length=window,
                              truncation=True, return_tensors="pt").input_ids  # (B, 77)
         return self.text_encoder(ids.to(device))[0]  # (B, 77, D)
+
+    def _warn_if_cut(self, captions: list[str], window: int) -> None:
+        """Warns, once, when a caption has more tokens than the text encoder reads: training sees its first
+        window only (as Stable Diffusion's training does), where sampling reads long prompts whole."""
+        cut = [c for c, ids in zip(captions, self.tokenizer(captions, verbose=False).input_ids) if len(ids) > window]
+        if cut:
+            self.warned_cut = True
+            warnings.warn(f"a caption has more than the {window - 2} tokens the text encoder reads, and training "
+                          f"sees only its first {window - 2}: {cut[0][:120]!r}; shorten such captions (this "
+                          "warning shows once per run)", stacklevel=3)
 
     def __call__(self, captions: list[str], device, cacheable: list[bool] | None = None) -> torch.Tensor:
         """Returns the embeddings (B, 77, D); `cacheable` (default all) says which captions may use the cache."""
