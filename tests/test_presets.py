@@ -44,8 +44,41 @@ def test_sd21_sizes_on_meta_device():
         assert count_parameters(build_text_encoder(spec)) == 340_387_840
 
 
+def test_sdxl_has_the_base_models_sizes_on_meta_device():
+    """stabilityai/stable-diffusion-xl-base-1.0: UNet, VAE, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (+ projection)."""
+    from accelerate import init_empty_weights
+
+    from ldm.models.presets import build_text_encoder_2
+
+    spec = get_spec("sdxl")
+    with init_empty_weights():
+        assert count_parameters(build_unet(spec)) == 2_567_463_684
+        assert count_parameters(build_vae(spec)) == 83_653_863
+        assert count_parameters(build_text_encoder(spec)) == 123_060_480
+        assert count_parameters(build_text_encoder_2(spec)) == 694_659_840
+    assert spec.vae["scaling_factor"] == 0.13025 and spec.resolution // spec.vae_scale_factor == 128
+    assert spec.unet["cross_attention_dim"] == 768 + 1280 and spec.is_sdxl and not get_spec("sd15").is_sdxl
+
+
+def test_sdxl_tiny_builds_both_tokenizers_and_encoders_offline():
+    from ldm.models import sdxl
+    from ldm.models.denoiser import denoise
+
+    parts = build_components("sdxl-tiny")
+    ids_1 = parts["tokenizer"]("a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids_2 = parts["tokenizer_2"]("a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids_1[0, -1] == 49407 and ids_2[0, -1] == 0  # padded with <|endoftext|> and with "!", as SDXL's are
+    context, pooled = sdxl.encode_text(parts["text_encoder"], parts["text_encoder_2"], ids_1, ids_2)
+    assert context.shape == (1, 77, 64) and pooled.shape == (1, 32)
+    x = torch.randn(1, 4, 8, 8)
+    out = denoise(parts["unet"], x, torch.tensor([10]), context, pooled, sdxl.time_ids((64, 64), (0, 0), (64, 64))[None])
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="time_ids"):
+        denoise(parts["unet"], x, torch.tensor([10]), context)
+
+
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd15-inpaint', 'sd21', 'small', 'small-photo', 'small-photo-deep', 'tiny', 'tiny-inpaint'\]"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'huge'; choose one of \[.*'sd15', 'sd15-inpaint', 'sd21', 'sdxl', 'sdxl-tiny', 'small', 'small-photo', 'small-photo-deep', 'tiny', 'tiny-inpaint'\]"):
         get_spec("huge")
     assert set(MODEL_PRESETS) >= {"tiny", "small", "sd15"}
 

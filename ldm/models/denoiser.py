@@ -1,6 +1,6 @@
 """The denoiser interface: every backbone is called as
 
-    denoise(model, latents, time, text_context, pooled_text=None) -> prediction   # (B, C, h, w)
+    denoise(model, latents, time, text_context, pooled_text=None, time_ids=None) -> prediction   # (B, C, h, w)
 
 so that the training step, the pipeline and the diagnostics never know which backbone they hold. A backbone of our
 own (ldm.models.dit.LatentDiT) implements `forward(latents, time, text_context, pooled_text=None)` and returns the
@@ -15,12 +15,19 @@ from typing import Callable
 import torch
 
 
-def _unet(model, latents, time, text_context, pooled_text=None, **kwargs):
-    # UNet2DConditionModel: cross-attention over the token embeddings; SD 1.x/2.x use no pooled text
+def _unet(model, latents, time, text_context, pooled_text=None, time_ids=None, **kwargs):
+    # UNet2DConditionModel: cross-attention over the token embeddings; SD 1.x/2.x use no pooled text. SDXL's
+    # ("text_time") adds the pooled text (B, D2) and the size/crop numbers time_ids (B, 6) to the time embedding.
+    if _unwrapped(model).config.addition_embed_type == "text_time":
+        if pooled_text is None or time_ids is None:
+            raise ValueError("this UNet is SDXL's (addition_embed_type='text_time'): it needs pooled_text (B, D) and "
+                             "time_ids (B, 6) = original size, crop top-left, target size (ldm.models.sdxl)")
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled_text, "time_ids": time_ids}
     return model(latents, time, encoder_hidden_states=text_context, return_dict=False, **kwargs)[0]
 
 
-def _pixart(model, latents, time, text_context, pooled_text=None, cross_attention_kwargs=None, **kwargs):
+def _pixart(model, latents, time, text_context, pooled_text=None, time_ids=None, cross_attention_kwargs=None,
+            **kwargs):
     # PixArtTransformer2DModel: cross-attention to the projected tokens, adaLN-single from the timestep (B,);
     # it has no LoRA scale of its own, so cross_attention_kwargs={"scale": s} is applied here
     from diffusers.utils import scale_lora_layers, unscale_lora_layers
@@ -43,6 +50,11 @@ COMPONENT: dict[str, str] = {"UNet2DConditionModel": "unet", "LatentDiT": "trans
 BACKBONES = ("unet", "transformer")  # the model folder's possible denoiser subfolders
 
 
+def _unwrapped(model) -> torch.nn.Module:
+    """Returns the module inside a DDP / torch.compile wrapper (or the module itself)."""
+    return getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+
+
 def _adapter(model) -> Callable | None:
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
@@ -51,18 +63,18 @@ def _adapter(model) -> Callable | None:
 
 
 def denoise(model, latents: torch.Tensor, time: torch.Tensor, text_context: torch.Tensor,
-            pooled_text: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+            pooled_text: torch.Tensor | None = None, time_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Returns the backbone's prediction for noised latents (B, C, h, w) at `time` given the text tokens'
-    embeddings (B, L, D) and, for backbones that use it, the pooled text embedding (B, D).
+    embeddings (B, L, D) and, for backbones that use it, the pooled text embedding (B, D) and SDXL's
+    micro-conditioning time_ids (B, 6).
 
     `model` may be wrapped (DDP, torch.compile): the call goes through the wrapper, so gradients sync. Keyword
     arguments go to the backbone as they are (e.g. the UNet's cross_attention_kwargs={"scale": ...} for LoRA).
     """
-    plain = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
-    adapter = _adapter(plain)
+    adapter = _adapter(_unwrapped(model))
     if adapter is None:
         return model(latents, time, text_context, pooled_text, **kwargs)
-    return adapter(model, latents, time, text_context, pooled_text, **kwargs)
+    return adapter(model, latents, time, text_context, pooled_text, time_ids, **kwargs)
 
 
 def denoiser_of(parts) -> torch.nn.Module:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 
 @dataclass
@@ -30,11 +30,22 @@ class ModelSpec:
     token_embedding_std: float | None = None       # re-initialise the text encoder's token table N(0, std^2)
     transformer: dict | None = None                # the transformer backbone's kwargs (instead of `unet`)
     transformer_class: str = "LatentDiT"           # or "PixArtTransformer2DModel" (diffusers')
+    # SDXL's second text encoder (CLIPTextModelWithProjection kwargs): its penultimate hidden states are
+    # concatenated to the first's, and its projected pooled embedding plus the size/crop micro-conditioning
+    # (time_ids) reach the UNet's time embedding (Podell et al. 2023, arXiv:2307.01952, Sec. 2.2)
+    text_encoder_2: dict | None = None
+    tokenizer_2_pad_token: str = "!"
+    force_zeros_for_empty_prompt: bool = True     # SDXL base: an empty negative prompt is zeros, not encoded ""
 
     @property
     def backbone(self) -> str:
         """The denoiser's folder name: "unet" or "transformer"."""
         return "unet" if self.unet is not None else "transformer"
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders, a pooled text embedding and micro-conditioning: the SDXL family."""
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -146,6 +157,50 @@ def sd21() -> ModelSpec:
     )
 
 
+def sdxl() -> ModelSpec:
+    """Stable Diffusion XL base 1.0's architecture: 1024 px -> 4x128x128 latents; CLIP ViT-L/14 (768) and OpenCLIP
+    ViT-bigG/14 with projection (1280) read at their penultimate layers and concatenated (77x2048); the UNet's
+    time embedding adds bigG's pooled embedding and six size/crop numbers (each 256 sinusoidal channels).
+    The VAE is SD's architecture with SDXL's scaling factor."""
+    return ModelSpec(
+        name="sdxl", resolution=1024,
+        unet=dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                  cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=1280 + 6 * 256),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025,
+                 force_upcast=True),
+        text_encoder=_clip_text(hidden=768, layers=12, heads=12, intermediate=3072),
+        text_encoder_2=_clip_text(hidden=1280, layers=32, heads=20, intermediate=5120, act="gelu",
+                                  projection_dim=1280, pad_token_id=0),
+        scheduler=_latent_scheduler(),
+    )
+
+
+def sdxl_tiny() -> ModelSpec:
+    """SDXL's structure at unit-test size (as diffusers' own SDXL tests build it): two 32-wide text encoders
+    (64-channel context), a two-level UNet with text_time conditioning, tiny's VAE. 64 px -> 4x8x8 latents."""
+    return ModelSpec(
+        name="sdxl-tiny", resolution=64,
+        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                  attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8),
+        vae=tiny().vae | dict(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=_clip_text(hidden=32, layers=2, heads=4, intermediate=37),
+        text_encoder_2=_clip_text(hidden=32, layers=2, heads=4, intermediate=37, act="gelu", projection_dim=32,
+                                  pad_token_id=0),
+        scheduler=_latent_scheduler(),
+    )
+
+
 def inpainting(base: ModelSpec, name: str) -> ModelSpec:
     """Returns `base` as an inpainting model: its UNet takes cat[latents, mask, masked image latents] (4 + 1 + 4
     = 9 channels, runwayml's stable-diffusion-inpainting layout; ldm.pipelines.editing), the rest unchanged."""
@@ -248,7 +303,7 @@ MODEL_PRESETS = {"tiny": tiny, "small": small, "small-photo": small_photo,
                  "dit-small-cross-attention": lambda: dit_small("cross_attention", "dit-small-cross-attention"),
                  "dit-small-adaln": lambda: dit_small("adaln", "dit-small-adaln"),
                  "dit-s-2": dit_s_2, "dit-b-2": dit_b_2, "dit-l-2": dit_l_2, "dit-xl-2": dit_xl_2,
-                 "pixart-alpha": pixart_alpha}
+                 "pixart-alpha": pixart_alpha, "sdxl": sdxl, "sdxl-tiny": sdxl_tiny}
 
 
 def get_spec(preset: str | ModelSpec) -> ModelSpec:
@@ -290,6 +345,13 @@ def build_text_encoder(spec: ModelSpec) -> CLIPTextModel:
     return model
 
 
+def build_text_encoder_2(spec: ModelSpec) -> CLIPTextModelWithProjection | None:
+    """Returns SDXL's second text encoder (with its text projection), or None for a one-encoder spec."""
+    if spec.text_encoder_2 is None:
+        return None
+    return CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
+
+
 def build_scheduler(spec: ModelSpec) -> DDIMScheduler:
     """Returns the folder's default sampler; any other (ldm.pipelines.schedulers) is made from its config."""
     return DDIMScheduler(**spec.scheduler)
@@ -297,13 +359,17 @@ def build_scheduler(spec: ModelSpec) -> DDIMScheduler:
 
 def build_components(preset: str | ModelSpec, seed: int = 0) -> dict:
     """Returns {"unet" or "transformer", "vae", "text_encoder", "tokenizer", "scheduler"}, randomly initialised
-    from `seed`."""
+    from `seed`; an SDXL spec adds "text_encoder_2" and "tokenizer_2"."""
     from ldm.models.tokenizer import build_clip_tokenizer
 
     spec = get_spec(preset)
     torch.manual_seed(seed)
-    return dict(**{spec.backbone: build_denoiser(spec)}, vae=build_vae(spec), text_encoder=build_text_encoder(spec),
-                tokenizer=build_clip_tokenizer(pad_token=spec.tokenizer_pad_token), scheduler=build_scheduler(spec))
+    parts = dict(**{spec.backbone: build_denoiser(spec)}, vae=build_vae(spec), text_encoder=build_text_encoder(spec),
+                 tokenizer=build_clip_tokenizer(pad_token=spec.tokenizer_pad_token), scheduler=build_scheduler(spec))
+    if spec.is_sdxl:
+        parts.update(text_encoder_2=build_text_encoder_2(spec),
+                     tokenizer_2=build_clip_tokenizer(pad_token=spec.tokenizer_2_pad_token))
+    return parts
 
 
 def count_parameters(module: torch.nn.Module) -> int:
