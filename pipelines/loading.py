@@ -4,7 +4,7 @@ from __future__ import annotations
 import diffusers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.folders import check_model_folder, read_json, weights_format
 from ldm.pipelines.schedulers import zero_snr_safe_config
@@ -61,13 +61,22 @@ def transformer_class(folder: str) -> type:
 
 def load_components(path, torch_dtype=None, allow_pickle: bool = False, variant: str | None = None) -> dict:
     """Returns {"vae", "text_encoder", "tokenizer", "unet" or "transformer", "scheduler"} loaded offline from a
-    folder."""
+    folder; an SDXL folder adds "text_encoder_2", "tokenizer_2" and its force_zeros_for_empty_prompt."""
     folder = check_model_folder(path)
     backbone = "unet" if os.path.isdir(os.path.join(folder, "unet")) else "transformer"
     cls = UNet2DConditionModel if backbone == "unet" else transformer_class(folder)
-    safe = {name: weights_format(folder, name, allow_pickle) == "safetensors" for name in (backbone, "vae", "text_encoder")}
+    sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    names = (backbone, "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ())
+    safe = {name: weights_format(folder, name, allow_pickle) == "safetensors" for name in names}
     common = dict(torch_dtype=torch_dtype, variant=variant, local_files_only=True)
-    return dict(
+    extra = {}
+    if sdxl:
+        index = read_json(os.path.join(folder, "model_index.json"))
+        extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                         folder, subfolder="text_encoder_2", use_safetensors=safe["text_encoder_2"], **common),
+                     tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
+                     force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    return dict(**extra,
         **{backbone: cls.from_pretrained(folder, subfolder=backbone, use_safetensors=safe[backbone], **common)},
         vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=safe["vae"], **common),
         text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",

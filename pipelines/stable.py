@@ -22,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.folders import atomic_folder, read_json, write_json
 from ldm.models.denoiser import denoise
+from ldm.models.sdxl import is_sdxl_unet
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
 from ldm.pipelines import editing
@@ -40,18 +41,25 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     cross-attention UNet (`unet`, saved in unet/) or a diffusion transformer (`transformer`: ldm.models.dit's
     LatentDiT or diffusers' PixArtTransformer2DModel, saved in transformer/); `pipe.denoiser` is whichever."""
 
-    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
-    _optional_components = ["unet", "transformer", "scheduler"]  # keyword defaults: diffusers saves them only so
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "scheduler", "text_encoder_2", "tokenizer_2"]  # keyword defaults: diffusers saves them only so
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | None = None,
-                 scheduler=None, transformer: torch.nn.Module | None = None):
+                 scheduler=None, transformer: torch.nn.Module | None = None, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True):
         super().__init__()
         if (unet is None) == (transformer is None) or scheduler is None:
             raise ValueError("Pipeline needs a scheduler and one denoiser: unet= (a UNet2DConditionModel) or "
                              "transformer= (a LatentDiT or PixArtTransformer2DModel), not both")
+        if is_sdxl_unet(unet) != (text_encoder_2 is not None and tokenizer_2 is not None):
+            raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs text_encoder_2= and tokenizer_2=, "
+                             "and only an SDXL UNet takes them")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              transformer=transformer, scheduler=scheduler)
+                              transformer=transformer, scheduler=scheduler, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2)
+        # SDXL base's model_index.json: an empty negative prompt is all zeros, not the encoded "" (diffusers' rule)
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._schedule_config = dict(scheduler.config)  # the model's noise schedule, kept across scheduler swaps
@@ -61,6 +69,11 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def denoiser(self) -> torch.nn.Module:
         """The backbone: the UNet or the transformer."""
         return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders, pooled text and size/crop micro-conditioning (ldm.models.sdxl)."""
+        return self.text_encoder_2 is not None
 
     @property
     def num_latent_channels(self) -> int:
@@ -116,7 +129,14 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             index_path = os.path.join(tmp, "model_index.json")
             index = read_json(index_path)
             index.pop("transformer" if self.unet is not None else "unet", None)
-            if self.unet is not None:
+            if not self.is_sdxl:  # SD 1.x/2.x and transformer folders keep their own pipelines' entries
+                for name in ("text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt"):
+                    index.pop(name, None)
+            if self.is_sdxl:  # opens as diffusers' StableDiffusionXL(Inpaint)Pipeline
+                inpainting = self.num_latent_channels != self.unet.config.in_channels
+                index.update(_class_name="StableDiffusionXLInpaintPipeline" if inpainting else "StableDiffusionXLPipeline",
+                             feature_extractor=[None, None], image_encoder=[None, None])
+            elif self.unet is not None:
                 # an inpainting UNet's folder opens as diffusers' StableDiffusionInpaintPipeline
                 inpainting = self.num_latent_channels != self.unet.config.in_channels
                 index.update(_class_name="StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
