@@ -53,12 +53,12 @@ def check_lora_backbone(denoiser, train_text_encoder: bool = False) -> None:
                          "fine-tune with --method full --train_text_encoder")
 
 
-def add_lora(unet, text_encoder, settings: LoraSettings) -> list[torch.nn.Parameter]:
+def add_lora(unet, text_encoder, settings: LoraSettings, text_encoder_2=None) -> list[torch.nn.Parameter]:
     """Adds fresh adapters (B = 0, so the model is unchanged) and returns the trainable LoRA parameters.
 
     `unet` is the denoiser: a UNet gets adapters on its attention projections, a transformer (LatentDiT) on its
-    attention and MLP projections. Freezes everything else. The text encoder gets adapters only with
-    settings.train_text_encoder.
+    attention and MLP projections. Freezes everything else. The text encoders (SDXL's second one too, when
+    given) get adapters only with settings.train_text_encoder.
     """
     from peft import LoraConfig
 
@@ -67,15 +67,18 @@ def add_lora(unet, text_encoder, settings: LoraSettings) -> list[torch.nn.Parame
     settings.validate()
     check_lora_backbone(unet, settings.train_text_encoder)
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    for encoder in encoders:
+        encoder.requires_grad_(False)
     common = dict(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                   init_lora_weights="gaussian")
     targets = UNET_TARGETS if component_name(unet) == "unet" else TRANSFORMER_TARGETS
     unet.add_adapter(LoraConfig(target_modules=list(targets), **common))
     modules = [unet]
     if settings.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common))
-        modules.append(text_encoder)
+        for encoder in encoders:
+            encoder.add_adapter(LoraConfig(target_modules=list(TEXT_ENCODER_TARGETS), **common))
+            modules.append(encoder)
     return [p for m in modules for n, p in m.named_parameters() if "lora_" in n and p.requires_grad]
 
 
