@@ -5,6 +5,9 @@ One single file holds the three networks under fixed prefixes:
     first_stage_model.*       the VAE (encoder.down.{i}.block.{j}, decoder.up.{i}.block.{j}, mid.attn_1 ...)
     cond_stage_model.transformer.text_model.*   SD 1.x: OpenAI CLIP as transformers 4 names it
     cond_stage_model.model.*                    SD 2.x: the OpenCLIP text tower (fused qkv in_proj_weight)
+    conditioner.embedders.0.transformer.text_model.*   SDXL (Stability AI's sgm): CLIP ViT-L/14, as SD 1.x's
+    conditioner.embedders.1.model.*                    SDXL: OpenCLIP ViT-bigG/14, the whole tower with text_projection
+An SDXL UNet's pooled-text and size embedding (diffusers' add_embedding) is label_emb.0.{0,2} in the original.
 
 The maps here are general in the number of levels and layers per level (diffusers' own
 scripts/convert_diffusers_to_original_stable_diffusion.py hard-codes SD's 4 levels of 2), and they are the exact
@@ -20,9 +23,12 @@ import torch
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_PREFIX, OPEN_CLIP_PREFIX = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 CLIP_PREFIX_FLAT = "cond_stage_model.transformer."  # what a blind map of a transformers 5 folder writes
+SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
 
 _UNET_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature: OpenCLIP towers carry it, diffusion never reads it
+_UNET_TEXT_TIME = {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # SDXL
 _UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
                 ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection."))
 _VAE_ATTENTION = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
@@ -37,7 +43,7 @@ def unet_prefix_map(config: dict) -> dict[str, str]:
     levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
     if not isinstance(layers, int):
         raise ValueError(f"layers_per_block={layers!r} differs per level, which the original layout cannot name")
-    out = dict(_UNET_TOP)
+    out = dict(_UNET_TOP, **(_UNET_TEXT_TIME if config.get("addition_embed_type") == "text_time" else {}))
     for i in range(levels):
         for j in range(layers):
             k = 1 + i * (layers + 1) + j
@@ -115,13 +121,43 @@ def vae_to_original(state: dict, config: dict) -> dict:
     return out
 
 
-def clip_to_original(state: dict) -> dict:
-    """Returns SD 1.x's text encoder keys, cond_stage_model.transformer.text_model.*, from a CLIPTextModel's state
-    (transformers 5 drops the text_model. prefix from its own keys; real SD 1.x files, A1111 and ComfyUI have it)."""
-    out = {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state.items()}
-    positions = out[CLIP_PREFIX + "embeddings.position_embedding.weight"].shape[0]
-    out.setdefault(CLIP_PREFIX + "embeddings.position_ids", torch.arange(positions)[None])  # (1, 77), as SD 1.x files
+def clip_to_original(state: dict, prefix: str = CLIP_PREFIX) -> dict:
+    """Returns SD 1.x's text encoder keys, cond_stage_model.transformer.text_model.* (SDXL's first encoder: prefix=
+    SDXL_CLIP_PREFIX), from a CLIPTextModel's state (transformers 5 drops the text_model. prefix from its own keys;
+    real SD 1.x files, A1111 and ComfyUI have it)."""
+    out = {prefix + k.removeprefix("text_model."): v for k, v in state.items()}
+    positions = out[prefix + "embeddings.position_embedding.weight"].shape[0]
+    out.setdefault(prefix + "embeddings.position_ids", torch.arange(positions)[None])  # (1, 77), as SD 1.x files
     return out
+
+
+def open_clip_tower(state: dict) -> dict:
+    """Returns the OpenCLIP text tower's keys (token_embedding, positional_embedding, transformer.resblocks.*,
+    ln_final; no prefix) of a CLIPTextModel's state: q, k and v fused into one in_proj (3D, D)."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
+           "positional_embedding": state["embeddings.position_embedding.weight"],
+           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"]}
+    for i in range(layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + "attn.in_proj_" + kind] = torch.cat(
+                [state[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])  # 3 x (D, D) -> (3D, D)
+            for theirs, ours in _CLIP_TO_OPEN_CLIP:
+                out[dst + ours + kind] = state[src + theirs + kind]
+    return out
+
+
+def projected_clip_to_open_clip(state: dict, prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict:
+    """Returns SDXL's second text encoder, conditioner.embedders.1.model.*, from a CLIPTextModelWithProjection's
+    state: every layer of the tower (SDXL reads the penultimate one and pools the last through ln_final), and
+    text_projection as OpenCLIP multiplies by it, x @ P, the transpose of the linear layer's (P, D) weight."""
+    out = open_clip_tower({k: v for k, v in state.items() if k != "text_projection.weight"})
+    projection = state["text_projection.weight"]  # (P, D)
+    out["text_projection"] = projection.T  # (D, P)
+    out["logit_scale"] = torch.tensor(LOGIT_SCALE, dtype=projection.dtype)  # unused by SDXL; in its files
+    return {prefix + k: v for k, v in out.items()}
 
 
 def clip_to_open_clip(state: dict) -> dict:
@@ -132,24 +168,14 @@ def clip_to_open_clip(state: dict) -> dict:
     every key, and those reading the penultimate layer (all SD 2.x tools) get exactly these N layers' output.
     text_projection (identity) and logit_scale are unused by SD and present for the same reason.
     """
-    state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
-    token = state["embeddings.token_embedding.weight"]
-    out = {"token_embedding.weight": token, "positional_embedding": state["embeddings.position_embedding.weight"],
-           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"]}
-    for i in range(layers):
-        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + "attn.in_proj_" + kind] = torch.cat(
-                [state[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])  # 3 x (D, D) -> (3D, D)
-            for theirs, ours in _CLIP_TO_OPEN_CLIP:
-                out[dst + ours + kind] = state[src + theirs + kind]
-    width = token.shape[1]
+    out = open_clip_tower(state)
+    token = out["token_embedding.weight"]  # (vocab, D)
+    layers, width = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("transformer.resblocks.")), token.shape[1]
     last = f"transformer.resblocks.{layers}."
     for key in [k for k in out if k.startswith("transformer.resblocks.0.")]:
         value = out[key]
         identity = torch.ones_like(value) if ".ln_" in key and key.endswith("weight") else torch.zeros_like(value)
         out[last + key.removeprefix("transformer.resblocks.0.")] = identity
     out["text_projection"] = torch.eye(width, dtype=token.dtype)  # (D, embed_dim)
-    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=token.dtype)  # CLIP's initial temperature
+    out["logit_scale"] = torch.tensor(LOGIT_SCALE, dtype=token.dtype)
     return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}

@@ -1,4 +1,4 @@
-"""Single-file checkpoints in the original Stable Diffusion layout: read (SD 1.x, SD 2.x, inpainting) and write.
+"""Single-file checkpoints in the original Stable Diffusion layout: read (SD 1.x, SD 2.x, SDXL, inpainting) and write.
 
     pipe = Pipeline.from_single_file("v1-5-pruned-emaonly.safetensors")        # offline: configs from ldm's presets
     pipe.save_single_file("mine.safetensors", dtype=torch.float16)             # opens in A1111 and ComfyUI
@@ -7,8 +7,8 @@ Reading converts with diffusers' own functions (convert_ldm_unet_checkpoint, con
 convert_ldm_clip_checkpoint, convert_open_clip_checkpoint) but never lets diffusers fetch a config: the
 architecture comes from, in order, `config=` (a preset name or a local diffusers folder), the file's own
 safetensors metadata (written by save_single_file, so any size of model round-trips), or its key names and
-shapes (SD 1.x: cond_stage_model.transformer.*, SD 2.x: cond_stage_model.model.*, inpainting: a 9-channel
-conv_in). Every key the architecture needs is checked, by name and shape, before any model is built.
+shapes (SD 1.x: cond_stage_model.transformer.*, SD 2.x: cond_stage_model.model.*, SDXL base: conditioner.embedders.*
+(pipelines/sdxl_single_file.py), inpainting: a 9-channel conv_in). Every key the architecture needs is checked, by name and shape, before any model is built.
 
 The prediction type cannot be read from the weights. As diffusers does, an SD 2.x file is taken as the 768 px
 v-prediction model (2.0-v, 2.1) unless its global_step is 875000 (2.0-base, 512 px epsilon); SD 1.x, and the
@@ -34,6 +34,7 @@ from ldm.models.tokenizer import EOS, build_clip_tokenizer
 from ldm.pipelines.loading import scheduler_from_config
 from ldm.pipelines.original_layout import (CLIP_PREFIX, CLIP_PREFIX_FLAT, OPEN_CLIP_PREFIX, UNET_PREFIX,
                                            clip_to_open_clip, clip_to_original, unet_to_original, vae_to_original)
+from ldm.pipelines import sdxl_single_file as sdxl
 
 METADATA_KEY = "ldm_configs"  # safetensors __metadata__ entry: JSON of the diffusers configs (ModelConfigs)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -47,9 +48,13 @@ class ModelConfigs:
     vae: dict
     text_encoder: dict                 # CLIPTextConfig fields
     scheduler: dict                    # with _class_name
-    text_layout: str = "clip"          # "clip" (SD 1.x) or "open_clip" (SD 2.x)
+    text_layout: str = "clip"          # "clip" (SD 1.x), "open_clip" (SD 2.x) or "sdxl" (conditioner.embedders.*)
     tokenizer_pad_token: str = EOS                 # SD 2.x pads with "!"
     tokenizer_folder: str | None = None
+    text_encoder_2: dict | None = None             # SDXL: the CLIPTextModelWithProjection's config
+    tokenizer_2_pad_token: str = "!"
+    tokenizer_2_folder: str | None = None
+    force_zeros_for_empty_prompt: bool = True
 
 
 # ------------------------------------------------------------------ writing
@@ -65,39 +70,49 @@ def original_state_dict(pipe) -> tuple[dict, ModelConfigs]:
         raise ValueError("the UNet carries LoRA adapter layers or fused attention projections; fuse the LoRA "
                          "first (`ldm merge-lora`, or pipe.fuse_lora() then pipe.unload_lora_weights()), or reload "
                          "the model from its folder, then save the single file")
-    text, open_clip_tower = pipe.text_encoder, None
-    if isinstance(text, OpenCLIPTextEncoder):
-        if LAYERS[text.layer] == 1:
-            open_clip_tower = {k: v for k, v in text.tower.state_dict().items() if k != "attn_mask"}
-        text = text.to_clip_text_model(pipe.tokenizer.pad_token_id)
-    layout = "open_clip" if open_clip_tower is not None else _text_layout(text.config.to_dict())
+    text_tensors, layout, text = _text_to_original(pipe)
     configs = ModelConfigs(unet=dict(pipe.unet.config), vae=dict(pipe.vae.config), text_encoder=text.config.to_dict(),
                            scheduler={**{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
                                       "_class_name": type(pipe.scheduler).__name__},
-                           text_layout=layout, tokenizer_pad_token=str(pipe.tokenizer.pad_token))
+                           text_layout=layout, tokenizer_pad_token=str(pipe.tokenizer.pad_token),
+                           **sdxl.sdxl_configs_of(pipe))
     unet, extra = unet_to_original(unet_state, configs.unet)
     if extra:
         warnings.warn(f"the UNet has modules with no name in the original layout ({extra[0]}, ... {len(extra)} "
                       f"keys): they are written under {UNET_PREFIX}<diffusers name>; ldm reads them back, A1111 and "
                       "ComfyUI ignore them", stacklevel=4)
-    if open_clip_tower is not None:
-        text_tensors = {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_tower.items()}
-    elif layout == "open_clip":
-        text_tensors = clip_to_open_clip(text.state_dict())
-    else:
-        text_tensors = clip_to_original(text.state_dict())
     state = {**unet, **vae_to_original(pipe.vae.state_dict(), configs.vae), **text_tensors}
-    check_diffusers_reads_back(state, configs, unet_state, pipe.vae.state_dict(), text)
+    check_diffusers_reads_back(state, configs, unet_state, pipe.vae.state_dict(), text, pipe.text_encoder_2)
     return state, configs
 
 
-def check_diffusers_reads_back(state: dict, configs: ModelConfigs, unet_state: dict, vae_state: dict, text) -> None:
+def _text_to_original(pipe) -> tuple[dict, str, CLIPTextModel]:
+    """Returns ({original key: tensor} of the text encoder(s), their layout, the first as a CLIPTextModel)."""
+    text = pipe.text_encoder
+    if pipe.is_sdxl:
+        sdxl.warn_if_widths_match(text, pipe.text_encoder_2)
+        return sdxl.text_to_original(text, pipe.text_encoder_2), sdxl.SDXL_LAYOUT, text
+    if isinstance(text, OpenCLIPTextEncoder):
+        clip = text.to_clip_text_model(pipe.tokenizer.pad_token_id)
+        if LAYERS[text.layer] == 1:  # the tower itself, all its blocks
+            tower = {k: v for k, v in text.tower.state_dict().items() if k != "attn_mask"}
+            return {OPEN_CLIP_PREFIX + k: v for k, v in tower.items()}, "open_clip", clip
+        text = clip
+    if _text_layout(text.config.to_dict()) == "open_clip":
+        return clip_to_open_clip(text.state_dict()), "open_clip", text
+    return clip_to_original(text.state_dict()), "clip", text
+
+
+def check_diffusers_reads_back(state: dict, configs: ModelConfigs, unet_state: dict, vae_state: dict, text,
+                               text_2=None) -> None:
     """Raises ValueError unless diffusers' reader maps `state` back onto every UNet, VAE and text encoder key with
     its shape: an architecture the original layout cannot name fails here, before a file is written."""
     try:
         back = {"UNet": (convert_ldm_unet_checkpoint(state, configs.unet), unet_state),
                 "VAE": (convert_ldm_vae_checkpoint(state, configs.vae), vae_state),
                 "text encoder": (_text_to_diffusers(state, configs, text), text.state_dict())}
+        if text_2 is not None:
+            back["second text encoder"] = (sdxl.text_to_diffusers(state, text_2)[1], text_2.state_dict())
     except (KeyError, AttributeError, IndexError) as e:  # e.g. a class embedding the reader expects as label_emb
         raise ValueError(f"diffusers' single-file reader fails on this architecture's tensors ({e!r}); it cannot be "
                          "saved as a single file: save a folder with save_pretrained") from e
@@ -179,15 +194,17 @@ def normalise_keys(state: dict) -> dict:
 
 
 def detect_family(state: dict) -> str:
-    """Returns "sd1" or "sd2" from the text encoder's keys; raises ValueError for a file that is neither."""
+    """Returns "sd1", "sd2" or "sdxl" from the text encoders' keys; raises ValueError for a file that is none."""
+    if sdxl.is_sdxl_file(state):
+        return "sdxl"
     if OPEN_CLIP_PREFIX + "token_embedding.weight" in state:
         return "sd2"
     if any(k.startswith(CLIP_PREFIX) for k in state):
         return "sd1"
     example = next(iter(state), "(no tensors)")
     raise ValueError(f"this file has no Stable Diffusion text encoder ({CLIP_PREFIX}* for SD 1.x, "
-                     f"{OPEN_CLIP_PREFIX}* for SD 2.x; first key: {example}); ldm reads SD 1.x and 2.x single "
-                     "files (SDXL, SD3, Flux are not supported)")
+                     f"{OPEN_CLIP_PREFIX}* for SD 2.x, conditioner.embedders.* for SDXL; first key: {example}); ldm "
+                     "reads SD 1.x, 2.x and SDXL single files (SD3, Flux are not supported)")
 
 
 def resolve_configs(state: dict, configs: dict | None, config: str | os.PathLike | None,
@@ -199,11 +216,13 @@ def resolve_configs(state: dict, configs: dict | None, config: str | os.PathLike
     family = detect_family(state)
     if config is not None:
         resolved = _configs_from(config)
-        resolved.text_layout = "open_clip" if family == "sd2" else "clip"
+        sdxl.check_family(family == "sdxl", resolved, f"config={os.fspath(config)!r}")
+        resolved.text_layout = {"sd2": "open_clip", "sdxl": sdxl.SDXL_LAYOUT}.get(family, "clip")
     elif configs is not None:
         resolved = ModelConfigs(**configs)
+        sdxl.check_family(family == "sdxl", resolved, "the configs in the file's metadata")
     else:
-        resolved = _configs_from("sd21" if family == "sd2" else "sd15")
+        resolved = _configs_from({"sd2": "sd21", "sdxl": "sdxl"}.get(family, "sd15"))
         if family == "sd2" and (global_step == SD2_BASE_GLOBAL_STEP or _in_channels(state) == 9):
             resolved.scheduler["prediction_type"] = "epsilon"  # SD 2.0-base and 2-inpainting: 512 px, epsilon
             resolved.unet["sample_size"], resolved.vae["sample_size"] = 64, 512
@@ -228,9 +247,12 @@ def _configs_from(config: str | os.PathLike) -> ModelConfigs:
         if spec.unet is None:
             raise ValueError(f"preset {config!r} has a transformer backbone; single files hold UNet models "
                              "(e.g. config='sd15' or 'sd21')")
+        extra = dict(text_encoder_2=dict(spec.text_encoder_2), tokenizer_2_pad_token=spec.tokenizer_2_pad_token,
+                     force_zeros_for_empty_prompt=spec.force_zeros_for_empty_prompt) if spec.is_sdxl else {}
         return ModelConfigs(unet=dict(spec.unet), vae=dict(spec.vae), text_encoder=dict(spec.text_encoder),
                             scheduler={"_class_name": "DDIMScheduler", **spec.scheduler},
-                            text_layout=_text_layout(spec.text_encoder), tokenizer_pad_token=spec.tokenizer_pad_token)
+                            text_layout=sdxl.SDXL_LAYOUT if spec.is_sdxl else _text_layout(spec.text_encoder),
+                            tokenizer_pad_token=spec.tokenizer_pad_token, **extra)
     folder = os.path.abspath(os.fspath(config))
     if not os.path.isdir(folder):
         raise ValueError(f"config={config!r} (ldm convert --architecture) is neither a preset ({', '.join(sorted(MODEL_PRESETS))}) nor a "
@@ -243,9 +265,10 @@ def _configs_from(config: str | os.PathLike) -> ModelConfigs:
                                 "model (it may hold configs only), or a preset name")
     read = {name: read_json(os.path.join(folder, p)) for name, p in parts.items()}
     tokenizer = os.path.join(folder, "tokenizer")
-    layout = _text_layout(read["text_encoder"])
-    return ModelConfigs(**read, text_layout=layout, tokenizer_pad_token="!" if layout == "open_clip" else EOS,
-                        tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None)
+    layout, extra = _text_layout(read["text_encoder"]), sdxl.sdxl_configs_of_folder(folder)
+    return ModelConfigs(**read, text_layout=sdxl.SDXL_LAYOUT if extra else layout,
+                        tokenizer_pad_token="!" if layout == "open_clip" else EOS,
+                        tokenizer_folder=tokenizer if os.path.isdir(tokenizer) else None, **extra)
 
 
 def _text_layout(text_config: dict) -> str:
@@ -262,7 +285,9 @@ def expected_shapes(configs: ModelConfigs) -> dict[str, tuple]:
         vae = AutoencoderKL.from_config(configs.vae)
         text = CLIPTextModel(CLIPTextConfig.from_dict(configs.text_encoder))
     text_state = {k: v for k, v in text.state_dict().items() if "position_ids" not in k}
-    if configs.text_layout == "open_clip":
+    if configs.text_layout == sdxl.SDXL_LAYOUT:
+        text_keys = sdxl.text_keys(configs)
+    elif configs.text_layout == "open_clip":
         last = text.config.num_hidden_layers  # the identity block the writer adds
         text_keys = {k: v for k, v in clip_to_open_clip(text_state).items()
                      if not (f"resblocks.{last}." in k or k.endswith(("text_projection", "logit_scale")))}
@@ -289,8 +314,9 @@ def _describe(config, configs: dict | None, state: dict) -> str:
         return f"config={os.fspath(config)!r}"
     if configs is not None:
         return "the configs in the file's metadata"
-    return ("Stable Diffusion 2.x's architecture (preset sd21)" if detect_family(state) == "sd2"
-            else "Stable Diffusion 1.x's architecture (preset sd15)")
+    return {"sd2": "Stable Diffusion 2.x's architecture (preset sd21)",
+            "sdxl": "SDXL base's architecture (preset sdxl)"}.get(detect_family(state),
+                                                                  "Stable Diffusion 1.x's architecture (preset sd15)")
 
 
 def _text_to_diffusers(state: dict, configs: ModelConfigs, text: CLIPTextModel) -> dict:
@@ -331,9 +357,11 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     text = CLIPTextModel(CLIPTextConfig.from_dict(configs.text_encoder))
     text_state = _text_to_diffusers(state, configs, text)
     _assign(text, {k: v for k, v in text_state.items() if k in text.state_dict()}, "text encoder", dtype)
+    extra = {} if configs.text_encoder_2 is None else sdxl.build_text_encoder_2(
+        state, configs, lambda model, tensors, what: _assign(model, tensors, what, dtype))
     if configs.tokenizer_folder is not None:
         tokenizer = CLIPTokenizer.from_pretrained(configs.tokenizer_folder, local_files_only=True)
     else:
         tokenizer = build_clip_tokenizer(pad_token=configs.tokenizer_pad_token)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text.to(dtype).eval(),
+    return dict(**extra, unet=unet.eval(), vae=vae.eval(), text_encoder=text.to(dtype).eval(),
                 tokenizer=tokenizer, scheduler=scheduler_from_config(configs.scheduler, os.fspath(path)))

@@ -354,8 +354,8 @@ def test_what_a_file_without_configs_is_taken_for():
     assert guess(file("sd1", 9), config="sd15")[1] == 9  # a preset adopts the inpainting conv_in
     with pytest.raises(ValueError, match="prediction_type='x0' must be one of epsilon, v_prediction"):
         guess(file("sd1"), prediction_type="x0")
-    with pytest.raises(ValueError, match="no Stable Diffusion text encoder.*SDXL"):
-        guess({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="no Stable Diffusion text encoder.*SD3, Flux are not supported"):
+        guess({"text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)})
 
 
 def test_a_layout_diffusers_reader_would_misread_is_refused_before_writing(sd1, tmp_path, monkeypatch):

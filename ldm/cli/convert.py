@@ -5,7 +5,8 @@
 
 The direction follows --out: a name ending in .safetensors gets a single file (the layout A1111, ComfyUI and
 diffusers' from_single_file read), anything else a diffusers folder. Reading a single file is offline: the
-architecture comes from --architecture, else the file's metadata (files ldm wrote), else SD 1.x/2.x detected from its keys.
+architecture comes from --architecture, else the file's metadata (files ldm wrote), else SD 1.x/2.x or SDXL base
+detected from its keys. SDXL folders and files (sd_xl_base_1.0's layout: conditioner.embedders.*) convert both ways.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="store the weights in this precision (default: as they are); float16 halves a single file")
     p.add_argument("--architecture", default=None,
-                   help="single file -> folder: its architecture, a preset (sd15, sd21, tiny, ...) or a local "
+                   help="single file -> folder: its architecture, a preset (sd15, sd21, sdxl, tiny, ...) or a local "
                         "diffusers folder (configs suffice); default: the file's metadata, else detected")
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="single file -> folder: what the UNet predicts (default: the metadata's, else epsilon for "
