@@ -1,4 +1,4 @@
-"""SDXL LoRA fine-tuning at 1024 px on a 24 GB GPU: peak memory and images/s of the recipe, against a reference.
+"""SDXL LoRA fine-tuning at 1024 px, the consumer-GPU recipe: peak memory and images/s, against a reference.
 
 The recipe (issue #32): the `sdxl` preset's UNet (2.57 B parameters, random weights: sizes are what matters) with
 its frozen weights stored in bf16, LoRA rank 16 on its attention projections (ldm.models.lora.add_lora, adapters
@@ -12,7 +12,7 @@ The reference, run after it in the same process on the same batches, differs in 
 "no-checkpointing" (the default) or "fp32" (frozen weights in fp32 under the same autocast, as `ldm finetune`
 keeps them). Each variant builds its own UNet and is timed alone; peak memory is
 torch.cuda.max_memory_allocated over its steps, weights included. The ratios are printed last, one
-`ratio_<what>: X` line each, and everything goes to a JSON file (default benchmarks/results/).
+`ratio_<what>: X` line each, and everything goes to a JSON file (by default in benchmarks/results/).
 
     python benchmarks/bench_sdxl_lora.py --model sdxl --resolution 1024 --batch-size 1 --steps 10 --warmup 3   # GPU
     python benchmarks/bench_sdxl_lora.py --model sdxl-tiny --resolution 64 --steps 2                           # CPU smoke
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     p.add_argument("--reference", default="no-checkpointing", choices=REFERENCES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None, help="default: benchmarks/results/sdxl_lora_<model>_<resolution>.json")
+    p.add_argument("--json", default=None,
+                   help="default: benchmarks/results/sdxl_lora_<model>_<resolution>_bs<batch>_<reference>.json")
     return p.parse_args(argv)
 
 
@@ -155,7 +156,8 @@ def main(argv=None) -> dict:
                 warmup=args.warmup, rank=args.rank, reference=args.reference, device=str(args.device),
                 device_name=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor(),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-    path = args.json or os.path.join(RESULTS, f"sdxl_lora_{args.model}_{args.resolution}.json")
+    name = f"sdxl_lora_{args.model}_{args.resolution}_bs{args.batch_size}_{args.reference}.json"
+    path = args.json or os.path.join(RESULTS, name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": results, "ratios": ratios}, f, indent=2)
