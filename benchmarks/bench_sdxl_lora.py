@@ -14,8 +14,8 @@ keeps them). Each variant builds its own UNet and is timed alone; peak memory is
 torch.cuda.max_memory_allocated over its steps, weights included. The ratios are printed last, one
 `ratio_<what>: X` line each, and everything goes to a JSON file (by default in benchmarks/results/).
 
-    python benchmarks/bench_sdxl_lora.py --model sdxl --resolution 1024 --batch-size 1 --steps 10 --warmup 3   # GPU
-    python benchmarks/bench_sdxl_lora.py --model sdxl-tiny --resolution 64 --steps 2                           # CPU smoke
+    python benchmarks/bench_sdxl_lora.py --model sdxl --resolution 1024 --batch-size 1 --steps 10 --warmup 3  # GPU
+    python benchmarks/bench_sdxl_lora.py --model sdxl-tiny --resolution 64 --steps 2                          # CPU
 """
 from __future__ import annotations
 
@@ -152,9 +152,10 @@ def main(argv=None) -> dict:
     ratios = {"ratio_images_per_s_recipe_over_reference": recipe["images_per_s"] / reference["images_per_s"]}
     if recipe["peak_memory_gib"] is not None:
         ratios["ratio_peak_memory_recipe_over_reference"] = recipe["peak_memory_gib"] / reference["peak_memory_gib"]
+    cuda = torch.device(args.device).type == "cuda"
     meta = dict(model=args.model, resolution=args.resolution, batch_size=args.batch_size, steps=args.steps,
                 warmup=args.warmup, rank=args.rank, reference=args.reference, device=str(args.device),
-                device_name=torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else platform.processor(),
+                device_name=torch.cuda.get_device_name() if cuda else platform.processor(),
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     name = f"sdxl_lora_{args.model}_{args.resolution}_bs{args.batch_size}_{args.reference}.json"
     path = args.json or os.path.join(RESULTS, name)

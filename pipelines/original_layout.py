@@ -23,7 +23,8 @@ import torch
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_PREFIX, OPEN_CLIP_PREFIX = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 CLIP_PREFIX_FLAT = "cond_stage_model.transformer."  # what a blind map of a transformers 5 folder writes
-SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL's CLIP ViT-L/14
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP ViT-bigG/14
 
 _UNET_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}

@@ -51,7 +51,8 @@ def sdxl_configs_of(pipe) -> dict:
     """Returns the SDXL fields of ModelConfigs for a pipeline ({} for SD 1.x/2.x)."""
     if not pipe.is_sdxl:
         return {}
-    return dict(text_encoder_2=pipe.text_encoder_2.config.to_dict(), tokenizer_2_pad_token=str(pipe.tokenizer_2.pad_token),
+    return dict(text_encoder_2=pipe.text_encoder_2.config.to_dict(),
+                tokenizer_2_pad_token=str(pipe.tokenizer_2.pad_token),
                 force_zeros_for_empty_prompt=bool(pipe.config.force_zeros_for_empty_prompt))
 
 
@@ -99,9 +100,9 @@ def text_keys(configs) -> dict[str, torch.Tensor]:
     return {k: v for k, v in text_to_original(first, second).items() if not k.endswith(("position_ids", "logit_scale"))}
 
 
-def build_text_encoder_2(state: dict, configs, assign) -> dict:
+def build_text_encoder_2(state: dict, configs, assign, dtype: torch.dtype) -> dict:
     """Returns {"text_encoder_2", "tokenizer_2", "force_zeros_for_empty_prompt"} read from an SDXL file's tensors;
-    `assign(model, state, what)` loads checked tensors (single_file._assign)."""
+    `assign(model, state, what)` loads checked tensors as `dtype` (single_file._assign)."""
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs.text_encoder_2))
     converted = convert_open_clip_checkpoint(text_2, state, prefix=SDXL_OPEN_CLIP_PREFIX)
     assign(text_2, {k: v for k, v in converted.items() if k in text_2.state_dict()}, "second text encoder")
@@ -109,5 +110,5 @@ def build_text_encoder_2(state: dict, configs, assign) -> dict:
         tokenizer_2 = CLIPTokenizer.from_pretrained(configs.tokenizer_2_folder, local_files_only=True)
     else:
         tokenizer_2 = build_clip_tokenizer(pad_token=configs.tokenizer_2_pad_token)
-    return dict(text_encoder_2=text_2.eval(), tokenizer_2=tokenizer_2,
+    return dict(text_encoder_2=text_2.to(dtype).eval(), tokenizer_2=tokenizer_2,
                 force_zeros_for_empty_prompt=configs.force_zeros_for_empty_prompt)

@@ -8,7 +8,8 @@ convert_ldm_clip_checkpoint, convert_open_clip_checkpoint) but never lets diffus
 architecture comes from, in order, `config=` (a preset name or a local diffusers folder), the file's own
 safetensors metadata (written by save_single_file, so any size of model round-trips), or its key names and
 shapes (SD 1.x: cond_stage_model.transformer.*, SD 2.x: cond_stage_model.model.*, SDXL base: conditioner.embedders.*
-(pipelines/sdxl_single_file.py), inpainting: a 9-channel conv_in). Every key the architecture needs is checked, by name and shape, before any model is built.
+(pipelines/sdxl_single_file.py), inpainting: a 9-channel conv_in). Every key the architecture needs is
+checked, by name and shape, before any model is built.
 
 The prediction type cannot be read from the weights. As diffusers does, an SD 2.x file is taken as the 768 px
 v-prediction model (2.0-v, 2.1) unless its global_step is 875000 (2.0-base, 512 px epsilon); SD 1.x, and the
@@ -358,7 +359,7 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     text_state = _text_to_diffusers(state, configs, text)
     _assign(text, {k: v for k, v in text_state.items() if k in text.state_dict()}, "text encoder", dtype)
     extra = {} if configs.text_encoder_2 is None else sdxl.build_text_encoder_2(
-        state, configs, lambda model, tensors, what: _assign(model, tensors, what, dtype))
+        state, configs, lambda model, tensors, what: _assign(model, tensors, what, dtype), dtype)
     if configs.tokenizer_folder is not None:
         tokenizer = CLIPTokenizer.from_pretrained(configs.tokenizer_folder, local_files_only=True)
     else:

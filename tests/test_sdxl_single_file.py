@@ -205,3 +205,6 @@ def test_convert_command_both_directions(wide, tmp_path):
     assert back.is_sdxl and back.text_encoder_2.config.hidden_size == 40
     projection = pipe.text_encoder_2.text_projection.weight.detach()
     assert torch.equal(back.text_encoder_2.text_projection.weight, projection.half().float())
+    half = Pipeline.from_single_file(out, torch_dtype=torch.float16)
+    assert {p.dtype for n in COMPONENTS for p in getattr(half, n).parameters()} == {torch.float16}
+    assert torch.equal(half.text_encoder_2.text_projection.weight, projection.half())
