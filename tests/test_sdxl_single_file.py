@@ -127,7 +127,12 @@ def test_tiny_file_uses_the_same_names(tiny):
     """sdxl-tiny's file holds every key of the table that its depth has (2 levels, 2 transformer blocks, 2 text
     layers), under the same names."""
     _, _, path = tiny
-    keys = load_file(path).keys()
+    tensors = load_file(path)
+    keys = tensors.keys()
+    # what tools that repair "broken SDXL CLIP" files look for: CLIP-L's integer position ids (1, 77), bigG's logit_scale
+    position_ids = tensors["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
+    assert position_ids.tolist() == [list(range(77))] and not position_ids.is_floating_point()
+    assert tensors["conditioner.embedders.1.model.logit_scale"].shape == ()
     deeper = ("input_blocks.7.", "transformer_blocks.9.", "output_blocks.5.", "output_blocks.8.", "layers.11.",
               "resblocks.31.")  # levels and layers that only the full-size model has
     shallow = [k for k in SDXL_BASE_KEYS if not any(part in k for part in deeper)]
