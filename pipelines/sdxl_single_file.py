@@ -70,12 +70,12 @@ def sdxl_configs_of_folder(folder: str) -> dict:
 
 def warn_if_widths_match(text_encoder, text_encoder_2) -> None:
     """Warns when both encoders have one width: diffusers' from_single_file tells them apart only by width (768 vs
-    1280 in SDXL base), so it would read CLIP-L's tensors into text_encoder_2. A1111, ComfyUI and ldm go by prefix."""
+    1280 in SDXL base), so it would read CLIP-L's tensors into text_encoder_2. ldm goes by the keys' prefixes."""
     width = text_encoder.config.hidden_size
     if width == text_encoder_2.config.hidden_size:
         warnings.warn(f"both text encoders are {width} wide: diffusers' from_single_file tells SDXL's encoders apart "
-                      "by width and would load the first one's weights into text_encoder_2 (ldm, A1111 and ComfyUI "
-                      "read this file correctly); give the second encoder another width, as SDXL base's 1280 vs 768",
+                      "by width and would load the first one's weights into text_encoder_2 (ldm reads the file by its "
+                      "key prefixes, correctly); give the second encoder another width, as SDXL base's 1280 vs 768",
                       stacklevel=6)
 
 
