@@ -134,6 +134,22 @@ def test_kohya_file_holds_exactly_the_names_comfyui_and_a1111_read(adapted):
     assert {k.split("_")[1] for k in expected} == {"unet", "te1", "te2"}
 
 
+def test_diffusers_file_has_diffusers_sdxl_keys_and_metadata(adapted):
+    import json
+
+    with safe_open(adapted["files"]["diffusers"], "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert {k.split(".")[0] for k in keys} == set(MODULES)
+    assert all(k.startswith(("unet.", "text_encoder.text_model.encoder.layers.",
+                             "text_encoder_2.text_model.encoder.layers.")) for k in keys)
+    assert len(keys) == 2 * (96 + 8 + 8)
+    assert "unet.up_blocks.0.attentions.2.transformer_blocks.1.attn2.to_out.0.lora.down.weight" in keys
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.q_proj.lora_linear_layer.up.weight" in keys
+    for name in MODULES:  # alpha = rank: the up weights carry alpha / rank
+        config = json.loads(metadata["lora_adapter_metadata"])  # flat: "<network>.r", "<network>.lora_alpha"
+        assert config[f"{name}.r"] == config[f"{name}.lora_alpha"] == 4, name
+
+
 @pytest.mark.parametrize("kind", ["diffusers", "kohya"])
 def test_diffusers_sdxl_pipeline_loads_our_file_with_the_same_outputs(adapted, kind):
     from diffusers import StableDiffusionXLPipeline

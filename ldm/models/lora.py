@@ -139,6 +139,9 @@ def save_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> str:
     for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if encoder is not None and has_lora(encoder):
             layers, metadata = _diffusers_layers(encoder, TEXT_ENCODER_TARGETS)
+            # transformers 4's names, as diffusers' own files have them (diffusers maps them onto transformers 5's
+            # CLIPTextModel, which has no .text_model; ComfyUI reads "text_encoder.text_model.encoder.layers...")
+            layers = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in layers.items()}
             kwargs.update({f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata})
     pipeline = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     pipeline.save_lora_weights(folder, **kwargs)
