@@ -208,6 +208,25 @@ def test_merge_lora_on_sdxl_equals_the_unmerged_adapters(adapted, kind):
     assert_outputs_close(outputs({m: getattr(merged, m) for m in MODULES}), adapted["outputs"], atol=1e-4)
 
 
+def test_a_lora_of_the_other_family_raises_a_clear_error(adapted, tmp_path):
+    from ldm import Pipeline
+
+    sd = build_components("tiny", seed=0)
+    for path in adapted["files"].values():  # SDXL files on an SD 1.x pipeline: they carry text_encoder_2's weights
+        with pytest.raises(ValueError, match="SDXL's second text encoder"):
+            Pipeline(**build_components("tiny", seed=0)).load_lora_weights(path)
+    unet_only = save_webui_lora(str(tmp_path / "unet.safetensors"), adapted["parts"]["unet"])
+    with pytest.raises(ValueError, match="reads 64-wide text context, but the pipeline's UNet takes 32"):
+        Pipeline(**sd).load_lora_weights(unet_only)
+    assert not getattr(sd["unet"], "peft_config", None)  # the check runs before anything is loaded
+
+    add_lora(sd["unet"], sd["text_encoder"], LoraSettings(rank=2, train_text_encoder=True))
+    sd_file = save_lora(str(tmp_path / "sd"), sd["unet"], sd["text_encoder"])
+    for path in (sd_file, save_webui_lora(str(tmp_path / "sd.safetensors"), sd["unet"], sd["text_encoder"])):
+        with pytest.raises(ValueError, match="reads 32-wide text context, but the pipeline's UNet takes 64"):
+            Pipeline(**fresh()).load_lora_weights(path)
+
+
 def test_text_encoder_2_needs_an_sdxl_unet():
     parts = build_components("tiny", seed=0)
     add_lora(parts["unet"], parts["text_encoder"], LoraSettings(rank=2))
