@@ -138,7 +138,7 @@ class PromptTokens:
 
         A1111 takes the two means over the whole batch; here they are per prompt and window, so that an image does
         not depend on the other prompts of its batch (at batch size 1 the two agree). Windows without emphasis are
-        returned as the encoder gave them, bit for bit.
+        returned as the encoder gave them, bit for bit. A window whose mean is ~0 keeps its weighted states unrescaled.
         """
         n, k, length = self.weights.shape
         z = hidden.reshape(n, k, length, hidden.shape[-1])  # (N, k, 77, D)
@@ -148,7 +148,11 @@ class PromptTokens:
             z32 = z.float()
             original_mean = z32.mean(dim=(2, 3), keepdim=True)  # (N, k, 1, 1)
             scaled = z32 * self.weights.to(z.device, torch.float32)[..., None]
-            scaled = scaled * (original_mean / scaled.mean(dim=(2, 3), keepdim=True))
+            new_mean = scaled.mean(dim=(2, 3), keepdim=True)  # (N, k, 1, 1)
+            # A mean of ~0 (a final layer norm without bias, as a freshly built encoder has) cannot be restored by
+            # a ratio: it would turn the window into inf. Such windows keep their weighted states.
+            restorable = new_mean.abs() > 1e-4 * z32.abs().mean(dim=(2, 3), keepdim=True)
+            scaled = scaled * torch.where(restorable, original_mean / new_mean, torch.ones_like(new_mean))
             z = torch.where(emphasised[..., None, None], scaled.to(z.dtype), z)
         return z.reshape(n, k * length, z.shape[-1])  # (N, k*77, D)
 

@@ -1,5 +1,6 @@
 """Long prompts and A1111 emphasis (ldm.pipelines.prompts, Pipeline.encode_prompt): the parser against A1111's
 documented syntax, the 77-token windows, the unchanged short-prompt path, and the effect on images."""
+import copy
 import warnings
 
 import pytest
@@ -120,7 +121,11 @@ def test_prompts_of_at_most_75_tokens_encode_bit_for_bit_as_before(tiny_pipe, cl
 
 
 def test_weight_one_is_the_plain_prompt_and_emphasis_scales_its_tokens_with_the_mean_restored(tiny_pipe):
-    encode = lambda text: tiny_pipe.encode_prompt([text], None, 1, False)[0][0]  # noqa: E731  (77, D)
+    pipe = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():  # a trained CLIP's final layer norm has a bias, so its states' mean is far from 0
+        norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
+        norm.bias.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    encode = lambda text: pipe.encode_prompt([text], None, 1, False)[0][0]  # noqa: E731  (77, D)
     plain = encode("a red circle")
     assert torch.equal(encode("a (red:1) circle"), plain)
     emphasised = encode("a (red:1.5) circle")  # tokens: start, a, red, circle, end, pad...
@@ -130,6 +135,16 @@ def test_weight_one_is_the_plain_prompt_and_emphasis_scales_its_tokens_with_the_
     assert torch.allclose(ratio[2], 1.5 * scale.expand(plain.shape[1]), rtol=1e-4)
     assert torch.allclose(emphasised.mean(), plain.mean(), rtol=1e-5)
     assert not torch.allclose(encode("a [red] circle")[2] / plain[2], scale * torch.ones(plain.shape[1]))
+
+
+def test_emphasis_on_an_encoder_whose_mean_is_zero_stays_finite_and_unrescaled(tiny_pipe):
+    with torch.no_grad():
+        norm = getattr(tiny_pipe.text_encoder, "text_model", tiny_pipe.text_encoder).final_layer_norm
+        norm.bias.zero_()  # as built: the states' mean is ~1e-9
+    encode = lambda text: tiny_pipe.encode_prompt([text], None, 1, False)[0][0]  # noqa: E731  (77, D)
+    plain, emphasised = encode("a red circle"), encode("a (red:1.5) circle")
+    assert torch.isfinite(emphasised).all()
+    assert torch.allclose(emphasised[2], 1.5 * plain[2], rtol=1e-5) and torch.equal(emphasised[3], plain[3])
 
 
 def test_a_long_negative_and_a_short_prompt_are_padded_to_the_same_windows(tiny_pipe):
