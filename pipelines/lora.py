@@ -17,7 +17,8 @@ def merge_lora(model: str, lora: str, out: str, scale: float = 1.0) -> str:
         pipe.transformer.fuse_lora(lora_scale=scale, adapter_names=["merged"])
         pipe.transformer.unload_lora()  # the fused weights stay; the adapter layers go
     else:
-        pipe.fuse_lora(lora_scale=scale, adapter_names=["merged"])
+        components = ["unet", "text_encoder"] + (["text_encoder_2"] if pipe.is_sdxl else [])
+        pipe.fuse_lora(components=components, lora_scale=scale, adapter_names=["merged"])
         pipe.unload_lora_weights()
     pipe.save_pretrained(out)
     return out

@@ -180,22 +180,29 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           scale: float = 1.0, **kwargs) -> None:
-        """Loads a LoRA file or folder (diffusers or kohya/web-UI keys) onto the UNet and text encoder.
+        """Loads a LoRA file or folder (diffusers or kohya/web-UI keys) onto the UNet and text encoder(s).
 
         scale: the adapter's weight (0 = the base model exactly, 1 = as trained). It can also be set per call
         with cross_attention_kwargs={"scale": s}; the two multiply. A transformer's LoRA (keys
-        "transformer.<module>.lora_A.weight", as `ldm finetune` writes them) goes onto the transformer.
+        "transformer.<module>.lora_A.weight", as `ldm finetune` writes them) goes onto the transformer. An SDXL
+        pipeline loads as diffusers' StableDiffusionXLPipeline does (kohya's original-UNet block names and
+        lora_te1_/lora_te2_ included) onto unet, text_encoder and text_encoder_2.
         """
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
         check_number("lora_scale", scale)
         if self.transformer is not None:
             from ldm.models.lora import load_transformer_lora
 
             load_transformer_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, scale)
             return
+        if self.is_sdxl:  # set_adapters, fuse_lora, unload_lora_weights then cover text_encoder_2 too
+            self._lora_loadable_modules = StableDiffusionXLLoraLoaderMixin._lora_loadable_modules
         if adapter_name is None:
             existing = {name for names in self.get_list_adapters().values() for name in names}
             adapter_name = next(f"lora_{i}" for i in range(len(existing) + 1) if f"lora_{i}" not in existing)
-        super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        loader = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
+        loader.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
         if scale != 1.0:
             self.set_adapters(adapter_name, adapter_weights=scale)
 
