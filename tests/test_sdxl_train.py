@@ -123,6 +123,21 @@ def test_latent_cache_keeps_size_and_crop(tmp_path, art):
     assert items["img2"]["crop_top_left"].tolist() == [0, 0]  # 40x40 -> 32x32: nothing cropped
 
 
+def test_ldm_train_from_a_latent_cache_conditions_on_the_cached_sizes_and_crops(tmp_path, art, monkeypatch):
+    from ldm.data.latent_cache import open_latent_cache
+
+    seen = spy_denoise(monkeypatch)
+    cfg = sdxl_config(tmp_path, data=art, latent_cache=str(tmp_path / "cache"), center_crop=False, max_steps=2,
+                      batch_size=2, val_loss_samples=2)
+    train_ldm.main(cfg)
+    cached = {(*item["original_size"].tolist(), *item["crop_top_left"].tolist(), 32, 32)
+              for item in open_latent_cache(str(tmp_path / "cache"))}
+    assert {c[:2] for c in cached} == {(32, 48), (64, 32), (40, 40), (48, 64), (32, 36)}  # (h, w) of the files
+    assert any(c[2] or c[3] for c in cached)  # random crops off the corner
+    used = {tuple(int(v) for v in row) for _, _, ids in seen[:2] for row in ids.tolist()}  # the 2 training steps
+    assert len(used) == 4 and used <= cached
+
+
 # --- text ---------------------------------------------------------------------------------------------------------
 
 def test_text_embedder_reads_both_encoders_and_caches_the_pooled_one():
