@@ -60,7 +60,7 @@ def test_a_flipped_crop_is_measured_in_the_flipped_image():
     # diffusers' train_text_to_image_sdxl.py flips and then crops: its left is width - left - crop width of ours
     sample = picture(48, 32, 3)
     plain_of = lambda s: ImageTransform(32, center_crop=False)(sample, random.Random(s))  # noqa: E731
-    flipped_of = lambda s: ImageTransform(32, center_crop=False, random_flip=True)(sample, random.Random(s))  # noqa: E731
+    flipped_of = lambda s: ImageTransform(32, False, random_flip=True)(sample, random.Random(s))  # noqa: E731
     seed = next(s for s in range(50) if not torch.equal(plain_of(s)["pixel_values"], flipped_of(s)["pixel_values"])
                 and plain_of(s)["crop_top_left"][1] not in (0, 8, 16))
     plain, flipped = plain_of(seed), flipped_of(seed)
@@ -177,6 +177,13 @@ def test_ldm_train_sdxl_tiny_lowers_held_out_validation_loss_and_saves_an_sdxl_f
     assert theirs.unet.config.addition_embed_type == "text_time"
 
 
+@pytest.mark.filterwarnings("ignore:train_ldm. no samples")
+def test_ldm_train_sdxl_with_validation_prompts_runs_whether_or_not_the_pipeline_samples_sdxl(tmp_path):
+    result = train_ldm.main(sdxl_config(tmp_path, max_steps=2, validation_every=2, num_validation_prompts=2,
+                                        validation_steps=2))
+    assert result["step"] == 2 and result["val"][0]["prompts"] and result["checkpoint"]
+
+
 def test_ldm_train_keeps_sdxls_text_encoders_frozen(tmp_path):
     with pytest.raises(ValueError, match="keeps SDXL's two text encoders frozen"):
         train_ldm.build_models(sdxl_config(tmp_path, train_text_encoder=True))
@@ -210,7 +217,7 @@ def sdxl_outputs(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch
         return context, pooled, denoise(pipe.unet, x, torch.tensor([500]), context, pooled, ids6)
 
 
-@pytest.mark.filterwarnings("ignore:finetune. no validation samples")
+@pytest.mark.filterwarnings("ignore:finetune. no samples")
 def test_finetune_sdxl_lora_on_both_encoders_loads_in_diffusers_and_kohya_names(sdxl_folder, art, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
@@ -238,7 +245,7 @@ def test_finetune_sdxl_lora_on_both_encoders_loads_in_diffusers_and_kohya_names(
         assert torch.allclose(mine, from_kohya, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:finetune. no validation samples")
+@pytest.mark.filterwarnings("ignore:finetune. no samples")
 def test_finetune_sdxl_full_saves_an_sdxl_pipeline_folder(sdxl_folder, art, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -252,7 +259,7 @@ def test_finetune_sdxl_full_saves_an_sdxl_pipeline_folder(sdxl_folder, art, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:finetune. no validation samples")
+@pytest.mark.filterwarnings("ignore:finetune. no samples")
 def test_finetune_sdxl_resume_reproduces_the_uninterrupted_run(sdxl_folder, art, tmp_path):
     from safetensors.torch import load_file
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import warnings
 from dataclasses import asdict
 
 import torch
@@ -35,7 +34,7 @@ from ldm.training.config import format_config, save_config
 from ldm.training.finetune_config import FinetuneConfig, resolve_defaults
 from ldm.training.checkpoint import keep_only_trainable, resolve_resume
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
-from ldm.training.validation import inference_pipeline, make_val_set, validation_loss
+from ldm.training.validation import inference_pipeline, make_val_set, unless_sdxl_cannot_sample, validation_loss
 
 NO_CAPTION = "\u0000no-caption\u0000"   # what the folder source returns for an image without a caption
 GUARD_FILE = "memorization_guard.safetensors"   # in a checkpoint: the weights an early stop would restore
@@ -176,18 +175,6 @@ def validation_samples(cfg, pipe, prompts: list[str]) -> torch.Tensor:
                 **method_params(cfg.validation_guidance_method, pipe.scheduler)).images
 
 
-def sdxl_guarded_samples(cfg, pipe, prompts: list[str]) -> torch.Tensor | None:
-    """Returns validation_samples, or None for an SDXL pipeline that cannot sample yet (the Pipeline's SDXL
-    sampling lands separately, issue #32): the loss validation and the outputs go on without the near-copy check."""
-    try:
-        return validation_samples(cfg, pipe, prompts)
-    except ValueError as error:
-        if not pipe.is_sdxl or "pooled_text" not in str(error):
-            raise
-        warnings.warn(f"finetune: no validation samples of this SDXL model ({error})", stacklevel=2)
-        return None
-
-
 @torch.no_grad()
 def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> dict:
     """Returns this step's record: per-bin loss of training vs held-out images, samples and the near-copy check."""
@@ -196,7 +183,7 @@ def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> 
     args = (vae, embed, objective, cfg.val_loss_bins, device)
     val_train, val_held = grouped_validation_loss(unet, train, *args), grouped_validation_loss(unet, held, *args)
     prompts = sample_prompts(cfg, train)
-    images = sdxl_guarded_samples(cfg, pipe, prompts)
+    images = unless_sdxl_cannot_sample(pipe, lambda: validation_samples(cfg, pipe, prompts), "finetune")
     unet.train()
     gap = generalization_gap(val_train, val_held)
     if images is None:
