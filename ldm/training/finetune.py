@@ -211,12 +211,8 @@ def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: s
         pipe = inference_pipeline(parts, unet, parts["sampler"], text_encoder, text_encoder_2=text_encoder_2)
         pipe.save_pretrained(path)
         return {"lora": None, "pipeline": path}
-    return {"lora": save_lora(folder, unet, text_encoder, **_second_encoder(text_encoder_2)), "pipeline": None}
+    return {"lora": save_lora(folder, unet, text_encoder, text_encoder_2), "pipeline": None}
 
-
-def _second_encoder(text_encoder_2) -> dict:
-    """Returns the keyword for SDXL's second text encoder to the LoRA writers ({} for SD 1.x/2.x)."""
-    return {} if text_encoder_2 is None else {"text_encoder_2": text_encoder_2}
 
 
 def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder, text_encoder_2=None) -> dict:
@@ -232,7 +228,7 @@ def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder, text_enc
                 "ss_resolution": str(cfg.resolution), "ss_tag_frequency": json.dumps({"instance": cfg.instance_prompt}),
                 "ss_learning_rate": str(cfg.learning_rate)}
         outputs["webui"] = save_webui_lora(os.path.join(cfg.out, "lora_webui.safetensors"), unet, text_encoder, info,
-                                           **_second_encoder(text_encoder_2))
+                                           text_encoder_2=text_encoder_2)
     if cfg.save_pipeline:
         outputs["pipeline"] = merge_lora(cfg.model, outputs["lora"], os.path.join(cfg.out, "pipeline"))
     return outputs
