@@ -190,12 +190,15 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
+        from ldm.models.lora import check_lora_fits, load_transformer_lora, lora_shapes
+
         check_number("lora_scale", scale)
         if self.transformer is not None:
-            from ldm.models.lora import load_transformer_lora
-
             load_transformer_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name, scale)
             return
+        shapes = lora_shapes(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"))
+        if shapes is not None:
+            check_lora_fits(shapes, self.unet, self.is_sdxl)
         if self.is_sdxl:  # set_adapters, fuse_lora, unload_lora_weights then cover text_encoder_2 too
             self._lora_loadable_modules = StableDiffusionXLLoraLoaderMixin._lora_loadable_modules
         if adapter_name is None:

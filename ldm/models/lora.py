@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,9 @@ def save_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> str:
     for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if encoder is not None and has_lora(encoder):
             layers, metadata = _diffusers_layers(encoder, TEXT_ENCODER_TARGETS)
+            # transformers 4's names, as diffusers' own files have them (diffusers maps them onto transformers 5's
+            # CLIPTextModel, which has no .text_model; ComfyUI reads "text_encoder.text_model.encoder.layers...")
+            layers = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in layers.items()}
             kwargs.update({f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata})
     pipeline = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     pipeline.save_lora_weights(folder, **kwargs)
@@ -265,6 +269,34 @@ def read_lora_file(path: str, unet_config=None) -> dict[str, torch.Tensor]:
                                 "`ldm finetune` (pytorch_lora_weights.safetensors) or a web-UI LoRA")
     state = StableDiffusionPipeline.lora_state_dict(path, unet_config=unet_config)
     return state[0] if isinstance(state, tuple) else state
+
+
+def lora_shapes(source, weight_name: str | None = None) -> dict[str, tuple] | None:
+    """Returns {key: shape} of a LoRA state dict, .safetensors file or folder (read without loading tensors), or
+    None for what is not a local .safetensors file (a Hub id, a pickle), which the loader checks itself."""
+    from safetensors import safe_open
+
+    if isinstance(source, dict):
+        return {k: tuple(v.shape) for k, v in source.items()}
+    path = os.path.join(source, weight_name or WEIGHT_NAME) if os.path.isdir(source) else str(source)
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_lora_fits(shapes: dict[str, tuple], unet, sdxl: bool) -> None:
+    """Raises ValueError when a LoRA was trained on another model family (SD 1.x/2.x vs SDXL) than the pipeline's,
+    before diffusers fails on a size mismatch or a missing module deep inside peft."""
+    if not sdxl and any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in shapes):
+        raise ValueError("this LoRA has weights for SDXL's second text encoder (lora_te2_ / text_encoder_2 keys), but "
+                         "the pipeline is not SDXL; load it on the SDXL model it was trained on")
+    width = unet.config.cross_attention_dim  # the text context the cross-attention keys read: 768 SD 1.x, 2048 SDXL
+    for key, shape in shapes.items():  # kohya ".lora_down.weight", diffusers ".lora.down.weight", PEFT ".lora_A.weight"
+        if re.search(r"attn2[._]to_k\.(lora_down|lora\.down|lora_A)\.weight$", key) and shape[-1] != width:
+            raise ValueError(f"this LoRA's cross-attention reads {shape[-1]}-wide text context, but the pipeline's UNet "
+                             f"takes {width} (SD 1.x: 768, SD 2.x: 1024, SDXL: 2048): it was trained on another model "
+                             "family; load a LoRA trained on this model")
 
 
 def lora_path(path: str) -> str:

@@ -17,8 +17,9 @@ import torch
 
 def is_sdxl_unet(unet) -> bool:
     """True for a UNet conditioned on pooled text and time_ids (diffusers' addition_embed_type="text_time")."""
-    config = getattr(unet, "config", None)
-    return config is not None and config.get("addition_embed_type") == "text_time"
+    config = getattr(unet, "config", None)  # a diffusers FrozenDict, or a plain namespace (a test's stand-in model)
+    value = config.get("addition_embed_type") if isinstance(config, dict) else getattr(config, "addition_embed_type", None)
+    return value == "text_time"
 
 
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int],
