@@ -168,9 +168,9 @@ def test_ldm_train_sdxl_tiny_lowers_held_out_validation_loss_and_saves_an_sdxl_f
     from ldm.data import ShapesDataset
 
     held_out = [ImageTransform(32)(ShapesDataset(4, resolution=32, seed=7)[i], random.Random(i)) for i in range(4)]
-    result = train_ldm.main(sdxl_config(tmp_path, validation_every=6), val_dataset=held_out)
-    losses = [v["val_loss"] for v in result["val"]]
-    assert len(losses) == 2 and losses[1] < 0.85 * losses[0], losses
+    result = train_ldm.main(sdxl_config(tmp_path, validation_every=1), val_dataset=held_out)
+    losses = [v["val_loss"] for v in result["val"]]  # after steps 1..12, on 4 scenes the run never trains on
+    assert len(losses) == 12 and max(losses[-3:]) < 0.7 * losses[0], losses
     folder = os.path.join(result["checkpoint"], "pipeline")
     assert {"text_encoder_2", "tokenizer_2"} <= set(os.listdir(folder))
     theirs = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
