@@ -1,6 +1,7 @@
 """ImageTextDataset: a source split across ranks and workers, decoded, validated and transformed.
 
-Iterating yields {"pixel_values": (3,H,W) float32 in [-1,1], "caption": str, "key": str}, each good sample
+Iterating yields {"pixel_values": (3,H,W) float32 in [-1,1], "caption": str, "key": str, "original_size",
+"crop_top_left": (2,) int64 (ldm.data.transforms: SDXL's size and crop conditioning)}, each good sample
 exactly once per epoch across all ranks (rank / world_size, e.g. accelerate's process_index /
 num_processes) and DataLoader workers (torch.utils.data.get_worker_info). Bad samples are skipped and
 counted in `.skips` (a SkipCounter); in worker processes use ldm.data.make_dataloader, which carries the

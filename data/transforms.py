@@ -1,4 +1,6 @@
-"""Image transforms: any PIL image -> {"pixel_values": (3,H,W) float in [-1,1], "caption": str, "key": str}.
+"""Image transforms: any PIL image -> {"pixel_values": (3,H,W) float in [-1,1], "caption": str, "key": str,
+"original_size": (2,) int64 (h, w) before any resize, "crop_top_left": (2,) int64 (top, left) of the crop in the
+resized (and, when flipped, flipped) image}: the size and crop SDXL is conditioned on (ldm.models.sdxl.time_ids).
 
 Steps: EXIF orientation, any mode to RGB (alpha composited on white), resize the shorter side, centre or
 random crop, optional horizontal flip (off by default: it swaps "left" and "right" in captions), and
@@ -59,24 +61,63 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - aspect))
 
 
-def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
-    """Returns `image` resized to cover `size` (width, height) and cropped to it (centre or random)."""
+def resized_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Returns the (width, height) an image of width x height is resized to before it is cropped to `size`
+    (width, height): the smallest scaling that covers `size`."""
     target_w, target_h = size
-    scale = max(target_w / image.width, target_h / image.height)
-    new_w, new_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
+    scale = max(target_w / width, target_h / height)
+    return max(target_w, round(width * scale)), max(target_h, round(height * scale))
+
+
+def crop_box(image: Image.Image, size: tuple[int, int], center_crop: bool,
+             rng: random.Random) -> tuple[Image.Image, tuple[int, int]]:
+    """Returns (`image` resized to cover `size` (width, height) and cropped to it (centre or random), the crop's
+    top-left (top, left) in the resized image's pixels: SDXL's c_crop, Podell et al. 2023, Sec. 2.2)."""
+    target_w, target_h = size
+    new_w, new_h = resized_size(image.width, image.height, size)
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if center_crop:
         left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     else:
         left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
-    return image.crop((left, top, left + target_w, top + target_h))
+    return image.crop((left, top, left + target_w, top + target_h)), (top, left)
+
+
+def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
+    """Returns `image` resized to cover `size` (width, height) and cropped to it (centre or random)."""
+    return crop_box(image, size, center_crop, rng)[0]
+
+
+def flipped_crop_top_left(crop_top_left: tuple[int, int], original_size: tuple[int, int],
+                          target_size: tuple[int, int]) -> tuple[int, int]:
+    """Returns the crop's top-left (top, left) after a horizontal flip of the cropped image, all sizes (h, w).
+
+    Measured in the flipped resized image, as diffusers' train_text_to_image_sdxl.py (which flips before it
+    crops) and kohya's sd-scripts record it: left' = resized width - left - crop width.
+    """
+    resized_w = resized_size(original_size[1], original_size[0], (target_size[1], target_size[0]))[0]
+    return crop_top_left[0], resized_w - crop_top_left[1] - target_size[1]
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """Returns a (3, H, W) float32 tensor in [-1, 1] from an RGB image."""
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
+
+
+def size_and_crop(samples: list[dict], flipped: bool = False) -> dict:
+    """Returns {"original_size", "crop_top_left": (B, 2)} of samples that record them (ImageTransform), the
+    crop measured in the flipped image when `flipped`; {} for samples without them (class images)."""
+    if "original_size" not in samples[0]:
+        return {}
+    crops = [s["crop_top_left"] for s in samples]
+    if flipped:
+        crops = [torch.tensor(flipped_crop_top_left(tuple(s["crop_top_left"].tolist()),
+                                                    tuple(s["original_size"].tolist()), s["pixel_values"].shape[-2:]))
+                 for s in samples]
+    return {"original_size": torch.stack([s["original_size"] for s in samples]),  # (B, 2)
+            "crop_top_left": torch.stack(crops)}  # (B, 2)
 
 
 @dataclass(frozen=True)
@@ -104,7 +145,10 @@ class ImageTransform:
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         image = to_rgb(sample["image"])
-        image = resize_and_crop(image, self.target_size(image), self.center_crop, rng)
+        original_size = (image.height, image.width)  # (h, w) before any resize: SDXL's c_size
+        image, crop_top_left = crop_box(image, self.target_size(image), self.center_crop, rng)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"pixel_values": to_tensor(image), "caption": sample["caption"], "key": sample["key"]}
+            crop_top_left = flipped_crop_top_left(crop_top_left, original_size, (image.height, image.width))
+        return {"pixel_values": to_tensor(image), "caption": sample["caption"], "key": sample["key"],
+                "original_size": torch.tensor(original_size), "crop_top_left": torch.tensor(crop_top_left)}  # (2,)

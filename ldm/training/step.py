@@ -15,6 +15,7 @@ import torch
 
 from ldm import diffusion
 from ldm.data.captions import CaptionSpec, augment_captions, pick_captions
+from ldm.models import sdxl
 from ldm.models.denoiser import denoise
 from ldm.models.vae import encode_posterior, sample_latents
 from ldm.objectives import Objective
@@ -40,22 +41,37 @@ class LossSpec:
 class TextEmbedder:
     """Captions -> CLIP embeddings (B, 77, D); with `cache`, each distinct cacheable caption is encoded once.
 
+    With SDXL's second encoder and tokenizer (text_encoder_2, tokenizer_2), `encode` returns both encoders'
+    penultimate states concatenated (B, 77, D1 + D2) and the second's pooled embedding (B, D2)
+    (ldm.models.sdxl.encode_text), and the cache keeps both.
     The cache is unbounded, so only captions from a finite set belong in it: the data's own captions and "".
     Captions changed by tag shuffling or dropout (ldm.data.captions) are combinatorially many and rarely seen
     twice: callers pass them as not `cacheable`, and they are encoded every time and never stored.
     """
 
-    def __init__(self, text_encoder, tokenizer, cache: bool = False):
+    def __init__(self, text_encoder, tokenizer, cache: bool = False, text_encoder_2=None, tokenizer_2=None):
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("SDXL's text embedder needs both text_encoder_2 and tokenizer_2 (or neither)")
         self.text_encoder, self.tokenizer, self.cache = text_encoder, tokenizer, {} if cache else None
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.warned_cut = False  # a caption past the text encoder's window is cut, with one warning per run
 
-    def _encode(self, captions: list[str], device) -> torch.Tensor:
-        window = self.tokenizer.model_max_length
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def _ids(self, tokenizer, captions: list[str], device) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)  # (B, 77)
+
+    def _encode(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.warned_cut:
-            self._warn_if_cut(captions, window)
-        ids = self.tokenizer(captions, padding="max_length", max_length=window,
-                             truncation=True, return_tensors="pt").input_ids  # (B, 77)
-        return self.text_encoder(ids.to(device))[0]  # (B, 77, D)
+            self._warn_if_cut(captions, self.tokenizer.model_max_length)
+        ids = self._ids(self.tokenizer, captions, device)  # (B, 77)
+        if not self.is_sdxl:
+            return self.text_encoder(ids)[0], None  # (B, 77, D)
+        return sdxl.encode_text(self.text_encoder, self.text_encoder_2, ids,
+                           self._ids(self.tokenizer_2, captions, device))  # (B, 77, D1 + D2), (B, D2)
 
     def _warn_if_cut(self, captions: list[str], window: int) -> None:
         """Warns, once, when a caption has more tokens than the text encoder reads: training sees its first
@@ -65,24 +81,30 @@ class TextEmbedder:
             self.warned_cut = True
             warnings.warn(f"a caption has more than the {window - 2} tokens the text encoder reads, and training "
                           f"sees only its first {window - 2}: {cut[0][:120]!r}; shorten such captions (this "
-                          "warning shows once per run)", stacklevel=3)
+                          "warning shows once per run)", stacklevel=4)
 
     def __call__(self, captions: list[str], device, cacheable: list[bool] | None = None) -> torch.Tensor:
         """Returns the embeddings (B, 77, D); `cacheable` (default all) says which captions may use the cache."""
+        return self.encode(captions, device, cacheable)[0]
+
+    def encode(self, captions: list[str], device,
+               cacheable: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (embeddings (B, 77, D), pooled embeddings (B, D2) for SDXL, else None)."""
         if self.cache is None:
             return self._encode(captions, device)
         cacheable = [True] * len(captions) if cacheable is None else cacheable
         missing = sorted({c for c, ok in zip(captions, cacheable) if ok and c not in self.cache})
         fresh = [c for c, ok in zip(captions, cacheable) if not ok]
-        fresh_embeddings = iter(())
+        fresh_rows = iter(())
         if missing or fresh:
             with torch.no_grad():
-                encoded = self._encode(missing + fresh, device)  # (M + F, 77, D)
-            for caption, embedding in zip(missing, encoded):
-                self.cache[caption] = embedding
-            fresh_embeddings = iter(encoded[len(missing):])
-        return torch.stack([self.cache[c] if ok else next(fresh_embeddings)
-                            for c, ok in zip(captions, cacheable)])  # (B, 77, D)
+                context, pooled = self._encode(missing + fresh, device)  # (M + F, 77, D), (M + F, D2) or None
+            rows = list(zip(context, pooled if pooled is not None else [None] * len(context)))
+            self.cache.update(zip(missing, rows))
+            fresh_rows = iter(rows[len(missing):])
+        rows = [self.cache[c] if ok else next(fresh_rows) for c, ok in zip(captions, cacheable)]
+        context = torch.stack([r[0] for r in rows])  # (B, 77, D)
+        return context, (torch.stack([r[1] for r in rows]) if self.is_sdxl else None)  # (B, D2)
 
 
 def batch_captions(batch: dict, caption_spec: CaptionSpec | None, caption_dropout: float | None,
@@ -116,15 +138,30 @@ def batch_latents(batch: dict, vae, generator: torch.Generator, device) -> torch
     return sample_latents(mean.float(), logvar.float(), generator, vae.config.scaling_factor)
 
 
+def batch_time_ids(batch: dict, latents: torch.Tensor, vae) -> torch.Tensor:
+    """Returns SDXL's micro-conditioning (B, 6) of a batch: each image's original size and crop top-left (the
+    batch's "original_size", "crop_top_left" (B, 2), recorded by ldm.data.transforms; without them, the crop's
+    own size and (0, 0)) and the target size = the crop's size (Podell et al. 2023, Sec. 2.2)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    target = (latents.shape[-2] * factor, latents.shape[-1] * factor)  # (h, w) in pixels
+    count = latents.shape[0]
+    original = batch.get("original_size", torch.tensor([target] * count))  # (B, 2)
+    crop = batch.get("crop_top_left", torch.zeros(count, 2, dtype=torch.long))  # (B, 2)
+    return torch.stack([sdxl.time_ids(tuple(o.tolist()), tuple(c.tolist()), target, device=latents.device)
+                        for o, c in zip(original, crop)])  # (B, 6)
+
+
 def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, objective: Objective, spec: LossSpec,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator, pooled: torch.Tensor | None = None,
+                   time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020,
-    with the objective's timesteps, input, target and weights."""
+    with the objective's timesteps, input, target and weights; SDXL's pooled text (B, D2) and time_ids (B, 6)
+    go to the denoiser."""
     t = objective.sample_timesteps(latents.shape[0], generator)  # (B,)
     noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), spec.offset_noise, generator)
     t, noise = t.to(latents.device), noise.to(latents.device)
     x_t = objective.noised(latents, noise, t)
-    pred = denoise(model, x_t, objective.model_time(t), context)
+    pred = denoise(model, x_t, objective.model_time(t), context, pooled, time_ids)
     per_sample = diffusion.per_sample_loss(pred, objective.target(latents, noise, t), spec.loss, spec.huber_c)  # (B,)
     return (objective.weight(t).to(per_sample) * per_sample).mean(), per_sample.detach()
 
@@ -134,7 +171,8 @@ def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, object
                channels_last: bool = False, caption_spec: CaptionSpec | None = None) -> torch.Tensor:
     """Returns the weighted diffusion loss of a batch of images or cached posteriors with captions: latents drawn
     from the posterior, captions picked, tag-augmented per caption_spec and dropped with probability caption_dropout
-    (`batch_captions`; None or off: no draw at all), embedded, noised and predicted. Every LDM trainer's loss
+    (`batch_captions`; None or off: no draw at all; SDXL encodes a dropped caption "" with both encoders, as
+    diffusers' train_text_to_image_sdxl.py does), embedded, noised and predicted. Every LDM trainer's loss
     (`ldm train`, `ldm finetune`, the demo) is this function."""
     # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their weights;
     # autocast leaves the stored weights in float32): in fp32 the VAE encode of a large batch would cost more than
@@ -142,7 +180,8 @@ def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, object
     with accelerator.autocast():
         latents = batch_latents(batch, vae, generator, accelerator.device)  # (B, 4, h, w), float32
         captions, cacheable = batch_captions(batch, caption_spec, caption_dropout, generator)
-        context = embed(captions, accelerator.device, cacheable)  # (B, 77, D)
+        context, pooled = embed.encode(captions, accelerator.device, cacheable)  # (B, 77, D), SDXL: (B, D2)
+    time_ids = batch_time_ids(batch, latents, vae) if embed.is_sdxl else None  # (B, 6)
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
-    return diffusion_loss(model, latents, context, objective, spec, generator)[0]
+    return diffusion_loss(model, latents, context, objective, spec, generator, pooled, time_ids)[0]

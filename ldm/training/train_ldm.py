@@ -30,12 +30,12 @@ from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
 from ldm.training.stream import BatchStream
 from ldm.training.validation import (draw_prompts, first_samples, inference_pipeline, make_val_set, sample_grid,
-                                     validation_loss)
+                                     unless_sdxl_cannot_sample, validation_loss)
 
 
 def build_models(cfg: TrainLDMConfig) -> dict:
-    """Returns {"unet" or "transformer", "vae", "text_encoder", "tokenizer", "scheduler"}: a preset (random init)
-    or a folder."""
+    """Returns {"unet" or "transformer", "vae", "text_encoder", "tokenizer", "scheduler"} (SDXL: and
+    "text_encoder_2", "tokenizer_2"): a preset (random init) or a folder."""
     if cfg.model in MODEL_PRESETS:
         parts = build_components(cfg.model, seed=cfg.seed)
     elif os.path.isdir(cfg.model):
@@ -54,7 +54,12 @@ def build_models(cfg: TrainLDMConfig) -> dict:
         parts["tokenizer"] = tokenizer or parts["tokenizer"]
         check_text_width(parts["text_encoder"], denoiser_of(parts), cfg.text_encoder)
     if cfg.max_token_length:  # short prompts: fewer padding tokens to attend over; inference reads it from tokenizer/
-        parts["tokenizer"].model_max_length = cfg.max_token_length
+        for name in ("tokenizer", "tokenizer_2"):
+            if parts.get(name) is not None:
+                parts[name].model_max_length = cfg.max_token_length
+    if parts.get("text_encoder_2") is not None and (cfg.train_text_encoder or cfg.text_encoder):
+        raise ValueError("`ldm train` keeps SDXL's two text encoders frozen: drop --train_text_encoder / "
+                         "--text_encoder (`ldm finetune --train-text-encoder` trains LoRA on both)")
     return parts
 
 
@@ -130,11 +135,13 @@ class LDMTrainer(loop.Trainer):
             list(cfg.validation_prompts) or draw_prompts(self.val_set["caption"], cfg.num_validation_prompts, cfg.seed))
         if self.accelerator.is_main_process and prompts:
             samples = os.path.join(cfg.output_dir, "samples")
-            sample_grid(self.pipeline(), prompts, os.path.join(samples, f"step-{step:08d}.png"),
-                        cfg.validation_steps, cfg.validation_guidance, seed=cfg.seed,
-                        method=cfg.validation_guidance_method)
-            with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
-                f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
+            pipe = self.pipeline()
+            grid = unless_sdxl_cannot_sample(pipe, lambda: sample_grid(
+                pipe, prompts, os.path.join(samples, f"step-{step:08d}.png"), cfg.validation_steps,
+                cfg.validation_guidance, seed=cfg.seed, method=cfg.validation_guidance_method), "train_ldm")
+            if grid is not None:
+                with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
+                    f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
             self.accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")
         return {**report, "step": step, "prompts": prompts}
 
@@ -162,6 +169,8 @@ def prepare_models(cfg: TrainLDMConfig, accelerator, parts: dict) -> tuple[list,
         text_encoder.get_input_embeddings().requires_grad_(False)
     unet.train().to(accelerator.device)  # on the device before the optimiser: the fused kernel checks there
     text_encoder.to(accelerator.device)
+    if parts.get("text_encoder_2") is not None:  # SDXL's second encoder: frozen (build_models refuses otherwise)
+        parts["text_encoder_2"].requires_grad_(False).eval().to(accelerator.device)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.channels_last:
@@ -191,7 +200,8 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None, val_dataset=None) -> L
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     objective = make_objective(cfg.prediction_type, NoiseSchedule.from_config(cfg), ObjectiveSettings.from_config(cfg))
-    embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=cfg.cache_text_embeddings)
+    embed = TextEmbedder(text_encoder, parts["tokenizer"], cfg.cache_text_embeddings, parts.get("text_encoder_2"),
+                         parts.get("tokenizer_2"))
     train_data, val_data = open_training_data(cfg, rank, world, dataset, accelerator, parts)
     val_data = val_data if val_dataset is None else val_dataset
     stream = BatchStream(train_data, cfg.batch_size, rank, world, cfg.seed, cfg.num_workers,

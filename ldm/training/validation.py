@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+from typing import Callable
 
 import torch
 
@@ -16,6 +18,7 @@ from ldm.images import image_grid
 from ldm.models.denoiser import denoise
 from ldm.models.vae import encode_posterior
 from ldm.objectives import Objective
+from ldm.training.step import batch_time_ids
 from ldm.training.stream import collate_dicts
 
 
@@ -48,17 +51,21 @@ def draw_prompts(captions: list[str], count: int, seed: int) -> list[str]:
 
 @torch.no_grad()
 def make_val_set(batch: dict, vae, embed, timesteps_per_sample: int, objective: Objective, device) -> dict:
-    """Returns {"latents", "context", "noise", "t"}, each repeated over the timesteps: (N*K, ...), and the N
-    images' "caption" list."""
+    """Returns {"latents", "context", "noise", "t"} (SDXL: and "pooled", "time_ids"), each repeated over the
+    timesteps: (N*K, ...), and the N images' "caption" list."""
     mean = batch["latent_mean"].float() if "latent_mean" in batch else encode_posterior(vae, batch["pixel_values"])[0]
     latents = mean.to(device) * vae.config.scaling_factor  # (N, 4, h, w)
-    context = embed(list(batch["caption"]), device)  # (N, 77, D)
+    context, pooled = embed.encode(list(batch["caption"]), device)  # (N, 77, D), SDXL: (N, D2)
     n, k = latents.shape[0], timesteps_per_sample
     t = objective.validation_times(n * k)  # spread over the whole noise range
     t = t[torch.randperm(n * k, generator=torch.Generator().manual_seed(0))]
     noise = torch.randn((n * k, *latents.shape[1:]), generator=torch.Generator().manual_seed(1234))
-    return {"latents": latents.repeat(k, 1, 1, 1), "context": context.repeat(k, 1, 1),  # (N*K, ...)
-            "noise": noise.to(device), "t": t.to(device), "caption": list(batch["caption"])}  # caption: (N,)
+    val = {"latents": latents.repeat(k, 1, 1, 1), "context": context.repeat(k, 1, 1),  # (N*K, ...)
+           "noise": noise.to(device), "t": t.to(device), "caption": list(batch["caption"])}  # caption: (N,)
+    if pooled is not None:  # SDXL: the pooled text and each image's own size and crop (N*K, D2), (N*K, 6)
+        val["pooled"] = pooled.repeat(k, 1)
+        val["time_ids"] = batch_time_ids(batch, latents, vae).repeat(k, 1)
+    return val
 
 
 @torch.no_grad()
@@ -69,7 +76,9 @@ def validation_loss(model, val: dict, objective: Objective, num_bins: int, batch
         t = val["t"][i:i + batch_size]
         x0, noise = val["latents"][i:i + batch_size], val["noise"][i:i + batch_size]
         x_t = objective.noised(x0, noise, t)
-        pred = denoise(model, x_t, objective.model_time(t), val["context"][i:i + batch_size].to(x_t.dtype))
+        pooled, time_ids = (val[name][i:i + batch_size] if name in val else None for name in ("pooled", "time_ids"))
+        pred = denoise(model, x_t, objective.model_time(t), val["context"][i:i + batch_size].to(x_t.dtype),
+                       None if pooled is None else pooled.to(x_t.dtype), time_ids)
         losses.append(diffusion.per_sample_loss(pred, objective.target(x0, noise, t), "mse"))
     losses = torch.cat(losses).cpu()  # (N*K,)
     bins = diffusion.timestep_bins(objective.time_fraction(val["t"].cpu()), num_bins)
@@ -79,11 +88,12 @@ def validation_loss(model, val: dict, objective: Objective, num_bins: int, batch
     return report
 
 
-def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=None):
+def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=None, text_encoder_2=None):
     """Returns an ldm.Pipeline (with `scheduler`, the objective's: ldm.objectives.Objective.scheduler; progress bar
     off) over the weights being trained, for sampling or saving:
     the denoiser's EMA weights when `ema` is given (a copy; training's weights stay), else the denoiser itself
-    (LoRA adapters active); `text_encoder` replaces parts["text_encoder"] (e.g. one being trained)."""
+    (LoRA adapters active); `text_encoder` (`text_encoder_2`) replaces parts["text_encoder"] (SDXL's
+    parts["text_encoder_2"], which goes in with parts["tokenizer_2"]), e.g. one being trained."""
     from ldm.pipelines import Pipeline
 
     if ema is not None:
@@ -91,10 +101,25 @@ def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=
         ema.copy_to(denoiser.parameters())
     from ldm.models.denoiser import component_name
 
+    sdxl = {name: parts[name] for name in ("text_encoder_2", "tokenizer_2") if parts.get(name) is not None}
+    if text_encoder_2 is not None:
+        sdxl["text_encoder_2"] = text_encoder_2
     pipe = Pipeline(vae=parts["vae"], text_encoder=text_encoder or parts["text_encoder"], tokenizer=parts["tokenizer"],
-                    scheduler=scheduler, **{component_name(denoiser): denoiser})
+                    scheduler=scheduler, **sdxl, **{component_name(denoiser): denoiser})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def unless_sdxl_cannot_sample(pipe, draw: Callable, what: str):
+    """Returns draw(), or None (with a warning) when `pipe` is SDXL and the Pipeline cannot sample SDXL yet (its
+    sampling lands separately, issue #32): training, its loss validation and its outputs go on without samples."""
+    try:
+        return draw()
+    except ValueError as error:
+        if not getattr(pipe, "is_sdxl", False) or "pooled_text" not in str(error):
+            raise
+        warnings.warn(f"{what}: no samples of this SDXL model ({error})", stacklevel=2)
+        return None
 
 
 @torch.no_grad()
