@@ -7,7 +7,9 @@ z = mean + exp(logvar / 2) * eps each step and multiplies it by vae.config.scali
 
     out/cache.json                    manifest: key, its parts, count, skips, shards with sha256
     out/latents-00000.safetensors     latent_mean (N,4,h,w), latent_logvar (N,4,h,w), input_ids (N,77) int64
-                                      (of each sample's first caption); metadata {"captions": json list of
+                                      (of each sample's first caption), original_size (N,2) and crop_top_left
+                                      (N,2) int64 (SDXL's size and crop conditioning, ldm.data.transforms);
+                                      metadata {"captions": json list of
                                       each sample's caption list, "keys": json list}
 
 The key hashes the VAE weights and config, the tokenizer, the transform settings and the source's file list
@@ -16,7 +18,9 @@ The key hashes the VAE weights and config, the tokenizer, the transform settings
 A cached sample keeps one crop (that of epoch 0) and every caption of its record (COCO: about five), in the
 record's order: an item is {..., "caption": the first, "captions": all}; training picks one per sample per step
 from the step's generator (ldm.training.step.batch_loss, ldm.data.captions.pick_captions), validation uses the
-first. Format 2 added the caption lists: a format-1 cache is rebuilt by ensure_latent_cache (and still opens).
+first. Format 2 added the caption lists, format 3 each image's original size and crop: an older cache is rebuilt
+by ensure_latent_cache (and still opens; its items lack what it lacked). Text embeddings are not stored here: the
+trainer's TextEmbedder cache keeps each caption's (both SDXL encoders' and the pooled) embeddings in memory.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ from ldm.data.skips import Skip
 from ldm.models.vae import encode_posterior
 from ldm.models.vae import sample_latents as sample_scaled_latents
 
-FORMAT = "ldm-latent-cache/2"  # 2: every caption of a sample (1: one)
+FORMAT = "ldm-latent-cache/3"  # 3: original size and crop; 2: every caption of a sample (1: one)
+TENSORS = ("latent_mean", "latent_logvar", "input_ids", "original_size", "crop_top_left")
 MANIFEST = "cache.json"
 logger = logging.getLogger("ldm.data")
 
@@ -93,7 +98,7 @@ def read_manifest(out_dir: str) -> dict | None:
 
 def _write_shard(out_dir: str, index: int, rows: list[dict]) -> dict:
     name = f"latents-{index:05d}.safetensors"
-    tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in ("latent_mean", "latent_logvar", "input_ids")}
+    tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in TENSORS if k in rows[0]}
     metadata = {"captions": json.dumps([r["captions"] for r in rows]), "keys": json.dumps([r["key"] for r in rows])}
     save_file(tensors, os.path.join(out_dir, name), metadata=metadata)
     return {"file": name, "count": len(rows), "sha256": sha256_file(os.path.join(out_dir, name)),
@@ -126,13 +131,15 @@ class AllCaptionsDataset(ImageTextDataset):
 
 def encode_batch(batch: dict, vae, tokenizer) -> list[dict]:
     """Returns one row per sample: latent_mean/logvar (4,h,w) float32, input_ids (77,) of its first caption,
-    captions (list[str]), key. batch["caption"] holds a str or a list of captions per sample."""
+    original_size and crop_top_left (2,) when the batch has them, captions (list[str]), key. batch["caption"] holds
+    a str or a list of captions per sample."""
     mean, logvar = encode_posterior(vae, batch["pixel_values"])  # (B, 4, h, w) each, on the VAE's device
     captions = [list(c) if isinstance(c, (list, tuple)) else [c] for c in batch["caption"]]
     input_ids = tokenizer([c[0] for c in captions], padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids  # (B, 77)
+    sizes = {k: batch[k] for k in ("original_size", "crop_top_left") if k in batch}  # (B, 2) each
     return [{"latent_mean": mean[i].cpu(), "latent_logvar": logvar[i].cpu(), "input_ids": input_ids[i].long(),
-             "captions": captions[i], "key": batch["key"][i]}
+             "captions": captions[i], "key": batch["key"][i], **{k: v[i].long() for k, v in sizes.items()}}
             for i in range(len(captions))]
 
 
@@ -191,7 +198,8 @@ def ensure_latent_cache(spec, vae, tokenizer, out_dir: str, **kwargs) -> tuple["
 
 
 class LatentCacheDataset(Dataset):
-    """Map-style: item i is {"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,), "caption": str
+    """Map-style: item i is {"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,),
+    "original_size", "crop_top_left": (2,) (format 3), "caption": str
     (the first), "captions": list[str] (all, one or more), "key": str}. Batch items with
     ldm.training.stream.collate_dicts (BatchStream does), which keeps "captions" a list per sample: torch's
     default_collate would transpose the lists, and refuses lists of different lengths."""
@@ -214,7 +222,7 @@ class LatentCacheDataset(Dataset):
             if file not in self._meta:
                 meta = f.metadata()
                 self._meta[file] = json.loads(meta["captions"]), json.loads(meta["keys"])
-            item = {name: f.get_slice(name)[row : row + 1][0] for name in ("latent_mean", "latent_logvar", "input_ids")}
+            item = {name: f.get_slice(name)[row : row + 1][0] for name in TENSORS if name in f.keys()}
         captions, keys = self._meta[file]
         options = captions[row] if isinstance(captions[row], list) else [captions[row]]  # format 1: one str
         return {**item, "caption": options[0], "captions": options, "key": keys[row]}

@@ -106,6 +106,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W)
 
 
+def size_and_crop(samples: list[dict], flipped: bool = False) -> dict:
+    """Returns {"original_size", "crop_top_left": (B, 2)} of samples that record them (ImageTransform), the
+    crop measured in the flipped image when `flipped`; {} for samples without them (class images)."""
+    if "original_size" not in samples[0]:
+        return {}
+    crops = [s["crop_top_left"] for s in samples]
+    if flipped:
+        crops = [torch.tensor(flipped_crop_top_left(tuple(s["crop_top_left"].tolist()),
+                                                    tuple(s["original_size"].tolist()), s["pixel_values"].shape[-2:]))
+                 for s in samples]
+    return {"original_size": torch.stack([s["original_size"] for s in samples]),  # (B, 2)
+            "crop_top_left": torch.stack(crops)}  # (B, 2)
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Raw sample -> training sample. `settings()` is part of the latent cache key."""

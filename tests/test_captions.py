@@ -189,7 +189,7 @@ def test_latent_cache_keeps_every_caption_and_validation_uses_the_first(coco, tm
     torch.manual_seed(0)
     manifest = build_latent_cache(coco, build_vae(get_spec("tiny")), build_clip_tokenizer(), str(tmp_path),
                                   resolution=32, batch_size=3)
-    assert manifest["format"] == FORMAT == "ldm-latent-cache/2" and manifest["count"] == 4
+    assert manifest["format"] == FORMAT == "ldm-latent-cache/3" and manifest["count"] == 4
     cache = open_latent_cache(str(tmp_path))
     for i in range(4):
         item = cache[i]

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 
 from ldm.data.buckets import batch_plan
 from ldm.data.captions import CaptionSpec
+from ldm.data.transforms import size_and_crop
 from ldm.evaluation.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
 from ldm.images import image_grid
 from ldm.models.denoiser import denoiser_of
@@ -33,7 +34,7 @@ from ldm.training.config import format_config, save_config
 from ldm.training.finetune_config import FinetuneConfig, resolve_defaults
 from ldm.training.checkpoint import keep_only_trainable, resolve_resume
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
-from ldm.training.validation import inference_pipeline, make_val_set, validation_loss
+from ldm.training.validation import inference_pipeline, make_val_set, unless_sdxl_cannot_sample, validation_loss
 
 NO_CAPTION = "\u0000no-caption\u0000"   # what the folder source returns for an image without a caption
 GUARD_FILE = "memorization_guard.safetensors"   # in a checkpoint: the weights an early stop would restore
@@ -110,15 +111,18 @@ def encode_posteriors(samples: list[dict], vae) -> list[dict]:
 
 
 def batches_forever(samples: list[dict], batch_size: int, seed: int, flip: bool):
-    """Yields batches {"latent_mean", "latent_logvar": (B, 4, h, w), "caption": [str]} forever."""
+    """Yields batches {"latent_mean", "latent_logvar": (B, 4, h, w), "caption": [str]} forever, with each image's
+    "original_size" and "crop_top_left" (B, 2) when the samples have them (SDXL's micro-conditioning)."""
     epoch = 0
     while True:
         for indices in batch_plan(samples, batch_size, seed, epoch):
             mean = torch.stack([samples[i]["latent_mean"] for i in indices])      # (B, 4, h, w)
             logvar = torch.stack([samples[i]["latent_logvar"] for i in indices])  # (B, 4, h, w)
-            if flip and random.Random(seed + epoch * 31 + indices[0]).random() < 0.5:
+            flipped = flip and random.Random(seed + epoch * 31 + indices[0]).random() < 0.5
+            if flipped:
                 mean, logvar = mean.flip(-1), logvar.flip(-1)  # flipping latents ~ flipping pixels (a conv VAE)
-            yield {"latent_mean": mean, "latent_logvar": logvar, "caption": [samples[i]["caption"] for i in indices]}
+            batch = {"latent_mean": mean, "latent_logvar": logvar, "caption": [samples[i]["caption"] for i in indices]}
+            yield {**batch, **size_and_crop([samples[i] for i in indices], flipped)}
         epoch += 1
 
 
@@ -131,22 +135,25 @@ def grouped_validation_loss(unet, samples: list[dict], vae, embed, objective, bi
     total, reports = sum(len(g) for g in groups.values()), []
     for group in groups.values():
         batch = {"latent_mean": torch.stack([s["latent_mean"] for s in group]),  # (n, 4, h, w)
-                 "caption": [s["caption"] for s in group]}
+                 "caption": [s["caption"] for s in group], **size_and_crop(group)}
         val = make_val_set(batch, vae, embed, max(10, 40 // len(group)), objective, device)
         reports.append((len(group) / total, validation_loss(unet, val, objective, bins)))
     return {k: sum(w * r[k] for w, r in reports) for k in reports[0][1]}
 
 
-def trainable_parameters(cfg: FinetuneConfig, unet, text_encoder) -> list[torch.nn.Parameter]:
-    """Returns the weights to train: LoRA adapters (B = 0 at first) or the whole UNet (+ text encoder)."""
+def trainable_parameters(cfg: FinetuneConfig, unet, text_encoder, text_encoder_2=None) -> list[torch.nn.Parameter]:
+    """Returns the weights to train: LoRA adapters (B = 0 at first) or the whole UNet (+ the text encoder, and
+    SDXL's second, with train_text_encoder)."""
     from ldm.models.lora import LoraSettings, add_lora
 
     if cfg.method == "lora":
         settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.train_text_encoder)
-        return add_lora(unet, text_encoder, settings)
+        return add_lora(unet, text_encoder, settings, text_encoder_2=text_encoder_2)
+    encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
     unet.requires_grad_(True)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    return list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    for encoder in encoders:
+        encoder.requires_grad_(cfg.train_text_encoder)
+    return list(unet.parameters()) + [p for e in encoders if cfg.train_text_encoder for p in e.parameters()]
 
 
 def sample_prompts(cfg: FinetuneConfig, train: list[dict]) -> list[str]:
@@ -176,14 +183,17 @@ def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> 
     args = (vae, embed, objective, cfg.val_loss_bins, device)
     val_train, val_held = grouped_validation_loss(unet, train, *args), grouped_validation_loss(unet, held, *args)
     prompts = sample_prompts(cfg, train)
-    images = validation_samples(cfg, pipe, prompts)
+    images = unless_sdxl_cannot_sample(pipe, lambda: validation_samples(cfg, pipe, prompts), "finetune")
     unet.train()
+    gap = generalization_gap(val_train, val_held)
+    if images is None:
+        return {"step": step, "val_train": val_train, "val_heldout": val_held, "gap": gap, "samples": None,
+                "memorization": {"warning": False, "message": "no samples: this Pipeline cannot sample SDXL yet"}}
     path = os.path.join(cfg.out, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pil = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))
     image_grid(pil, len(prompts)).save(path)
     report = memorization_report(images.cpu() * 2 - 1, [s["pixel_values"] for s in train], cfg.near_copy_ratio)
-    gap = generalization_gap(val_train, val_held)
     memorization = report.to_dict()
     gap_message = loss_gap_warning(gap, cfg.max_loss_gap)
     if gap_message and not report.warning:
@@ -192,30 +202,33 @@ def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> 
             "memorization": memorization, "samples": path}
 
 
-def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: str) -> dict:
+def save_weights(cfg: FinetuneConfig, parts: dict, unet, text_encoder, folder: str, text_encoder_2=None) -> dict:
     """Writes FOLDER/pytorch_lora_weights.safetensors (LoRA) or FOLDER/pipeline (full); returns {"lora", "pipeline"}."""
     from ldm.models.lora import save_lora
 
     if cfg.method == "full":
         path = os.path.join(folder, "pipeline")
-        inference_pipeline(parts, unet, parts["sampler"], text_encoder).save_pretrained(path)
+        pipe = inference_pipeline(parts, unet, parts["sampler"], text_encoder, text_encoder_2=text_encoder_2)
+        pipe.save_pretrained(path)
         return {"lora": None, "pipeline": path}
-    return {"lora": save_lora(folder, unet, text_encoder), "pipeline": None}
+    return {"lora": save_lora(folder, unet, text_encoder, text_encoder_2), "pipeline": None}
 
 
-def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder) -> dict:
+
+def write_outputs(cfg: FinetuneConfig, parts: dict, unet, text_encoder, text_encoder_2=None) -> dict:
     """Writes the LoRA file(s) or the pipeline folder; returns {"lora", "webui", "pipeline"} paths (or None)."""
     from ldm.models.lora import save_webui_lora
     from ldm.pipelines.lora import merge_lora
 
-    outputs = {"webui": None, **save_weights(cfg, parts, unet, text_encoder, cfg.out)}
+    outputs = {"webui": None, **save_weights(cfg, parts, unet, text_encoder, cfg.out, text_encoder_2)}
     if cfg.method == "full":
         return outputs
     if cfg.export_webui:
         info = {"ss_output_name": os.path.basename(os.path.abspath(cfg.out)), "ss_max_train_steps": str(cfg.max_steps),
                 "ss_resolution": str(cfg.resolution), "ss_tag_frequency": json.dumps({"instance": cfg.instance_prompt}),
                 "ss_learning_rate": str(cfg.learning_rate)}
-        outputs["webui"] = save_webui_lora(os.path.join(cfg.out, "lora_webui.safetensors"), unet, text_encoder, info)
+        outputs["webui"] = save_webui_lora(os.path.join(cfg.out, "lora_webui.safetensors"), unet, text_encoder, info,
+                                           text_encoder_2=text_encoder_2)
     if cfg.save_pipeline:
         outputs["pipeline"] = merge_lora(cfg.model, outputs["lora"], os.path.join(cfg.out, "pipeline"))
     return outputs
@@ -246,7 +259,8 @@ class FinetuneTrainer(loop.Trainer):
     def validate(self, state: dict) -> dict:
         cfg, step = self.cfg, state["step"]
         plain = self.accelerator.unwrap_model(self.model)
-        pipe = inference_pipeline(self.parts, plain, self.parts["sampler"], self.text_encoder)
+        pipe = inference_pipeline(self.parts, plain, self.parts["sampler"], self.text_encoder,
+                                  text_encoder_2=self.text_encoder_2)
         record = validate(cfg, step, pipe, plain, self.parts["vae"], self.embed, self.objective, self.train, self.held)
         recent = [state["losses"][k] for k in range(max(1, step - cfg.validation_every + 1), step + 1)]
         record["train_loss"] = sum(recent) / len(recent)
@@ -265,7 +279,8 @@ class FinetuneTrainer(loop.Trainer):
     def write_extra(self, folder: str, state: dict) -> None:
         from safetensors.torch import save_file
 
-        save_weights(self.cfg, self.parts, self.accelerator.unwrap_model(self.model), self.text_encoder, folder)
+        save_weights(self.cfg, self.parts, self.accelerator.unwrap_model(self.model), self.text_encoder, folder,
+                     self.text_encoder_2)
         save_config(self.cfg, os.path.join(folder, "config.yaml"))
         if self.snapshot is not None:
             save_file({str(i): p.cpu().contiguous() for i, p in enumerate(self.snapshot)},
@@ -302,8 +317,9 @@ def load_data(cfg: FinetuneConfig, accelerator, parts: dict) -> tuple[FinetuneCo
     images = read_images(cfg, cfg.resolution or native)
     train_idx, held_idx = holdout_split([s["key"] for s in images], cfg.holdout_fraction, cfg.seed)
     cfg = resolve_defaults(cfg, len(train_idx), native)
-    for module in (unet, vae, text_encoder):
-        module.to(accelerator.device).requires_grad_(False).eval()
+    for module in (unet, vae, text_encoder, parts.get("text_encoder_2")):
+        if module is not None:  # SDXL's text_encoder_2 too
+            module.to(accelerator.device).requires_grad_(False).eval()
     # class images from the base model, before any adapter
     parts["sampler"] = objective_for(parts["scheduler"]).scheduler(dict(parts["scheduler"].config))
     prior = (class_images(cfg, inference_pipeline(parts, unet, parts["sampler"]), cfg.resolution)
@@ -314,23 +330,30 @@ def load_data(cfg: FinetuneConfig, accelerator, parts: dict) -> tuple[FinetuneCo
 
 def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> FinetuneTrainer:
     """Adds the adapters (or unfreezes the UNet), builds the optimiser and prepares them; returns the trainer."""
-    unet, text_encoder = denoiser_of(parts), parts["text_encoder"]
-    params = trainable_parameters(cfg, unet, text_encoder)
+    unet, text_encoder, text_encoder_2 = denoiser_of(parts), parts["text_encoder"], parts.get("text_encoder_2")
+    params = trainable_parameters(cfg, unet, text_encoder, text_encoder_2)
     optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device,
                                     weight_decay=1e-2 if cfg.method == "full" else 0.0)
     lr_scheduler = loop.make_lr_scheduler("constant_with_warmup", optimizer, cfg.lr_warmup_steps, cfg.max_steps,
                                           accelerator.num_processes)
     if cfg.method == "lora":  # checkpoints hold the adapters, not a copy of the frozen UNet
         keep_only_trainable(accelerator)
-    if cfg.train_text_encoder:  # prepared (and so checkpointed) when trained
+    if cfg.train_text_encoder and text_encoder_2 is not None:  # SDXL: both encoders prepared and checkpointed
+        unet, text_encoder, text_encoder_2, optimizer, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, text_encoder_2, optimizer, lr_scheduler)
+    elif cfg.train_text_encoder:  # prepared (and so checkpointed) when trained
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     unet.train()
-    text_encoder.train(cfg.train_text_encoder)
-    embed = TextEmbedder(text_encoder, parts["tokenizer"], cache=not cfg.train_text_encoder)
+    for encoder in (text_encoder, text_encoder_2):
+        if encoder is not None:
+            encoder.train(cfg.train_text_encoder)
+    embed = TextEmbedder(text_encoder, parts["tokenizer"], not cfg.train_text_encoder, text_encoder_2,
+                         parts.get("tokenizer_2"))
     trainer = FinetuneTrainer(cfg, accelerator, parts, objective_for(parts["scheduler"]), embed, data)
     trainer.model, trainer.params, trainer.text_encoder = unet, params, accelerator.unwrap_model(text_encoder)
+    trainer.text_encoder_2 = None if text_encoder_2 is None else accelerator.unwrap_model(text_encoder_2)
     trainer.optimizer, trainer.lr_scheduler = optimizer, lr_scheduler
     # the memorisation guard restores the weights of the last check without a warning (at first: these)
     trainer.snapshot = [p.detach().clone() for p in params] if cfg.early_stop_on_memorization else None
@@ -367,7 +390,7 @@ def write_report(cfg: FinetuneConfig, parts: dict, trainer: FinetuneTrainer, dat
     returns the report."""
     finished = result["stopped_by"] in (None, "memorization")
     plain = trainer.accelerator.unwrap_model(trainer.model)
-    outputs = (write_outputs(cfg, parts, plain, trainer.text_encoder) if finished
+    outputs = (write_outputs(cfg, parts, plain, trainer.text_encoder, trainer.text_encoder_2) if finished
                else {"lora": None, "webui": None, "pipeline": None})
     history = result["history"]
     warnings = [r["memorization"]["message"] for r in history if r["memorization"]["warning"]]
