@@ -60,15 +60,23 @@ class AddedConditioning:
         return self._both
 
 
-def check_sdxl_arguments(pipe, prompt_embeds, negative_prompt_embeds, pooled: dict, sizes: dict) -> None:
-    """Raises ValueError when SDXL's arguments (pooled embeddings, micro-conditioning sizes) go to a model that
-    is not SDXL, when given prompt_embeds lack their pooled embeddings, or when a size is not a pair of numbers."""
-    given = [name for name, value in {**pooled, **sizes}.items() if value is not None]
+def check_inputs(pipe, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, original_size=None, crops_coords_top_left=None, target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None) -> dict:
+    """Returns SDXL's call arguments by name (POOLED_ARGUMENTS and SIZE_ARGUMENTS) after checking them; raises
+    ValueError when they go to a model that is not SDXL, when given prompt_embeds lack their pooled embeddings,
+    or when a size is not a pair of pixel counts."""
+    pooled = dict(pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+    sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                 negative_original_size=negative_original_size, negative_target_size=negative_target_size,
+                 negative_crops_coords_top_left=negative_crops_coords_top_left)
+    inputs = {**pooled, **sizes}
+    given = [name for name, value in inputs.items() if value is not None]
     if not pipe.is_sdxl:
         if given:
             raise ValueError(f"{', '.join(given)}: SDXL's pooled text and size/crop micro-conditioning, but this "
                              "model is not SDXL (its UNet has no addition_embed_type='text_time'); drop them")
-        return
+        return inputs
     for embeds, name in ((prompt_embeds, "pooled_prompt_embeds"), (negative_prompt_embeds,
                                                                    "negative_pooled_prompt_embeds")):
         if embeds is not None and pooled[name] is None:
@@ -85,6 +93,23 @@ def check_sdxl_arguments(pipe, prompt_embeds, negative_prompt_embeds, pooled: di
             kind = "(top, left)" if "crops" in name else "(height, width)"
             raise ValueError(f"{name}={value!r} must be a pair of numbers {kind} in pixels, each in {allowed}, "
                              f"e.g. {(0, 0) if 'crops' in name else (1024, 1024)}")
+    return inputs
+
+
+def conditioning(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt: int,
+                 do_cfg: bool, clip_skip, lora_scale, device, prompt_syntax: str, long_prompts: str, inputs: dict,
+                 size: tuple[int, int]):
+    """Returns (prompt_embeds, negative_embeds, AddedConditioning) of an SDXL call: the prompts encoded
+    (encode_prompt) or the given embeddings (given_embeddings), and the time_ids of `inputs` for an image of
+    `size` (height, width)."""
+    if prompt_embeds is None:
+        embeds = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip, lora_scale,
+                               device, prompt_syntax, long_prompts)
+    else:
+        embeds = given_embeddings(pipe, prompt_embeds, negative_prompt_embeds, inputs["pooled_prompt_embeds"],
+                                  inputs["negative_pooled_prompt_embeds"], negative_prompt, num_images_per_prompt,
+                                  do_cfg, clip_skip, lora_scale, device, prompt_syntax, long_prompts)
+    return embeds[0], embeds[1], added_conditioning(embeds[2], embeds[3], inputs, *size)
 
 
 def added_conditioning(pooled: torch.Tensor, negative_pooled: torch.Tensor | None, sizes: dict, height: int,

@@ -308,18 +308,15 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
-                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None, prompt_syntax: str = "a1111",
-                 callback_on_step_end: Callable | None = None,
+                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
+                 prompt_syntax: str = "a1111", callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
-                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None,
-                 strength=None, mask_blur=4, masked_content="original", paste_back=True, long_prompts: str = "chunk",
-                 pooled_prompt_embeds: torch.Tensor | None = None,
-                 negative_pooled_prompt_embeds: torch.Tensor | None = None, original_size: tuple[int, int] | None = None,
-                 crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
-                 negative_original_size: tuple[int, int] | None = None,
-                 negative_crops_coords_top_left: tuple[int, int] | None = None,
-                 negative_target_size: tuple[int, int] | None = None):
+                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None, strength=None,
+                 mask_blur=4, masked_content="original", paste_back=True, long_prompts: str = "chunk",
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
+                 crops_coords_top_left=None, target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=None, negative_target_size=None):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
@@ -331,9 +328,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
         scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). prompt_syntax, long_prompts:
         encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: ldm.pipelines.editing.
-        SDXL models only (ldm.pipelines.sdxl), named as in diffusers' StableDiffusionXLPipeline: the pooled
-        embeddings that go with given prompt_embeds, and the micro-conditioning original_size (default (height,
-        width)), crops_coords_top_left ((0, 0)), target_size ((height, width)) and their negative_* twins."""
+        SDXL only, as diffusers' StableDiffusionXLPipeline: pooled_prompt_embeds ... negative_target_size (sdxl)."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
@@ -344,56 +339,44 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
             callback_on_step_end_tensor_inputs, clip_skip)
-        pooled = dict(pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                     negative_original_size=negative_original_size, negative_target_size=negative_target_size,
-                     negative_crops_coords_top_left=negative_crops_coords_top_left)
-        sdxl.check_sdxl_arguments(self, prompt_embeds, negative_prompt_embeds, pooled, sizes)
+        sdxl_inputs = sdxl.check_inputs(self, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                        negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size,
+                                        negative_original_size, negative_crops_coords_top_left, negative_target_size)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
-        do_cfg = guidance_scale > 1.0
         device = self._execution_device  # where the UNet runs, CPU offload or not; read once (it walks every module)
-
         # 1. Encode the prompts: (B*n, 77*k, D) each; one batched UNet call per step later, uncond first
-        prompt_embeds, negative_embeds, pooled_text = self._prompt_embeddings(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, do_cfg, clip_skip,
-            (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts, **pooled)
-        # SDXL: pooled text (B*n, D2) and size/crop time_ids (B*n, 6) per branch, for the UNet's time embedding
-        added = sdxl.added_conditioning(*pooled_text, sizes, height, width) if self.is_sdxl else None
-
+        prompt_embeds, negative_embeds, added = self._prompt_embeddings(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance.enabled,
+            clip_skip, (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts,
+            sdxl_inputs, (height, width))
         # 2. Timesteps, and 3. the initial noise x_T: (B*n, 4, H/f, W/f)
         timesteps, host_timesteps = self._timesteps(num_inference_steps, device, edit)
         latents = self._initial_latents(len(prompt_embeds), height, width, generator, latents, prompt_embeds.dtype,
                                         device, edit, timesteps[0] if len(timesteps) else None)
-
         # 4. Denoising loop, with no sync per step (the finite flags are read once, in 5.)
         latents, finite, records = self._denoise(
             latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance,
             self._step_kwargs(generator, eta), cross_attention_kwargs, callback_on_step_end,
             callback_on_step_end_tensor_inputs, trace, edit, added)
-
         # 5. Decode z -> x, check that every step and the pixels are finite
         images = self._decode(latents, output_type, generator, finite, host_timesteps, edit)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, records)
-        return PipelineOutput(images=images, trace=records)
+        return PipelineOutput(images=images, trace=records) if return_dict else (images, records)
 
     def _prompt_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                            num_images_per_prompt: int, do_cfg: bool, clip_skip: int | None, lora_scale: float | None,
                            device, prompt_syntax: str = "a1111", long_prompts: str = "chunk",
-                           pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
-        """Returns (prompt_embeds, negative_embeds, pooled), each embeds (B*n, 77*k, D), negative_embeds None
+                           sdxl_inputs: dict | None = None, size: tuple[int, int] | None = None):
+        """Returns (prompt_embeds, negative_embeds, added), each embeds (B*n, 77*k, D), negative_embeds None
         without guidance: the prompts encoded, or the given embeddings repeated per image; without negative
         embeddings, the negative prompt's text encoded (or the empty prompt), padded with empty windows to their
-        length. pooled: SDXL's (pooled (B*n, D2), negative pooled or None), None for other models."""
+        length. added: SDXL's pooled text (B*n, D2) and time_ids (B*n, 6) per branch for the UNet's time
+        embedding (ldm.pipelines.sdxl, from sdxl_inputs and the image's (height, width) `size`), None otherwise."""
         check_prompt_options(prompt_syntax, long_prompts)  # also where embeddings are given, so no typo passes
         if self.is_sdxl:
-            embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip, lora_scale,
-                                        device, prompt_syntax, long_prompts) if prompt_embeds is None else \
-                sdxl.given_embeddings(self, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                      negative_pooled_prompt_embeds, negative_prompt, num_images_per_prompt, do_cfg,
-                                      clip_skip, lora_scale, device, prompt_syntax, long_prompts)
-            return embeds[0], embeds[1], embeds[2:]
+            return sdxl.conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                     num_images_per_prompt, do_cfg, clip_skip, lora_scale, device, prompt_syntax,
+                                     long_prompts, sdxl_inputs, size)
         if prompt_embeds is None:
             return *self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
                                        lora_scale=lora_scale, device=device, prompt_syntax=prompt_syntax,
