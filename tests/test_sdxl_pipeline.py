@@ -2,9 +2,11 @@
 built from the SAME sdxl-tiny components, prompts and noise; folders both ways; every sampler; the CLI."""
 import json
 import os
+import re
 import warnings
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import (DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
@@ -12,8 +14,10 @@ from diffusers import (DiffusionPipeline, EulerDiscreteScheduler, StableDiffusio
 
 from ldm import Pipeline
 from ldm.cli import main as ldm_main
+from ldm.images import read_png_params
 from ldm.models.presets import build_components, get_spec, inpainting
 from ldm.pipelines import sdxl
+from ldm.pipelines.generate import GenerateRequest
 from ldm.pipelines.prompts import tokenize_prompts
 from ldm.pipelines.schedulers import SCHEDULERS
 
@@ -26,6 +30,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one
 @pytest.fixture(scope="module")
 def parts():
     return build_components("sdxl-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """An sdxl-tiny folder written by `ldm create-model`."""
+    folder = str(tmp_path_factory.mktemp("models") / "sdxl")
+    assert ldm_main(["create-model", "--model", "sdxl-tiny", "--out", folder]) == 0
+    return folder
 
 
 @pytest.fixture()
@@ -118,6 +130,22 @@ def test_encode_prompt_matches_diffusers_and_takes_the_first_windows_pool(ours, 
     windows = tokenize_prompts(parts["tokenizer_2"], [long_prompt]).ids  # (2, 77)
     assert torch.allclose(pooled, parts["text_encoder_2"](windows[:1]).text_embeds, atol=1e-6)  # the first's
     assert not torch.allclose(pooled, parts["text_encoder_2"](windows[1:]).text_embeds, atol=1e-3)
+
+
+def test_emphasis_weights_each_encoders_half_on_its_own(ours):
+    """A1111's (word:1.5): the token's states times 1.5, then each encoder's half rescaled to its own former mean
+    (A1111's two SDXL embedders each normalise); the pooled embedding is the unweighted one."""
+    with torch.no_grad():
+        plain, _, plain_pooled, _ = ours.encode_prompt(["a red circle"], None, 1, False)
+        emphasised, _, pooled, _ = ours.encode_prompt(["a (red:1.5) circle"], None, 1, False)
+    assert torch.equal(pooled, plain_pooled)
+    scales = []
+    for half in (slice(0, 32), slice(32, 64)):  # text_encoder's 32 channels, then text_encoder_2's
+        ratio = emphasised[0, :, half] / plain[0, :, half]  # tokens: start, a, red, circle, end, pad...
+        assert torch.allclose(emphasised[0, :, half].mean(), plain[0, :, half].mean(), rtol=1e-5)
+        assert torch.allclose(ratio[2], 1.5 * ratio[0], rtol=1e-4)
+        scales.append(float(ratio[0].mean()))
+    assert abs(scales[0] - scales[1]) > 1e-3  # two normalisations, not one over the concatenation
 
 
 def test_given_embeddings_give_the_same_images(ours):
@@ -233,16 +261,29 @@ def test_float16_vae_decodes_in_float32_when_its_config_asks(ours):
         ours.vae.to(torch.float32)
 
 
-def test_cli_creates_an_sdxl_model_and_generates_a_png(tmp_path, capsys):
-    folder, out = str(tmp_path / "sdxl"), str(tmp_path / "img.png")
-    assert ldm_main(["create-model", "--model", "sdxl-tiny", "--out", folder]) == 0
-    assert "text_encoder_2" in capsys.readouterr().out
-    assert json.load(open(os.path.join(folder, "model_index.json")))["_class_name"] == "StableDiffusionXLPipeline"
-    assert ldm_main(["generate", "a red circle", "--model", folder, "--steps", "2", "--seed", "1", "--out", out,
+def test_cli_creates_an_sdxl_model_and_generates_a_png(sdxl_folder, tmp_path):
+    out = str(tmp_path / "img.png")
+    assert json.load(open(os.path.join(sdxl_folder, "model_index.json")))["_class_name"] == "StableDiffusionXLPipeline"
+    assert ldm_main(["generate", "a red circle", "--model", sdxl_folder, "--steps", "2", "--seed", "1", "--out", out,
                      "--original-size", "512", "512", "--crops-coords-top-left", "0", "8"]) == 0
-    from ldm.images import read_png_params
-
     params = read_png_params(out)
     assert params["original_size"] == [512, 512] and params["crops_coords_top_left"] == [0, 8]
-    with pytest.raises(SystemExit):
-        ldm_main(["generate", "x", "--model", folder, "--target-size", "64"])
+    with pytest.raises(SystemExit):  # two numbers or none
+        ldm_main(["generate", "x", "--model", sdxl_folder, "--target-size", "64"])
+    with pytest.raises(ValueError, match=r"target_size \(--target-size\): \(64, 64, 1\) must be two whole numbers"):
+        GenerateRequest("x", sdxl_folder, target_size=(64, 64, 1)).validate()
+
+
+def test_create_model_names_both_text_encoders(tmp_path, capsys):
+    assert ldm_main(["create-model", "--model", "sdxl-tiny", "--out", str(tmp_path / "m")]) == 0
+    assert re.search(r"text_encoder [\d,]+, text_encoder_2 [\d,]+ parameters", capsys.readouterr().out)
+
+
+def test_the_web_page_generates_with_an_sdxl_folder(sdxl_folder, tmp_path):
+    from ldm.ui.generate import generate
+    from ldm.ui.models import ModelCache
+
+    result = generate({"prompt": "a red circle", "steps": "2", "seed": "3", "negative_prompt": "blurry"},
+                      ModelCache(), str(tmp_path / "page"), default_model=sdxl_folder)
+    image = np.asarray(PIL.Image.open(result["images"][0]["path"]))
+    assert image.shape == (64, 64, 3) and image.std() > 1
