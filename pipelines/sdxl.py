@@ -4,11 +4,11 @@ diffusers' StableDiffusionXLPipeline makes them (Podell et al. 2023, arXiv:2307.
     pipe = Pipeline.from_pretrained("models/sdxl")            # a folder with text_encoder_2/ and tokenizer_2/
     pipe("a red circle", original_size=(512, 512), crops_coords_top_left=(0, 0), target_size=(1024, 1024))
 
-- Text (ldm.models.sdxl.encode_text): the penultimate hidden states of both encoders concatenated, (B, 77*k, D1 + D2),
-  and the pooled embedding, text_encoder_2's projected end-of-text token, (B, D2). A1111 emphasis and long prompts
-  (ldm.pipelines.prompts) work as for SD 1.x: each encoder's half is weighted and renormalised on its own (as
-  A1111's two SDXL embedders do), and a prompt past 75 tokens is encoded in 77-token windows by both encoders;
-  its pooled embedding is its FIRST window's (as A1111 and ComfyUI take it).
+- Text (ldm.models.sdxl.encode_text): the penultimate hidden states of both encoders concatenated,
+  (B, 77*k, D1 + D2), and the pooled embedding, text_encoder_2's projected end-of-text token, (B, D2). A1111
+  emphasis and long prompts (ldm.pipelines.prompts) work as for SD 1.x: each encoder's half is weighted and
+  renormalised on its own (as A1111's two SDXL embedders do), and a prompt past 75 tokens is encoded in 77-token
+  windows by both encoders; its pooled embedding is its FIRST window's (as A1111 and ComfyUI take it).
 - Negative conditioning: with force_zeros_for_empty_prompt (SDXL base's model_index.json), a negative prompt
   that is None or "" gives an all-zero context AND pooled embedding, not the encoded "". diffusers zeroes only
   for None (it encodes ""); A1111 zeroes "" too, and so do we.
@@ -31,11 +31,6 @@ from ldm.pipelines.calls import lora_scaled
 from ldm.pipelines.checks import CALL_RANGES
 from ldm.pipelines.prompts import tokenize_prompts
 from ldm.ranges import in_interval
-
-SIZE_ARGUMENTS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-                  "negative_crops_coords_top_left", "negative_target_size")
-POOLED_ARGUMENTS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-
 
 @dataclass
 class AddedConditioning:
@@ -60,13 +55,15 @@ class AddedConditioning:
         return self._both
 
 
-def check_inputs(pipe, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds=None,
+def check_inputs(pipe, size: tuple[int, int], prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, original_size=None, crops_coords_top_left=None, target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None) -> dict:
-    """Returns SDXL's call arguments by name (POOLED_ARGUMENTS and SIZE_ARGUMENTS) after checking them; raises
-    ValueError when they go to a model that is not SDXL, when given prompt_embeds lack their pooled embeddings,
-    or when a size is not a pair of pixel counts."""
-    pooled = dict(pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+    """Returns SDXL's call arguments by name after checking them: the pooled embeddings, and the six sizes with
+    their defaults for an image of `size` (height, width) filled in (resolved_sizes). Raises ValueError when
+    they go to a model that is not SDXL, when given prompt_embeds lack their pooled embeddings, or when a size
+    is not a pair of pixel counts."""
+    pooled = dict(pooled_prompt_embeds=pooled_prompt_embeds,
+                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
     sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
                  negative_original_size=negative_original_size, negative_target_size=negative_target_size,
                  negative_crops_coords_top_left=negative_crops_coords_top_left)
@@ -93,15 +90,29 @@ def check_inputs(pipe, prompt_embeds, negative_prompt_embeds, pooled_prompt_embe
             kind = "(top, left)" if "crops" in name else "(height, width)"
             raise ValueError(f"{name}={value!r} must be a pair of numbers {kind} in pixels, each in {allowed}, "
                              f"e.g. {(0, 0) if 'crops' in name else (1024, 1024)}")
-    return inputs
+    return {**pooled, **resolved_sizes(sizes, *size)}
+
+
+def resolved_sizes(sizes: dict, height: int, width: int) -> dict:
+    """Returns the six sizes with their defaults (module docstring): original and target (height, width), crop
+    (0, 0); the negative ones the positive ones, or where any negative one is given, each missing one the
+    positive's (the crop (0, 0))."""
+    original = tuple(sizes["original_size"] or (height, width))
+    crop = tuple(sizes["crops_coords_top_left"] or (0, 0))
+    target = tuple(sizes["target_size"] or (height, width))
+    negatives = [sizes[f"negative_{name}"] for name in ("original_size", "crops_coords_top_left", "target_size")]
+    if any(value is not None for value in negatives):
+        negatives = [tuple(negatives[0] or original), tuple(negatives[1] or (0, 0)), tuple(negatives[2] or target)]
+    else:
+        negatives = [original, crop, target]
+    return dict(zip(("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size"), (original, crop, target, *negatives)))
 
 
 def conditioning(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt: int,
-                 do_cfg: bool, clip_skip, lora_scale, device, prompt_syntax: str, long_prompts: str, inputs: dict,
-                 size: tuple[int, int]):
+                 do_cfg: bool, clip_skip, lora_scale, device, prompt_syntax: str, long_prompts: str, inputs: dict):
     """Returns (prompt_embeds, negative_embeds, AddedConditioning) of an SDXL call: the prompts encoded
-    (encode_prompt) or the given embeddings (given_embeddings), and the time_ids of `inputs` for an image of
-    `size` (height, width)."""
+    (encode_prompt) or the given embeddings (given_embeddings), and the time_ids of `inputs` (check_inputs)."""
     if prompt_embeds is None:
         embeds = encode_prompt(pipe, prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip, lora_scale,
                                device, prompt_syntax, long_prompts)
@@ -109,25 +120,19 @@ def conditioning(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_e
         embeds = given_embeddings(pipe, prompt_embeds, negative_prompt_embeds, inputs["pooled_prompt_embeds"],
                                   inputs["negative_pooled_prompt_embeds"], negative_prompt, num_images_per_prompt,
                                   do_cfg, clip_skip, lora_scale, device, prompt_syntax, long_prompts)
-    return embeds[0], embeds[1], added_conditioning(embeds[2], embeds[3], inputs, *size)
+    return embeds[0], embeds[1], added_conditioning(embeds[2], embeds[3], inputs)
 
 
-def added_conditioning(pooled: torch.Tensor, negative_pooled: torch.Tensor | None, sizes: dict, height: int,
-                       width: int) -> AddedConditioning:
-    """Returns the call's AddedConditioning: the pooled embeddings with each image's time_ids (module docstring
-    for the defaults), as diffusers' StableDiffusionXLPipeline._get_add_time_ids makes them."""
-    original = tuple(sizes["original_size"] or (height, width))
-    crop = tuple(sizes["crops_coords_top_left"] or (0, 0))
-    target = tuple(sizes["target_size"] or (height, width))
+def added_conditioning(pooled: torch.Tensor, negative_pooled: torch.Tensor | None, sizes: dict) -> AddedConditioning:
+    """Returns the call's AddedConditioning: the pooled embeddings with each image's time_ids from the resolved
+    sizes (resolved_sizes), as diffusers' StableDiffusionXLPipeline._get_add_time_ids makes them."""
     count, dtype, device = pooled.shape[0], pooled.dtype, pooled.device
-    ids = sdxl.time_ids(original, crop, target, dtype, device).expand(count, 6)  # (B*n, 6)
+    ids = sdxl.time_ids(sizes["original_size"], sizes["crops_coords_top_left"], sizes["target_size"], dtype,
+                        device).expand(count, 6)  # (B*n, 6)
     if negative_pooled is None:
         return AddedConditioning(pooled, ids)
-    negatives = [sizes[f"negative_{name}"] for name in ("original_size", "crops_coords_top_left", "target_size")]
-    negative_ids = ids
-    if any(value is not None for value in negatives):
-        negative_ids = sdxl.time_ids(tuple(negatives[0] or original), tuple(negatives[1] or (0, 0)),
-                                     tuple(negatives[2] or target), dtype, device).expand(count, 6)  # (B*n, 6)
+    negative_ids = sdxl.time_ids(sizes["negative_original_size"], sizes["negative_crops_coords_top_left"],
+                                 sizes["negative_target_size"], dtype, device).expand(count, 6)  # (B*n, 6)
     return AddedConditioning(pooled, ids, negative_pooled, negative_ids)
 
 

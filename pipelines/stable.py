@@ -339,16 +339,16 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
             callback_on_step_end_tensor_inputs, clip_skip)
-        sdxl_inputs = sdxl.check_inputs(self, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                        negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size,
-                                        negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        sdxl_inputs = sdxl.check_inputs(
+            self, (height, width), prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_original_size,
+            negative_crops_coords_top_left, negative_target_size)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
         device = self._execution_device  # where the UNet runs, CPU offload or not; read once (it walks every module)
         # 1. Encode the prompts: (B*n, 77*k, D) each; one batched UNet call per step later, uncond first
         prompt_embeds, negative_embeds, added = self._prompt_embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance.enabled,
-            clip_skip, (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts,
-            sdxl_inputs, (height, width))
+            clip_skip, (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts, sdxl_inputs)
         # 2. Timesteps, and 3. the initial noise x_T: (B*n, 4, H/f, W/f)
         timesteps, host_timesteps = self._timesteps(num_inference_steps, device, edit)
         latents = self._initial_latents(len(prompt_embeds), height, width, generator, latents, prompt_embeds.dtype,
@@ -366,17 +366,17 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def _prompt_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                            num_images_per_prompt: int, do_cfg: bool, clip_skip: int | None, lora_scale: float | None,
                            device, prompt_syntax: str = "a1111", long_prompts: str = "chunk",
-                           sdxl_inputs: dict | None = None, size: tuple[int, int] | None = None):
+                           sdxl_inputs: dict | None = None):
         """Returns (prompt_embeds, negative_embeds, added), each embeds (B*n, 77*k, D), negative_embeds None
         without guidance: the prompts encoded, or the given embeddings repeated per image; without negative
         embeddings, the negative prompt's text encoded (or the empty prompt), padded with empty windows to their
         length. added: SDXL's pooled text (B*n, D2) and time_ids (B*n, 6) per branch for the UNet's time
-        embedding (ldm.pipelines.sdxl, from sdxl_inputs and the image's (height, width) `size`), None otherwise."""
+        embedding (ldm.pipelines.sdxl, from sdxl_inputs: ldm.pipelines.sdxl.check_inputs), None otherwise."""
         check_prompt_options(prompt_syntax, long_prompts)  # also where embeddings are given, so no typo passes
         if self.is_sdxl:
             return sdxl.conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                      num_images_per_prompt, do_cfg, clip_skip, lora_scale, device, prompt_syntax,
-                                     long_prompts, sdxl_inputs, size)
+                                     long_prompts, sdxl_inputs)
         if prompt_embeds is None:
             return *self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
                                        lora_scale=lora_scale, device=device, prompt_syntax=prompt_syntax,

@@ -18,7 +18,9 @@ import torch
 def is_sdxl_unet(unet) -> bool:
     """True for a UNet conditioned on pooled text and time_ids (diffusers' addition_embed_type="text_time")."""
     config = getattr(unet, "config", None)
-    return config is not None and config.get("addition_embed_type") == "text_time"
+    # diffusers' FrozenDict config, or any object with attributes (e.g. the diagnostics' closed-form models)
+    value = config.get("addition_embed_type") if hasattr(config, "get") else getattr(config, "addition_embed_type", None)
+    return value == "text_time"
 
 
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int],
