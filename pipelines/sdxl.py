@@ -143,6 +143,7 @@ def encode_texts(pipe, texts: list[str], clip_skip: int | None, lora_scale: floa
     window's."""
     tokens_1 = tokenize_prompts(pipe.tokenizer, texts, prompt_syntax, long_prompts)    # ids (N*k, 77)
     tokens_2 = tokenize_prompts(pipe.tokenizer_2, texts, prompt_syntax, long_prompts)  # same windows, "!" padding
+    assert tokens_2.windows == tokens_1.windows, "SDXL's two tokenizers share CLIP's vocabulary, so its windows"
     with lora_scaled(pipe.text_encoder, lora_scale), lora_scaled(pipe.text_encoder_2, lora_scale):
         hidden, pooled = sdxl.encode_text(pipe.text_encoder, pipe.text_encoder_2, tokens_1.ids.to(device),
                                           tokens_2.ids.to(device), clip_skip)  # (N*k, 77, D1 + D2), (N*k, D2)

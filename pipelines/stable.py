@@ -328,7 +328,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
         scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). prompt_syntax, long_prompts:
         encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: ldm.pipelines.editing.
-        SDXL only, as diffusers' StableDiffusionXLPipeline: pooled_prompt_embeds ... negative_target_size (sdxl)."""
+        SDXL: pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_* (pipelines.sdxl)."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,

@@ -162,6 +162,18 @@ def test_given_embeddings_give_the_same_images(ours):
         ours(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative, num_inference_steps=2)
 
 
+def test_long_prompts_sample_with_text_and_zero_negatives(ours):
+    long_prompt = ", ".join(["a red circle on the left"] * 20)  # two windows
+    with torch.no_grad():
+        embeds, negative, pooled, _ = ours.encode_prompt([long_prompt], ["blurry"], 1, True)
+    assert embeds.shape == negative.shape == (1, 2 * 77, 64)  # the short negative padded with empty windows
+    with_text = sample(ours, "ddim", prompt=long_prompt, negative_prompt="blurry", guidance_scale=5.0)
+    given = sample(ours, "ddim", prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                   negative_prompt="blurry", guidance_scale=5.0)
+    zeros = sample(ours, "ddim", prompt=long_prompt, guidance_scale=5.0)
+    assert np.abs(with_text - given).max() <= TOLERANCE and np.abs(with_text - zeros).max() > 1e-3
+
+
 def test_sdxl_arguments_are_refused_where_they_do_not_apply(ours, tiny_pipe):
     with pytest.raises(ValueError, match="pooled_prompt_embeds, original_size: SDXL's"):
         tiny_pipe("a red circle", original_size=(64, 64), pooled_prompt_embeds=torch.zeros(1, 32),
