@@ -20,7 +20,7 @@ CALL_RANGES = {
     "eta": "[0, 1]", "num_images_per_prompt": "[1, 1024]", "height": "[8, 8192]", "width": "[8, 8192]",
     "clip_skip": "[0, 32]", "cfg_zero_init_steps": "[0, 1000]", "guidance_interval": "[0, inf)",
     "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)", "lora_scale": "[-10, 10]",
-    "strength": "[0, 1]", "mask_blur": "[0, 256]",
+    "strength": "[0, 1]", "mask_blur": "[0, 256]", "size_conditioning": "[0, 65536]",
 }
 _HINTS = {
     "num_inference_steps": " (e.g. 50)", "guidance_scale": " (7.5 is typical; <= 1 turns guidance off)",

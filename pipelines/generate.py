@@ -68,6 +68,10 @@ class GenerateRequest:
     paste_back: bool = True               # the final image keeps the init image's pixels outside the mask
     prompt_syntax: str = "a1111"          # "a1111": (word:1.3) emphasis and BREAK; "plain": the text as it is
     long_prompts: str = "chunk"           # "chunk": every token, in 77-token windows; "truncate": the first 75 tokens
+    # SDXL's micro-conditioning (ldm.pipelines.sdxl), pixels; None: (height, width), (0, 0), (height, width)
+    original_size: tuple[int, int] | None = None          # (height, width) of the "original image"
+    crops_coords_top_left: tuple[int, int] | None = None  # (top, left) of its crop
+    target_size: tuple[int, int] | None = None            # (height, width) being made
 
     # The allowed range of each number (ldm.ranges notation); `ldm generate`'s flags use the same ones.
     # The Python call's ranges (pipelines/checks.py), so the page, the CLI and pipe(...) refuse the same values;
@@ -79,6 +83,7 @@ class GenerateRequest:
               "steps": CALL_RANGES["num_inference_steps"], "batch_size": CALL_RANGES["num_images_per_prompt"],
               "seed": "[0, 4294967295]", "num_images": "[1, 100000]"}
     INTERVAL_RANGE = CALL_RANGES["guidance_interval"]           # each end of guidance_interval
+    SIZE_CONDITIONING_RANGE = CALL_RANGES["size_conditioning"]  # each number of SDXL's micro-conditioning
 
     def validate(self) -> "GenerateRequest":
         """Returns the request after checking it; raises ValueError naming the field (and its flag) otherwise."""
@@ -96,6 +101,12 @@ class GenerateRequest:
                                                             for t in self.guidance_interval)):
             raise ValueError(f"guidance_interval ({flag('guidance_interval')}): {self.guidance_interval!r} must be "
                              f"two timesteps T_LO T_HI, each in {self.INTERVAL_RANGE}")
+        for name in SIZE_CONDITIONING:
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or not all(
+                    isinstance(v, int) and in_interval(float(v), self.SIZE_CONDITIONING_RANGE) for v in value)):
+                raise ValueError(f"{name} ({flag(name)}): {value!r} must be two whole numbers of pixels, each in "
+                                 f"{self.SIZE_CONDITIONING_RANGE}")
         for name, allowed in (("scheduler", SCHEDULERS), ("dtype", DTYPES), ("prompt_syntax", PROMPT_SYNTAXES),
                               ("long_prompts", LONG_PROMPTS)):
             if getattr(self, name) is not None and getattr(self, name) not in allowed:
@@ -136,6 +147,9 @@ class GenerateRequest:
             return {}
         return dict(image=self.init_image, mask_image=self.mask, strength=self.strength, mask_blur=self.mask_blur,
                     masked_content=self.masked_content, paste_back=self.paste_back)
+
+
+SIZE_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size")  # SDXL's, as the call names them
 
 
 def flag(name: str) -> str:
@@ -255,7 +269,8 @@ def generation_params(prepared: Prepared, pipe) -> dict:
                 device=prepared.device, dtype=str(prepared.dtype).removeprefix("torch."), ldm_version=__version__,
                 **recorded_methods(g.methods), **({"guidance_source": g.source} if g.source else {}),
                 **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}),
-                **recorded_edit(r), **prompt_options(r))
+                **recorded_edit(r), **prompt_options(r),
+                **{name: list(getattr(r, name)) for name in SIZE_CONDITIONING if getattr(r, name) is not None})
 
 
 def prompt_options(request: GenerateRequest) -> dict:
@@ -293,7 +308,8 @@ def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, t
                 eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
                 num_images_per_prompt=len(seeds), **methods, **(edit or {}), callback_on_step_end=callback,
                 trace=trace, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                **{k: params[k] for k in ("prompt_syntax", "long_prompts") if k in params})
+                **{k: params[k] for k in ("prompt_syntax", "long_prompts") if k in params},
+                **{k: tuple(params[k]) for k in SIZE_CONDITIONING if k in params})
 
 
 def output_path(out: str, index: int, count: int, seed: int) -> str:

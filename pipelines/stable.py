@@ -25,7 +25,7 @@ from ldm.models.denoiser import denoise
 from ldm.models.sdxl import is_sdxl_unet
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
-from ldm.pipelines import editing
+from ldm.pipelines import editing, sdxl
 from ldm.pipelines.calls import inference, lora_scaled
 from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance, check_number
 from ldm.pipelines.guidance import APGSettings, Guidance
@@ -282,9 +282,14 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         applies it to the conditional branch only). lora_scale multiplies the text encoder's LoRA adapters
         for this call, as diffusers' encode_prompt does (the UNet's get the same scale through
         cross_attention_kwargs={"scale": s}). device: where the UNet runs (default: the execution device; pass
-        it when known, since finding it walks every module).
+        it when known, since finding it walks every module). An SDXL model returns four tensors, as diffusers'
+        StableDiffusionXLPipeline.encode_prompt: the two above (D = D1 + D2) and the pooled embeddings (B*n, D2)
+        of the prompts and of the negative prompts (ldm.pipelines.sdxl).
         """
         device = device if device is not None else self._execution_device
+        if self.is_sdxl:  # (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_...)
+            return sdxl.encode_prompt(self, prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
+                                      lora_scale, device, prompt_syntax, long_prompts)
         uncond = (negative_prompt if negative_prompt is not None else [""] * len(prompt)) if do_cfg else []
         tokens = self._tokenize(uncond + prompt, prompt_syntax, long_prompts)  # every window of every prompt
         with lora_scaled(self.text_encoder, lora_scale):
@@ -313,12 +318,15 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
-                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None, prompt_syntax: str = "a1111",
-                 callback_on_step_end: Callable | None = None,
+                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None,
+                 prompt_syntax: str = "a1111", callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), trace: bool = False,
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
-                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None,
-                 strength=None, mask_blur=4, masked_content="original", paste_back=True, long_prompts: str = "chunk"):
+                 cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None, strength=None,
+                 mask_blur=4, masked_content="original", paste_back=True, long_prompts: str = "chunk",
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
+                 crops_coords_top_left=None, target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=None, negative_target_size=None):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
         guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
@@ -329,7 +337,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
         apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
         scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). prompt_syntax, long_prompts:
-        encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: ldm.pipelines.editing."""
+        encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: ldm.pipelines.editing.
+        SDXL: pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_* (pipelines.sdxl)."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
@@ -340,49 +349,52 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt,
             eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type, methods["guidance_rescale"],
             callback_on_step_end_tensor_inputs, clip_skip)
+        sdxl_inputs = sdxl.check_inputs(
+            self, (height, width), prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_original_size,
+            negative_crops_coords_top_left, negative_target_size)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
-        do_cfg = guidance_scale > 1.0
         device = self._execution_device  # where the UNet runs, CPU offload or not; read once (it walks every module)
-
         # 1. Encode the prompts: (B*n, 77*k, D) each; one batched UNet call per step later, uncond first
-        prompt_embeds, negative_embeds = self._prompt_embeddings(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, do_cfg, clip_skip,
-            (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts)
-
+        prompt_embeds, negative_embeds, added = self._prompt_embeddings(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt, guidance.enabled,
+            clip_skip, (cross_attention_kwargs or {}).get("scale"), device, prompt_syntax, long_prompts, sdxl_inputs)
         # 2. Timesteps, and 3. the initial noise x_T: (B*n, 4, H/f, W/f)
         timesteps, host_timesteps = self._timesteps(num_inference_steps, device, edit)
         latents = self._initial_latents(len(prompt_embeds), height, width, generator, latents, prompt_embeds.dtype,
                                         device, edit, timesteps[0] if len(timesteps) else None)
-
         # 4. Denoising loop, with no sync per step (the finite flags are read once, in 5.)
         latents, finite, records = self._denoise(
             latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance,
             self._step_kwargs(generator, eta), cross_attention_kwargs, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, trace, edit)
-
+            callback_on_step_end_tensor_inputs, trace, edit, added)
         # 5. Decode z -> x, check that every step and the pixels are finite
         images = self._decode(latents, output_type, generator, finite, host_timesteps, edit)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images, records)
-        return PipelineOutput(images=images, trace=records)
+        return PipelineOutput(images=images, trace=records) if return_dict else (images, records)
 
     def _prompt_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                            num_images_per_prompt: int, do_cfg: bool, clip_skip: int | None, lora_scale: float | None,
-                           device, prompt_syntax: str = "a1111",
-                           long_prompts: str = "chunk") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (prompt_embeds, negative_embeds), each (B*n, 77*k, D), negative_embeds None without guidance:
-        the prompts encoded, or the given embeddings repeated per image; without negative embeddings, the
-        negative prompt's text encoded (or the empty prompt), padded with empty windows to their length."""
+                           device, prompt_syntax: str = "a1111", long_prompts: str = "chunk",
+                           sdxl_inputs: dict | None = None):
+        """Returns (prompt_embeds, negative_embeds, added), each embeds (B*n, 77*k, D), negative_embeds None
+        without guidance: the prompts encoded, or the given embeddings repeated per image; without negative
+        embeddings, the negative prompt's text encoded (or the empty prompt), padded with empty windows to their
+        length. added: SDXL's pooled text (B*n, D2) and time_ids (B*n, 6) per branch for the UNet's time
+        embedding (ldm.pipelines.sdxl, from sdxl_inputs: ldm.pipelines.sdxl.check_inputs), None otherwise."""
         check_prompt_options(prompt_syntax, long_prompts)  # also where embeddings are given, so no typo passes
+        if self.is_sdxl:
+            return sdxl.conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                     num_images_per_prompt, do_cfg, clip_skip, lora_scale, device, prompt_syntax,
+                                     long_prompts, sdxl_inputs)
         if prompt_embeds is None:
-            return self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
-                                      lora_scale=lora_scale, device=device, prompt_syntax=prompt_syntax,
-                                      long_prompts=long_prompts)
+            return *self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg, clip_skip,
+                                       lora_scale=lora_scale, device=device, prompt_syntax=prompt_syntax,
+                                       long_prompts=long_prompts), None
         batch = prompt_embeds.shape[0]
         prompt_embeds = prompt_embeds.to(device, self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, 0)
         if not do_cfg:
-            return prompt_embeds, None
+            return prompt_embeds, None, None
         negative_embeds = negative_prompt_embeds
         if negative_embeds is None:  # the empty prompt's windows, after the negative prompt's text if there is one
             empty = self.encode_prompt([""] * batch, None, 1, False, device=device)[0]  # (B, 77, D)
@@ -394,7 +406,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     raise ValueError(f"negative_prompt encodes to {text.shape[1]} tokens, more than the "
                                      f"{prompt_embeds.shape[1]} of prompt_embeds; pass negative_prompt_embeds")
                 negative_embeds = torch.cat([text, negative_embeds[:, text.shape[1]:]], dim=1)
-        return prompt_embeds, negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0)
+        return prompt_embeds, negative_embeds.to(prompt_embeds).repeat_interleave(num_images_per_prompt, 0), None
 
     def _timesteps(self, num_inference_steps: int, device, edit=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the sampler's timesteps on `device` and a copy on the host (an edit's: from the step its
@@ -423,7 +435,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         (ldm.pipelines.editing.initial_latents)."""
         shape = (count, self.num_latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if edit is not None:
-            return editing.initial_latents(self, edit, shape, generator, latents, t_start, dtype, device)
+            with sdxl.vae_upcast(self):  # the init image's encode
+                return editing.initial_latents(self, edit, shape, generator, latents, t_start, dtype, device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         # flow samplers start at sigma = 1 (x_1 = eps) and have no init_noise_sigma
@@ -431,7 +444,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance: Guidance,
                  step_kwargs: dict, cross_attention_kwargs: dict | None, callback: Callable | None, callback_inputs,
-                 trace: bool, edit=None):
+                 trace: bool, edit=None, added: sdxl.AddedConditioning | None = None):
         """Returns (x_0 latents, one device flag "latents all finite" per step, the trace or None).
 
         The flags are read once, after the decode (one sync per call, none per step, so the CPU keeps queueing
@@ -446,7 +459,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
                 x_scaled, noise_pred, pred_cond, pred_uncond = self._guided_prediction(
-                    latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs, edit)
+                    latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs, edit, added)
 
                 # 4c. x_t -> x_{t-1}
                 x_t = latents
@@ -464,22 +477,25 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return latents, finite, records
 
     def _guided_prediction(self, latents, i: int, t, t_host, context, guidance: Guidance, objective,
-                           cross_attention_kwargs: dict | None, edit=None):
+                           cross_attention_kwargs: dict | None, edit=None, added=None):
         """Returns (x_scaled, noise_pred, pred_cond, pred_uncond) at step i: the model input, the guided
         prediction and the two branches, each (B*n, 4, h, w); pred_uncond is None where the step runs the
-        conditional branch alone (no guidance, outside guidance_interval, a zero-init step)."""
+        conditional branch alone (no guidance, outside guidance_interval, a zero-init step). added: SDXL's pooled
+        text and time_ids (ldm.pipelines.sdxl.AddedConditioning), None for other models."""
         scale = getattr(self.scheduler, "scale_model_input", None)  # flow samplers feed x_sigma as it is
         x_scaled = scale(latents, t_host) if scale else latents  # sigma-schedulers' input scaling
         x_model = editing.model_input(edit, x_scaled)  # an inpainting UNet's cat[x, mask, masked latents]
         if not guidance.uses_uncond(i, float(t_host)):
             # 4a. The conditional branch alone: one call on (B*n, 4, h, w) with the prompt embeddings
             cond_context = context.chunk(2)[1] if guidance.enabled else context  # (B*n, 77, D)
-            pred_cond = denoise(self.denoiser, x_model, t, cond_context, cross_attention_kwargs=cross_attention_kwargs)
+            pred_cond = denoise(self.denoiser, x_model, t, cond_context, **(added.cond() if added else {}),
+                                cross_attention_kwargs=cross_attention_kwargs)
             return x_scaled, guidance.unguided(i, pred_cond), pred_cond, None
 
         # 4a. One call for both branches: (2B*n, 4, h, w) with [uncond; cond] embeddings
         x_in = torch.cat([x_model, x_model])
-        model_out = denoise(self.denoiser, x_in, t, context, cross_attention_kwargs=cross_attention_kwargs)
+        model_out = denoise(self.denoiser, x_in, t, context, **(added.both() if added else {}),
+                            cross_attention_kwargs=cross_attention_kwargs)
         pred_uncond, pred_cond = model_out.chunk(2)  # (B*n, 4, h, w) each
 
         # 4b. Classifier-free guidance (Ho & Salimans 2022), or APG or CFG-Zero*; optionally rescaled (Lin et al.)
@@ -503,8 +519,11 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Returns the images of x_0 latents in `output_type` (the latents themselves for "latent"); raises
         NonFiniteError naming the first step or the VAE when the latents or the pixels are not finite."""
         # z -> x with the VAE (latents were scaled by vae.config.scaling_factor in training)
-        decoded = None if output_type == "latent" else self.vae.decode(
-            latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # (B*n, 3, H, W)
+        decoded = None
+        if output_type != "latent":
+            with sdxl.vae_upcast(self) as vae_dtype:  # SDXL's VAE overflows in float16: decoded in float32
+                decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(vae_dtype), return_dict=False,
+                                          generator=generator)[0]  # (B*n, 3, H, W)
         check_finite(finite, host_timesteps, self.scheduler, latents.dtype, decoded)  # a float16 VAE can overflow too
         if decoded is not None:
             decoded = editing.paste(edit, decoded)  # inpainting's paste-back of the pixels outside the mask

@@ -56,6 +56,19 @@ def add_arguments(p):
                    help="chunk: a prompt past 75 tokens is encoded in 77-token windows, every word counts; "
                         "truncate: only the first 75 tokens, with a warning naming the words cut")
     add_edit_arguments(p)
+    add_size_conditioning_arguments(p)
+
+
+def add_size_conditioning_arguments(p):
+    from ldm.pipelines.generate import GenerateRequest
+
+    pixels = int_in(GenerateRequest.SIZE_CONDITIONING_RANGE)
+    p.add_argument("--original-size", nargs=2, type=pixels, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL models: the original image size the model is told (default: --height --width)")
+    p.add_argument("--crops-coords-top-left", nargs=2, type=pixels, default=None, metavar=("TOP", "LEFT"),
+                   help="SDXL models: the crop's top-left corner the model is told (default: 0 0, uncropped)")
+    p.add_argument("--target-size", nargs=2, type=pixels, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL models: the target size the model is told (default: --height --width)")
 
 
 def add_edit_arguments(p):
@@ -125,8 +138,9 @@ def request_from_args(args):
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateRequest) if f.name not in EDIT_FLAGS}
     values.update(edit_values(args))
-    if values["guidance_interval"] is not None:
-        values["guidance_interval"] = tuple(values["guidance_interval"])
+    for name in ("guidance_interval", "original_size", "crops_coords_top_left", "target_size"):
+        if values[name] is not None:
+            values[name] = tuple(values[name])
     return GenerateRequest(**values)
 
 
