@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.folders import atomic_folder, read_json, write_json
@@ -60,6 +60,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                               tokenizer_2=tokenizer_2)
         # SDXL base's model_index.json: an empty negative prompt is all zeros, not the encoded "" (diffusers' rule)
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        if text_encoder_2 is not None:  # set_adapters, fuse_lora, unload_lora_weights cover text_encoder_2 too
+            self._lora_loadable_modules = StableDiffusionXLLoraLoaderMixin._lora_loadable_modules
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._schedule_config = dict(scheduler.config)  # the model's noise schedule, kept across scheduler swaps
@@ -153,10 +155,11 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                          prediction_type: str | None = None, allow_pickle: bool = False,
                          torch_dtype: torch.dtype | None = None, scheduler: str | None = None,
                          device: str | torch.device | None = None) -> "Pipeline":
-        """Returns the pipeline in an original-layout Stable Diffusion file (SD 1.x, 2.x, inpainting), offline.
+        """Returns the pipeline in an original-layout Stable Diffusion file (SD 1.x, 2.x, inpainting, SDXL base),
+        offline.
 
         config: a preset name ("sd15", "sd21", ...) or a local diffusers folder giving the architecture (default:
-        the file's metadata when ldm wrote it, else SD 1.x/2.x detected from its keys). prediction_type:
+        the file's metadata when ldm wrote it, else SD 1.x/2.x/SDXL base detected from its keys). prediction_type:
         "epsilon" or "v_prediction" (default: as diffusers guesses; see ldm.pipelines.single_file).
         allow_pickle: read a .ckpt with torch.load, which can run code; refused by default.
         """
@@ -188,8 +191,6 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pipeline loads as diffusers' StableDiffusionXLPipeline does (kohya's original-UNet block names and
         lora_te1_/lora_te2_ included) onto unet, text_encoder and text_encoder_2.
         """
-        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-
         from ldm.models.lora import check_lora_fits, load_transformer_lora, lora_shapes
 
         check_number("lora_scale", scale)
@@ -199,8 +200,6 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         shapes = lora_shapes(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"))
         if shapes is not None:
             check_lora_fits(shapes, self.unet, self.is_sdxl)
-        if self.is_sdxl:  # set_adapters, fuse_lora, unload_lora_weights then cover text_encoder_2 too
-            self._lora_loadable_modules = StableDiffusionXLLoraLoaderMixin._lora_loadable_modules
         if adapter_name is None:
             existing = {name for names in self.get_list_adapters().values() for name in names}
             adapter_name = next(f"lora_{i}" for i in range(len(existing) + 1) if f"lora_{i}" not in existing)

@@ -3,9 +3,11 @@ save_single_file and read by from_single_file, checked against diffusers' own si
 real base model's key names and sizes, and refused when a config of the other family is given."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -75,6 +77,17 @@ def test_round_trip_gives_every_tensor_and_the_same_images(tiny):
     assert type(back.scheduler) is type(pipe.scheduler) and public(back.scheduler) == public(pipe.scheduler)
     images = sdxl_images(pipe)
     assert images.std() > 0.01 and (sdxl_images(back) == images).all()
+
+
+def test_our_pipeline_and_ldm_generate_sample_an_sdxl_file(tiny, tmp_path):
+    _, folder, path = tiny
+    call = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=3, output_type="np")
+    from_file, from_folder = Pipeline.from_single_file(path), Pipeline.from_pretrained(folder)
+    images = from_folder(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(from_file(**call, generator=torch.Generator().manual_seed(0)).images, images)
+    out = tmp_path / "file.png"
+    assert ldm_main(["generate", "a red circle", "--model", path, "--steps", "2", "--seed", "1", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
 
 
 # Keys of sd_xl_base_1.0.safetensors with their shapes, written from sgm's module names (openaimodel.UNetModel with

@@ -34,7 +34,7 @@ from ldm.training.config import format_config, save_config
 from ldm.training.finetune_config import FinetuneConfig, resolve_defaults
 from ldm.training.checkpoint import keep_only_trainable, resolve_resume
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
-from ldm.training.validation import inference_pipeline, make_val_set, unless_sdxl_cannot_sample, validation_loss
+from ldm.training.validation import inference_pipeline, make_val_set, validation_loss
 
 NO_CAPTION = "\u0000no-caption\u0000"   # what the folder source returns for an image without a caption
 GUARD_FILE = "memorization_guard.safetensors"   # in a checkpoint: the weights an early stop would restore
@@ -183,12 +183,9 @@ def validate(cfg, step: int, pipe, unet, vae, embed, objective, train, held) -> 
     args = (vae, embed, objective, cfg.val_loss_bins, device)
     val_train, val_held = grouped_validation_loss(unet, train, *args), grouped_validation_loss(unet, held, *args)
     prompts = sample_prompts(cfg, train)
-    images = unless_sdxl_cannot_sample(pipe, lambda: validation_samples(cfg, pipe, prompts), "finetune")
+    images = validation_samples(cfg, pipe, prompts)
     unet.train()
     gap = generalization_gap(val_train, val_held)
-    if images is None:
-        return {"step": step, "val_train": val_train, "val_heldout": val_held, "gap": gap, "samples": None,
-                "memorization": {"warning": False, "message": "no samples: this Pipeline cannot sample SDXL yet"}}
     path = os.path.join(cfg.out, "samples", f"step-{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pil = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))

@@ -30,7 +30,7 @@ from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
 from ldm.training.stream import BatchStream
 from ldm.training.validation import (draw_prompts, first_samples, inference_pipeline, make_val_set, sample_grid,
-                                     unless_sdxl_cannot_sample, validation_loss)
+                                     validation_loss)
 
 
 def build_models(cfg: TrainLDMConfig) -> dict:
@@ -136,12 +136,10 @@ class LDMTrainer(loop.Trainer):
         if self.accelerator.is_main_process and prompts:
             samples = os.path.join(cfg.output_dir, "samples")
             pipe = self.pipeline()
-            grid = unless_sdxl_cannot_sample(pipe, lambda: sample_grid(
-                pipe, prompts, os.path.join(samples, f"step-{step:08d}.png"), cfg.validation_steps,
-                cfg.validation_guidance, seed=cfg.seed, method=cfg.validation_guidance_method), "train_ldm")
-            if grid is not None:
-                with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
-                    f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
+            sample_grid(pipe, prompts, os.path.join(samples, f"step-{step:08d}.png"), cfg.validation_steps,
+                        cfg.validation_guidance, seed=cfg.seed, method=cfg.validation_guidance_method)
+            with open(os.path.join(samples, "prompts.txt"), "w", encoding="utf-8") as f:  # the grid's, left to right
+                f.write("".join(p.replace("\n", " ") + "\n" for p in prompts))
             self.accelerator.print(f"step {step}: val_loss {report['val_loss']:.4f}")
         return {**report, "step": step, "prompts": prompts}
 

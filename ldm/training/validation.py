@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import warnings
-from typing import Callable
 
 import torch
 
@@ -108,18 +106,6 @@ def inference_pipeline(parts: dict, denoiser, scheduler, text_encoder=None, ema=
                     scheduler=scheduler, **sdxl, **{component_name(denoiser): denoiser})
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def unless_sdxl_cannot_sample(pipe, draw: Callable, what: str):
-    """Returns draw(), or None (with a warning) when `pipe` is SDXL and the Pipeline cannot sample SDXL yet (its
-    sampling lands separately, issue #32): training, its loss validation and its outputs go on without samples."""
-    try:
-        return draw()
-    except ValueError as error:
-        if not getattr(pipe, "is_sdxl", False) or "pooled_text" not in str(error):
-            raise
-        warnings.warn(f"{what}: no samples of this SDXL model ({error})", stacklevel=2)
-        return None
 
 
 @torch.no_grad()
