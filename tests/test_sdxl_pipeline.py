@@ -299,3 +299,20 @@ def test_the_web_page_generates_with_an_sdxl_folder(sdxl_folder, tmp_path):
                       ModelCache(), str(tmp_path / "page"), default_model=sdxl_folder)
     image = np.asarray(PIL.Image.open(result["images"][0]["path"]))
     assert image.shape == (64, 64, 3) and image.std() > 1
+
+
+def test_per_timestep_diagnostics_give_the_unet_its_pooled_text_and_sizes(ours, sdxl_folder, tmp_path):
+    from ldm.diagnostics.probe import make_probe, predict_probe
+    from ldm.models import sdxl
+    from ldm.models.denoiser import denoise
+    from ldm.objectives import objective_for
+
+    probe = make_probe(ours, "shapes:2@64", num_images=2, n_bins=2, per_bin=1)
+    assert probe.pooled.shape == (4, 32) and torch.equal(probe.time_ids[0], sdxl.time_ids((64, 64), (0, 0), (64, 64)))
+    pred = predict_probe(ours.unet, probe, objective_for(ours.scheduler))
+    direct = denoise(ours.unet, probe.x_t[:1], probe.timesteps[:1], probe.context[:1], probe.pooled[:1],
+                     probe.time_ids[:1])  # epsilon model: the prediction as it is
+    assert torch.allclose(pred[:1], direct, atol=1e-5)
+    assert ldm_main(["diagnose", "timesteps", "--model", sdxl_folder, "--data", "shapes:2@64", "--num-images", "2", "--bins", "2",
+                     "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "timesteps.json").exists() and (tmp_path / "timesteps_bias.png").exists()

@@ -32,6 +32,8 @@ class Probe:
     n_bins: int
     captions: list[str]
     sigmas: torch.Tensor | None = None   # (N,) float64, the flow probe's sigma per row; None for diffusion
+    pooled: torch.Tensor | None = None   # (N, D2) SDXL's pooled text embedding; None for other models
+    time_ids: torch.Tensor | None = None  # (N, 6) SDXL's size/crop numbers (ldm.models.sdxl.time_ids)
 
     @property
     def flow(self) -> bool:
@@ -101,7 +103,8 @@ def predict_probe(unet, probe: Probe, objective, batch_size: int = 64) -> torch.
     for i in range(0, len(probe.timesteps), batch_size):
         x_t, t = probe.x_t[i:i + batch_size], probe.timesteps[i:i + batch_size]
         context = probe.context[i:i + batch_size].to(device, dtype)
-        pred = denoise(unet, x_t.to(device, dtype), t.to(device), context).float().cpu()
+        sdxl = [None if v is None else v[i:i + batch_size].to(device, dtype) for v in (probe.pooled, probe.time_ids)]
+        pred = denoise(unet, x_t.to(device, dtype), t.to(device), context, *sdxl).float().cpu()
         if not probe.flow:  # a flow model's velocity is reported as it is
             pred = objective.parameterisations(pred, x_t, probe.alphas_cumprod[t])["eps"]
         out.append(pred)
@@ -118,12 +121,20 @@ def make_probe(pipe, data: str, num_images: int = 8, n_bins: int = 10, per_bin: 
     latents = encode_latents(pipe.vae, pixels)
     with warnings.catch_warnings():  # captions are encoded as training tokenized them: literally, cut at 77
         warnings.simplefilter("ignore")
-        context = pipe.encode_prompt(captions, None, 1, False, prompt_syntax="plain",
-                                     long_prompts="truncate")[0].float().cpu()          # (n, 77, D)
+        encoded = pipe.encode_prompt(captions, None, 1, False, prompt_syntax="plain", long_prompts="truncate")
+    context = encoded[0].float().cpu()  # (n, 77, D)
     if objective_for(pipe.scheduler).name == "flow":
-        return build_flow_probe(latents, context, n_bins, per_bin, seed, captions,
-                                pipe.scheduler.config.num_train_timesteps)
-    return build_probe(latents, context, pipe.scheduler.alphas_cumprod, n_bins, per_bin, seed, captions)
+        probe = build_flow_probe(latents, context, n_bins, per_bin, seed, captions,
+                                 pipe.scheduler.config.num_train_timesteps)
+    else:
+        probe = build_probe(latents, context, pipe.scheduler.alphas_cumprod, n_bins, per_bin, seed, captions)
+    if getattr(pipe, "is_sdxl", False):  # the pooled text and the square images' sizes, as training gave them
+        from ldm.models.sdxl import time_ids
+
+        rows = len(probe.timesteps) // len(latents)  # every latent at every probe time, time-major
+        probe.pooled = encoded[2].float().cpu().repeat(rows, 1)                             # (N, D2)
+        probe.time_ids = time_ids((resolution,) * 2, (0, 0), (resolution,) * 2).expand(len(probe.timesteps), 6)
+    return probe
 
 
 def latent_channel_stats(pipe, data: str, num_images: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
