@@ -82,8 +82,15 @@ def test_each_optimizer_resumes_exactly(kind, tmp_path):
     if kind == "prodigy":  # the step-size estimate's sums came back
         group, straight_group = again.optimizer.optimizer.param_groups[0], inner.param_groups[0]
         assert group["d"] == straight_group["d"] and group["d_numerator"] == straight_group["d_numerator"] > 0
-    if kind == "schedule_free_adamw":  # ends in eval mode, the averaged weights
+    if kind == "schedule_free_adamw":  # checkpoints and the end hold the averaged weights x (eval mode), not y
+        from safetensors.torch import load_file
+
         assert is_schedule_free(again.optimizer) and not again.optimizer.optimizer.param_groups[0]["train_mode"]
+        saved = load_file(f"{resumed['checkpoint']}/accelerate/model.safetensors")
+        x = dict(again.model.named_parameters())
+        assert all(torch.equal(saved[name], x[name]) for name in saved)
+        set_mode(again.optimizer, training=True)
+        assert any(not torch.equal(saved[name], x[name]) for name in saved)
 
 
 def test_schedule_free_modes_swap_between_y_and_x(tmp_path):
@@ -144,3 +151,38 @@ def test_adamw_8bit_on_a_cpu_is_refused_before_any_model_is_built(tmp_path, monk
         assert "adamw_8bit needs a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs a CUDA GPU.*use --optimizer adamw"):
         FinetuneConfig(model="m", data="d", optimizer="adamw_8bit", device="cpu").validate()
+
+
+@pytest.mark.parametrize("kind", ["prodigy", "schedule_free_adamw", "adafactor"])
+def test_ldm_train_runs_each_optimizer(kind, tmp_path):
+    from safetensors.torch import load_file
+
+    from ldm.training import train_ldm
+
+    cfg = TrainLDMConfig(model="tiny", data="shapes:16@32", resolution=32, batch_size=4, max_steps=3,
+                         learning_rate=1.0 if kind == "prodigy" else 1e-3, optimizer=kind, lr_warmup_steps=1,
+                         lr_scheduler="constant", output_dir=str(tmp_path), checkpoint_every=1000,
+                         validation_every=1000, num_validation_prompts=0, val_loss_samples=2, report_to="none",
+                         use_ema=False)
+    cfg.validate()
+    result = train_ldm.main(cfg)
+    assert list(result["losses"]) == [1, 2, 3] and result["nonfinite_total"] == 0
+    saved = load_file(f"{result['checkpoint']}/pipeline/unet/diffusion_pytorch_model.safetensors")
+    base = build_components("tiny", seed=0)["unet"].state_dict()
+    assert max((saved[k] - base[k]).abs().max().item() for k in base) > 0  # the weights moved
+
+
+@pytest.mark.parametrize("kind", ["prodigy", "schedule_free_adamw"])
+def test_finetune_runs_each_optimizer_with_its_recommended_learning_rate(kind, tiny_folder, tmp_path):
+    from ldm.data.shapes import SceneObject, render_scene
+    from ldm.training import finetune
+
+    for i in range(3):
+        render_scene([SceneObject("circle", "red", "left")], 32, (20 + 40 * i, 20, 30)).save(tmp_path / f"{i}.png")
+    cfg = FinetuneConfig(model=tiny_folder, data=str(tmp_path), out=str(tmp_path / "out"), instance_prompt="sks",
+                         resolution=32, max_steps=3, batch_size=2, optimizer=kind, validation_every=100,
+                         num_validation_samples=1, validation_sample_steps=2, checkpoint_every=2, device="cpu")
+    cfg.validate()
+    report = finetune.main(cfg)
+    assert report["steps"] == 3 and report["nonfinite_total"] == 0 and report["outputs"]["lora"]
+    assert report["config"]["learning_rate"] == (1.0 if kind == "prodigy" else 1e-4)

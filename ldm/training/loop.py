@@ -186,9 +186,9 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
                     disable=not accelerator.is_local_main_process)
     # Warnings logged while the bar is drawn (the data's skipped-samples report at each epoch's end) go through
     # tqdm.write: each on a line of its own, the bar redrawn below it, instead of glued to the bar's line.
-    set_mode(trainer.optimizer, training=True)  # schedule-free: step from the gradient point y
     with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
         while state["step"] < settings.max_steps:
+            set_mode(trainer.optimizer, training=True)  # schedule-free: step from y (validation, checkpoints: x)
             loss, logs = accumulated_step(accelerator, trainer, settings, state)
             state["step"] += 1
             losses[state["step"]] = loss
@@ -201,7 +201,6 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
             if every(state["step"], settings.validation_every) or (settings.validation_every and at_end):
                 set_mode(trainer.optimizer, training=False)  # schedule-free: validate the averaged weights
                 record = trainer.validate(state)
-                set_mode(trainer.optimizer, training=True)
                 if record is not None:
                     state["history"].append(record)
             if trainer.stop_reason:
@@ -211,7 +210,6 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
             if every(state["step"], settings.checkpoint_every) or (settings.checkpoint_at_end and at_end) or stopped_by:
                 set_mode(trainer.optimizer, training=False)  # schedule-free: checkpoint the averaged weights
                 last = write_checkpoint(accelerator, trainer, settings, state)
-                set_mode(trainer.optimizer, training=True)
             if stopped_by:
                 accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last}; "
                                   "continue with --resume latest")
