@@ -186,3 +186,21 @@ def test_finetune_runs_each_optimizer_with_its_recommended_learning_rate(kind, t
     report = finetune.main(cfg)
     assert report["steps"] == 3 and report["nonfinite_total"] == 0 and report["outputs"]["lora"]
     assert report["config"]["learning_rate"] == (1.0 if kind == "prodigy" else 1e-4)
+
+
+@pytest.mark.slow
+def test_bench_optimizers_smoke(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "bench_optimizers.py")
+    out = subprocess.run([sys.executable, script, "--preset", "tiny", "--steps", "3", "--optimizers", "adamw",
+                          "schedule_free_adamw", "--json", str(tmp_path / "r.json")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.load(open(tmp_path / "r.json"))["rows"]
+    assert [r["optimizer"] for r in rows] == ["adamw", "schedule_free_adamw"]
+    assert all(r["state_mib"] > 0 and r["loss_after"] < r["loss_before"] for r in rows)

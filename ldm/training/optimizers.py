@@ -73,8 +73,8 @@ def make_optimizer(params, learning_rate: float, device, betas=(0.9, 0.999), wei
     if kind == "prodigy":
         from prodigyopt import Prodigy
 
-        # diffusers' DreamBooth LoRA examples' Prodigy settings: decoupled weight decay, bias correction, and the
-        # safeguard that keeps d from growing while the lr warms up
+        # the Prodigy README's advice for diffusion models: safeguard_warmup (d does not overshoot while the lr
+        # warms up) and use_bias_correction (d grows more slowly over the first ~50 steps); AdamW-style decay
         return Prodigy(params, **adam, decouple=True, use_bias_correction=True, safeguard_warmup=True, d_coef=d_coef)
     if kind == "adafactor":
         from transformers.optimization import Adafactor
