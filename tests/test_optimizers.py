@@ -204,3 +204,36 @@ def test_bench_optimizers_smoke(tmp_path):
     rows = json.load(open(tmp_path / "r.json"))["rows"]
     assert [r["optimizer"] for r in rows] == ["adamw", "schedule_free_adamw"]
     assert all(r["state_mib"] > 0 and r["loss_after"] < r["loss_before"] for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["prodigy", "schedule_free_adamw", "adafactor"])
+def test_finetune_resumes_exactly_with_each_optimizer(kind, tiny_folder, tmp_path):
+    # validation at steps 2 and 4 and the checkpoint at 2 put schedule-free in eval mode and back
+    import os
+
+    from safetensors.torch import load_file
+
+    from ldm.data.shapes import SceneObject, render_scene
+    from ldm.training import finetune
+
+    art = tmp_path / "art"
+    art.mkdir()
+    for i in range(3):
+        render_scene([SceneObject("circle", "red", "left")], 32, (20 + 40 * i, 20, 30)).save(art / f"{i}.png")
+
+    def run(out, max_steps, **extra):
+        cfg = FinetuneConfig(model=tiny_folder, data=str(art), out=str(tmp_path / out), instance_prompt="sks",
+                             resolution=32, max_steps=max_steps, batch_size=2, optimizer=kind, lr_warmup_steps=1,
+                             learning_rate=0.0 if kind == "prodigy" else 1e-2, validation_every=2,
+                             num_validation_samples=1, validation_sample_steps=2, checkpoint_every=2, device="cpu",
+                             **extra)
+        cfg.validate()
+        return finetune.main(cfg)
+
+    straight = run("a", 4)
+    run("b", 2)
+    resumed = run("b", 4, resume="latest")
+    assert [resumed["losses"][s] for s in (3, 4)] == [straight["losses"][s] for s in (3, 4)]
+    a, b = (load_file(os.path.join(tmp_path, out, "pytorch_lora_weights.safetensors")) for out in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
