@@ -21,7 +21,7 @@ import torch
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy", "adafactor", "schedule_free_adamw")
 CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")  # what schedule-free takes (its warm-up is its own)
-PRODIGY_LEARNING_RATE = 1.0  # Prodigy's README: "leave lr set to 1 unless you encounter instability"
+PRODIGY_LEARNING_RATE = 1.0  # Prodigy's docstring: "Leave LR set to 1 unless you encounter instability"
 
 
 def recommended_learning_rate(kind: str, usual: float) -> float:
