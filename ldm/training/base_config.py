@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ldm.ranges import check_ranges, setting
+from ldm.training.optimizers import check_optimizer
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -22,6 +23,11 @@ class TrainingConfig:
     model: str = "tiny"                    # a preset name (tiny, small, sd15, sd21, ...; ldm.models.presets) or a
                                            # pipeline folder to continue
     learning_rate: float = setting(1e-4, "(0, 1]")
+    optimizer: str = "adamw"               # adamw, adamw_8bit (CUDA + bitsandbytes), prodigy (learning rate 1.0),
+                                           # adafactor, schedule_free_adamw (constant lr schedule); see
+                                           # ldm/training/optimizers.py
+    prodigy_d_coef: float = setting(1.0, "(0, 100]")  # optimizer prodigy: scales its step-size estimate d (0.5
+                                                      # gentler, 2 bolder); the others ignore it
     lr_warmup_steps: int = setting(0, "[0, 1e9]")   # 0 = no warm-up
     batch_size: int = setting(16, "[1, 65536]")     # per process
     gradient_accumulation_steps: int = setting(1, "[1, 65536]")  # micro-batches per optimiser step
@@ -41,8 +47,15 @@ class TrainingConfig:
         """Raises ValueError naming the first shared setting out of its range or choices; a command's validate()
         calls this first, then checks its own."""
         check_ranges(self)
+        check_optimizer(self.optimizer, self.learning_rate, self.has_gpu())
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+
+    def has_gpu(self) -> bool:
+        """Returns whether the run will have a CUDA GPU (adamw_8bit needs one)."""
+        import torch
+
+        return torch.cuda.is_available()
 
 
 @dataclass

@@ -330,7 +330,8 @@ def setup(cfg: FinetuneConfig, accelerator, parts: dict, data: dict) -> Finetune
     unet, text_encoder, text_encoder_2 = denoiser_of(parts), parts["text_encoder"], parts.get("text_encoder_2")
     params = trainable_parameters(cfg, unet, text_encoder, text_encoder_2)
     optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device,
-                                    weight_decay=1e-2 if cfg.method == "full" else 0.0)
+                                    weight_decay=1e-2 if cfg.method == "full" else 0.0, kind=cfg.optimizer,
+                                    warmup_steps=cfg.lr_warmup_steps, d_coef=cfg.prodigy_d_coef)
     lr_scheduler = loop.make_lr_scheduler("constant_with_warmup", optimizer, cfg.lr_warmup_steps, cfg.max_steps,
                                           accelerator.num_processes)
     if cfg.method == "lora":  # checkpoints hold the adapters, not a copy of the frozen UNet

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from ldm.ranges import setting
 from ldm.training.base_config import CaptionTags, TrainingConfig
+from ldm.training.optimizers import recommended_learning_rate
 
 METHODS = ("lora", "full")
 
@@ -43,7 +44,7 @@ class FinetuneConfig(CaptionTags, TrainingConfig):
     max_steps: int = setting(0, "[0, 1e8]")
     repeats: int = setting(10, "[1, 1e4]")  # passes over each image per "epoch" (kohya's repeats)
     epochs: int = setting(10, "[1, 1e5]")
-    learning_rate: float = setting(0.0, "[0, 1]")
+    learning_rate: float = setting(0.0, "[0, 1]")  # 0 = the method's (LoRA 1e-4, full 5e-6; Prodigy 1.0)
     batch_size: int = 4
     lr_warmup_steps: int = 0               # 0 = scaled to the folder
     caption_dropout: float = setting(0.0, "[0, 1)")  # DreamBooth trains without; > 0 also teaches the empty prompt
@@ -89,6 +90,10 @@ class FinetuneConfig(CaptionTags, TrainingConfig):
             raise ValueError(f"--resolution must be divisible by 8, got {self.resolution}")
         self.check_tags()
 
+    def has_gpu(self) -> bool:
+        """Returns whether the run will have a CUDA GPU: not with --device cpu."""
+        return self.device != "cpu" and super().has_gpu()
+
 
 def default_learning_rate(method: str) -> float:
     """Returns the usual starting point: 1e-4 for LoRA (diffusers' and kohya's default), 5e-6 for full weights."""
@@ -106,7 +111,8 @@ def resolve_defaults(cfg: FinetuneConfig, num_train_images: int, native_resoluti
                                         cfg.repeats, cfg.epochs)
     class_images = cfg.num_class_images or (max(8, num_train_images) if cfg.class_prompt else 0)
     return replace(cfg, max_steps=steps, resolution=cfg.resolution or native_resolution,
-                   learning_rate=cfg.learning_rate or default_learning_rate(cfg.method),
+                   learning_rate=cfg.learning_rate or recommended_learning_rate(cfg.optimizer,
+                                                                                default_learning_rate(cfg.method)),
                    lora_alpha=cfg.lora_alpha or float(cfg.lora_rank), num_class_images=class_images,
                    validation_every=cfg.validation_every or max(1, steps // 4),
                    lr_warmup_steps=cfg.lr_warmup_steps or min(50, steps // 10))

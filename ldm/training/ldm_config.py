@@ -7,9 +7,9 @@ from ldm.diffusion import BETA_SCHEDULES, TIMESTEP_SAMPLING, WEIGHTINGS
 from ldm.objectives import OBJECTIVES
 from ldm.ranges import setting
 from ldm.training.base_config import MIXED_PRECISION, CaptionTags, TrainingConfig
+from ldm.training.optimizers import OPTIMIZERS, check_schedule
 
 LOSSES = ("mse", "huber", "l1")
-OPTIMIZERS = ("adamw", "adamw_8bit")
 __all__ = ["LOSSES", "MIXED_PRECISION", "OPTIMIZERS", "TrainLDMConfig"]
 
 
@@ -69,7 +69,6 @@ class TrainLDMConfig(CaptionTags, TrainingConfig):
     adam_epsilon: float = setting(1e-8, "(0, 1]")
     lr_scheduler: str = "constant_with_warmup"   # any diffusers.optimization name (cosine, linear, constant ...)
     lr_warmup_steps: int = 100             # 0 = no warm-up
-    optimizer: str = "adamw"               # adamw (PyTorch's fused kernel) or adamw_8bit (needs bitsandbytes)
     compile: bool = False                  # torch.compile the UNet (works on the CPU too; the first steps compile)
     channels_last: bool = False            # UNet and latents in channels_last memory format (faster convs on GPUs)
     gradient_checkpointing: bool = False
@@ -97,7 +96,7 @@ class TrainLDMConfig(CaptionTags, TrainingConfig):
         """Raises ValueError naming the first bad setting."""
         super().validate()
         choices = {"noise_schedule": BETA_SCHEDULES, "prediction_type": tuple(OBJECTIVES), "loss": LOSSES,
-                   "weighting": WEIGHTINGS, "optimizer": OPTIMIZERS,
+                   "weighting": WEIGHTINGS,
                    "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none")}
         from ldm.pipelines.guidance import GUIDANCE_METHODS as METHODS
 
@@ -107,6 +106,7 @@ class TrainLDMConfig(CaptionTags, TrainingConfig):
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {options}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be divisible by 8, got {self.resolution}")
+        check_schedule(self.optimizer, self.lr_scheduler)
         from ldm.models.presets import MODEL_PRESETS
 
         if self.vae and self.model in MODEL_PRESETS:  # a VAE whose latents the new denoiser cannot take

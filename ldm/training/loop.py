@@ -29,6 +29,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
 from ldm.training.config import every
+from ldm.training.optimizers import lr_schedule_for, set_mode
+from ldm.training.optimizers import make_optimizer  # noqa: F401  (re-exported: the trainers call loop.make_optimizer)
 from ldm.training.signals import StopRequest, agreed_stop_reason
 
 
@@ -186,6 +188,7 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
     # tqdm.write: each on a line of its own, the bar redrawn below it, instead of glued to the bar's line.
     with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
         while state["step"] < settings.max_steps:
+            set_mode(trainer.optimizer, training=True)  # schedule-free: step from y (validation, checkpoints: x)
             loss, logs = accumulated_step(accelerator, trainer, settings, state)
             state["step"] += 1
             losses[state["step"]] = loss
@@ -196,6 +199,7 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
             if every(state["step"], settings.log_every):
                 _log(accelerator, settings, trainer, state, loss, logs)
             if every(state["step"], settings.validation_every) or (settings.validation_every and at_end):
+                set_mode(trainer.optimizer, training=False)  # schedule-free: validate the averaged weights
                 record = trainer.validate(state)
                 if record is not None:
                     state["history"].append(record)
@@ -204,35 +208,24 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
                 break
             stopped_by = agreed_stop_reason(accelerator, stop, started, settings.max_minutes)
             if every(state["step"], settings.checkpoint_every) or (settings.checkpoint_at_end and at_end) or stopped_by:
+                set_mode(trainer.optimizer, training=False)  # schedule-free: checkpoint the averaged weights
                 last = write_checkpoint(accelerator, trainer, settings, state)
             if stopped_by:
                 accelerator.print(f"stopped by {stopped_by} at step {state['step']}; checkpoint {last}; "
                                   "continue with --resume latest")
                 break
     progress.close()
+    set_mode(trainer.optimizer, training=False)  # what the trainer writes after the loop: the averaged weights
     return {"step": state["step"], "losses": losses, "history": state["history"], "checkpoint": last,
             "stopped_by": stopped_by, "nonfinite_total": state["nonfinite_total"], "state": state}
 
 
-def make_optimizer(params, learning_rate: float, device, betas=(0.9, 0.999), weight_decay: float = 0.0,
-                   eps: float = 1e-8, kind: str = "adamw") -> torch.optim.Optimizer:
-    """Returns AdamW over `params`: PyTorch's fused kernel on CUDA and CPU (faster steps than the per-tensor loop;
-    benchmarks/BENCHMARKS.md), or bitsandbytes' 8-bit AdamW for kind "adamw_8bit"."""
-    kwargs = dict(lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
-    if kind == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ImportError("optimizer adamw_8bit needs bitsandbytes (pip install bitsandbytes; CUDA GPUs); "
-                              "or use --optimizer adamw") from error
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=True if torch.device(device).type in ("cuda", "cpu") else None, **kwargs)
-
-
 def make_lr_scheduler(name: str, optimizer, warmup_steps: int, max_steps: int, num_processes: int):
-    """Returns diffusers' lr schedule `name`; counted per process, as the prepared schedule steps once per process."""
+    """Returns diffusers' lr schedule `name` (constant for schedule-free AdamW, which warms up itself); counted per
+    process, as the prepared schedule steps once per process."""
     from diffusers.optimization import get_scheduler
 
+    name, warmup_steps = lr_schedule_for(optimizer, name, warmup_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
                          num_training_steps=max_steps * num_processes)
 

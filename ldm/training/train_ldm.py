@@ -187,7 +187,8 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None, val_dataset=None) -> L
     parts = build_models(cfg)
     params, ema = prepare_models(cfg, accelerator, parts)
     optimizer = loop.make_optimizer(params, cfg.learning_rate, accelerator.device, (cfg.adam_beta1, cfg.adam_beta2),
-                                    cfg.weight_decay, cfg.adam_epsilon, cfg.optimizer)
+                                    cfg.weight_decay, cfg.adam_epsilon, cfg.optimizer, cfg.lr_warmup_steps,
+                                    cfg.prodigy_d_coef)
     lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
     unet, text_encoder = denoiser_of(parts), parts["text_encoder"]
     if cfg.train_text_encoder:

@@ -45,6 +45,7 @@ from ldm.training.checkpoint import list_checkpoints, resolve_resume, where_writ
 from ldm.training.config import format_config, save_config
 from ldm.ranges import setting
 from ldm.training.base_config import TrainingConfig
+from ldm.training.optimizers import check_schedule
 from ldm.training.step import batch_captions, step_generator
 from ldm.training.stream import BatchStream
 from ldm.training.validation import first_samples
@@ -84,6 +85,7 @@ class TrainTextEncoderConfig(TrainingConfig):
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting and its fix."""
         super().validate()
+        check_schedule(self.optimizer, self.lr_scheduler)
         if self.resolution % self.patch_size:
             raise ValueError(f"resolution {self.resolution} is not a multiple of patch_size {self.patch_size}; "
                              "change either (e.g. --resolution 32 --patch_size 8)")
@@ -331,7 +333,8 @@ def setup(cfg: TrainTextEncoderConfig, accelerator, dataset=None, val_dataset=No
     text_encoder, tokenizer = build_text_side(cfg)
     model = ContrastivePair(text_encoder, build_image_tower(cfg), cfg.embed_dim).train().to(device)
     optimizer = loop.make_optimizer(decay_groups(model, cfg.weight_decay), cfg.learning_rate, device,
-                                    betas=(0.9, 0.98), eps=1e-6)  # CLIP's betas and eps (Radford et al. 2021)
+                                    betas=(0.9, 0.98), eps=1e-6,  # CLIP's betas and eps (Radford et al. 2021)
+                                    kind=cfg.optimizer, warmup_steps=cfg.lr_warmup_steps, d_coef=cfg.prodigy_d_coef)
     lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     train_data, val = open_pairs(cfg, rank, world, dataset, val_dataset)

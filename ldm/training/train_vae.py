@@ -28,6 +28,7 @@ from ldm.training.checkpoint import where_written
 from ldm.training.config import format_config, save_config
 from ldm.ranges import setting
 from ldm.training.base_config import TrainingConfig
+from ldm.training.optimizers import check_schedule
 from ldm.training.lpips import load_lpips
 from ldm.training.step import step_generator
 from ldm.training.stream import BatchStream
@@ -66,6 +67,7 @@ class TrainVAEConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_schedule(self.optimizer, self.lr_scheduler)
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be l1 or l2, got {self.rec_loss!r}")
         if self.resolution % 8:
@@ -197,7 +199,8 @@ def setup(cfg: TrainVAEConfig, accelerator, dataset=None) -> VAETrainer:
     perceptual = (load_lpips(cfg.lpips_weights, cfg.lpips_vgg_weights, cfg.allow_pickle)
                   if cfg.lpips_weights or cfg.lpips_vgg_weights else None)
     vae.to(accelerator.device)  # before the optimiser: the fused kernel checks the device
-    optimizer = loop.make_optimizer(list(vae.parameters()), cfg.learning_rate, accelerator.device)
+    optimizer = loop.make_optimizer(list(vae.parameters()), cfg.learning_rate, accelerator.device, kind=cfg.optimizer,
+                                    warmup_steps=cfg.lr_warmup_steps, d_coef=cfg.prodigy_d_coef)
     lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
     d_optimizer = None
     if disc is not None:
