@@ -1,0 +1,275 @@
+"""Masked loss (ldm.data.masks): the loss ignores what the mask leaves out, masks follow their images through
+every crop, flip and bucket, broken masks are skipped and counted, and the caches keep them."""
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ldm import diffusion
+from ldm.data import open_dataset
+from ldm.data.masks import is_mask_file, latent_mask, loss_weight
+from ldm.models.denoiser import denoise
+from ldm.models.presets import build_components
+from ldm.objectives import objective_for
+from ldm.training.step import LossSpec, batch_loss_weight, diffusion_loss
+
+
+class PerPixelDenoiser(torch.nn.Module):
+    """A 1x1-convolution denoiser: each latent pixel's prediction sees that pixel only (no receptive field)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, latents, time, context, pooled=None):
+        return self.conv(latents)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_components("tiny", seed=0)
+
+
+def latents_pair(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns two latent batches (2, 4, 8, 8) equal where `mask` (2, 1, 8, 8) is 1 and different elsewhere."""
+    a = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    other = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    return a, torch.where(mask.bool(), a, other)
+
+
+def grads_of(model, latents, spec, tiny, weight) -> list[torch.Tensor]:
+    model.zero_grad()
+    objective = objective_for(tiny["scheduler"])
+    loss, _ = diffusion_loss(model, latents, torch.zeros(2, 77, 32), objective, spec, torch.Generator().manual_seed(0),
+                             pixel_weight=weight)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_floor_zero_the_unmasked_latents_do_not_change_the_gradient(tiny):
+    """Two batches that differ only outside the mask give the same gradient with floor 0, and different ones with
+    a floor or without the mask (so the test can fail). At the latent level, with a per-pixel denoiser: the VAE's
+    encoder and the UNet's convolutions and attention carry every pixel into its neighbours' features, so the real
+    background does reach the model as input (as in kohya's and OneTrainer's masked loss); what the mask removes is
+    every training signal to reproduce it, which the next test checks on the real UNet."""
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :, :3] = 1  # left 3 latent columns of the first image
+    mask[1, :, 2:6, 4:] = 1  # a block of the second
+    a, b = latents_pair(mask)
+    model = PerPixelDenoiser()
+    masked = LossSpec(masked_loss=True)
+    batch = {"latent_mask": mask}
+    same = zip(grads_of(model, a, masked, tiny, batch_loss_weight(batch, a, masked)),
+               grads_of(model, b, masked, tiny, batch_loss_weight(batch, b, masked)))
+    for ga, gb in same:
+        torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-6)
+    floored = LossSpec(masked_loss=True, masked_loss_floor=0.1)
+    assert not torch.allclose(grads_of(model, a, floored, tiny, batch_loss_weight(batch, a, floored))[0],
+                              grads_of(model, b, floored, tiny, batch_loss_weight(batch, b, floored))[0], atol=1e-5)
+    plain = LossSpec()
+    assert batch_loss_weight(batch, a, plain) is None  # --masked-loss off: the mask is not used
+    assert not torch.allclose(grads_of(model, a, plain, tiny, None)[0], grads_of(model, b, plain, tiny, None)[0],
+                              atol=1e-5)
+
+
+def test_real_unet_gets_no_signal_from_the_unmasked_targets(tiny):
+    """The tiny UNet, the same noised input, targets that differ only outside the mask: identical UNet gradients."""
+    unet = tiny["unet"]
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 1:5, 2:7] = 1
+    target_a, target_b = latents_pair(mask)
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for target in (target_a, target_b):
+        unet.zero_grad()
+        pred = denoise(unet, x_t, torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=torch.Generator()
+                                                                       .manual_seed(4)))
+        diffusion.per_sample_loss(pred, target, "mse", weight=loss_weight(mask, 0.0)).mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters() if p.grad is not None])
+    assert len(grads[0]) > 10
+    for ga, gb in zip(*grads):
+        torch.testing.assert_close(ga, gb, atol=1e-7, rtol=1e-6)
+
+
+def test_weighted_loss_is_the_weighted_mean_per_sample():
+    pred, target = torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    target[:, :, 0, 0], target[:, :, 1, 1] = 2.0, 1.0  # squared errors 4 and 1 in two pixels of four
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.0], [0.0, 1.0]]])[:, None]
+    loss = diffusion.per_sample_loss(pred, target, "mse", weight=loss_weight(mask, 0.0))
+    torch.testing.assert_close(loss, torch.tensor([4.0, 5 / 4, (0.5 * 4 + 1) / 1.5]))
+    torch.testing.assert_close(diffusion.per_sample_loss(pred, target, "mse", weight=torch.ones(3, 1, 2, 2)),
+                               diffusion.per_sample_loss(pred, target, "mse"))  # no mask: the plain mean
+    floored = diffusion.per_sample_loss(pred, target, "mse", weight=loss_weight(mask, 0.25))
+    torch.testing.assert_close(floored[0], torch.tensor((4 + 0.25 * 1) / (1 + 3 * 0.25)))
+    zero = diffusion.per_sample_loss(pred, target, "l1", weight=torch.zeros(3, 1, 2, 2))
+    assert torch.equal(zero, torch.zeros(3))  # an all-black mask: no loss, no NaN
+
+
+def test_pixel_masks_average_over_latent_cells():
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :6] = 1  # 6 of each 2x2... cells: columns 0-2 full, 8x6 px
+    cells = latent_mask(mask, (8, 8))
+    assert cells.shape == (1, 1, 8, 8)
+    assert cells[0, 0, :4, :3].eq(1).all() and cells[0, 0, 4:].eq(0).all() and cells[0, 0, :, 3:].eq(0).all()
+    coarse = latent_mask(mask, (2, 2))  # one cell = 8x8 px, of which 8x6 are masked in
+    torch.testing.assert_close(coarse[0, 0], torch.tensor([[0.75, 0.0], [0.0, 0.0]]))
+    latents = torch.zeros(1, 4, 2, 2)
+    spec = LossSpec(masked_loss=True, masked_loss_floor=0.2)
+    torch.testing.assert_close(batch_loss_weight({"mask": mask}, latents, spec),
+                               0.2 + 0.8 * coarse)  # pixel masks reach the loss at the latent grid
+
+
+# --- mask sources -------------------------------------------------------------------------------------------------
+
+W, H = 48, 32  # not square: the resize and the crop both act
+
+
+def pattern(seed: int) -> Image.Image:
+    """Returns an asymmetric "L" pattern (an L-shape plus a block off-centre) that differs by seed."""
+    image = Image.new("L", (W, H), 0)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((4 + seed, 3, 12 + seed, 28), fill=255)
+    draw.rectangle((4 + seed, 20, 40, 28), fill=255)
+    draw.rectangle((30, 4, 44, 10), fill=128)  # a grey block: weight 0.5
+    return image
+
+
+def image_of(mask: Image.Image) -> Image.Image:
+    """Returns an RGB picture whose red channel is the mask: after any transform its red is where the mask went."""
+    return Image.merge("RGB", (mask, Image.new("L", mask.size, 40), Image.new("L", mask.size, 200)))
+
+
+def write_sources(root) -> str:
+    """A folder with one image per mask source: a sidecar, a mask folder, alpha, and none; returns it."""
+    folder, masks = root / "art", root / "masks"
+    folder.mkdir()
+    masks.mkdir()
+    image_of(pattern(0)).save(folder / "a.png")
+    pattern(0).save(folder / "a.mask.png")
+    image_of(pattern(1)).save(folder / "b.jpg", quality=98)
+    pattern(1).save(masks / "b.png")
+    black = Image.new("L", (W, H), 0)  # composited on white, green becomes 1 - alpha
+    Image.merge("RGBA", (pattern(2), black, black, pattern(2))).save(folder / "c.png")
+    image_of(pattern(3)).save(folder / "d.png")
+    for name in "abcd":
+        (folder / f"{name}.txt").write_text("a drawing")
+    return str(root)
+
+
+def red_channel(sample) -> torch.Tensor:
+    """Returns where the transform put the mask drawn into the image: its red channel, or for the alpha image c
+    (on white) 1 - its green channel; (1, H, W) in [0, 1]."""
+    channel = sample["pixel_values"][:2] * 0.5 + 0.5  # (2, H, W)
+    return 1 - channel[1:] if sample["key"] == "c" else channel[:1]
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_every_mask_source_follows_random_crops_flips_and_buckets(tmp_path, buckets):
+    root = write_sources(tmp_path)
+    dataset = open_dataset(os.path.join(root, "art"), resolution=24, center_crop=False, random_flip=True,
+                           aspect_buckets=buckets, masks=True, mask_dir=os.path.join(root, "masks"))
+    flips = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        samples = {s["key"]: s for s in dataset}
+        assert sorted(samples) == ["a", "b", "c", "d"]  # a.mask.png and masks/ are not training images
+        assert [bool(samples[k]["has_mask"]) for k in "abcd"] == [True, True, True, False]
+        for key in "abc":
+            mask, red = samples[key]["mask"], red_channel(samples[key])
+            assert mask.shape == red.shape and mask.shape[-2:] == samples[key]["pixel_values"].shape[-2:]
+            # bilinear mask vs the bicubic (and for b, JPEG) image: equal but for edges; misaligned: far apart
+            error, flipped_error = float((mask - red).abs().mean()), float((mask.flip(-1) - red).abs().mean())
+            assert error < 0.05 and flipped_error > 4 * error, (key, epoch, error, flipped_error)
+            flips.add(bool(mask[0, :, : mask.shape[-1] // 2].mean() < mask[0, :, mask.shape[-1] // 2:].mean()))
+        assert samples["d"]["mask"].eq(1).all()  # no mask: fully masked in
+        if buckets:
+            assert samples["a"]["mask"].shape[-1] > samples["a"]["mask"].shape[-2]  # a wide bucket
+    assert flips == {True, False}  # both orientations were seen
+
+
+def test_sidecar_takes_precedence_and_masks_off_reads_none(tmp_path):
+    root = write_sources(tmp_path)
+    pattern(5).save(tmp_path / "masks" / "a.png")  # the sidecar a.mask.png wins over the folder's
+    samples = {s["key"]: s for s in open_dataset(os.path.join(root, "art"), resolution=24, masks=True,
+                                                  mask_dir=os.path.join(root, "masks"))}
+    assert (samples["a"]["mask"] - red_channel(samples["a"])).abs().mean() < 0.03
+    plain = list(open_dataset(os.path.join(root, "art"), resolution=24))
+    assert len(plain) == 4 and all("mask" not in s for s in plain)
+    assert is_mask_file("x/a.mask.PNG") and not is_mask_file("mask.png") and not is_mask_file("a.masks.png")
+    with pytest.raises(ValueError, match="--mask-dir works with a folder"):
+        open_dataset("shapes:4", masks=True, mask_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="mask folder"):
+        open_dataset(os.path.join(root, "art"), masks=True, mask_dir=str(tmp_path / "nowhere"))
+
+
+def test_broken_and_mismatched_masks_are_counted_and_skipped(tmp_path):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for name in ("good", "broken", "empty", "small"):
+        image_of(pattern(0)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("a drawing")
+    pattern(0).save(folder / "good.mask.png")
+    (folder / "broken.mask.png").write_bytes(b"not a png at all")
+    (folder / "empty.mask.png").write_bytes(b"")
+    pattern(0).resize((W // 2, H // 2)).save(folder / "small.mask.png")
+    dataset = open_dataset(str(folder), resolution=16, masks=True)
+    samples = list(dataset)
+    assert [s["key"] for s in samples] == ["good"]
+    assert dict(dataset.skips.counts) == {"bad_mask": 2, "mask_size_mismatch": 1}
+    assert "mask_size_mismatch" in dataset.skips.report() and "first: small" in dataset.skips.report()
+
+
+def test_loader_batches_and_latent_cache_keep_masks(tmp_path, tiny):
+    from ldm.data import make_dataloader
+    from ldm.data.latent_cache import build_latent_cache, cache_key_parts, open_latent_cache
+
+    root = write_sources(tmp_path)
+    spec = os.path.join(root, "art")
+    batch = next(iter(make_dataloader(open_dataset(spec, resolution=64, masks=True, shuffle=False), batch_size=4)))
+    assert batch["key"] == ["a", "b", "c", "d"] and batch["mask"].shape == (4, 1, 64, 64)
+    assert batch["has_mask"].tolist() == [True, False, True, False]  # b's mask is in masks/, not given here
+    vae, tokenizer = tiny["vae"], tiny["tokenizer"]
+    manifest = build_latent_cache(spec, vae, tokenizer, str(tmp_path / "cache"), resolution=64, masks=True)
+    assert manifest["masked"] == 2 and manifest["count"] == 4
+    cache = open_latent_cache(str(tmp_path / "cache"))
+    items = {cache[i]["key"]: cache[i] for i in range(len(cache))}
+    expected = latent_mask(batch["mask"], (8, 8))  # (4, 1, 8, 8), keys a, b, c, d
+    for i, key in enumerate("abcd"):
+        assert items[key]["latent_mask"].shape == (1, 8, 8)
+        torch.testing.assert_close(items[key]["latent_mask"], expected[i])
+    plain = open_dataset(spec, resolution=64, shuffle=False)
+    masked = open_dataset(spec, resolution=64, shuffle=False, masks=True)
+    assert "masks" not in plain.transform.settings()  # caches built before masks keep their key
+    assert cache_key_parts(plain, vae, tokenizer) != cache_key_parts(masked, vae, tokenizer)
+
+
+def test_finetune_batches_flip_masks_with_latents():
+    from ldm.training.finetune import batches_forever
+
+    samples = []
+    for i in range(4):
+        mask = torch.zeros(1, 8, 8)
+        mask[..., : i + 1] = 1  # asymmetric: left columns
+        samples.append({"latent_mean": mask.expand(4, 8, 8).clone(), "latent_logvar": torch.zeros(4, 8, 8),
+                        "latent_mask": mask, "caption": f"c{i}"})
+    flipped = set()
+    batches = batches_forever(samples, 2, seed=0, flip=True)
+    for _ in range(12):
+        batch = next(batches)
+        assert batch["latent_mask"].shape == (2, 1, 8, 8)
+        torch.testing.assert_close(batch["latent_mask"][:, 0], batch["latent_mean"][:, 0])
+        flipped.add(bool(batch["latent_mask"][0, 0, 0, -1] == 1))
+    assert flipped == {True, False}
+
+
+def test_mask_settings_without_masked_loss_are_refused():
+    from ldm.training.finetune_config import FinetuneConfig
+    from ldm.training.ldm_config import TrainLDMConfig
+
+    with pytest.raises(ValueError, match="add --masked-loss"):
+        FinetuneConfig(model="m", data="d", mask_dir="masks").validate()
+    with pytest.raises(ValueError, match="add --masked-loss"):
+        TrainLDMConfig(masked_loss_floor=0.1).validate()
+    with pytest.raises(ValueError, match="masked_loss_floor"):
+        TrainLDMConfig(masked_loss=True, masked_loss_floor=1.5).validate()
