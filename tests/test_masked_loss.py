@@ -273,3 +273,84 @@ def test_mask_settings_without_masked_loss_are_refused():
         TrainLDMConfig(masked_loss_floor=0.1).validate()
     with pytest.raises(ValueError, match="masked_loss_floor"):
         TrainLDMConfig(masked_loss=True, masked_loss_floor=1.5).validate()
+
+
+# --- the trainers -------------------------------------------------------------------------------------------------
+
+FLOOR = 0.25
+
+
+def masked_art(folder) -> str:
+    """Five pictures of different sizes; four with a sidecar mask whose left half is white; returns the folder."""
+    from ldm.data.shapes import SceneObject, render_scene
+
+    folder.mkdir()
+    for i, (w, h) in enumerate([(48, 32), (32, 64), (40, 40), (64, 48), (36, 32)]):
+        render_scene([SceneObject("circle", "red", "left")], 64, (20 + 30 * i, 20, 30)).resize((w, h)).save(
+            folder / f"img{i}.png")
+        if i:
+            mask = Image.new("L", (w, h), 0)
+            mask.paste(255, (0, 0, w // 2, h))
+            mask.save(folder / f"img{i}.mask.png")
+    return str(folder)
+
+
+def captured_weights(monkeypatch) -> list:
+    """Records the pixel_weight every training loss receives (ldm.training.step.diffusion_loss)."""
+    from ldm.training import step
+
+    seen, original = [], step.diffusion_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[8] if len(args) > 8 else kwargs.get("pixel_weight"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(step, "diffusion_loss", spy)
+    return seen
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sdxl-tiny"])
+@pytest.mark.filterwarnings("ignore:finetune. no samples")
+def test_finetune_weighs_the_loss_by_each_images_mask(preset, tmp_path, monkeypatch):
+    from ldm import Pipeline
+    from ldm.training import finetune
+    from ldm.training.finetune_config import FinetuneConfig
+
+    model, parts = tmp_path / preset, build_components(preset, seed=0)
+    Pipeline(**parts).save_pretrained(model)
+    factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    seen = captured_weights(monkeypatch)
+    cfg = FinetuneConfig(model=str(model), data=masked_art(tmp_path / "art"), out=str(tmp_path / "run"),
+                         instance_prompt="sks art", resolution=32, max_steps=3, batch_size=2, random_flip=True,
+                         masked_loss=True, masked_loss_floor=FLOOR, validation_every=100, num_validation_samples=1,
+                         validation_sample_steps=2, checkpoint_every=0, device="cpu")
+    cfg.validate()
+    report = finetune.main(cfg)
+    assert report["num_masked_images"] == 4 and report["steps"] == 3
+    assert len(seen) == 3 and all(w is not None and w.shape[1] == 1 for w in seen)
+    images = finetune.read_images(cfg, 32)  # the same crops, with their pixel masks
+    expected = [loss_weight(latent_mask(s["mask"], (s["mask"].shape[-2] // factor, s["mask"].shape[-1] // factor)),
+                            FLOOR) for s in images]
+    expected += [w.flip(-1) for w in expected]  # random_flip flips masks with their latents
+    assert sum(float(s["mask"].min()) == 0 for s in images) == 4  # four half-black masks, img0 all white
+    for weights in seen:
+        for w in weights:
+            assert any(torch.allclose(w, e, atol=1e-6) for e in expected if e.shape == w.shape), w
+
+
+def test_ldm_train_reads_masks_from_the_latent_cache_and_counts_them(tmp_path, monkeypatch):
+    from ldm.training import train_ldm
+    from ldm.training.ldm_config import TrainLDMConfig
+
+    seen = captured_weights(monkeypatch)
+    cfg = TrainLDMConfig(data=masked_art(tmp_path / "art"), resolution=32, model="tiny", max_steps=2, batch_size=2,
+                         latent_cache=str(tmp_path / "cache"), masked_loss=True, output_dir=str(tmp_path / "run"),
+                         validation_every=0, checkpoint_every=0, use_ema=False, report_to="none", val_loss_samples=2,
+                         aspect_buckets=True)
+    cfg.validate()
+    result = train_ldm.main(cfg)
+    assert result["masked_images"]["with_mask"] <= result["masked_images"]["images"] <= 5
+    assert result["masked_images"]["images"] >= 2 and len(seen) == 2
+    for weights in seen:  # floor 0: the masked images weigh their left half only (no flips here)
+        assert weights is not None and weights.min() < 0.05 and weights.max() == 1
+        assert weights[..., :, :1].eq(1).all()
