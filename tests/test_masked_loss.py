@@ -13,6 +13,7 @@ from ldm.models.denoiser import denoise
 from ldm.models.presets import build_components
 from ldm.objectives import objective_for
 from ldm.training.step import LossSpec, batch_loss_weight, diffusion_loss
+from test_finetune_e2e import base_model  # noqa: F401 - the slow test's fixture: a 16 px model trained on shapes
 
 
 class PerPixelDenoiser(torch.nn.Module):
@@ -309,7 +310,7 @@ def captured_weights(monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("preset", ["tiny", "sdxl-tiny"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("sdxl-tiny", marks=pytest.mark.slow)])  # ~8 s each
 @pytest.mark.filterwarnings("ignore:finetune. no samples")
 def test_finetune_weighs_the_loss_by_each_images_mask(preset, tmp_path, monkeypatch):
     from ldm import Pipeline
@@ -338,19 +339,119 @@ def test_finetune_weighs_the_loss_by_each_images_mask(preset, tmp_path, monkeypa
             assert any(torch.allclose(w, e, atol=1e-6) for e in expected if e.shape == w.shape), w
 
 
-def test_ldm_train_reads_masks_from_the_latent_cache_and_counts_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache", [pytest.param(True, marks=pytest.mark.slow), False])  # the cache build: ~10 s
+def test_ldm_train_reads_masks_from_the_latent_cache_or_the_stream_and_counts_them(tmp_path, monkeypatch, cache):
     from ldm.training import train_ldm
     from ldm.training.ldm_config import TrainLDMConfig
 
     seen = captured_weights(monkeypatch)
     cfg = TrainLDMConfig(data=masked_art(tmp_path / "art"), resolution=32, model="tiny", max_steps=2, batch_size=2,
-                         latent_cache=str(tmp_path / "cache"), masked_loss=True, output_dir=str(tmp_path / "run"),
+                         latent_cache=str(tmp_path / "cache") if cache else "", masked_loss=True,
+                         output_dir=str(tmp_path / "run"),
                          validation_every=0, checkpoint_every=0, use_ema=False, report_to="none", val_loss_samples=2,
                          aspect_buckets=True)
     cfg.validate()
     result = train_ldm.main(cfg)
     assert result["masked_images"]["with_mask"] <= result["masked_images"]["images"] <= 5
     assert result["masked_images"]["images"] >= 2 and len(seen) == 2
-    for weights in seen:  # floor 0: the masked images weigh their left half only (no flips here)
-        assert weights is not None and weights.min() < 0.05 and weights.max() == 1
-        assert weights[..., :, :1].eq(1).all()
+    for weights in seen:  # floor 0: the masked images weigh their left half only (no flips), img0 everything
+        assert weights is not None and weights[..., :, :1].eq(1).all()
+        assert all(w.min() < 0.05 or w.eq(1).all() for w in weights)
+    assert any(w.min() < 0.05 for weights in seen for w in weights)
+
+
+# --- what a masked fine-tune learns (slow) --------------------------------------------------------------------------
+
+BACKGROUNDS = [(22, 22, 30), (90, 20, 20), (20, 80, 30), (20, 30, 110), (100, 80, 10), (80, 20, 90), (10, 90, 90),
+               (60, 60, 60)]  # the folder's backgrounds: each unlike the others and unlike the base's light grey
+
+
+def write_masked_folder(folder: str, count: int = 16) -> str:
+    """Writes `count` uncaptioned 16 px pictures of one red circle on backgrounds of eight colours, each with a
+    sidecar mask of the circle's own pixels (white) around which the background is black."""
+    import random
+
+    from PIL import ImageChops
+
+    from ldm.data.shapes import SceneObject, render_scene
+
+    os.makedirs(folder, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(count):
+        background = BACKGROUNDS[i % len(BACKGROUNDS)]
+        obj = SceneObject("circle", "red", "center", dx=rng.uniform(-0.04, 0.04), dy=rng.uniform(-0.04, 0.04))
+        image = render_scene([obj], 16, background)
+        image.save(os.path.join(folder, f"art-{i:03d}.png"))
+        shape = ImageChops.difference(image, Image.new("RGB", image.size, background)).convert("L")
+        shape.point(lambda v: 255 if v > 8 else 0).save(os.path.join(folder, f"art-{i:03d}.mask.png"))
+    return folder
+
+
+def background_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Returns the 3-pixel frame of 16 px images (N, 3, 16, 16): (N, 3, 156), where no circle ever reaches."""
+    frame = torch.ones(images.shape[-2:], dtype=torch.bool)
+    frame[3:-3, 3:-3] = False
+    return images[..., frame]
+
+
+@torch.no_grad()
+def region_losses(pipe, folder: str, prompt: str) -> tuple[float, float]:
+    """Returns the denoising MSE (fixed noise, 5 timesteps) of the folder's images inside and outside their masks."""
+    from ldm.data.transforms import to_tensor
+
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".png") and not f.endswith(".mask.png"))
+    pixels = torch.stack([to_tensor(Image.open(os.path.join(folder, f))) for f in names])  # (N, 3, 16, 16)
+    masks = torch.stack([to_tensor(Image.open(os.path.join(folder, f[:-4] + ".mask.png")).convert("RGB"))[:1]
+                         for f in names]) * 0.5 + 0.5  # (N, 1, 16, 16)
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (N, 4, 8, 8)
+    cells = latent_mask(masks, tuple(latents.shape[-2:]))  # (N, 1, 8, 8)
+    ids = pipe.tokenizer([prompt] * len(names), padding="max_length", max_length=77, return_tensors="pt").input_ids
+    context = pipe.text_encoder(ids)[0]
+    objective, generator = objective_for(pipe.scheduler), torch.Generator().manual_seed(0)
+    inside = outside = 0.0
+    for step in (100, 300, 500, 700, 900):
+        t = torch.full((len(names),), step)
+        noise = torch.randn(latents.shape, generator=generator)
+        pred = denoise(pipe.unet, objective.noised(latents, noise, t), objective.model_time(t), context)
+        target = objective.target(latents, noise, t)
+        inside += float(diffusion.per_sample_loss(pred, target, "mse", weight=cells).mean()) / 5
+        outside += float(diffusion.per_sample_loss(pred, target, "mse", weight=1 - cells).mean()) / 5
+    return inside, outside
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_masked_finetune_keeps_the_base_backgrounds_and_learns_inside_the_mask(base_model, tmp_path_factory):
+    """LoRA on pictures whose backgrounds differ from each other, masks around the circle: the masked run's samples
+    keep the base model's backgrounds (mean colour distance of the frame pixels to the base's samples, same seeds)
+    and the unmasked run's do not; the masked run lowers the denoising loss inside the masks, while only the
+    unmasked run learns the backgrounds' (the loss outside them). The base: the 16 px model of test_finetune_e2e."""
+    from test_finetune_e2e import sample
+
+    from ldm import Pipeline
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    base = base_model
+    root = tmp_path_factory.mktemp("masked")
+    folder, prompt = write_masked_folder(str(root / "art")), "a painting in the style of sks"
+    base_pipe = Pipeline.from_pretrained(base)
+    base_background = background_pixels(sample(base_pipe, prompt))
+    base_inside, base_outside = region_losses(base_pipe, folder, prompt)
+    results = {}
+    for masked in (False, True):
+        report = main(FinetuneConfig(model=base, data=folder, out=str(root / f"masked-{masked}"), instance_prompt=prompt,
+                                     masked_loss=masked, max_steps=300, learning_rate=2e-3, num_validation_samples=1,
+                                     validation_sample_steps=5, validation_every=300, device="cpu"))
+        tuned = Pipeline.from_pretrained(base)
+        tuned.load_lora_weights(report["outputs"]["lora"])
+        distance = float((background_pixels(sample(tuned, prompt)) - base_background).abs().mean())
+        results[masked] = (distance, *region_losses(tuned, folder, prompt))
+        assert report["num_masked_images"] == (16 if masked else None)
+    print(f"background distance to the base's samples: unmasked {results[False][0]:.3f}, masked {results[True][0]:.3f}; "
+          f"loss inside the masks: base {base_inside:.4f}, unmasked {results[False][1]:.4f}, masked "
+          f"{results[True][1]:.4f}; outside: base {base_outside:.4f}, unmasked {results[False][2]:.4f}, masked "
+          f"{results[True][2]:.4f}")
+    assert results[True][0] < 0.5 * results[False][0]
+    assert results[True][1] < 0.8 * base_inside  # the masked run learns the circle's pixels
+    assert results[False][2] < results[True][2]  # only the unmasked run learns the backgrounds
