@@ -455,3 +455,16 @@ def test_masked_finetune_keeps_the_base_backgrounds_and_learns_inside_the_mask(b
     assert results[True][0] < 0.5 * results[False][0]
     assert results[True][1] < 0.8 * base_inside  # the masked run learns the circle's pixels
     assert results[False][2] < results[True][2]  # only the unmasked run learns the backgrounds
+
+
+def test_cache_latents_command_caches_masks(tiny_folder, tmp_path, capsys):
+    from ldm.cli import main as ldm
+
+    root = write_sources(tmp_path)
+    assert ldm(["cache-latents", os.path.join(root, "art"), "--vae", tiny_folder, "--out", str(tmp_path / "cache"),
+                "--masked-loss", "--mask-dir", os.path.join(root, "masks"), "--device", "cpu"]) == 0
+    assert "4 samples, 3 with a loss mask" in capsys.readouterr().out
+    from ldm.data.latent_cache import open_latent_cache
+
+    items = {item["key"]: item for item in open_latent_cache(str(tmp_path / "cache"))}
+    assert items["b"]["has_mask"] and not items["d"]["has_mask"] and items["d"]["latent_mask"].eq(1).all()
