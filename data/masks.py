@@ -43,12 +43,14 @@ def find_mask(root: str, relative: str, mask_dir: str | None, extensions: tuple[
 
 
 def alpha_mask(image: Image.Image) -> Image.Image | None:
-    """Returns the upright image's alpha channel as an "L" mask (opaque = learn), or None when it has none."""
+    """Returns the upright image's alpha channel as an "L" mask (opaque = learn), or None when it has none or it
+    is opaque everywhere (many PNGs carry an unused alpha channel: they count as images without a mask)."""
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode not in ("RGBA", "LA", "La", "RGBa", "PA"):
         return None
-    return ImageOps.exif_transpose(image).getchannel("A")
+    alpha = ImageOps.exif_transpose(image).getchannel("A")
+    return None if alpha.getextrema() == (255, 255) else alpha
 
 
 def check_mask_size(mask: Image.Image, image_size: tuple[int, int], key: str) -> None:

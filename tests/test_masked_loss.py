@@ -152,7 +152,7 @@ def write_sources(root) -> str:
     pattern(1).save(masks / "b.png")
     black = Image.new("L", (W, H), 0)  # composited on white, green becomes 1 - alpha
     Image.merge("RGBA", (pattern(2), black, black, pattern(2))).save(folder / "c.png")
-    image_of(pattern(3)).save(folder / "d.png")
+    image_of(pattern(3)).convert("RGBA").save(folder / "d.png")  # an opaque alpha channel is no mask
     for name in "abcd":
         (folder / f"{name}.txt").write_text("a drawing")
     return str(root)
