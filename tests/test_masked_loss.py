@@ -195,8 +195,12 @@ def test_sidecar_takes_precedence_and_masks_off_reads_none(tmp_path):
     samples = {s["key"]: s for s in open_dataset(os.path.join(root, "art"), resolution=24, masks=True,
                                                   mask_dir=os.path.join(root, "masks"))}
     assert (samples["a"]["mask"] - red_channel(samples["a"])).abs().mean() < 0.03
+    os.rename(tmp_path / "masks", tmp_path / "art" / "masks")  # a mask folder inside the image folder
+    inside = {s["key"]: s for s in open_dataset(os.path.join(root, "art"), resolution=24, masks=True,
+                                                 mask_dir=os.path.join(root, "art", "masks"))}
+    assert sorted(inside) == ["a", "b", "c", "d"] and bool(inside["b"]["has_mask"])  # its masks are no images
     plain = list(open_dataset(os.path.join(root, "art"), resolution=24))
-    assert len(plain) == 4 and all("mask" not in s for s in plain)
+    assert len(plain) == 6 and all("mask" not in s for s in plain)  # without --mask-dir, masks/ holds images
     assert is_mask_file("x/a.mask.PNG") and not is_mask_file("mask.png") and not is_mask_file("a.masks.png")
     with pytest.raises(ValueError, match="--mask-dir works with a folder"):
         open_dataset("shapes:4", masks=True, mask_dir=str(tmp_path))
