@@ -98,6 +98,8 @@ class ImageTextDataset(IterableDataset):
             sample, rng = event
             try:
                 yield self.transform(sample, rng)
+            except BadSample as e:  # a loss mask whose size is not the image's
+                yield Skip(e.reason, sample["key"])
             except (OSError, ValueError):  # pixels PIL decoded but cannot convert (odd modes)
                 yield Skip("corrupt_image", sample["key"])
 

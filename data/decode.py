@@ -1,8 +1,9 @@
 """Safe decoding of one record: image bytes -> PIL image, caption bytes -> str, or BadSample(reason).
 
 A record, as readers yield it, is {"key": str, "caption": str | bytes | list | None} plus one of
-"image" (PIL), "image_bytes" (bytes) or "image_path" (str). `decode_record` returns the raw sample
-{"image": PIL (fully loaded, original mode), "caption": str, "key": str} that transforms consume.
+"image" (PIL), "image_bytes" (bytes) or "image_path" (str), and optionally "mask_path" (str: its loss mask,
+ldm.data.masks). `decode_record` returns the raw sample {"image": PIL (fully loaded, original mode), "caption":
+str, "key": str} (+ "mask": PIL "L", upright, when the record names a mask file) that transforms consume.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import random
 import warnings
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from ldm.data.skips import BadSample
 
@@ -49,6 +50,15 @@ def open_image(data: bytes | str, min_side: int = MIN_SIDE, max_pixels: int = MA
     return image
 
 
+def open_mask(path: str) -> Image.Image:
+    """Returns a loss mask file (ldm.data.masks) as an upright "L" image, or raises BadSample("bad_mask")."""
+    try:
+        image = open_image(path)
+    except BadSample as e:
+        raise BadSample("bad_mask", f"{path}: {e}") from None
+    return ImageOps.exif_transpose(image).convert("L")
+
+
 def decode_caption(caption, rng: random.Random | None = None) -> str:
     """Returns the caption as a stripped str (one of a list picked by `rng`), or raises BadSample."""
     if isinstance(caption, (list, tuple)):
@@ -78,4 +88,6 @@ def decode_record(record: dict, rng: random.Random | None = None, min_side: int 
         image = open_image(record["image_path"], min_side, max_pixels)
     else:
         raise BadSample("missing_image")
+    if record.get("mask_path") is not None:
+        return {"image": image, "caption": caption, "key": record["key"], "mask": open_mask(record["mask_path"])}
     return {"image": image, "caption": caption, "key": record["key"]}

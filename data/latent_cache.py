@@ -9,11 +9,13 @@ z = mean + exp(logvar / 2) * eps each step and multiplies it by vae.config.scali
     out/latents-00000.safetensors     latent_mean (N,4,h,w), latent_logvar (N,4,h,w), input_ids (N,77) int64
                                       (of each sample's first caption), original_size (N,2) and crop_top_left
                                       (N,2) int64 (SDXL's size and crop conditioning, ldm.data.transforms);
+                                      with masks on: latent_mask (N,1,h,w) in [0,1] (the loss mask averaged
+                                      over each latent cell, ldm.data.masks) and has_mask (N,) bool;
                                       metadata {"captions": json list of
                                       each sample's caption list, "keys": json list}
 
-The key hashes the VAE weights and config, the tokenizer, the transform settings and the source's file list
-(names, sizes, mtimes). `ensure_latent_cache` reuses a cache only when its key matches, else rebuilds it;
+The key hashes the VAE weights and config, the tokenizer, the transform settings (masks on or off) and the
+source's file list (names, sizes, mtimes; and its mask files'). `ensure_latent_cache` reuses a cache only when its key matches, else rebuilds it;
 `open_latent_cache(dir, expected_key=...)` refuses a stale one. A shard holds one latent size (buckets).
 A cached sample keeps one crop (that of epoch 0) and every caption of its record (COCO: about five), in the
 record's order: an item is {..., "caption": the first, "captions": all}; training picks one per sample per step
@@ -38,6 +40,7 @@ from torch.utils.data import Dataset
 from ldm.data.captions import caption_options
 from ldm.data.dataset import ImageTextDataset
 from ldm.data.loader import make_dataloader
+from ldm.data.masks import latent_mask
 from ldm.data.open import open_dataset
 from ldm.data.pack import sha256_file
 from ldm.data.skips import Skip
@@ -45,7 +48,7 @@ from ldm.models.vae import encode_posterior
 from ldm.models.vae import sample_latents as sample_scaled_latents
 
 FORMAT = "ldm-latent-cache/3"  # 3: original size and crop; 2: every caption of a sample (1: one)
-TENSORS = ("latent_mean", "latent_logvar", "input_ids", "original_size", "crop_top_left")
+TENSORS = ("latent_mean", "latent_logvar", "input_ids", "original_size", "crop_top_left", "latent_mask", "has_mask")
 MANIFEST = "cache.json"
 logger = logging.getLogger("ldm.data")
 
@@ -75,6 +78,9 @@ def source_fingerprint(dataset) -> str:
         if path and os.path.isfile(path):
             stat = os.stat(path)
             digest.update(f"{stat.st_size}/{stat.st_mtime_ns}".encode())
+    for unit, path in sorted(getattr(dataset.source, "mask_paths", {}).items()):  # a folder's mask files
+        stat = os.stat(path)
+        digest.update(f"mask/{unit}/{path}/{stat.st_size}/{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -131,15 +137,18 @@ class AllCaptionsDataset(ImageTextDataset):
 
 def encode_batch(batch: dict, vae, tokenizer) -> list[dict]:
     """Returns one row per sample: latent_mean/logvar (4,h,w) float32, input_ids (77,) of its first caption,
-    original_size and crop_top_left (2,) when the batch has them, captions (list[str]), key. batch["caption"] holds
-    a str or a list of captions per sample."""
+    original_size and crop_top_left (2,) when the batch has them, latent_mask (1,h,w) and has_mask () when it has
+    masks, captions (list[str]), key. batch["caption"] holds a str or a list of captions per sample."""
     mean, logvar = encode_posterior(vae, batch["pixel_values"])  # (B, 4, h, w) each, on the VAE's device
     captions = [list(c) if isinstance(c, (list, tuple)) else [c] for c in batch["caption"]]
     input_ids = tokenizer([c[0] for c in captions], padding="max_length", max_length=tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids  # (B, 77)
-    sizes = {k: batch[k] for k in ("original_size", "crop_top_left") if k in batch}  # (B, 2) each
+    extra = {k: batch[k].long() for k in ("original_size", "crop_top_left") if k in batch}  # (B, 2) each
+    if "mask" in batch:
+        extra.update(latent_mask=latent_mask(batch["mask"].float(), tuple(mean.shape[-2:])),  # (B, 1, h, w)
+                     has_mask=batch["has_mask"])  # (B,)
     return [{"latent_mean": mean[i].cpu(), "latent_logvar": logvar[i].cpu(), "input_ids": input_ids[i].long(),
-             "captions": captions[i], "key": batch["key"][i], **{k: v[i].long() for k, v in sizes.items()}}
+             "captions": captions[i], "key": batch["key"][i], **{k: v[i].cpu() for k, v in extra.items()}}
             for i in range(len(captions))]
 
 
@@ -157,12 +166,13 @@ def build_latent_cache(spec, vae, tokenizer, out_dir: str, batch_size: int = 16,
     vae = vae.to(device).eval()
     loader = make_dataloader(AllCaptionsDataset(dataset), batch_size=batch_size, num_workers=num_workers)
     pending: dict[tuple, list[dict]] = {}
-    shards, count = [], 0
+    shards, count, masked = [], 0, 0
     for batch in loader:
         for row in encode_batch(batch, vae, tokenizer):
             group = pending.setdefault(tuple(row["latent_mean"].shape), [])
             group.append(row)
             count += 1
+            masked += int(row.get("has_mask", False))
             if len(group) == shard_size:
                 shards.append(_write_shard(out_dir, len(shards), group))
                 group.clear()
@@ -171,6 +181,8 @@ def build_latent_cache(spec, vae, tokenizer, out_dir: str, batch_size: int = 16,
             shards.append(_write_shard(out_dir, len(shards), group))
     manifest = {"format": FORMAT, "key": cache_key(parts), "parts": parts, "spec": str(spec), "count": count,
                 "skipped": dict(loader.skips.counts), "shards": shards}
+    if dataset.transform.masks:  # how many samples had a mask of their own (the rest weigh every pixel)
+        manifest["masked"] = masked
     with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     return manifest
@@ -199,7 +211,7 @@ def ensure_latent_cache(spec, vae, tokenizer, out_dir: str, **kwargs) -> tuple["
 
 class LatentCacheDataset(Dataset):
     """Map-style: item i is {"latent_mean": (4,h,w), "latent_logvar": (4,h,w), "input_ids": (77,),
-    "original_size", "crop_top_left": (2,) (format 3), "caption": str
+    "original_size", "crop_top_left": (2,) (format 3), "latent_mask": (1,h,w), "has_mask": () (masks on), "caption": str
     (the first), "captions": list[str] (all, one or more), "key": str}. Batch items with
     ldm.training.stream.collate_dicts (BatchStream does), which keeps "captions" a list per sample: torch's
     default_collate would transpose the lists, and refuses lists of different lengths."""

@@ -1,7 +1,8 @@
 """make_dataloader: batches of one size each, with skip counts carried back from worker processes.
 
 Iterating the loader yields {"pixel_values": (B,3,H,W) float32 in [-1,1], "caption": list[str], "key": list[str],
-"original_size", "crop_top_left": (B, 2) int64} (the last two: each image's size and crop, for SDXL).
+"original_size", "crop_top_left": (B, 2) int64} (the last two: each image's size and crop, for SDXL), and with
+masks on, "mask": (B, 1, H, W) in [0, 1] and "has_mask": (B,) bool (ldm.data.masks).
 Batches are formed inside each worker, per image size (one aspect bucket per batch); the last batch of each
 size in each worker may be smaller than batch_size. After every epoch `loader.skips` holds that epoch's
 skip counts (summed over workers) and the report is logged to the "ldm.data" logger.
@@ -24,9 +25,9 @@ def collate(samples: list[dict]) -> dict:
     micro-conditioning original_size, crop_top_left (B, 2) when the samples have them (ImageTransform's do)."""
     batch = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
              "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
-    for name in ("original_size", "crop_top_left"):
+    for name in ("original_size", "crop_top_left", "mask", "has_mask"):
         if name in samples[0]:
-            batch[name] = torch.stack([s[name] for s in samples])  # (B, 2)
+            batch[name] = torch.stack([s[name] for s in samples])  # (B, 2); mask (B, 1, H, W); has_mask (B,)
     return batch
 
 

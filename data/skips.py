@@ -18,6 +18,8 @@ REASONS = {
     "missing_image": "record without image data",
     "truncated_shard": "shard cut off in the middle (the partial record is dropped)",
     "unreadable_shard": "shard or file that cannot be opened",
+    "bad_mask": "loss mask file that cannot be read (empty, not an image or corrupt)",
+    "mask_size_mismatch": "loss mask whose size is not its image's",
 }
 
 

@@ -1,6 +1,8 @@
 """Image transforms: any PIL image -> {"pixel_values": (3,H,W) float in [-1,1], "caption": str, "key": str,
 "original_size": (2,) int64 (h, w) before any resize, "crop_top_left": (2,) int64 (top, left) of the crop in the
 resized (and, when flipped, flipped) image}: the size and crop SDXL is conditioned on (ldm.models.sdxl.time_ids).
+With `masks` on, also "mask": (1,H,W) float32 in [0,1], the sample's loss mask (ldm.data.masks) put through the
+very same resize, crop and flip (all ones when the image has none), and "has_mask": () bool.
 
 Steps: EXIF orientation, any mode to RGB (alpha composited on white), resize the shorter side, centre or
 random crop, optional horizontal flip (off by default: it swaps "left" and "right" in captions), and
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from ldm.data.masks import alpha_mask, check_mask_size, mask_tensor
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -75,13 +79,23 @@ def crop_box(image: Image.Image, size: tuple[int, int], center_crop: bool,
     top-left (top, left) in the resized image's pixels: SDXL's c_crop, Podell et al. 2023, Sec. 2.2)."""
     target_w, target_h = size
     new_w, new_h = resized_size(image.width, image.height, size)
-    if (new_w, new_h) != image.size:
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     if center_crop:
-        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+        top_left = (new_h - target_h) // 2, (new_w - target_w) // 2
     else:
         left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
-    return image.crop((left, top, left + target_w, top + target_h)), (top, left)
+        top_left = top, left
+    return crop_at(image, size, top_left, Image.Resampling.BICUBIC), top_left
+
+
+def crop_at(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int],
+            resample: Image.Resampling) -> Image.Image:
+    """Returns `image` resized to cover `size` (width, height) with `resample` and cropped to it at `top_left`
+    (top, left): crop_box's geometry, so a loss mask (bilinear: no overshoot past 0 and 1) follows its image."""
+    new_w, new_h = resized_size(image.width, image.height, size)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample, reducing_gap=3.0)
+    top, left = top_left
+    return image.crop((left, top, left + size[0], top + size[1]))
 
 
 def resize_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool, rng: random.Random) -> Image.Image:
@@ -120,6 +134,11 @@ def size_and_crop(samples: list[dict], flipped: bool = False) -> dict:
             "crop_top_left": torch.stack(crops)}  # (B, 2)
 
 
+def sample_mask(sample: dict) -> Image.Image | None:
+    """Returns the raw sample's loss mask: its mask file's ("mask"), else its alpha channel, else None."""
+    return sample["mask"] if sample.get("mask") is not None else alpha_mask(sample["image"])
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Raw sample -> training sample. `settings()` is part of the latent cache key."""
@@ -128,6 +147,7 @@ class ImageTransform:
     random_flip: bool = False
     aspect_buckets: bool = False
     bucket_step: int = 0               # bucket sides in multiples of this; 0: default_bucket_step(resolution)
+    masks: bool = False                # also yield each sample's loss mask (ldm.data.masks)
 
     def __post_init__(self):
         if self.resolution < 8:
@@ -136,7 +156,10 @@ class ImageTransform:
             object.__setattr__(self, "bucket_step", default_bucket_step(self.resolution))
 
     def settings(self) -> dict:
-        return asdict(self)
+        settings = asdict(self)
+        if not self.masks:  # caches built before masks existed keep their key
+            del settings["masks"]
+        return settings
 
     def target_size(self, image: Image.Image) -> tuple[int, int]:
         if not self.aspect_buckets:
@@ -144,11 +167,21 @@ class ImageTransform:
         return nearest_bucket(image.width, image.height, make_buckets(self.resolution, self.bucket_step))
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
+        mask = sample_mask(sample) if self.masks else None  # upright "L" or None
         image = to_rgb(sample["image"])
         original_size = (image.height, image.width)  # (h, w) before any resize: SDXL's c_size
-        image, crop_top_left = crop_box(image, self.target_size(image), self.center_crop, rng)
+        if mask is not None:
+            check_mask_size(mask, image.size, sample["key"])
+        size = self.target_size(image)
+        image, crop_top_left = crop_box(image, size, self.center_crop, rng)
+        mask = crop_at(mask, size, crop_top_left, Image.Resampling.BILINEAR) if mask is not None else None
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mask is not None else None
             crop_top_left = flipped_crop_top_left(crop_top_left, original_size, (image.height, image.width))
-        return {"pixel_values": to_tensor(image), "caption": sample["caption"], "key": sample["key"],
-                "original_size": torch.tensor(original_size), "crop_top_left": torch.tensor(crop_top_left)}  # (2,)
+        out = {"pixel_values": to_tensor(image), "caption": sample["caption"], "key": sample["key"],
+               "original_size": torch.tensor(original_size), "crop_top_left": torch.tensor(crop_top_left)}  # (2,)
+        if self.masks:  # no mask: fully masked-in
+            out["mask"] = mask_tensor(mask) if mask is not None else torch.ones(1, image.height, image.width)
+            out["has_mask"] = torch.tensor(mask is not None)
+        return out

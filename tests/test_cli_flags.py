@@ -63,7 +63,10 @@ def special_cases(cls, tmp_path) -> dict:
                          "lpips_vgg_weights": (str(trunk), {"lpips_weights": str(heads)})},
         FinetuneConfig: {"num_class_images": (3, {"class_prompt": "a painting"})},
         DemoConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"}), "vae": (str(vae), {})},
-    }.get(cls, {})
+    }.get(cls, {}) | (MASK_SETTINGS if cls in (TrainLDMConfig, FinetuneConfig) else {})
+
+
+MASK_SETTINGS = {"masked_loss_floor": (0.5, {"masked_loss": True}), "mask_dir": ("masks", {"masked_loss": True})}
 
 
 def candidates(name: str, default) -> list:

@@ -9,7 +9,11 @@ Caption precedence for each image:
 An image that has metadata or a sidecar but no usable caption there is skipped (missing_caption /
 bad_caption_encoding) unless `caption` is given; file-name captions apply only where no captions exist.
 
-Yields records {"image_path": str, "caption": str | bytes, "key": path relative to the root, no extension}.
+Loss masks (`masks=True`; ldm.data.masks): NAME.mask.EXT beside an image, else the same relative name under
+`mask_dir`. Files named NAME.mask.EXT are never training images, nor is anything under `mask_dir`.
+
+Yields records {"image_path": str, "caption": str | bytes, "key": path relative to the root, no extension}
+(+ "mask_path": str for an image with a mask file, when masks are on).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import random
 import re
 
+from ldm.data.masks import find_mask, is_mask_file
 from ldm.data.skips import Skip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -49,16 +54,22 @@ def _read_metadata(path: str, caption_column: str) -> dict[str, str | None]:
 class FolderSource:
     """Units are image paths relative to the root, sorted."""
 
-    def __init__(self, root: str, caption: str | None = None, caption_column: str = "text"):
+    def __init__(self, root: str, caption: str | None = None, caption_column: str = "text", masks: bool = False,
+                 mask_dir: str | None = None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root} does not exist; pass a folder of images "
                                     f"({', '.join(IMAGE_EXTENSIONS)})")
+        if mask_dir and not os.path.isdir(mask_dir):
+            raise FileNotFoundError(f"mask folder {mask_dir} does not exist; pass --mask-dir DIR holding a mask "
+                                    "per image under the image's relative name (white = learn, black = ignore)")
         self.root, self.caption_template, self.name = os.path.abspath(root), caption, "folder"
+        mask_root = os.path.abspath(mask_dir) if mask_dir else None
         self.images, self.metadata = [], {}
-        for folder, _, files in os.walk(self.root):
+        for folder, subfolders, files in os.walk(self.root):
+            subfolders[:] = [d for d in subfolders if os.path.join(folder, d) != mask_root]  # masks are not images
             for file in sorted(files):
                 path = os.path.join(folder, file)
-                if file.lower().endswith(IMAGE_EXTENSIONS):
+                if file.lower().endswith(IMAGE_EXTENSIONS) and not is_mask_file(file):
                     self.images.append(os.path.relpath(path, self.root))
                 elif file in METADATA_FILES:
                     relative_dir = os.path.relpath(folder, self.root)
@@ -67,6 +78,8 @@ class FolderSource:
         self.images.sort()
         if not self.images:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        found = {r: find_mask(self.root, r, mask_root, IMAGE_EXTENSIONS) for r in self.images} if masks else {}
+        self.mask_paths = {r: path for r, path in found.items() if path is not None}  # image -> its mask file
         self._check_some_caption()
 
     def _check_some_caption(self) -> None:
@@ -113,4 +126,5 @@ class FolderSource:
         except OSError:
             yield Skip("unreadable_shard", key)
             return
-        yield {"image_path": os.path.join(self.root, unit), "caption": caption, "key": key}
+        record = {"image_path": os.path.join(self.root, unit), "caption": caption, "key": key}
+        yield {**record, "mask_path": self.mask_paths[unit]} if unit in self.mask_paths else record

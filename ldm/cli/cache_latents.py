@@ -23,6 +23,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-workers", type=int_in("[0, 256]"), default=0)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    parser.add_argument("--masked-loss", action="store_true", help="also cache each image's loss mask (NAME.mask.png, "
+                        "--mask-dir or alpha; ldm.data.masks), as `ldm train --masked-loss` reads them")
+    parser.add_argument("--mask-dir", default=None, help="with --masked-loss: a folder of masks under the images' "
+                        "relative names")
 
 
 def _cuda() -> bool:
@@ -57,13 +61,17 @@ def run(args) -> int:
     if args.resolution is not None:  # before any image is encoded, as the other commands refuse it
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         check_multiple("--resolution", args.resolution, factor, of=f"the VAE in {args.vae} downsamples {factor}x")
+    if args.mask_dir and not args.masked_loss:
+        raise ValueError("--mask-dir takes effect with --masked-loss: add --masked-loss")
     if args.force and os.path.isdir(args.out):
         shutil.rmtree(args.out)
     cache, rebuilt = ensure_latent_cache(args.src, vae, tokenizer, args.out, resolution=args.resolution,
                                          center_crop=not args.random_crop, caption=args.caption,
                                          batch_size=args.batch_size, shard_size=args.shard_size,
-                                         num_workers=args.num_workers, device=args.device)
+                                         num_workers=args.num_workers, device=args.device,
+                                         **(dict(masks=True, mask_dir=args.mask_dir) if args.masked_loss else {}))
     skipped = cache.manifest["skipped"]
-    print(f"{'built' if rebuilt else 'reused valid'} latent cache {args.out}: {len(cache)} samples, "
+    masked = f", {cache.manifest['masked']} with a loss mask" if "masked" in cache.manifest else ""
+    print(f"{'built' if rebuilt else 'reused valid'} latent cache {args.out}: {len(cache)} samples{masked}, "
           f"skipped {sum(skipped.values())} {skipped or ''}")
     return 0

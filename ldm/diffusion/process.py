@@ -262,19 +262,29 @@ def loss_weights(t: torch.Tensor, betas: torch.Tensor, weighting: str, kind: str
     return weights * eps_loss_factor(snr(alphas_cumprod(betas.double()), t), kind)
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float = 0.1) -> torch.Tensor:
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, huber_c: float = 0.1,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the loss of each sample, mean over all but the batch dim, (B,): mse, l1 or pseudo-huber.
 
     Pseudo-Huber sqrt(d^2 + c^2) - c: Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models".
+    `weight` (B, 1, H, W), e.g. a loss mask (ldm.data.masks.loss_weight), makes it the weighted mean
+    sum(w * l) / sum(w) per sample: the loss keeps its scale whatever share of the image the mask covers
+    (OneTrainer's normalize_masked_area_loss; kohya's masked loss multiplies and takes the plain mean, so a small
+    mask also shrinks the step). A sample whose weights are all 0 contributes 0.
     """
-    diff = (pred.float() - target.float()).flatten(1)  # (B, C*H*W)
+    diff = pred.float() - target.float()  # (B, C, H, W)
     if kind == "mse":
-        return diff.pow(2).mean(1)
-    if kind == "l1":
-        return diff.abs().mean(1)
-    if kind == "huber":
-        return ((diff.pow(2) + huber_c ** 2).sqrt() - huber_c).mean(1)
-    raise ValueError(f"unknown loss {kind!r}; choose one of ('mse', 'huber', 'l1')")
+        loss = diff.pow(2)
+    elif kind == "l1":
+        loss = diff.abs()
+    elif kind == "huber":
+        loss = (diff.pow(2) + huber_c ** 2).sqrt() - huber_c
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of ('mse', 'huber', 'l1')")
+    if weight is None:
+        return loss.flatten(1).mean(1)
+    weight = weight.float().expand_as(loss).flatten(1)  # (B, C*H*W)
+    return (weight * loss.flatten(1)).sum(1) / weight.sum(1).clamp_min(1e-8)
 
 
 def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """TrainingConfig: the settings every trainer shares (`ldm train`, `train-vae`, `train-text-encoder`, `finetune`),
 each declared once here with its range and its help (the trailing comment); CaptionTags: the tag-caption settings
-of the two text-to-image trainers (`ldm train`, `ldm finetune`).
+of the two text-to-image trainers (`ldm train`, `ldm finetune`); MaskedLoss: their loss-mask settings.
 
 A command's config is one dataclass below these that adds only its own settings; where a command wants
 another default it sets the field again with that default alone (the range and help stay these), or with a
@@ -56,6 +56,20 @@ class TrainingConfig:
         import torch
 
         return torch.cuda.is_available()
+
+
+@dataclass
+class MaskedLoss:
+    # masked loss (ldm.data.masks): learn only where each image's mask is white (`ldm train`, `ldm finetune`)
+    masked_loss: bool = False              # weigh the loss by each image's mask: NAME.mask.png beside it, the same
+                                           # name under mask_dir, or its alpha channel; no mask = every pixel counts
+    masked_loss_floor: float = setting(0.0, "[0, 1]")  # the weight where the mask is black (0 = ignored there)
+    mask_dir: str = ""                     # a folder of masks under the images' relative names (folder data only)
+
+    def check_masks(self) -> None:
+        """Raises ValueError for a mask setting given without --masked-loss (it would do nothing)."""
+        if not self.masked_loss and (self.mask_dir or self.masked_loss_floor):
+            raise ValueError("--mask-dir and --masked-loss-floor take effect with --masked-loss: add --masked-loss")
 
 
 @dataclass

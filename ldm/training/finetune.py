@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 
 from ldm.data.buckets import batch_plan
 from ldm.data.captions import CaptionSpec
+from ldm.data.masks import latent_mask, masked_count
 from ldm.data.transforms import size_and_crop
 from ldm.evaluation.memorization import generalization_gap, holdout_split, loss_gap_warning, memorization_report
 from ldm.images import image_grid
@@ -51,11 +52,13 @@ def join_caption(caption: str, instance_prompt: str) -> str:
 
 
 def read_images(cfg: FinetuneConfig, resolution: int) -> list[dict]:
-    """Returns every image of cfg.data as {"pixel_values": (3,H,W) in [-1,1], "caption", "key"}, sorted by key."""
+    """Returns every image of cfg.data as {"pixel_values": (3,H,W) in [-1,1], "caption", "key"} (+ "mask" (1,H,W),
+    "has_mask" with cfg.masked_loss), sorted by key."""
     from ldm.data import open_dataset
 
+    masks = dict(masks=True, mask_dir=cfg.mask_dir or None) if cfg.masked_loss else {}  # + "mask", "has_mask"
     dataset = open_dataset(cfg.data, resolution=resolution, caption=NO_CAPTION, aspect_buckets=cfg.aspect_buckets,
-                           shuffle=False, seed=cfg.seed)
+                           shuffle=False, seed=cfg.seed, **masks)
     samples = [{**s, "caption": join_caption(s["caption"], cfg.instance_prompt)} for s in dataset]
     if not samples:
         raise ValueError(f"no usable images in {cfg.data}; see the skipped-input report above")
@@ -103,25 +106,29 @@ def _read_json(path: str) -> dict:
 
 
 def encode_posteriors(samples: list[dict], vae) -> list[dict]:
-    """Adds "latent_mean" and "latent_logvar" (4, h, w) to each sample: every image goes through the VAE once."""
+    """Adds "latent_mean" and "latent_logvar" (4, h, w) to each sample, and "latent_mask" (1, h, w) to one with a
+    pixel "mask" (area-averaged, ldm.data.masks.latent_mask): every image goes through the VAE once."""
     for s in samples:
         mean, logvar = encode_posterior(vae, s["pixel_values"][None])
         s["latent_mean"], s["latent_logvar"] = mean[0].cpu(), logvar[0].cpu()
+        if "mask" in s:
+            s["latent_mask"] = latent_mask(s["mask"], tuple(mean.shape[-2:]))  # (1, h, w)
     return samples
 
 
 def batches_forever(samples: list[dict], batch_size: int, seed: int, flip: bool):
     """Yields batches {"latent_mean", "latent_logvar": (B, 4, h, w), "caption": [str]} forever, with each image's
-    "original_size" and "crop_top_left" (B, 2) when the samples have them (SDXL's micro-conditioning)."""
+    "original_size" and "crop_top_left" (B, 2) when the samples have them (SDXL's micro-conditioning) and
+    "latent_mask" (B, 1, h, w) when they have loss masks (flipped with the latents)."""
     epoch = 0
+    names = ("latent_mean", "latent_logvar") + (("latent_mask",) if "latent_mask" in samples[0] else ())
     while True:
         for indices in batch_plan(samples, batch_size, seed, epoch):
-            mean = torch.stack([samples[i]["latent_mean"] for i in indices])      # (B, 4, h, w)
-            logvar = torch.stack([samples[i]["latent_logvar"] for i in indices])  # (B, 4, h, w)
+            batch = {name: torch.stack([samples[i][name] for i in indices]) for name in names}  # (B, C, h, w)
             flipped = flip and random.Random(seed + epoch * 31 + indices[0]).random() < 0.5
-            if flipped:
-                mean, logvar = mean.flip(-1), logvar.flip(-1)  # flipping latents ~ flipping pixels (a conv VAE)
-            batch = {"latent_mean": mean, "latent_logvar": logvar, "caption": [samples[i]["caption"] for i in indices]}
+            if flipped:  # flipping latents ~ flipping pixels (a conv VAE)
+                batch = {name: tensor.flip(-1) for name, tensor in batch.items()}
+            batch["caption"] = [samples[i]["caption"] for i in indices]
             yield {**batch, **size_and_crop([samples[i] for i in indices], flipped)}
         epoch += 1
 
@@ -238,7 +245,9 @@ class FinetuneTrainer(loop.Trainer):
     def __init__(self, cfg: FinetuneConfig, accelerator, parts: dict, objective, embed, data: dict):
         self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
         self.train, self.held, self.prior = data["train"], data["held"], data["prior"]
-        self.spec, self.batches_drawn, self.snapshot = LossSpec(), 0, None  # plain MSE, as DreamBooth trains
+        # plain MSE, as DreamBooth trains; masked by each image's loss mask with cfg.masked_loss
+        self.spec = LossSpec(masked_loss=cfg.masked_loss, masked_loss_floor=cfg.masked_loss_floor)
+        self.batches_drawn, self.snapshot = 0, None
         self.caption_spec = CaptionSpec.from_config(cfg)  # the instance captions' tags; class prompts stay as written
         self.seek(0)
 
@@ -374,8 +383,10 @@ def main(cfg: FinetuneConfig) -> dict:
     cfg, data = load_data(cfg, accelerator, parts)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-    accelerator.print(f"finetune: {len(data['train'])} training + {len(data['held'])} held-out images\n"
-                      f"{format_config(cfg)}")
+    masked = masked_count(data["train"] + data["held"])
+    accelerator.print(f"finetune: {len(data['train'])} training + {len(data['held'])} held-out images"
+                      + (f"; masked loss: {masked} of them have a mask (the others count every pixel)"
+                         if cfg.masked_loss else "") + f"\n{format_config(cfg)}")
     trainer = setup(cfg, accelerator, parts, data)
     settings = loop.LoopSettings.from_config(cfg, output_dir=cfg.out, checkpoint_at_end=False, keep_losses=True,
                                              name="finetune")
@@ -393,7 +404,8 @@ def write_report(cfg: FinetuneConfig, parts: dict, trainer: FinetuneTrainer, dat
     history = result["history"]
     warnings = [r["memorization"]["message"] for r in history if r["memorization"]["warning"]]
     report = {"steps": result["step"], "stopped_by": result["stopped_by"], "num_train_images": len(data["train"]),
-              "num_heldout_images": len(data["held"]), "num_class_images": len(data["prior"]), "outputs": outputs,
+              "num_heldout_images": len(data["held"]), "num_class_images": len(data["prior"]),
+              "num_masked_images": masked_count(data["train"] + data["held"]), "outputs": outputs,
               "checkpoint": result["checkpoint"], "nonfinite_total": result["nonfinite_total"],
               "memorization_warning": bool(warnings), "warnings": warnings, "history": history,
               "losses": result["losses"], "config": asdict(cfg)}

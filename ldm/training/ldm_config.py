@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ldm.diffusion import BETA_SCHEDULES, TIMESTEP_SAMPLING, WEIGHTINGS
 from ldm.objectives import OBJECTIVES
 from ldm.ranges import setting
-from ldm.training.base_config import MIXED_PRECISION, CaptionTags, TrainingConfig
+from ldm.training.base_config import MIXED_PRECISION, CaptionTags, MaskedLoss, TrainingConfig
 from ldm.training.optimizers import OPTIMIZERS, check_schedule
 
 LOSSES = ("mse", "huber", "l1")
@@ -14,8 +14,9 @@ __all__ = ["LOSSES", "MIXED_PRECISION", "OPTIMIZERS", "TrainLDMConfig"]
 
 
 @dataclass
-class TrainLDMConfig(CaptionTags, TrainingConfig):
-    # data, model, optimiser steps, checkpoints and seed: TrainingConfig; tag captions: CaptionTags (base_config.py)
+class TrainLDMConfig(MaskedLoss, CaptionTags, TrainingConfig):
+    # data, model, optimiser steps, checkpoints and seed: TrainingConfig; tag captions: CaptionTags; loss masks:
+    # MaskedLoss (base_config.py)
     center_crop: bool = True
     random_flip: bool = False
     aspect_buckets: bool = False           # mixed aspect ratios keep most of each image: each goes to the bucket of
@@ -114,6 +115,7 @@ class TrainLDMConfig(CaptionTags, TrainingConfig):
 
             check_vae_folder(self.vae, self.model, self.resolution)
         self.check_tags()
+        self.check_masks()
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
         if self.prediction_type == "flow":

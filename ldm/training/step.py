@@ -15,6 +15,7 @@ import torch
 
 from ldm import diffusion
 from ldm.data.captions import CaptionSpec, augment_captions, pick_captions
+from ldm.data.masks import latent_mask, loss_weight
 from ldm.models import sdxl
 from ldm.models.denoiser import denoise
 from ldm.models.vae import encode_posterior, sample_latents
@@ -32,10 +33,12 @@ class LossSpec:
     loss: str = "mse"             # mse | l1 | huber
     huber_c: float = 0.1
     offset_noise: float = 0.0     # Guttenberg 2023; 0 = plain Gaussian noise
+    masked_loss: bool = False     # weigh each latent pixel by the batch's loss mask (ldm.data.masks)
+    masked_loss_floor: float = 0.0  # the weight where the mask is 0 (0 = ignored)
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
-        return cls(cfg.loss, cfg.huber_c, cfg.offset_noise)
+        return cls(cfg.loss, cfg.huber_c, cfg.offset_noise, cfg.masked_loss, cfg.masked_loss_floor)
 
 
 class TextEmbedder:
@@ -151,18 +154,29 @@ def batch_time_ids(batch: dict, latents: torch.Tensor, vae) -> torch.Tensor:
                         for o, c in zip(original, crop)])  # (B, 6)
 
 
+def batch_loss_weight(batch: dict, latents: torch.Tensor, spec: LossSpec) -> torch.Tensor | None:
+    """Returns the loss weight per latent pixel (B, 1, h, w) of a batch with loss masks (cached "latent_mask", or
+    pixel "mask" averaged over each latent cell) when spec.masked_loss; None (every pixel weighs 1) otherwise."""
+    if not spec.masked_loss or ("latent_mask" not in batch and "mask" not in batch):
+        return None
+    mask = batch["latent_mask"] if "latent_mask" in batch else latent_mask(batch["mask"], tuple(latents.shape[-2:]))
+    return loss_weight(mask.to(latents.device, torch.float32), spec.masked_loss_floor)  # (B, 1, h, w)
+
+
 def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, objective: Objective, spec: LossSpec,
                    generator: torch.Generator, pooled: torch.Tensor | None = None,
-                   time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   time_ids: torch.Tensor | None = None,
+                   pixel_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020,
     with the objective's timesteps, input, target and weights; SDXL's pooled text (B, D2) and time_ids (B, 6)
-    go to the denoiser."""
+    go to the denoiser; `pixel_weight` (B, 1, h, w) weighs each latent pixel (masked loss, batch_loss_weight)."""
     t = objective.sample_timesteps(latents.shape[0], generator)  # (B,)
     noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), spec.offset_noise, generator)
     t, noise = t.to(latents.device), noise.to(latents.device)
     x_t = objective.noised(latents, noise, t)
     pred = denoise(model, x_t, objective.model_time(t), context, pooled, time_ids)
-    per_sample = diffusion.per_sample_loss(pred, objective.target(latents, noise, t), spec.loss, spec.huber_c)  # (B,)
+    per_sample = diffusion.per_sample_loss(pred, objective.target(latents, noise, t), spec.loss, spec.huber_c,
+                                           pixel_weight)  # (B,)
     return (objective.weight(t).to(per_sample) * per_sample).mean(), per_sample.detach()
 
 
@@ -172,7 +186,8 @@ def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, object
     """Returns the weighted diffusion loss of a batch of images or cached posteriors with captions: latents drawn
     from the posterior, captions picked, tag-augmented per caption_spec and dropped with probability caption_dropout
     (`batch_captions`; None or off: no draw at all; SDXL encodes a dropped caption "" with both encoders, as
-    diffusers' train_text_to_image_sdxl.py does), embedded, noised and predicted. Every LDM trainer's loss
+    diffusers' train_text_to_image_sdxl.py does), embedded, noised and predicted, each latent pixel weighed by the
+    batch's loss mask with spec.masked_loss (`batch_loss_weight`). Every LDM trainer's loss
     (`ldm train`, `ldm finetune`, the demo) is this function."""
     # The frozen VAE and text encoder run in the mixed-precision dtype too (diffusers' script casts their weights;
     # autocast leaves the stored weights in float32): in fp32 the VAE encode of a large batch would cost more than
@@ -184,4 +199,5 @@ def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, object
     time_ids = batch_time_ids(batch, latents, vae) if embed.is_sdxl else None  # (B, 6)
     if channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
-    return diffusion_loss(model, latents, context, objective, spec, generator, pooled, time_ids)[0]
+    return diffusion_loss(model, latents, context, objective, spec, generator, pooled, time_ids,
+                          batch_loss_weight(batch, latents, spec))[0]

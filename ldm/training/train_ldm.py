@@ -70,9 +70,10 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
         return dataset, dataset
     from ldm.data import ensure_latent_cache, open_dataset
 
+    masks = dict(masks=True, mask_dir=cfg.mask_dir or None) if cfg.masked_loss else {}  # ldm.data.masks
     if cfg.latent_cache:
         kwargs = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
-                      device=accelerator.device)
+                      device=accelerator.device, **masks)
         if accelerator.is_main_process:
             ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
         accelerator.wait_for_everyone()  # the other ranks read the finished cache, never a half-built one
@@ -81,7 +82,7 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
 
     common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
                   seed=cfg.seed)
-    train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common)
+    train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common, **masks)
     return train, open_dataset(cfg.data, shuffle=False, **common)
 
 
@@ -110,11 +111,14 @@ class LDMTrainer(loop.Trainer):
         self.stream, self.batches, self.val_set, self.ema = stream, iter(stream), val_set, ema
         self.spec, self.caption_spec = LossSpec.from_config(cfg), CaptionSpec.from_config(cfg)
         self.scheduler = objective.scheduler(dict(parts["scheduler"].config))  # saved with the model
+        self.has_mask: dict[str, bool] = {}  # masked loss: each image this process trained on -> had a mask
 
     def micro_loss(self, step: int, micro: int):
         batch, rank = next(self.batches), self.accelerator.process_index
         if step == 0 and micro == 0 and "key" in batch:  # shows which part of the data each rank reads
             print(f"[rank {rank}] first batch keys: {list(batch['key'])}", flush=True)
+        if "has_mask" in batch:
+            self.has_mask.update(zip(batch["key"], batch["has_mask"].tolist()))
         loss = batch_loss(self.accelerator, self.model, batch, self.parts["vae"], self.embed, self.objective,
                           self.spec, step_generator(self.cfg.seed, step, micro, rank), self.cfg.caption_dropout,
                           self.cfg.channels_last, self.caption_spec)
@@ -236,9 +240,18 @@ def main(cfg: TrainLDMConfig, dataset=None, val_dataset=None) -> dict:
     pipeline = os.path.join(result["checkpoint"], "pipeline") if result["checkpoint"] else None
     accelerator.print(where_written("train_ldm", "pipeline folder (ldm generate --model PATH)", pipeline,
                                     cfg.output_dir))
+    masked = mask_report(trainer.has_mask) if cfg.masked_loss else None
+    if masked:
+        accelerator.print(f"train_ldm: masked loss: {masked['with_mask']} of {masked['images']} images trained on "
+                          f"(this process) had a mask; the others counted every pixel")
     return {"step": result["step"], "losses": result["losses"], "val": result["history"],
             "checkpoint": result["checkpoint"], "stopped_by": result["stopped_by"],
-            "nonfinite_total": result["nonfinite_total"]}
+            "nonfinite_total": result["nonfinite_total"], "masked_images": masked}
+
+
+def mask_report(has_mask: dict[str, bool]) -> dict:
+    """Returns {"images": how many distinct images, "with_mask": how many of them had a mask of their own}."""
+    return {"images": len(has_mask), "with_mask": sum(has_mask.values())}
 
 
 def _write_losses(output_dir: str, losses: dict) -> None:
