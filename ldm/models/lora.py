@@ -209,6 +209,8 @@ def save_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> str:
             # transformers 4's names, as diffusers' own files have them (diffusers maps them onto transformers 5's
             # CLIPTextModel, which has no .text_model; ComfyUI reads "text_encoder.text_model.encoder.layers...")
             layers = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in layers.items()}
+            # DoRA: transformers' adapter loader wants the magnitude's parameter name (peft's loader adds it itself)
+            layers = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in layers.items()}
             kwargs.update({f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": metadata})
     pipeline = StableDiffusionXLPipeline if is_sdxl_unet(unet) else StableDiffusionPipeline
     pipeline.save_lora_weights(folder, **kwargs)
@@ -370,7 +372,11 @@ def lora_shapes(source, weight_name: str | None = None) -> dict[str, tuple] | No
 
     if isinstance(source, dict):
         return {k: tuple(v.shape) for k, v in source.items()}
-    path = os.path.join(source, weight_name or WEIGHT_NAME) if os.path.isdir(source) else str(source)
+    path = str(source)
+    if os.path.isdir(source):
+        path = os.path.join(source, weight_name) if weight_name else os.path.join(source, WEIGHT_NAME)
+        lycoris = os.path.join(source, LYCORIS_WEIGHT_NAME)
+        path = lycoris if not weight_name and not os.path.isfile(path) and os.path.isfile(lycoris) else path
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return None
     with safe_open(path, "pt") as f:

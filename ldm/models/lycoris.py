@@ -223,3 +223,20 @@ def load_lycoris(modules: dict, state: dict[str, torch.Tensor], adapter_name: st
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{component}: peft did not place {result.unexpected_keys[:3]}: the file's factor "
                              "shapes differ from peft's for these layers")
+
+
+def load_lycoris_file(pipe, source, adapter_name: str, weight_name: str | None = None) -> None:
+    """Loads a kohya / LyCORIS file (or folder, or state dict) onto the pipeline's UNet and text encoder(s)."""
+    import os
+
+    from ldm.folders import load_state_dict
+    from ldm.models.lora import lora_path
+
+    if isinstance(source, dict):
+        state = source
+    elif os.path.isdir(source) and weight_name:
+        state = load_state_dict(os.path.join(source, weight_name))
+    else:
+        state = load_state_dict(lora_path(str(source)))
+    modules = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+    load_lycoris(modules, state, adapter_name, pipe.unet.config)
