@@ -291,3 +291,50 @@ def test_bad_settings_name_the_fix():
     dit = build_components("dit-tiny", seed=0)
     with pytest.raises(ValueError, match="transformer model trains plain LoRA"):
         add_lora(dit["transformer"], dit["text_encoder"], LoraSettings(lora_type="loha"))
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """Five 32 px pictures, uncaptioned (4 train, 1 held out)."""
+    from ldm.data.shapes import SceneObject, render_scene
+
+    folder = tmp_path_factory.mktemp("art")
+    for i in range(5):
+        render_scene([SceneObject("circle", "red", "left")], 32, (20 + 30 * i, 20, 30)).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+def finetune_run(model: str, data: str, out, **overrides) -> dict:
+    from ldm.training import finetune
+    from ldm.training.finetune_config import FinetuneConfig
+
+    base = dict(model=model, data=data, out=str(out), instance_prompt="sks art", resolution=32, max_steps=4,
+                batch_size=2, learning_rate=1e-2, lr_warmup_steps=1, validation_every=100, num_validation_samples=1,
+                validation_sample_steps=2, checkpoint_every=0, device="cpu", lora_rank=4)
+    cfg = FinetuneConfig(**{**base, **overrides})
+    cfg.validate()
+    return finetune.main(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "dora"])
+def test_finetune_of_each_type_resumes_exactly_and_writes_its_files(tiny_folder, art, tmp_path, kind):
+    from safetensors.torch import load_file
+
+    from ldm.models.lora import lora_path
+
+    common = dict(lora_type=kind, checkpoint_every=2, export_webui=True, **(
+        {"lora_conv_rank": 2} if kind in ("locon", "loha", "lokr") else {}))
+    straight = finetune_run(tiny_folder, art, tmp_path / "a", **common)
+    finetune_run(tiny_folder, art, tmp_path / "b", max_steps=2, **common)
+    first = load_file(lora_path(str(tmp_path / "b")))
+    resumed = finetune_run(tiny_folder, art, tmp_path / "b", resume="latest", **common)
+    a, b = load_file(lora_path(str(tmp_path / "a"))), load_file(lora_path(str(tmp_path / "b")))
+    assert a.keys() == b.keys() == first.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - first[k]).abs().max().item() for k in a) > 1e-3  # steps 3-4 moved the weights
+    for step in (3, 4):
+        assert abs(resumed["losses"][step] - straight["losses"][step]) <= 1e-6
+    main = {"loha": "lycoris_weights.safetensors", "lokr": "lycoris_weights.safetensors"}.get(
+        kind, "pytorch_lora_weights.safetensors")
+    assert os.path.basename(straight["outputs"]["lora"]) == main and os.path.isfile(straight["outputs"]["webui"])
