@@ -7,6 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from test_finetune_resume import art, run as finetune_run  # noqa: F401 (art: a fixture)
+from test_lora_formats import run
+
 from ldm.models.lora import LORA_TYPES, LoraSettings, add_lora, save_lora, save_webui_lora
 from ldm.models.presets import build_components
 
@@ -34,12 +37,6 @@ def adapt(preset: str, kind: str, seed: int = 0) -> dict:
         for i, p in enumerate(params):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + i)) * 0.1)
     return parts
-
-
-def run(pipe, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe("a red circle", num_inference_steps=3, guidance_scale=4.0, output_type="np",
-                generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
 @pytest.fixture(scope="module")
@@ -293,29 +290,6 @@ def test_bad_settings_name_the_fix():
         add_lora(dit["transformer"], dit["text_encoder"], LoraSettings(lora_type="loha"))
 
 
-@pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    """Five 32 px pictures, uncaptioned (4 train, 1 held out)."""
-    from ldm.data.shapes import SceneObject, render_scene
-
-    folder = tmp_path_factory.mktemp("art")
-    for i in range(5):
-        render_scene([SceneObject("circle", "red", "left")], 32, (20 + 30 * i, 20, 30)).save(folder / f"img{i}.png")
-    return str(folder)
-
-
-def finetune_run(model: str, data: str, out, **overrides) -> dict:
-    from ldm.training import finetune
-    from ldm.training.finetune_config import FinetuneConfig
-
-    base = dict(model=model, data=data, out=str(out), instance_prompt="sks art", resolution=32, max_steps=4,
-                batch_size=2, learning_rate=1e-2, lr_warmup_steps=1, validation_every=100, num_validation_samples=1,
-                validation_sample_steps=2, checkpoint_every=0, device="cpu", lora_rank=4)
-    cfg = FinetuneConfig(**{**base, **overrides})
-    cfg.validate()
-    return finetune.main(cfg)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["locon", "loha", "lokr", "dora"])
 def test_finetune_of_each_type_resumes_exactly_and_writes_its_files(tiny_folder, art, tmp_path, kind):
@@ -323,7 +297,7 @@ def test_finetune_of_each_type_resumes_exactly_and_writes_its_files(tiny_folder,
 
     from ldm.models.lora import lora_path
 
-    common = dict(lora_type=kind, checkpoint_every=2, export_webui=True, **(
+    common = dict(lora_type=kind, checkpoint_every=2, export_webui=True, lora_rank=4, **(
         {"lora_conv_rank": 2} if kind in ("locon", "loha", "lokr") else {}))
     straight = finetune_run(tiny_folder, art, tmp_path / "a", **common)
     finetune_run(tiny_folder, art, tmp_path / "b", max_steps=2, **common)
