@@ -1,6 +1,7 @@
 """--lora-type lora | locon | loha | lokr | dora: each trains, scale 0 is the base model, merging equals the adapter,
-and its kohya / LyCORIS file has the names and parts A1111 / ComfyUI read, means what peft trained (ComfyUI's formulas,
-written out below) and loads back into ldm (and into diffusers, where diffusers loads the type) with the same outputs."""
+and its kohya / LyCORIS file has the names and parts A1111 / ComfyUI read, means what peft trained (ComfyUI's
+formulas, written out below) and loads back into ldm (and into diffusers, where diffusers loads the type) with the
+same outputs."""
 import os
 
 import pytest

@@ -5,6 +5,11 @@
     save_lora("out/", unet, text_encoder)              # out/pytorch_lora_weights.safetensors (diffusers)
     save_webui_lora("out/model.safetensors", unet, text_encoder, metadata={...})   # kohya keys
     save_lora("out/", unet, text_encoder, text_encoder_2)   # SDXL: StableDiffusionXLPipeline's format
+    add_lora(unet, None, LoraSettings(lora_type="loha", conv_rank=4))   # LoCon / LoHa / LoKr / DoRA through peft
+
+LoRA types (LORA_TYPES): lora on the attention projections; locon, loha, lokr also on the ResNet and resampler
+convolutions (UNET_CONV_TARGETS, at conv_rank / conv_alpha); dora = LoRA with a trained magnitude per output.
+Their kohya / LyCORIS files (A1111, ComfyUI) are written and read by ldm/models/lycoris.py.
 
 A LoRA layer adds (alpha / rank) * B A x to a frozen linear layer W x. Files hold B already multiplied by
 alpha / rank, so every loader (diffusers with or without adapter metadata, AUTOMATIC1111, ComfyUI) reads the
@@ -177,7 +182,8 @@ def _metadata(state: dict[str, torch.Tensor], targets) -> dict:
 
 
 def save_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> str:
-    """Writes FOLDER/pytorch_lora_weights.safetensors in diffusers' format; returns its path.
+    """Writes FOLDER/pytorch_lora_weights.safetensors in diffusers' format (LoHa, LoKr: FOLDER/
+    lycoris_weights.safetensors, LyCORIS's keys); returns its path.
 
     Loads with diffusers' `StableDiffusionPipeline.load_lora_weights(folder)` (an SDXL UNet's file, with
     `text_encoder_2`'s adapters when it has them: `StableDiffusionXLPipeline.load_lora_weights`) and
@@ -192,9 +198,8 @@ def save_lora(folder: str, unet, text_encoder=None, text_encoder_2=None) -> str:
 
     os.makedirs(folder, exist_ok=True)
     if lora_type_of(unet) in ("loha", "lokr"):  # diffusers has no LoHa / LoKr loader: LyCORIS's file instead
-        from ldm.models.lycoris import save_lycoris
-
-        return save_lycoris(os.path.join(folder, LYCORIS_WEIGHT_NAME), unet, text_encoder, text_encoder_2)
+        return save_webui_lora(os.path.join(folder, LYCORIS_WEIGHT_NAME), unet, text_encoder,
+                               text_encoder_2=text_encoder_2)
     if component_name(unet) == "transformer":
         state = peft_state_dict(unet)
         SD3LoraLoaderMixin.save_lora_weights(folder, transformer_lora_layers=state,

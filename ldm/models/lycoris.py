@@ -1,7 +1,7 @@
 """Kohya / LyCORIS files of every --lora-type: what AUTOMATIC1111 and ComfyUI load, written and read back.
 
     state = to_lycoris(unet, text_encoder)             # {"lora_unet_<module>.<part>": tensor}
-    save_lycoris("out/lora.safetensors", unet, text_encoder)
+    save_webui_lora("out/lora.safetensors", unet, text_encoder)   # ldm.models.lora: that state + ss_* metadata
     load_lycoris({"unet": unet, "text_encoder": te}, state, adapter_name="style")   # peft adapters again
 
 Parts per layer "lora_unet_<module>" (LyCORIS lycoris/modules/{locon,loha,lokr}.py, ComfyUI comfy/weight_adapter/):
@@ -20,6 +20,7 @@ m ||W|| / ||W + dW|| so that ComfyUI computes peft's W' exactly, and load_lycori
 """
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -90,13 +91,6 @@ def to_lycoris(unet, text_encoder=None, text_encoder_2=None) -> dict[str, torch.
     return state
 
 
-def save_lycoris(path: str, unet, text_encoder=None, text_encoder_2=None, metadata: dict | None = None) -> str:
-    """Writes the kohya / LyCORIS file (ss_* metadata naming the LyCORIS algorithm) of any --lora-type; returns path."""
-    from ldm.models.lora import save_webui_lora
-
-    return save_webui_lora(path, unet, text_encoder, metadata, text_encoder_2)
-
-
 def network_info(kind: str) -> dict[str, str]:
     """Returns the ss_network_* metadata kohya / LyCORIS write for an adapter type (kohya-ss networks.lora;
     lycoris.kohya with algo=...)."""
@@ -104,8 +98,6 @@ def network_info(kind: str) -> dict[str, str]:
         return {"ss_network_module": "networks.lora"}
     algo = {"dora": "lora", "locon": "locon"}.get(kind, kind)
     args = {"algo": algo, **({"dora_wd": "True"} if kind == "dora" else {})}
-    import json
-
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
 
 
@@ -133,7 +125,7 @@ def module_table(modules: dict, unet_config) -> dict[str, tuple[str, str]]:
 
 
 def _group(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Returns {kohya layer name: {part: tensor}} ("lora_unet_x.lora_down.weight" -> "lora_unet_x", "lora_down.weight")."""
+    """Returns {kohya layer name: {part: tensor}} ("lora_unet_x.alpha" -> "lora_unet_x", "alpha")."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         name, _, part = key.partition(".")
