@@ -8,7 +8,8 @@ from ldm.pipelines.stable import Pipeline
 
 
 def merge_lora(model: str, lora: str, out: str, scale: float = 1.0) -> str:
-    """Writes OUT: the pipeline folder MODEL with the LoRA fused into its weights (W + scale * B A); returns OUT."""
+    """Writes OUT: the pipeline folder MODEL with the LoRA fused into its weights (W + scale * B A; LoHa, LoKr and
+    DoRA fuse their own delta through peft's merge); returns OUT."""
     if not os.path.isdir(model):
         raise FileNotFoundError(f"model folder {model} does not exist; pass the base model the LoRA was trained on")
     pipe = Pipeline.from_pretrained(model)

@@ -189,9 +189,11 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with cross_attention_kwargs={"scale": s}; the two multiply. A transformer's LoRA (keys
         "transformer.<module>.lora_A.weight", as `ldm finetune` writes them) goes onto the transformer. An SDXL
         pipeline loads as diffusers' StableDiffusionXLPipeline does (kohya's original-UNet block names and
-        lora_te1_/lora_te2_ included) onto unet, text_encoder and text_encoder_2.
+        lora_te1_/lora_te2_ included) onto unet, text_encoder and text_encoder_2. Kohya / LyCORIS files of LoCon,
+        LoHa, LoKr and DoRA (ldm/models/lycoris.py) load through peft.
         """
         from ldm.models.lora import check_lora_fits, load_transformer_lora, lora_shapes
+        from ldm.models.lycoris import is_lycoris_file, load_lycoris_file
 
         check_number("lora_scale", scale)
         if self.transformer is not None:
@@ -203,8 +205,11 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if adapter_name is None:
             existing = {name for names in self.get_list_adapters().values() for name in names}
             adapter_name = next(f"lora_{i}" for i in range(len(existing) + 1) if f"lora_{i}" not in existing)
-        loader = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
-        loader.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        if shapes is not None and is_lycoris_file(shapes):  # LoCon, LoHa, LoKr, DoRA kohya keys: peft directly
+            load_lycoris_file(self, pretrained_model_name_or_path_or_dict, adapter_name, kwargs.get("weight_name"))
+        else:
+            loader = StableDiffusionXLLoraLoaderMixin if self.is_sdxl else StableDiffusionLoraLoaderMixin
+            loader.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
         if scale != 1.0:
             self.set_adapters(adapter_name, adapter_weights=scale)
 

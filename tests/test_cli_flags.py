@@ -35,7 +35,7 @@ COMMANDS = {"train": (TrainLDMConfig, {}), "train-vae": (TrainVAEConfig, {}),
 CHOICES = {"noise_schedule": BETA_SCHEDULES, "prediction_type": PREDICTION_TYPES, "loss": LOSSES,
            "weighting": WEIGHTINGS, "mixed_precision": ("no", "fp16", "bf16"), "optimizer": OPTIMIZERS,
            "timestep_sampling": TIMESTEP_SAMPLING, "report_to": ("tensorboard", "none"), "rec_loss": ("l1", "l2"),
-           "vae_rec_loss": ("l1", "l2"), "method": METHODS,
+           "vae_rec_loss": ("l1", "l2"), "method": METHODS, "lora_type": ("lora", "locon", "loha", "lokr", "dora"),
            "validation_guidance_method": ("cfg", "interval", "apg", "cfg_zero_star", "rescale")}
 
 
@@ -61,7 +61,8 @@ def special_cases(cls, tmp_path) -> dict:
         TrainLDMConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"}), "vae": (str(vae), {})},
         TrainVAEConfig: {"lpips_weights": (str(heads), {"lpips_vgg_weights": str(trunk)}),
                          "lpips_vgg_weights": (str(trunk), {"lpips_weights": str(heads)})},
-        FinetuneConfig: {"num_class_images": (3, {"class_prompt": "a painting"})},
+        FinetuneConfig: {"num_class_images": (3, {"class_prompt": "a painting"}),
+                         "lora_conv_rank": (4, {"lora_type": "locon"}), "lora_conv_alpha": (2.0, {"lora_type": "loha"})},
         DemoConfig: {"zero_terminal_snr": (True, {"prediction_type": "v_prediction"}), "vae": (str(vae), {})},
     }.get(cls, {}) | (MASK_SETTINGS if cls in (TrainLDMConfig, FinetuneConfig) else {})
 

@@ -119,7 +119,7 @@ def test_kohya_names_follow_kohyas_sdxl_rules():
     with pytest.raises(ValueError, match="text_encoder_2"):
         kohya_key("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight")  # SD 1.x has no te2
     with pytest.raises(ValueError, match="attention blocks"):
-        kohya_key("unet.down_blocks.0.resnets.0.conv1.lora_A.weight", config)
+        kohya_key("unet.conv_in.lora_A.weight", config)  # conv_in: no LoRA type adapts it
 
 
 def test_kohya_file_holds_exactly_the_names_comfyui_and_a1111_read(adapted):

@@ -10,7 +10,7 @@ from ldm.ranges import float_in
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="the base pipeline folder the LoRA was trained on")
-    p.add_argument("--lora", required=True, help="a LoRA .safetensors (diffusers or web-UI keys) or its folder")
+    p.add_argument("--lora", required=True, help="a LoRA .safetensors (diffusers or kohya / LyCORIS keys: lora, locon, loha, lokr, dora) or its folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--lora-scale", type=float_in("[-10, 10]"), default=1.0, deprecated=["--scale"], help="LoRA strength to fuse (1 = as trained)")
 

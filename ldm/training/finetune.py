@@ -154,7 +154,8 @@ def trainable_parameters(cfg: FinetuneConfig, unet, text_encoder, text_encoder_2
     from ldm.models.lora import LoraSettings, add_lora
 
     if cfg.method == "lora":
-        settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.train_text_encoder)
+        settings = LoraSettings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.train_text_encoder,
+                                cfg.lora_type, cfg.lora_conv_rank, cfg.lora_conv_alpha)
         return add_lora(unet, text_encoder, settings, text_encoder_2=text_encoder_2)
     encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
     unet.requires_grad_(True)

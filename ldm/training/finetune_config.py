@@ -32,6 +32,9 @@ class FinetuneConfig(MaskedLoss, CaptionTags, TrainingConfig):
     lora_rank: int = setting(8, "[1, 1024]")
     lora_alpha: float = setting(0.0, "[0, 1e4]")  # 0 = rank (scale 1)
     lora_dropout: float = setting(0.0, "[0, 1)")
+    lora_type: str = "lora"                # lora | locon (LoRA on the convolutions too) | loha | lokr | dora
+    lora_conv_rank: int = setting(0, "[0, 1024]")  # locon / loha / lokr: the convolutions' rank; 0 = lora_rank
+    lora_conv_alpha: float = setting(0.0, "[0, 1e4]")  # 0 = the conv rank (scale 1)
     train_text_encoder: bool = False       # LoRA: adapters on the text encoder too; full: train it whole
     # DreamBooth prior preservation (Ruiz et al. 2023, arXiv:2208.12242, Eq. 2)
     class_prompt: str = ""                 # e.g. "a painting"; "" = no prior preservation
@@ -79,9 +82,15 @@ class FinetuneConfig(MaskedLoss, CaptionTags, TrainingConfig):
             raise ValueError("no images: pass --data FOLDER (5 to 200 pictures; captions optional)")
         from ldm.pipelines.guidance import GUIDANCE_METHODS
 
-        for key, options in (("method", METHODS), ("validation_guidance_method", tuple(GUIDANCE_METHODS))):
+        from ldm.models.lora import LORA_TYPES
+
+        for key, options in (("method", METHODS), ("validation_guidance_method", tuple(GUIDANCE_METHODS)),
+                             ("lora_type", LORA_TYPES)):
             if getattr(self, key) not in options:
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is not one of {options}")
+        if (self.lora_conv_rank or self.lora_conv_alpha) and self.lora_type not in ("locon", "loha", "lokr"):
+            raise ValueError(f"--lora-conv-rank / --lora-conv-alpha set the convolutions' adapters, which --lora-type "
+                             f"{self.lora_type} does not add; use --lora-type locon, loha or lokr, or drop them")
         if self.class_prompt and self.prior_loss_weight <= 0:
             raise ValueError("--prior-loss-weight must be > 0 with --class-prompt (1.0 is DreamBooth's)")
         if self.num_class_images and not self.class_prompt:
