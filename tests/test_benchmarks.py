@@ -157,3 +157,22 @@ def test_bench_dit_smoke():
     lines = dict(line.split(": ") for line in stdout.strip().splitlines()[-6:])
     assert float(lines["ratio_train_ours_vs_diffusers_dit"]) > 0 and float(lines["sampling_steps_per_s"]) > 0
     assert lines["mfu_ours"] == "n/a"  # no peak is known for a CPU
+
+
+@pytest.mark.slow
+def test_finetune_variants_report_smoke(tmp_path):
+    import json
+
+    from ldm import Pipeline
+    from ldm.models.presets import build_components
+
+    Pipeline(**build_components("tiny")).save_pretrained(tmp_path / "base")
+    run_benchmark("finetune_variants_report.py", "--model", str(tmp_path / "base"), "--steps", "2", "--seeds", "0",
+                  "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+                  "--figures", str(tmp_path / "figures"))
+    report = json.loads((tmp_path / "results" / "report.json").read_text())
+    runs = [r["run"] for r in report["summary"]]
+    assert runs == ["lora", "locon", "loha", "lokr", "dora", "framed, unmasked", "framed, masked"]
+    sizes = {r["run"]: r["kohya_file_kb"] for r in report["summary"]}
+    assert sizes["loha"] > sizes["locon"] > sizes["lora"] > 0  # more adapted layers and factors, larger files
+    assert (tmp_path / "figures" / "table.png").exists() and (tmp_path / "figures" / "samples.png").exists()
