@@ -1,7 +1,7 @@
 """The demo model's art fine-tune with each LoRA type, and with a masked folder: what each learns of the art, how much
 the prompts without the instance token move, the files' sizes and the time per step (docs/src/reports/finetune-variants.md).
 
-    python benchmarks/finetune_variants_report.py --model runs/demo/pipeline     # ~15 min on 2 CPU cores
+    python benchmarks/finetune_variants_report.py --model runs/demo/pipeline     # its time: BENCHMARKS.md
 
 Two folders, written by this script from ldm.data.photos' generated art (the demo never saw them):
 - art: 12 pictures of four dark, saturated kinds, instance prompt "a painting in the style of sks". Each LoRA type
