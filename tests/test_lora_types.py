@@ -78,6 +78,26 @@ def test_each_type_trains_on_a_fixed_batch(kind):
     assert losses[-1] < 0.85 * losses[0], (kind, losses[0], losses[-1])  # measured: 0.82 (attention only) .. 0.39
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", LORA_TYPES)
+def test_each_type_lowers_the_held_out_validation_loss_in_finetune(kind, tmp_path):
+    """`ldm finetune --lora-type KIND` on a folder of art: the loss of the held-out picture (fixed noise and
+    timesteps) is lower at the second check than at the first. Measured at 20 -> 40 steps on the tiny model:
+    a fall of 4-17%, deterministic for a given machine."""
+    from ldm import Pipeline
+    from ldm.data.photos import write_art_folder
+    from ldm.training.finetune import main
+    from ldm.training.finetune_config import FinetuneConfig
+
+    Pipeline(**build_components("tiny", seed=0)).save_pretrained(tmp_path / "base")
+    write_art_folder(str(tmp_path / "art"), 12, 64)
+    report = main(FinetuneConfig(model=str(tmp_path / "base"), data=str(tmp_path / "art"), out=str(tmp_path / "run"),
+                                 instance_prompt="sks art", lora_type=kind, max_steps=40, validation_every=20,
+                                 learning_rate=1e-3, device="cpu", num_validation_samples=1))
+    first, last = (record["val_heldout"]["val_loss"] for record in (report["history"][0], report["history"][-1]))
+    assert report["num_heldout_images"] >= 1 and last < 0.99 * first, (kind, first, last)
+
+
 def expected_sd1_names(unet, text_encoder, kind: str) -> set[str]:
     """kohya's rule (sd-scripts networks/lora.py create_modules): "lora_unet_" + (block name + "." + child name) with
     dots as underscores, for the children of each Transformer2DModel (attention projections) and, with conv layers
