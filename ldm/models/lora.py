@@ -163,7 +163,7 @@ def peft_state_dict(module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     scales = _module_scalings(module)
-    state = get_peft_model_state_dict(module)
+    state = get_peft_model_state_dict(module, save_embedding_layers=False)  # no adapter targets them
     return {k: (v * scales[k.split(".lora_B.")[0]] if ".lora_B." in k else v).detach().float().cpu().contiguous()
             for k, v in state.items()}
 
