@@ -62,13 +62,21 @@ def _check(name: str, value, range_key: str):
 
 def check_remedies(scheduler, eps_scale=1.0, eps_scale_slope=0.0, dynamic_thresholding=None,
                    restart=None) -> DriftRemedies:
-    """Returns the call's remedies checked against the sampler; raises ValueError naming the problem and the fix."""
+    """Returns the call's remedies checked (against the sampler unless scheduler is None); raises ValueError naming
+    the problem and the fix."""
     _check("eps_scale", eps_scale, "eps_scale")
     _check("eps_scale_slope", eps_scale_slope, "eps_scale_slope")
-    if (eps_scale != 1.0 or eps_scale_slope != 0.0) and scheduler.config.get("prediction_type") != "epsilon":
+    scaled = eps_scale != 1.0 or eps_scale_slope != 0.0
+    if scaled and scheduler is not None and scheduler.config.get("prediction_type") != "epsilon":
         raise ValueError("eps_scale scales a predicted noise (Ning et al. 2024), but this model predicts "
                          f"{scheduler.config.get('prediction_type', 'a flow velocity')!r}; leave eps_scale at 1")
     threshold = _threshold_settings(dynamic_thresholding, scheduler)
+    restart = _restart_settings(restart, scheduler)
+    return DriftRemedies(float(eps_scale), float(eps_scale_slope), threshold, restart)
+
+
+def _restart_settings(restart, scheduler) -> RestartSettings | None:
+    """Returns RestartSettings from None, a dict or RestartSettings, checked (the sampler too, unless None)."""
     if restart is not None:
         restart = restart if isinstance(restart, RestartSettings) else RestartSettings(**dict(restart))
         _check("restart t_min", restart.t_min, "restart_t")
@@ -76,10 +84,10 @@ def check_remedies(scheduler, eps_scale=1.0, eps_scale_slope=0.0, dynamic_thresh
         _check("restart K", restart.K, "restart_K")
         if not isinstance(restart.K, int) or restart.t_min >= restart.t_max:
             raise ValueError(f"restart={restart}: needs t_min < t_max and a whole number K")
-        if type(scheduler) is not DDIMScheduler:
+        if scheduler is not None and type(scheduler) is not DDIMScheduler:
             raise ValueError(f"restart re-runs a deterministic sampler's steps; {type(scheduler).__name__} is not "
                              "supported: use scheduler='ddim' (pipe.set_scheduler('ddim'), --scheduler ddim)")
-    return DriftRemedies(float(eps_scale), float(eps_scale_slope), threshold, restart)
+    return restart
 
 
 def _threshold_settings(value, scheduler) -> ThresholdSettings | None:
@@ -96,7 +104,7 @@ def _threshold_settings(value, scheduler) -> ThresholdSettings | None:
         raise ValueError(f"dynamic_thresholding={value!r}: pass a ratio, (ratio, max_value) or ThresholdSettings")
     _check("dynamic_thresholding ratio", value.ratio, "threshold_ratio")
     _check("dynamic_thresholding max_value", value.max_value, "threshold_max_value")
-    if "thresholding" not in scheduler.config:
+    if scheduler is not None and "thresholding" not in scheduler.config:
         raise ValueError(f"{type(scheduler).__name__} has no dynamic thresholding; use scheduler 'ddim', 'ddpm' or "
                          "'dpm++' (diffusers' implementation, which these samplers run on their x0 prediction)")
     return value
@@ -163,3 +171,27 @@ def per_step_flags(finite: list, plan: list) -> list:
     for (i, _), flag in zip(plan, finite):
         flags[i] = flag if i not in flags else flags[i] & flag
     return [flags[i] for i in sorted(flags)]
+
+
+# ------------------------------------------------------------------ GenerateRequest / `ldm generate` / PNG metadata
+
+DRIFT_FIELDS = ("eps_scale", "eps_scale_slope", "dynamic_thresholding", "restart")
+DRIFT_DEFAULTS = {"eps_scale": 1.0, "eps_scale_slope": 0.0, "dynamic_thresholding": None, "restart": None}
+
+
+def recorded_drift(values: dict) -> dict:
+    """Returns the remedies in use among `values` (a request's fields or a PNG's parameters) as JSON entries:
+    dynamic_thresholding [ratio, max_value], restart [t_min, t_max, K]; none when every remedy is off."""
+    return {name: list(values[name]) if isinstance(values[name], (tuple, list)) else values[name]
+            for name in DRIFT_FIELDS if values.get(name, DRIFT_DEFAULTS[name]) != DRIFT_DEFAULTS[name]}
+
+
+def drift_arguments(values: dict) -> dict:
+    """Returns Pipeline.__call__'s keywords for the remedies recorded in `values` (recorded_drift's entries)."""
+    args = {name: values[name] for name in ("eps_scale", "eps_scale_slope") if name in values}
+    if values.get("dynamic_thresholding") is not None:
+        args["dynamic_thresholding"] = ThresholdSettings(*values["dynamic_thresholding"])
+    if values.get("restart") is not None:
+        t_min, t_max, K = values["restart"]
+        args["restart"] = RestartSettings(t_min, t_max, int(K) if float(K).is_integer() else K)
+    return args
