@@ -14,6 +14,7 @@ the same sampler steps again, K times: DDIM (deterministic at eta=0; its step ha
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +105,8 @@ def _threshold_settings(value, scheduler) -> ThresholdSettings | None:
         raise ValueError(f"dynamic_thresholding={value!r}: pass a ratio, (ratio, max_value) or ThresholdSettings")
     _check("dynamic_thresholding ratio", value.ratio, "threshold_ratio")
     _check("dynamic_thresholding max_value", value.max_value, "threshold_max_value")
-    if scheduler is not None and "thresholding" not in scheduler.config:
+    # a scheduler's config also carries keys of the schedulers it was made from: ask the class
+    if scheduler is not None and "thresholding" not in inspect.signature(type(scheduler).__init__).parameters:
         raise ValueError(f"{type(scheduler).__name__} has no dynamic thresholding; use scheduler 'ddim', 'ddpm' or "
                          "'dpm++' (diffusers' implementation, which these samplers run on their x0 prediction)")
     return value
