@@ -22,7 +22,7 @@ CALL_RANGES = {
     "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)", "lora_scale": "[-10, 10]",
     "strength": "[0, 1]", "mask_blur": "[0, 256]", "size_conditioning": "[0, 65536]",
     # the drift remedies (ldm.pipelines.drift)
-    "eps_scale": "(0, 10]", "eps_scale_slope": "[-0.01, 0.01]", "threshold_ratio": "(0, 1]",
+    "eps_scale": "(0, 10]", "eps_scale_slope": "[-1, 1]", "threshold_ratio": "(0, 1]",
     "threshold_max_value": "[1, inf)", "restart_t": "[0, inf)", "restart_K": "[0, 100]",
 }
 _HINTS = {

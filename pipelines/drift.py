@@ -71,6 +71,10 @@ def check_remedies(scheduler, eps_scale=1.0, eps_scale_slope=0.0, dynamic_thresh
     if scaled and scheduler is not None and scheduler.config.get("prediction_type") != "epsilon":
         raise ValueError("eps_scale scales a predicted noise (Ning et al. 2024), but this model predicts "
                          f"{scheduler.config.get('prediction_type', 'a flow velocity')!r}; leave eps_scale at 1")
+    last = scheduler.config.num_train_timesteps - 1 if scheduler is not None else 0
+    if min(eps_scale, eps_scale + eps_scale_slope * last) <= 0:
+        raise ValueError(f"eps_scale + eps_scale_slope * t must stay positive for t in [0, {last}], but "
+                         f"eps_scale={eps_scale}, eps_scale_slope={eps_scale_slope}; use a smaller slope")
     threshold = _threshold_settings(dynamic_thresholding, scheduler)
     restart = _restart_settings(restart, scheduler)
     return DriftRemedies(float(eps_scale), float(eps_scale_slope), threshold, restart)
