@@ -9,7 +9,7 @@ without them is the plain sampler bit for bit.
 Epsilon scaling divides the predicted noise by lambda_t = eps_scale + eps_scale_slope * t before the step.
 Dynamic thresholding is diffusers' own (the scheduler's `thresholding` config, set for the call and restored):
 DDPM, DDIM and DPM++ support it. Restart re-noises x from t_min back to t_max with the forward process and runs
-the same sampler steps again, K times: DDIM (deterministic at eta=0; its step has no state to rewind).
+the same sampler steps again, K times: DDIM (deterministic at eta=0) and Euler (its step index rewound).
 """
 from __future__ import annotations
 
@@ -18,12 +18,16 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm import diffusion
 from ldm.pipelines.checks import CALL_RANGES
 from ldm.ranges import in_interval
+
+
+# Samplers Restart can rewind: DDIM's step has no state; Euler's has a step index, set back to the interval's start
+RESTART_SAMPLERS = (DDIMScheduler, EulerDiscreteScheduler)
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,9 @@ def _restart_settings(restart, scheduler) -> RestartSettings | None:
         _check("restart K", restart.K, "restart_K")
         if not isinstance(restart.K, int) or restart.t_min >= restart.t_max:
             raise ValueError(f"restart={restart}: needs t_min < t_max and a whole number K")
-        if scheduler is not None and type(scheduler) is not DDIMScheduler:
+        if scheduler is not None and type(scheduler) not in RESTART_SAMPLERS:
             raise ValueError(f"restart re-runs a deterministic sampler's steps; {type(scheduler).__name__} is not "
-                             "supported: use scheduler='ddim' (pipe.set_scheduler('ddim'), --scheduler ddim)")
+                             "supported: use scheduler='ddim' or 'euler' (pipe.set_scheduler('ddim'), --scheduler)")
     return restart
 
 
@@ -146,8 +150,8 @@ def thresholding(scheduler, settings: ThresholdSettings | None):
 
 
 def step_plan(host_timesteps: torch.Tensor, restart: RestartSettings | None) -> list[tuple[int, tuple | None]]:
-    """Returns the steps to run, in order: (index into the timesteps, None or (t_from, t_to) to re-noise x from
-    before the step). Without restart, each index once. With it (Algorithm 1 of Xu et al. 2023): the steps down
+    """Returns the steps to run, in order: (index into the timesteps, None or (j_from, j_to): the steps whose
+    noise levels x is re-noised between, before the step). Without restart, each index once. With it (Algorithm 1 of Xu et al. 2023): the steps down
     to t_min, then K times [re-noise t_min -> t_max, the steps from t_max down to t_min], then the rest."""
     n = len(host_timesteps)
     if restart is None or restart.K == 0:
@@ -157,16 +161,21 @@ def step_plan(host_timesteps: torch.Tensor, restart: RestartSettings | None) -> 
     if j_min >= n or j_max >= j_min:
         raise ValueError(f"restart interval [{restart.t_min}, {restart.t_max}] holds no step of this schedule "
                          f"(timesteps {[int(t) for t in host_timesteps]}); widen it or use more steps")
-    t_from, t_to = host_timesteps[j_min], host_timesteps[j_max]
-    again = [(j_max, (t_from, t_to))] + [(i, None) for i in range(j_max + 1, j_min)]
+    again = [(j_max, (j_min, j_max))] + [(i, None) for i in range(j_max + 1, j_min)]
     return [(i, None) for i in range(j_min)] + again * restart.K + [(i, None) for i in range(j_min, n)]
 
 
-def renoise(latents: torch.Tensor, scheduler, t_from, t_to, generator) -> torch.Tensor:
-    """Returns x_{t_to} drawn from q(x_{t_to} | x_{t_from}) with fresh noise from `generator` (Restart's line 4)."""
+def renoise(latents: torch.Tensor, scheduler, host_timesteps: torch.Tensor, j_from: int, j_to: int,
+            generator) -> torch.Tensor:
+    """Returns x at step j_to's noise level drawn from the forward process q(x_{t_to} | x_{t_from}), with fresh
+    noise from `generator` (Restart's line 4); an Euler sampler's step index is rewound to j_to."""
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if isinstance(scheduler, EulerDiscreteScheduler):  # sigma units; diffusers has no public setter for the index
+        scheduler._step_index = j_to
+        return diffusion.restart_noised_sigma(latents, noise, scheduler.sigmas[j_from], scheduler.sigmas[j_to])
     alpha_bar = scheduler.alphas_cumprod
-    return diffusion.restart_noised(latents, noise, alpha_bar[int(t_from)], alpha_bar[int(t_to)])
+    return diffusion.restart_noised(latents, noise, alpha_bar[int(host_timesteps[j_from])],
+                                    alpha_bar[int(host_timesteps[j_to])])
 
 
 def per_step_flags(finite: list, plan: list) -> list:

@@ -467,7 +467,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             for i, renoise in plan:
                 t, t_host = timesteps[i], host_timesteps[i]
                 if renoise is not None:  # Restart: x_{t_min} -> x_{t_max} by the forward process
-                    latents = drift.renoise(latents, self.scheduler, *renoise, step_kwargs.get("generator"))
+                    latents = drift.renoise(latents, self.scheduler, host_timesteps, *renoise,
+                                            step_kwargs.get("generator"))
                 x_scaled, noise_pred, pred_cond, pred_uncond = self._guided_prediction(
                     latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs, edit, added)
                 noise_pred = drift.scale_eps(noise_pred, remedies, t_host)  # epsilon scaling: eps / lambda_t

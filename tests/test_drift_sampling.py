@@ -46,9 +46,7 @@ def ddim_pipe(tiny_pipe):
 def test_remedies_at_their_neutral_settings_are_plain_sampling_bit_for_bit(tiny_pipe, scheduler):
     tiny_pipe.set_scheduler(scheduler)
     plain = run(tiny_pipe, guidance_scale=3.0).images
-    neutral = dict(eps_scale=1.0, eps_scale_slope=0.0)
-    if scheduler == "ddim":
-        neutral["restart"] = dict(t_min=100, t_max=400, K=0)
+    neutral = dict(eps_scale=1.0, eps_scale_slope=0.0, restart=dict(t_min=100, t_max=400, K=0))
     assert torch.equal(run(tiny_pipe, guidance_scale=3.0, **neutral).images, plain)
 
 
@@ -110,28 +108,37 @@ def test_restart_plan_runs_the_interval_K_more_times_after_reaching_t_min():
     timesteps = torch.tensor([999, 899, 799, 699, 599, 499, 399, 299, 199, 99])
     plan = step_plan(timesteps, RestartSettings(t_min=100, t_max=400, K=2))
     assert [i for i, _ in plan] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 6, 7, 8, 9]
-    assert [(k, [int(t) for t in r]) for k, (_, r) in enumerate(plan) if r is not None] == [(9, [99, 399]),
-                                                                                              (12, [99, 399])]
+    # before the 10th and 13th steps, x is sent from step 9's noise level (t = 99) back to step 6's (t = 399)
+    assert [(k, r) for k, (_, r) in enumerate(plan) if r is not None] == [(9, (9, 6)), (12, (9, 6))]
     assert step_plan(timesteps, RestartSettings(100, 400, K=0)) == [(i, None) for i in range(10)]
 
 
-def test_restart_calls_the_unet_n_plus_K_times_the_interval_and_renoises_with_the_generator(ddim_pipe):
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_restart_calls_the_unet_n_plus_K_times_the_interval_and_renoises_with_the_generator(tiny_pipe, scheduler):
+    tiny_pipe.set_scheduler(scheduler)
     calls = []
-    handle = ddim_pipe.unet.register_forward_hook(lambda m, args, out: calls.append(1))
-    plain = run(ddim_pipe, trace=True)
+    handle = tiny_pipe.unet.register_forward_hook(lambda m, args, out: calls.append(1))
+    plain = run(tiny_pipe, trace=True)
     n_plain = len(calls)
-    restarted = run(ddim_pipe, restart=dict(t_min=100, t_max=400, K=2), trace=True)
+    restarted = run(tiny_pipe, restart=dict(t_min=100, t_max=400, K=2), trace=True)
     handle.remove()
-    assert n_plain == 10 and len(calls) - n_plain == 10 + 2 * 3  # steps 399, 299, 199 twice more
-    assert [r.timestep for r in restarted.trace][9:13] == [399.0, 299.0, 199.0, 399.0]
+    times = [float(t) for t in tiny_pipe.scheduler.timesteps]
+    j_max, j_min = next(j for j, t in enumerate(times) if t <= 400), next(j for j, t in enumerate(times) if t <= 100)
+    assert n_plain == 10 and len(calls) - n_plain == 10 + 2 * (j_min - j_max)  # Algorithm 1: K reruns of [j_max, j_min)
+    assert [r.timestep for r in restarted.trace][j_min:j_min + 2] == [times[j_max], times[j_max + 1]]
     # the first restart step's x_{t_max}: x_{t_min} (the plain run's, identical so far) sent forward with the next
     # noise the generator gives after x_T
     generator = seeded(0)
     randn_tensor(plain.trace[0].latents.shape, generator=generator)  # x_T
     noise = randn_tensor(plain.trace[0].latents.shape, generator=generator)
-    alpha_bar = ddim_pipe.scheduler.alphas_cumprod
-    expected = diffusion.restart_noised(plain.trace[9].latents, noise, alpha_bar[99], alpha_bar[399])
-    torch.testing.assert_close(restarted.trace[9].latents, expected, rtol=0, atol=1e-6)
+    if scheduler == "ddim":
+        alpha_bar = tiny_pipe.scheduler.alphas_cumprod
+        expected = diffusion.restart_noised(plain.trace[j_min].latents, noise, alpha_bar[int(times[j_min])],
+                                            alpha_bar[int(times[j_max])])
+    else:  # sigma units: x + sqrt(sigma_max^2 - sigma_min^2) eps
+        sigmas = tiny_pipe.scheduler.sigmas
+        expected = diffusion.restart_noised_sigma(plain.trace[j_min].latents, noise, sigmas[j_min], sigmas[j_max])
+    torch.testing.assert_close(restarted.trace[j_min].latents, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(restarted.images, plain.images)
 
 
@@ -148,12 +155,17 @@ def test_restart_noising_is_the_forward_marginal():
     # and with no noise, only the deterministic part sqrt(a_max / a_min) x
     torch.testing.assert_close(diffusion.restart_noised(x_tmin, torch.zeros_like(x_tmin), a_min, a_max),
                                x_tmin * (a_max / a_min).sqrt())
+    # the sigma-unit form (Euler's x = x_vp / sqrt(a)) is the same transition: sigma^2 = (1 - a) / a
+    noise = torch.randn(x0.shape, generator=g)
+    sigma_min, sigma_max = ((1 - a_min) / a_min).sqrt(), ((1 - a_max) / a_max).sqrt()
+    torch.testing.assert_close(diffusion.restart_noised_sigma(x_tmin / a_min.sqrt(), noise, sigma_min, sigma_max),
+                               diffusion.restart_noised(x_tmin, noise, a_min, a_max) / a_max.sqrt(), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ errors, SDXL, the CLI
 
 @pytest.mark.parametrize("kwargs, scheduler, message", [
-    (dict(restart=dict(t_min=100, t_max=400, K=1)), "euler", "use scheduler='ddim'"),
+    (dict(restart=dict(t_min=100, t_max=400, K=1)), "lms", "use scheduler='ddim' or 'euler'"),
     (dict(dynamic_thresholding=0.99), "euler", "use scheduler 'ddim', 'ddpm' or 'dpm++'"),
     (dict(restart=dict(t_min=400, t_max=100, K=1)), "ddim", "needs t_min < t_max"),
     (dict(restart=dict(t_min=0, t_max=50, K=1)), "ddim", "holds no step of this schedule"),

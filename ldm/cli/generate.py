@@ -75,7 +75,7 @@ def add_drift_arguments(p):
                         "above 1 (e.g. 4). Samplers ddim, ddpm, dpm++")
     p.add_argument("--restart", nargs=3, type=float, default=None, metavar=("T_MIN", "T_MAX", "K"),
                    help="Restart sampling (Xu et al. 2023): on reaching timestep T_MIN, add noise back to T_MAX and "
-                        "run those steps again, K times; --scheduler ddim")
+                        "run those steps again, K times; --scheduler ddim or euler")
 
 
 def add_size_conditioning_arguments(p):
