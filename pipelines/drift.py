@@ -171,8 +171,10 @@ def renoise(latents: torch.Tensor, scheduler, host_timesteps: torch.Tensor, j_fr
     noise from `generator` (Restart's line 4); an Euler sampler's step index is rewound to j_to."""
     noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if isinstance(scheduler, EulerDiscreteScheduler):  # sigma units; diffusers has no public setter for the index
-        scheduler._step_index = j_to
-        return diffusion.restart_noised_sigma(latents, noise, scheduler.sigmas[j_from], scheduler.sigmas[j_to])
+        start = len(scheduler.timesteps) - len(host_timesteps)  # an edit runs the schedule's last steps only
+        scheduler._step_index = start + j_to
+        return diffusion.restart_noised_sigma(latents, noise, scheduler.sigmas[start + j_from],
+                                              scheduler.sigmas[start + j_to])
     alpha_bar = scheduler.alphas_cumprod
     return diffusion.restart_noised(latents, noise, alpha_bar[int(host_timesteps[j_from])],
                                     alpha_bar[int(host_timesteps[j_to])])

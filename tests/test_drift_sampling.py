@@ -225,3 +225,22 @@ def test_diagnostics_read_a_restarted_trace_step_by_step(ddim_pipe):
     assert [row["timestep"] for row in report["steps"]] == [999.0, 899.0, 799.0, 699.0, 599.0, 499.0, 399.0,
                                                             299.0, 199.0, 399.0, 299.0, 199.0, 99.0]
     assert all(row["marginal_w2_mean"] >= 0 for row in report["steps"])
+
+
+def test_restart_on_euler_img2img_renoises_between_the_edit_schedules_sigmas(tiny_pipe, monkeypatch):
+    import ldm.pipelines.drift as drift_module
+    from PIL import Image
+
+    tiny_pipe.set_scheduler("euler")
+    call = dict(image=Image.new("RGB", (32, 32), (200, 30, 30)), strength=0.8, trace=True)
+    plain = run(tiny_pipe, **call)
+    monkeypatch.setattr(drift_module, "randn_tensor", lambda shape, **kw: torch.ones(shape, dtype=kw["dtype"]))
+    restarted = run(tiny_pipe, restart=dict(t_min=100, t_max=400, K=1), **call)
+    times = [float(t) for t in tiny_pipe.scheduler.timesteps]
+    start = len(times) - len(plain.trace)  # strength 0.8 of 10 steps: the last 8
+    j_max, j_min = (next(j for j, t in enumerate(times[start:]) if t <= bound) for bound in (400, 100))
+    sigmas = tiny_pipe.scheduler.sigmas
+    lift = float((sigmas[start + j_max] ** 2 - sigmas[start + j_min] ** 2).sqrt())  # the noise is all ones here
+    torch.testing.assert_close(restarted.trace[j_min].latents, plain.trace[j_min].latents + lift)
+    assert tiny_pipe.scheduler.step_index == len(times)  # the rewound sampler still ends on the schedule's last step
+    assert len(restarted.trace) == len(plain.trace) + (j_min - j_max)
