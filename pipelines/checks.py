@@ -21,6 +21,9 @@ CALL_RANGES = {
     "clip_skip": "[0, 32]", "cfg_zero_init_steps": "[0, 1000]", "guidance_interval": "[0, inf)",
     "apg_eta": "[0, inf)", "apg_norm_threshold": "[0, inf)", "apg_momentum": "(-1, 1)", "lora_scale": "[-10, 10]",
     "strength": "[0, 1]", "mask_blur": "[0, 256]", "size_conditioning": "[0, 65536]",
+    # the drift remedies (ldm.pipelines.drift)
+    "eps_scale": "(0, 10]", "eps_scale_slope": "[-1, 1]", "threshold_ratio": "(0, 1]",
+    "threshold_max_value": "[1, inf)", "restart_t": "[0, inf)", "restart_K": "[0, 100]",
 }
 _HINTS = {
     "num_inference_steps": " (e.g. 50)", "guidance_scale": " (7.5 is typical; <= 1 turns guidance off)",

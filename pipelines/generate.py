@@ -72,6 +72,11 @@ class GenerateRequest:
     original_size: tuple[int, int] | None = None          # (height, width) of the "original image"
     crops_coords_top_left: tuple[int, int] | None = None  # (top, left) of its crop
     target_size: tuple[int, int] | None = None            # (height, width) being made
+    # Sampling-drift remedies (ldm.pipelines.drift), off by default
+    eps_scale: float = 1.0                # epsilon scaling (Ning et al. 2024): eps / (eps_scale + slope * t)
+    eps_scale_slope: float = 0.0
+    dynamic_thresholding: tuple[float, float] | None = None  # (ratio, max_value), Saharia et al. 2022
+    restart: tuple[float, float, int] | None = None          # (t_min, t_max, K): Restart sampling, Xu et al. 2023
 
     # The allowed range of each number (ldm.ranges notation); `ldm generate`'s flags use the same ones.
     # The Python call's ranges (pipelines/checks.py), so the page, the CLI and pipe(...) refuse the same values;
@@ -79,7 +84,7 @@ class GenerateRequest:
     RANGES = {**{name: CALL_RANGES[name] for name in (
                   "guidance_scale", "guidance_rescale", "apg_eta", "apg_norm_threshold", "apg_momentum",
                   "cfg_zero_init_steps", "height", "width", "eta", "clip_skip", "lora_scale", "strength",
-                  "mask_blur")},
+                  "mask_blur", "eps_scale", "eps_scale_slope")},
               "steps": CALL_RANGES["num_inference_steps"], "batch_size": CALL_RANGES["num_images_per_prompt"],
               "seed": "[0, 4294967295]", "num_images": "[1, 100000]"}
     INTERVAL_RANGE = CALL_RANGES["guidance_interval"]           # each end of guidance_interval
@@ -87,6 +92,7 @@ class GenerateRequest:
 
     def validate(self) -> "GenerateRequest":
         """Returns the request after checking it; raises ValueError naming the field (and its flag) otherwise."""
+        from ldm.pipelines.drift import check_remedies, drift_arguments, recorded_drift
         from ldm.pipelines.prompts import LONG_PROMPTS, PROMPT_SYNTAXES, parse_prompt_attention
         from ldm.pipelines.schedulers import SCHEDULERS
 
@@ -119,6 +125,10 @@ class GenerateRequest:
             raise ValueError(f"{', '.join(flag(n) for n in tuning)} set adaptive projected guidance, which is off; "
                              "add --apg")
         self._validate_edit()
+        try:
+            check_remedies(None, **drift_arguments(recorded_drift(vars(self))))
+        except (TypeError, ValueError) as e:  # TypeError: a tuple of the wrong length
+            raise ValueError(f"{', '.join(flag(n) for n in recorded_drift(vars(self)))}: {e}") from e
         return self
 
     def _validate_edit(self) -> None:
@@ -252,6 +262,7 @@ def load_pipeline(model: str, device: str, dtype, scheduler: str | None = None, 
 def generation_params(prepared: Prepared, pipe) -> dict:
     """Returns what every image's PNG records (its seed and time added per image): the request, resolved."""
     from ldm import __version__
+    from ldm.pipelines.drift import recorded_drift
     from ldm.pipelines.schedulers import scheduler_name
 
     r, g = prepared.request, prepared.guidance
@@ -269,7 +280,7 @@ def generation_params(prepared: Prepared, pipe) -> dict:
                 device=prepared.device, dtype=str(prepared.dtype).removeprefix("torch."), ldm_version=__version__,
                 **recorded_methods(g.methods), **({"guidance_source": g.source} if g.source else {}),
                 **({"lora": os.path.abspath(r.lora), "lora_scale": r.lora_scale} if r.lora else {}),
-                **recorded_edit(r), **prompt_options(r),
+                **recorded_edit(r), **prompt_options(r), **recorded_drift(vars(r)),
                 **{name: list(getattr(r, name)) for name in SIZE_CONDITIONING if getattr(r, name) is not None})
 
 
@@ -303,13 +314,15 @@ def sample(pipe, params: dict, methods: dict, seeds: list[int], callback=None, t
     img2img / inpainting keywords (GenerateRequest.edit_arguments)."""
     import torch
 
+    from ldm.pipelines.drift import drift_arguments
+
     return pipe(params["prompt"], negative_prompt=params["negative_prompt"], num_inference_steps=params["steps"],
                 guidance_scale=params["guidance_scale"], guidance_rescale=params["guidance_rescale"],
                 eta=params["eta"], clip_skip=params["clip_skip"], height=params["height"], width=params["width"],
                 num_images_per_prompt=len(seeds), **methods, **(edit or {}), callback_on_step_end=callback,
                 trace=trace, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 **{k: params[k] for k in ("prompt_syntax", "long_prompts") if k in params},
-                **{k: tuple(params[k]) for k in SIZE_CONDITIONING if k in params})
+                **{k: tuple(params[k]) for k in SIZE_CONDITIONING if k in params}, **drift_arguments(params))
 
 
 def output_path(out: str, index: int, count: int, seed: int) -> str:

@@ -25,8 +25,9 @@ from ldm.models.denoiser import denoise
 from ldm.models.sdxl import is_sdxl_unet
 from ldm.models.text_encoders import OpenCLIPTextEncoder
 from ldm.objectives import is_flow_scheduler, objective_for
-from ldm.pipelines import editing, sdxl
+from ldm.pipelines import drift, editing, sdxl
 from ldm.pipelines.calls import inference, lora_scaled
+from ldm.pipelines.drift import DriftRemedies, check_remedies
 from ldm.pipelines.checks import check_call_inputs, check_finite, check_guidance, check_number
 from ldm.pipelines.guidance import APGSettings, Guidance
 from ldm.pipelines.loading import load_components, name_diffusers_pipeline
@@ -328,21 +329,20 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  guidance_interval: tuple[float, float] | None = None, apg: bool | dict | APGSettings | None = None,
                  cfg_zero_star: bool = False, cfg_zero_init_steps: int = 0, image=None, mask_image=None, strength=None,
                  mask_blur=4, masked_content="original", paste_back=True, long_prompts: str = "chunk",
-                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
-                 crops_coords_top_left=None, target_size=None, negative_original_size=None,
-                 negative_crops_coords_top_left=None, negative_target_size=None):
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None, eps_scale=1.0,
+                 crops_coords_top_left=None, target_size=None, negative_original_size=None, eps_scale_slope=0.0,
+                 negative_crops_coords_top_left=None, negative_target_size=None, dynamic_thresholding=None, restart=None):
         """Returns PipelineOutput(images, trace): images as PIL list, np (N,H,W,3) in [0,1], pt (N,3,H,W) or latents.
 
-        guidance_scale <= 1 runs the conditional branch alone (one UNet call per step). None: the folder's
-        recommended guidance (guidance.json: its scale, and its method parameters where this call leaves them at
-        their defaults), else 7.5; a given scale always wins and takes no recommended method parameters.
-        trace=True records a StepRecord per step (latents, x0 prediction, conditional and unconditional
-        predictions) on the CPU in float32, for ldm.diagnostics. Guidance methods (ldm.pipelines.guidance), off
-        by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <= t_hi (scheduler timesteps);
-        apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
+        guidance_scale <= 1 runs the conditional branch alone. None: the folder's recommended guidance (guidance.json:
+        its scale, and its method parameters where this call leaves them at their defaults), else 7.5; a given scale
+        takes no recommended method parameters. trace=True: a StepRecord per step, for ldm.diagnostics. Guidance
+        methods (pipelines.guidance), off by default: guidance_interval=(t_lo, t_hi) guides only where t_lo <= t <=
+        t_hi; apg=True / dict / APGSettings: adaptive projected guidance; cfg_zero_star=True: CFG-Zero*'s optimized
         scale; cfg_zero_init_steps=K: the first K steps predict 0 (flow models). prompt_syntax, long_prompts:
-        encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: ldm.pipelines.editing.
-        SDXL: pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_* (pipelines.sdxl)."""
+        encode_prompt. image, mask_image, strength, mask_blur, masked_content, paste_back: pipelines.editing. SDXL:
+        pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_* (pipelines.sdxl). Drift
+        remedies (off: pipelines.drift): eps_scale(_slope), dynamic_thresholding, restart."""
         # 0. Defaults and input checks
         guidance_scale, methods = resolve_guidance(self.recommended_guidance, guidance_scale, dict(
             guidance_rescale=guidance_rescale, guidance_interval=guidance_interval, apg=apg,
@@ -358,6 +358,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             negative_pooled_prompt_embeds, original_size, crops_coords_top_left, target_size, negative_original_size,
             negative_crops_coords_top_left, negative_target_size)
         guidance = check_guidance(guidance_scale, **methods, steps=num_inference_steps)
+        remedies = check_remedies(self.scheduler, eps_scale, eps_scale_slope, dynamic_thresholding, restart)
         device = self._execution_device  # where the UNet runs, CPU offload or not; read once (it walks every module)
         # 1. Encode the prompts: (B*n, 77*k, D) each; one batched UNet call per step later, uncond first
         prompt_embeds, negative_embeds, added = self._prompt_embeddings(
@@ -371,7 +372,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents, finite, records = self._denoise(
             latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance,
             self._step_kwargs(generator, eta), cross_attention_kwargs, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, trace, edit, added)
+            callback_on_step_end_tensor_inputs, trace, edit, added, remedies)
         # 5. Decode z -> x, check that every step and the pixels are finite
         images = self._decode(latents, output_type, generator, finite, host_timesteps, edit)
         self.maybe_free_model_hooks()
@@ -448,7 +449,8 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _denoise(self, latents, timesteps, host_timesteps, prompt_embeds, negative_embeds, guidance: Guidance,
                  step_kwargs: dict, cross_attention_kwargs: dict | None, callback: Callable | None, callback_inputs,
-                 trace: bool, edit=None, added: sdxl.AddedConditioning | None = None):
+                 trace: bool, edit=None, added: sdxl.AddedConditioning | None = None,
+                 remedies: DriftRemedies = DriftRemedies()):
         """Returns (x_0 latents, one device flag "latents all finite" per step, the trace or None).
 
         The flags are read once, after the decode (one sync per call, none per step, so the CPU keeps queueing
@@ -460,10 +462,16 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # x0 for samplers that do not report it, and the space APG guides in
         objective = objective_for(self.scheduler) if trace or guidance.apg is not None else None
         context = torch.cat([negative_embeds, prompt_embeds]) if do_cfg else prompt_embeds  # (2B*n or B*n, 77, D)
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for i, (t, t_host) in enumerate(zip(timesteps, host_timesteps)):
+        plan = drift.step_plan(host_timesteps, remedies.restart)  # [(i, re-noise or None)]: restarts repeat steps
+        with self.progress_bar(total=len(plan)) as progress, drift.thresholding(self.scheduler, remedies.threshold):
+            for i, renoise in plan:
+                t, t_host = timesteps[i], host_timesteps[i]
+                if renoise is not None:  # Restart: x_{t_min} -> x_{t_max} by the forward process
+                    latents = drift.renoise(latents, self.scheduler, host_timesteps, *renoise,
+                                            step_kwargs.get("generator"))
                 x_scaled, noise_pred, pred_cond, pred_uncond = self._guided_prediction(
                     latents, i, t, t_host, context, guidance, objective, cross_attention_kwargs, edit, added)
+                noise_pred = drift.scale_eps(noise_pred, remedies, t_host)  # epsilon scaling: eps / lambda_t
 
                 # 4c. x_t -> x_{t-1}
                 x_t = latents
@@ -478,7 +486,7 @@ class Pipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                         callback, callback_inputs, i, t, latents, prompt_embeds, negative_embeds, context, do_cfg)
                 finite.append(torch.isfinite(latents).all())
                 progress.update()
-        return latents, finite, records
+        return latents, drift.per_step_flags(finite, plan), records
 
     def _guided_prediction(self, latents, i: int, t, t_host, context, guidance: Guidance, objective,
                            cross_attention_kwargs: dict | None, edit=None, added=None):

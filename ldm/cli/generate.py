@@ -57,6 +57,25 @@ def add_arguments(p):
                         "truncate: only the first 75 tokens, with a warning naming the words cut")
     add_edit_arguments(p)
     add_size_conditioning_arguments(p)
+    add_drift_arguments(p)
+
+
+def add_drift_arguments(p):
+    """The sampling-drift remedies (ldm.pipelines.drift), each off by default."""
+    from ldm.pipelines.checks import CALL_RANGES as R
+
+    p.add_argument("--eps-scale", type=float_in(R["eps_scale"]), default=1.0,
+                   help="epsilon scaling (Ning et al. 2024): the predicted noise is divided by "
+                        "EPS_SCALE + EPS_SCALE_SLOPE * t before each step; 1 = off (epsilon-prediction models)")
+    p.add_argument("--eps-scale-slope", type=float_in(R["eps_scale_slope"]), default=0.0,
+                   help="epsilon scaling's slope per timestep (the paper's linear schedule k t + b); 0 = constant")
+    p.add_argument("--dynamic-thresholding", nargs=2, type=float, default=None, metavar=("RATIO", "MAX_VALUE"),
+                   help="dynamic thresholding of the x0 prediction (Saharia et al. 2022): s = the RATIO percentile "
+                        "of |x0| clamped to [1, MAX_VALUE], x0 clipped to [-s, s] / s; latents need MAX_VALUE "
+                        "above 1 (e.g. 4). Samplers ddim, ddpm, dpm++")
+    p.add_argument("--restart", nargs=3, type=float, default=None, metavar=("T_MIN", "T_MAX", "K"),
+                   help="Restart sampling (Xu et al. 2023): on reaching timestep T_MIN, add noise back to T_MAX and "
+                        "run those steps again, K times; --scheduler ddim or euler")
 
 
 def add_size_conditioning_arguments(p):
@@ -138,9 +157,12 @@ def request_from_args(args):
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateRequest) if f.name not in EDIT_FLAGS}
     values.update(edit_values(args))
-    for name in ("guidance_interval", "original_size", "crops_coords_top_left", "target_size"):
+    for name in ("guidance_interval", "original_size", "crops_coords_top_left", "target_size",
+                 "dynamic_thresholding", "restart"):
         if values[name] is not None:
             values[name] = tuple(values[name])
+    if values["restart"] is not None and float(values["restart"][2]).is_integer():  # K is a count
+        values["restart"] = (*values["restart"][:2], int(values["restart"][2]))
     return GenerateRequest(**values)
 
 

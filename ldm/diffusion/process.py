@@ -19,7 +19,8 @@ REVERSE_VARIANCES = ("posterior", "beta")
 
 __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLING", "REVERSE_VARIANCES",
            "make_betas", "rescale_zero_terminal_snr", "alphas_cumprod", "snr", "posterior_variance",
-           "posterior_mean_coefs", "reverse_variance", "vlb_weights", "alpha_bar_at", "add_noise", "velocity",
+           "posterior_mean_coefs", "reverse_variance", "vlb_weights", "alpha_bar_at", "add_noise", "restart_noised", "restart_noised_sigma",
+           "velocity",
            "velocity_at", "eps_to_x0", "x0_to_eps", "v_to_x0_eps", "broadcast_alpha_bar", "training_target",
            "to_parameterisations", "v_eps_loss_factor", "eps_loss_factor", "min_snr_eps_weight", "min_snr_weight",
            "vlb_eps_weight", "vlb_weight", "eps_weights", "loss_weights", "per_sample_loss", "offset_noise", "drop_captions", "sample_timesteps",
@@ -149,6 +150,20 @@ def velocity_at(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_ba
 
 # Each prediction -> (x0, eps) conversion at x_t = sqrt(a) x0 + sqrt(1 - a) eps; a = alpha_bar_t broadcastable
 # to x_t. The objectives (ldm/objectives/) pick theirs; to_parameterisations names them by diffusers' types.
+def restart_noised(x_t: torch.Tensor, noise: torch.Tensor, alpha_bar_from, alpha_bar_to) -> torch.Tensor:
+    """Returns x_{t'} ~ q(x_{t'} | x_t) for t' > t: the forward process run on from t to t', whose transition is
+    N(sqrt(a) x_t, (1 - a) I) with a = alpha_bar_t' / alpha_bar_t (Ho et al. 2020, Eq. 2 composed). Restart
+    sampling's "add noise back" step (Xu et al. 2023, arXiv:2306.14878, Algorithm 1, line 4) in VP form."""
+    a = broadcast_alpha_bar(torch.as_tensor(alpha_bar_to) / alpha_bar_from, x_t)  # (B or 1, 1, 1, 1)
+    return a.sqrt() * x_t + (1 - a).sqrt() * noise
+
+
+def restart_noised_sigma(x_sigma: torch.Tensor, noise: torch.Tensor, sigma_from, sigma_to) -> torch.Tensor:
+    """Returns x + sqrt(sigma_to^2 - sigma_from^2) noise: restart_noised in the sigma (VE) units of Euler-type
+    samplers, x_sigma = x0 + sigma eps (Xu et al. 2023, Algorithm 1, line 4 as written there)."""
+    return x_sigma + (torch.as_tensor(sigma_to) ** 2 - sigma_from ** 2).sqrt().to(x_sigma) * noise
+
+
 def eps_to_x0(eps: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Returns x0 = (x_t - sqrt(1 - a) eps) / sqrt(a), Eq. (15), Ho et al. 2020."""
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
