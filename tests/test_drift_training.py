@@ -8,6 +8,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_finetune_resume import art  # noqa: F401 - five 32 px pictures for the finetune test
+from test_finetune_resume import run as finetune_run
 
 from ldm import diffusion
 from ldm.models.denoiser import denoise
@@ -218,7 +220,6 @@ def test_settings_are_flags_with_ranges_and_flow_takes_only_input_perturbation()
             parse_config(TrainLDMConfig, argv)
 
 
-@pytest.mark.slow
 def test_resume_with_the_remedies_on_reproduces_the_uninterrupted_run(tmp_path):
     """Input perturbation and the self step draw from the step's generator: a resumed run matches the straight one,
     and the run's config records the settings."""
@@ -244,3 +245,15 @@ def test_resume_with_the_remedies_on_reproduces_the_uninterrupted_run(tmp_path):
     saved = yaml.safe_load(open(tmp_path / "b" / "config.yaml"))
     assert (saved["input_perturbation"], saved["self_step_prob"], saved["self_step_k"]) == (0.1, 0.5, 50)
     assert json.load(open(os.path.join(resumed["checkpoint"], "trainer_state.json")))["step"] == 4
+
+
+def test_finetune_trains_with_the_remedies_too(tiny_folder, art, tmp_path, monkeypatch):
+    """`ldm finetune` shares the settings and the loss: each training loss gets them (and flow would be refused)."""
+    specs, original = [], step.diffusion_loss
+    monkeypatch.setattr(step, "diffusion_loss", lambda *a, **k: (specs.append(a[4]), original(*a, **k))[1])
+    result = finetune_run(tiny_folder, art, tmp_path, max_steps=2, input_perturbation=0.1, self_step_prob=0.5,
+                          self_step_k=20)
+    assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(list(result["losses"].values()))))
+    training = [s for s in specs if s.self_step_prob]  # validation losses are plain ones
+    assert len(training) == 2 and {(s.input_perturbation, s.self_step_prob, s.self_step_k) for s in training} == {
+        (0.1, 0.5, 20)}
