@@ -14,7 +14,7 @@ from test_finetune_resume import run as finetune_run
 from ldm import diffusion
 from ldm.models.denoiser import denoise
 from ldm.models.presets import build_components
-from ldm.objectives import NoiseSchedule, make_objective
+from ldm.objectives import NoiseSchedule, ObjectiveSettings, make_objective
 from ldm.training import step, train_ldm
 from ldm.training.config import parse_config
 from ldm.training.ldm_config import TrainLDMConfig
@@ -218,6 +218,25 @@ def test_settings_are_flags_with_ranges_and_flow_takes_only_input_perturbation()
                           (["--self-step-prob", "0.5", "--prediction-type", "flow"], "needs a diffusion objective")):
         with pytest.raises(ValueError, match=message):
             parse_config(TrainLDMConfig, argv)
+
+
+def test_vlb_weighting_and_huber_loss_are_reachable_from_ldm_train_flags():
+    """The package's existing answers to "would the VLB weights or a Huber loss help": `--weighting vlb` (the
+    ELBO's weights, Eq. (12), Ho et al. 2020, mean 1) and `--loss huber --huber-c C` (pseudo-Huber), from the flags
+    to the loss, closed form with a model that predicts 0 (the per-sample loss is the target's)."""
+    cfg = parse_config(TrainLDMConfig, ["--weighting", "vlb", "--loss", "huber", "--huber-c", "0.5"])
+    obj = make_objective("epsilon", NoiseSchedule.from_config(cfg), ObjectiveSettings.from_config(cfg))
+    x0 = x0_batch()
+    loss, per_sample = diffusion_loss(Recorder(), x0, CONTEXT, obj, LossSpec.from_config(cfg),
+                                      torch.Generator().manual_seed(1))
+    replay = torch.Generator().manual_seed(1)
+    t, noise = obj.sample_timesteps(SHAPE[0], replay), torch.randn(SHAPE, generator=replay)
+    torch.testing.assert_close(per_sample, ((noise ** 2 + 0.25).sqrt() - 0.5).flatten(1).mean(1))
+    betas = obj.schedule.betas
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    sigma2 = torch.cat([betas[:1], (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * betas[1:]])  # beta_tilde, beta_0
+    lam = betas ** 2 / (2 * sigma2 * (1 - betas) * (1 - alpha_bar))
+    torch.testing.assert_close(loss, ((lam / lam.mean())[t].float() * per_sample).mean())
 
 
 def test_resume_with_the_remedies_on_reproduces_the_uninterrupted_run(tmp_path):
