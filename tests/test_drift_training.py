@@ -126,7 +126,8 @@ def test_input_perturbation_changes_the_input_and_not_the_target(name):
     # a model that reads its input sees the perturbation: the loss differs from the unperturbed one
     args = (x0, CONTEXT, obj)
     plain = diffusion_loss(Recorder(0.5), *args, LossSpec(), torch.Generator().manual_seed(5))[0]
-    perturbed = diffusion_loss(Recorder(0.5), *args, LossSpec(input_perturbation=gamma), torch.Generator().manual_seed(5))[0]
+    perturbed = diffusion_loss(Recorder(0.5), *args, LossSpec(input_perturbation=gamma),
+                               torch.Generator().manual_seed(5))[0]
     assert abs(plain.item() - perturbed.item()) > 1e-4
 
 

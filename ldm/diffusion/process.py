@@ -22,10 +22,10 @@ __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLIN
            "posterior_mean_coefs", "reverse_variance", "vlb_weights", "alpha_bar_at", "add_noise", "velocity",
            "velocity_at", "eps_to_x0", "x0_to_eps", "v_to_x0_eps", "broadcast_alpha_bar", "training_target",
            "to_parameterisations", "v_eps_loss_factor", "eps_loss_factor", "min_snr_eps_weight", "min_snr_weight",
-           "vlb_eps_weight", "vlb_weight", "eps_weights", "loss_weights", "per_sample_loss", "offset_noise", "input_perturbation",
-           "drop_captions", "sample_timesteps",
-           "stratified_timesteps", "timestep_bins", "unit_times", "flow_noised", "flow_velocity", "flow_to_x0",
-           "flow_to_noise", "shift_sigmas", "resolution_shift", "flow_marginal_moments"]
+           "vlb_eps_weight", "vlb_weight", "eps_weights", "loss_weights", "per_sample_loss", "offset_noise",
+           "input_perturbation", "drop_captions", "sample_timesteps", "stratified_timesteps", "timestep_bins",
+           "unit_times", "flow_noised", "flow_velocity", "flow_to_x0", "flow_to_noise", "shift_sigmas",
+           "resolution_shift", "flow_marginal_moments"]
 
 
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,

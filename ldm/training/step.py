@@ -175,20 +175,20 @@ def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, objectiv
     """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020,
     with the objective's timesteps, input, target and weights; SDXL's pooled text (B, D2) and time_ids (B, 6)
     go to the denoiser; `pixel_weight` (B, 1, h, w) weighs each latent pixel (masked loss, batch_loss_weight).
-    The exposure-bias remedies of `spec` change the input only: input perturbation (the input's noise, not the
-    target's) and the self step (some x_t made by the model's own step, with their targets; self_step_input);
-    each off draws nothing, so a run without them is unchanged."""
+    The exposure-bias remedies of `spec`: input perturbation changes the input's noise, not the target's; the self
+    step replaces some samples' x_t by the model's own step and their targets accordingly (self_step_input). Each
+    off draws nothing from `generator`, so a run without them is unchanged bit for bit."""
     t = objective.sample_timesteps(latents.shape[0], generator)  # (B,)
     noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), spec.offset_noise, generator)
     input_noise = diffusion.input_perturbation(noise, spec.input_perturbation, generator)  # (B, C, h, w)
     t, noise, input_noise = t.to(latents.device), noise.to(latents.device), input_noise.to(latents.device)
     x_t, target = objective.noised(latents, input_noise, t), objective.target(latents, noise, t)
     if spec.self_step_prob > 0:
-        chosen = (torch.rand(latents.shape[0], generator=generator) < spec.self_step_prob).to(latents.device)  # (B,)
+        chosen = torch.rand(latents.shape[0], generator=generator) < spec.self_step_prob  # (B,), on the CPU
         if chosen.any():
             cond = (context, pooled, time_ids)
-            x_t, target = self_step_input(model, latents, input_noise, t, chosen, cond, objective, spec.self_step_k,
-                                          x_t, target)
+            x_t, target = self_step_input(model, latents, input_noise, t, chosen.to(latents.device), cond, objective,
+                                          spec.self_step_k, x_t, target)
     pred = denoise(model, x_t, objective.model_time(t), context, pooled, time_ids)
     per_sample = diffusion.per_sample_loss(pred, target, spec.loss, spec.huber_c, pixel_weight)  # (B,)
     return (objective.weight(t).to(per_sample) * per_sample).mean(), per_sample.detach()
