@@ -23,9 +23,10 @@ __all__ = ["BETA_SCHEDULES", "PREDICTION_TYPES", "WEIGHTINGS", "TIMESTEP_SAMPLIN
            "velocity",
            "velocity_at", "eps_to_x0", "x0_to_eps", "v_to_x0_eps", "broadcast_alpha_bar", "training_target",
            "to_parameterisations", "v_eps_loss_factor", "eps_loss_factor", "min_snr_eps_weight", "min_snr_weight",
-           "vlb_eps_weight", "vlb_weight", "eps_weights", "loss_weights", "per_sample_loss", "offset_noise", "drop_captions", "sample_timesteps",
-           "stratified_timesteps", "timestep_bins", "unit_times", "flow_noised", "flow_velocity", "flow_to_x0",
-           "flow_to_noise", "shift_sigmas", "resolution_shift", "flow_marginal_moments"]
+           "vlb_eps_weight", "vlb_weight", "eps_weights", "loss_weights", "per_sample_loss", "offset_noise",
+           "input_perturbation", "drop_captions", "sample_timesteps", "stratified_timesteps", "timestep_bins",
+           "unit_times", "flow_noised", "flow_velocity", "flow_to_x0", "flow_to_noise", "shift_sigmas",
+           "resolution_shift", "flow_marginal_moments"]
 
 
 def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -313,6 +314,16 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
     return noise + strength * shift.reshape(*noise.shape[:2], *([1] * (noise.ndim - 2)))
 
 
+def input_perturbation(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Returns the noise the model's input is made with, eps + gamma xi with xi ~ N(0, I) fresh, while the target
+    stays eps: DDPM-IP, Eq. (9)-(10), Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion
+    Models", arXiv:2301.11706 (gamma 0.1 there). gamma 0 returns eps itself and draws nothing."""
+    if gamma == 0:
+        return noise
+    xi = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)  # (B, C, h, w)
+    return noise + gamma * xi
+
+
 def drop_captions(captions: list[str], prob: float, generator: torch.Generator | None = None) -> list[str]:
     """Returns the captions with each replaced by "" with probability `prob`: trains the unconditional model.
 
@@ -366,7 +377,6 @@ def timestep_bins(fraction: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Returns the bin index in [0, num_bins) of each time given as a fraction in [0, 1] of the noise range (t / T
     for timesteps, sigma for flow), equal-width bins (bin 0 = the least noise)."""
     return torch.clamp((fraction.double() * num_bins).floor().long(), 0, num_bins - 1)
-
 
 
 # Rectified flow / flow matching (Liu et al. 2022, arXiv:2209.03003; Lipman et al. 2022, arXiv:2210.02747), as in

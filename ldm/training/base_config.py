@@ -86,3 +86,25 @@ class CaptionTags:
         """Raises ValueError for a tag setting that cannot work (ranges: check_ranges)."""
         if not self.tag_separator:
             raise ValueError("--tag-separator must not be empty: pass --tag-separator ',' (the usual one)")
+
+
+@dataclass
+class ExposureBias:
+    # exposure bias: training sees forward-process x_t, sampling feeds the model its own outputs (issue #35).
+    # Each 0 = off (a run without them draws the same numbers as before); they change the input, not the target
+    input_perturbation: float = setting(0.0, "[0, 1]")  # DDPM-IP's gamma (Ning et al. 2023, arXiv:2301.11706): the
+                                                        # input's noise is eps + gamma xi, the target stays eps;
+                                                        # 0.1 in the paper. Flow: the path's noise end is perturbed
+    self_step_prob: float = setting(0.0, "[0, 1]")  # train this share of samples on an x_t made by the model's own
+                                                    # DDIM step from x_{t+k} (no gradient through that step),
+                                                    # toward the noise that maps it back to x0; not with flow
+    self_step_k: int = setting(10, "[1, 100000]")  # with self_step_prob: k, the timesteps between x_{t+k} and x_t
+
+    def check_exposure_bias(self, prediction_type: str, num_train_timesteps: int) -> None:
+        """Raises ValueError for a self step that cannot work: flow matching, or k past the schedule."""
+        if self.self_step_prob > 0 and prediction_type == "flow":
+            raise ValueError("self_step_prob needs a diffusion objective (a DDIM step from x_{t+k}); prediction_type "
+                             "flow has none: set --self-step-prob 0, or use --input-perturbation, which flow takes")
+        if self.self_step_k >= num_train_timesteps:
+            raise ValueError(f"self_step_k={self.self_step_k} must be below num_train_timesteps="
+                             f"{num_train_timesteps}: pass a smaller --self-step-k")

@@ -246,8 +246,12 @@ class FinetuneTrainer(loop.Trainer):
     def __init__(self, cfg: FinetuneConfig, accelerator, parts: dict, objective, embed, data: dict):
         self.cfg, self.accelerator, self.parts, self.objective, self.embed = cfg, accelerator, parts, objective, embed
         self.train, self.held, self.prior = data["train"], data["held"], data["prior"]
-        # plain MSE, as DreamBooth trains; masked by each image's loss mask with cfg.masked_loss
-        self.spec = LossSpec(masked_loss=cfg.masked_loss, masked_loss_floor=cfg.masked_loss_floor)
+        # plain MSE, as DreamBooth trains; masked by each image's loss mask with cfg.masked_loss; the exposure-bias
+        # remedies as `ldm train` has them (the base model's objective decides whether the self step applies)
+        cfg.check_exposure_bias(objective.name, objective.schedule.num_train_timesteps)
+        self.spec = LossSpec(masked_loss=cfg.masked_loss, masked_loss_floor=cfg.masked_loss_floor,
+                             input_perturbation=cfg.input_perturbation, self_step_prob=cfg.self_step_prob,
+                             self_step_k=cfg.self_step_k)
         self.batches_drawn, self.snapshot = 0, None
         self.caption_spec = CaptionSpec.from_config(cfg)  # the instance captions' tags; class prompts stay as written
         self.seek(0)

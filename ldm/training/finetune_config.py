@@ -9,16 +9,16 @@ import math
 from dataclasses import dataclass, replace
 
 from ldm.ranges import setting
-from ldm.training.base_config import CaptionTags, MaskedLoss, TrainingConfig
+from ldm.training.base_config import CaptionTags, ExposureBias, MaskedLoss, TrainingConfig
 from ldm.training.optimizers import recommended_learning_rate
 
 METHODS = ("lora", "full")
 
 
 @dataclass
-class FinetuneConfig(MaskedLoss, CaptionTags, TrainingConfig):
-    # the shared settings: TrainingConfig, CaptionTags and MaskedLoss (ldm/training/base_config.py; the instance
-    # prompt is the first tag); 0 below means "scaled to the folder"
+class FinetuneConfig(ExposureBias, MaskedLoss, CaptionTags, TrainingConfig):
+    # the shared settings: TrainingConfig, CaptionTags, MaskedLoss and ExposureBias (ldm/training/base_config.py;
+    # the instance prompt is the first tag); 0 below means "scaled to the folder"
     # inputs and outputs
     model: str = ""                        # the base pipeline folder
     data: str = ""                         # a folder of images (captions optional), or any ldm.data spec

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from ldm.diffusion import BETA_SCHEDULES, TIMESTEP_SAMPLING, WEIGHTINGS
 from ldm.objectives import OBJECTIVES
 from ldm.ranges import setting
-from ldm.training.base_config import MIXED_PRECISION, CaptionTags, MaskedLoss, TrainingConfig
+from ldm.training.base_config import MIXED_PRECISION, CaptionTags, ExposureBias, MaskedLoss, TrainingConfig
 from ldm.training.optimizers import OPTIMIZERS, check_schedule
 
 LOSSES = ("mse", "huber", "l1")
@@ -14,9 +14,9 @@ __all__ = ["LOSSES", "MIXED_PRECISION", "OPTIMIZERS", "TrainLDMConfig"]
 
 
 @dataclass
-class TrainLDMConfig(MaskedLoss, CaptionTags, TrainingConfig):
+class TrainLDMConfig(ExposureBias, MaskedLoss, CaptionTags, TrainingConfig):
     # data, model, optimiser steps, checkpoints and seed: TrainingConfig; tag captions: CaptionTags; loss masks:
-    # MaskedLoss (base_config.py)
+    # MaskedLoss; exposure-bias remedies: ExposureBias (base_config.py)
     center_crop: bool = True
     random_flip: bool = False
     aspect_buckets: bool = False           # mixed aspect ratios keep most of each image: each goes to the bucket of
@@ -116,6 +116,7 @@ class TrainLDMConfig(MaskedLoss, CaptionTags, TrainingConfig):
             check_vae_folder(self.vae, self.model, self.resolution)
         self.check_tags()
         self.check_masks()
+        self.check_exposure_bias(self.prediction_type, self.num_train_timesteps)
         if self.cache_text_embeddings and self.train_text_encoder:
             raise ValueError("cache_text_embeddings needs a frozen text encoder (train_text_encoder: false)")
         if self.prediction_type == "flow":

@@ -19,7 +19,7 @@ from ldm.data.masks import latent_mask, loss_weight
 from ldm.models import sdxl
 from ldm.models.denoiser import denoise
 from ldm.models.vae import encode_posterior, sample_latents
-from ldm.objectives import Objective
+from ldm.objectives import Objective, VPDiffusion
 
 
 def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
@@ -35,10 +35,15 @@ class LossSpec:
     offset_noise: float = 0.0     # Guttenberg 2023; 0 = plain Gaussian noise
     masked_loss: bool = False     # weigh each latent pixel by the batch's loss mask (ldm.data.masks)
     masked_loss_floor: float = 0.0  # the weight where the mask is 0 (0 = ignored)
+    # exposure bias (the model's input at sampling time is its own output, not a forward-process x_t)
+    input_perturbation: float = 0.0  # DDPM-IP's gamma (ldm.diffusion.input_perturbation); 0 = off
+    self_step_prob: float = 0.0   # the share of samples whose x_t is the model's own DDIM step (self_step_input)
+    self_step_k: int = 10         # from x_{t+k}, k timesteps noisier
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
-        return cls(cfg.loss, cfg.huber_c, cfg.offset_noise, cfg.masked_loss, cfg.masked_loss_floor)
+        return cls(cfg.loss, cfg.huber_c, cfg.offset_noise, cfg.masked_loss, cfg.masked_loss_floor,
+                   cfg.input_perturbation, cfg.self_step_prob, cfg.self_step_k)
 
 
 class TextEmbedder:
@@ -169,15 +174,54 @@ def diffusion_loss(model, latents: torch.Tensor, context: torch.Tensor, objectiv
                    pixel_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weighted mean loss, unweighted per-sample loss (B,)) of one noised batch. Algorithm 1, Ho et al. 2020,
     with the objective's timesteps, input, target and weights; SDXL's pooled text (B, D2) and time_ids (B, 6)
-    go to the denoiser; `pixel_weight` (B, 1, h, w) weighs each latent pixel (masked loss, batch_loss_weight)."""
+    go to the denoiser; `pixel_weight` (B, 1, h, w) weighs each latent pixel (masked loss, batch_loss_weight).
+    The exposure-bias remedies of `spec`: input perturbation changes the input's noise, not the target's; the self
+    step replaces some samples' x_t by the model's own step and their targets accordingly (self_step_input). Each
+    off draws nothing from `generator`, so a run without them is unchanged bit for bit."""
     t = objective.sample_timesteps(latents.shape[0], generator)  # (B,)
     noise = diffusion.offset_noise(torch.randn(latents.shape, generator=generator), spec.offset_noise, generator)
-    t, noise = t.to(latents.device), noise.to(latents.device)
-    x_t = objective.noised(latents, noise, t)
+    input_noise = diffusion.input_perturbation(noise, spec.input_perturbation, generator)  # (B, C, h, w)
+    t, noise, input_noise = t.to(latents.device), noise.to(latents.device), input_noise.to(latents.device)
+    x_t, target = objective.noised(latents, input_noise, t), objective.target(latents, noise, t)
+    if spec.self_step_prob > 0:
+        chosen = torch.rand(latents.shape[0], generator=generator) < spec.self_step_prob  # (B,), on the CPU
+        if chosen.any():
+            cond = (context, pooled, time_ids)
+            x_t, target = self_step_input(model, latents, input_noise, t, chosen.to(latents.device), cond, objective,
+                                          spec.self_step_k, x_t, target)
     pred = denoise(model, x_t, objective.model_time(t), context, pooled, time_ids)
-    per_sample = diffusion.per_sample_loss(pred, objective.target(latents, noise, t), spec.loss, spec.huber_c,
-                                           pixel_weight)  # (B,)
+    per_sample = diffusion.per_sample_loss(pred, target, spec.loss, spec.huber_c, pixel_weight)  # (B,)
     return (objective.weight(t).to(per_sample) * per_sample).mean(), per_sample.detach()
+
+
+def self_step_input(model, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, chosen: torch.Tensor,
+                    cond: tuple, objective: Objective, k: int, x_t: torch.Tensor,
+                    target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (x_t, target), each (B, C, h, w), with the `chosen` rows (B,) bool replaced: x_t made by one DDIM
+    step (eta = 0; Eq. (12), Song et al. 2021, arXiv:2010.02502) of the current model from x_{t+k} (the same x0
+    and noise, t + k clamped to T - 1), under no_grad, so the gradient flows through the prediction at x_t only.
+
+    The user's idea of issue #35 ("train on the model's own previous step"), a research setting. The target is the
+    objective's target for the noise consistent with (x0, that x_t), eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t):
+    the prediction that maps the model's own x_t back to the true x0, so the model learns to undo its drift
+    (training toward the original eps would instead teach it the forward x_t's noise at an input that is not
+    that x_t). With an exact model the step lands on the forward x_t and the target is the plain one."""
+    if not isinstance(objective, VPDiffusion):  # a DDIM step needs (x0, eps) of a variance-preserving prediction
+        raise ValueError(f"self_step_prob applies to the diffusion objectives (epsilon, v_prediction, sample), not to "
+                         f"prediction_type {objective.name}; set --self-step-prob 0")
+    rows = chosen.nonzero().squeeze(1)  # (n,)
+    t_next = (t[rows] + k).clamp(max=objective.schedule.num_train_timesteps - 1)  # (n,)
+    x_next = objective.noised(latents[rows], noise[rows], t_next)  # (n, C, h, w)
+    context, pooled, time_ids = (c[rows] if c is not None else None for c in cond)
+    with torch.no_grad():
+        pred = denoise(model, x_next, objective.model_time(t_next), context, pooled, time_ids)
+        parts = objective.parameterisations(pred.float(), x_next, objective.schedule.alpha_bar.to(t.device)[t_next])
+        x_self = objective.noised(parts["x0"], parts["eps"], t[rows])  # DDIM: x0_pred, eps_pred re-noised at t
+    a_t = diffusion.broadcast_alpha_bar(objective.schedule.alpha_bar.to(t.device)[t[rows]], x_self)  # (n, 1, 1, 1)
+    implied_noise = diffusion.x0_to_eps(latents[rows], x_self, a_t)  # (n, C, h, w)
+    x_t, target = x_t.clone(), target.clone()
+    x_t[rows], target[rows] = x_self.to(x_t.dtype), objective.target(latents[rows], implied_noise, t[rows]).to(target)
+    return x_t, target
 
 
 def batch_loss(accelerator, model, batch: dict, vae, embed: TextEmbedder, objective: Objective, spec: LossSpec,
