@@ -81,6 +81,9 @@ class Trainer:
         """Returns this step's validation record (kept in state["history"]), or None."""
         return None
 
+    def before_checkpoint(self, state: dict) -> None:
+        """Runs on every rank before a checkpoint is written (e.g. gathering sharded weights for write_extra)."""
+
     def write_extra(self, folder: str, state: dict) -> None:
         """Writes what a checkpoint holds beside the Accelerate state (main process only): the inference folder."""
 
@@ -160,6 +163,7 @@ def resume(accelerator, trainer: Trainer, checkpoint: str) -> dict:
 def write_checkpoint(accelerator, trainer: Trainer, settings: LoopSettings, state: dict) -> str:
     """Writes checkpoint-<step> (ldm.training.checkpoint, atomic) with every rank's data position."""
     positions = accelerator.gather_for_metrics([trainer.data_position()], use_gather_object=True)
+    trainer.before_checkpoint(state)
     state = {**state, "data": positions}
     return save_checkpoint(accelerator, settings.output_dir, state["step"], state,
                            lambda folder: trainer.write_extra(folder, state), settings.checkpoints_total_limit)
@@ -232,12 +236,17 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, max_steps: int, n
 
 def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | None = None):
     """Returns the Accelerator of a run: mixed precision and gradient accumulation from `cfg`; several processes on
-    a machine without GPUs join with gloo (cpu=True), as `accelerate launch --multi_gpu` there needs."""
+    a machine without GPUs join with gloo (cpu=True), as `accelerate launch --multi_gpu` there needs, and shard
+    the model with FSDP2 when launched with an FSDP config."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from ldm.training.fsdp import allow_fsdp_on_cpu
+
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(cpu=cpu or several_cpu_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    accelerator = Accelerator(cpu=cpu or several_cpu_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        mixed_precision=cfg.mixed_precision, log_with=log_with,
                        project_config=ProjectConfiguration(project_dir=output_dir,
                                                            logging_dir=os.path.join(output_dir, "logs")))
+    allow_fsdp_on_cpu(accelerator)  # an FSDP launch config on a CPU: FSDP2 over gloo (ldm.training.fsdp)
+    return accelerator

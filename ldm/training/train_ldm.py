@@ -25,6 +25,7 @@ from ldm.objectives.base import NoiseSchedule
 from ldm.pipelines.editing import refuse_inpainting_training
 from ldm.training import loop
 from ldm.training.checkpoint import where_written
+from ldm.training.fsdp import unsharded_class
 from ldm.training.config import config_to_dict, format_config, save_config
 from ldm.training.ldm_config import TrainLDMConfig
 from ldm.training.step import LossSpec, TextEmbedder, batch_loss, step_generator
@@ -86,14 +87,19 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
     return train, open_dataset(cfg.data, shuffle=False, **common)
 
 
-def distributed_notes(distributed_type: str, cfg: TrainLDMConfig) -> list[str]:
+def distributed_notes(distributed_type: str, cfg: TrainLDMConfig, fsdp_version: int = 2) -> list[str]:
     """Returns the lines to print at start for this Accelerate distributed type ("FSDP", "DEEPSPEED", "MULTI_GPU",
     ...); raises ValueError for a combination that cannot train correctly."""
-    if distributed_type == "FSDP" and cfg.use_ema:
-        # EMAModel keeps full copies of the UNet's parameters, while FSDP hands each rank only its shard of them.
-        raise ValueError("use_ema does not work under FSDP (each rank holds only a shard of the UNet's weights); "
-                         "train with --use_ema false, or DDP/DeepSpeed (configs/accelerate/multi_gpu.yaml or "
-                         "deepspeed_zero2.yaml)")
+    if distributed_type == "FSDP" and cfg.use_ema and fsdp_version != 2:
+        # the sharded EMA (ldm.training.fsdp.ShardedEMA) reads FSDP2's DTensor shards; FSDP1 flattens them
+        raise ValueError("use_ema under FSDP needs FSDP2: set fsdp_version: 2 in the Accelerate config "
+                         "(configs/accelerate/fsdp.yaml), or train with --use-ema false")
+    if distributed_type == "FSDP" and cfg.train_text_encoder:
+        raise ValueError("train_text_encoder does not work under FSDP (Accelerate's FSDP2 prepares one model, the "
+                         "UNet); train with --train-text-encoder false, or DDP (configs/accelerate/multi_gpu.yaml)")
+    if distributed_type == "FSDP":
+        return ["FSDP2: the UNet's parameters, gradients and optimizer states are sharded across the ranks"
+                + ("; each rank keeps the EMA of its own shard" if cfg.use_ema else "")]
     if distributed_type == "DEEPSPEED":
         return ["DeepSpeed: the non-finite-loss guard (max_nonfinite_steps) is off: DeepSpeed clips gradients "
                 "(gradient_clipping in its config, not max_grad_norm) and steps the optimiser inside backward, "
@@ -112,6 +118,8 @@ class LDMTrainer(loop.Trainer):
         self.spec, self.caption_spec = LossSpec.from_config(cfg), CaptionSpec.from_config(cfg)
         self.scheduler = objective.scheduler(dict(parts["scheduler"].config))  # saved with the model
         self.has_mask: dict[str, bool] = {}  # masked loss: each image this process trained on -> had a mask
+        self.sharded = accelerator.distributed_type.value == "FSDP"  # the weights are FSDP2 shards (DTensors)
+        self.denoiser_cls, self.gathered = unsharded_class(denoiser_of(parts)), None
 
     def micro_loss(self, step: int, micro: int):
         batch, rank = next(self.batches), self.accelerator.process_index
@@ -137,6 +145,8 @@ class LDMTrainer(loop.Trainer):
         self.accelerator.log(report, step=step)
         prompts = [] if cfg.num_validation_prompts == 0 else (
             list(cfg.validation_prompts) or draw_prompts(self.val_set["caption"], cfg.num_validation_prompts, cfg.seed))
+        if prompts:
+            self.gather_weights()  # FSDP: a collective, before the main process samples alone
         if self.accelerator.is_main_process and prompts:
             samples = os.path.join(cfg.output_dir, "samples")
             pipe = self.pipeline()
@@ -148,8 +158,24 @@ class LDMTrainer(loop.Trainer):
         return {**report, "step": step, "prompts": prompts}
 
     def pipeline(self):
-        """Returns the inference pipeline of the current weights (EMA weights when EMA is on)."""
+        """Returns the inference pipeline of the current weights (EMA weights when EMA is on); under FSDP, of the
+        weights the last `gather_weights` collected (main process)."""
+        if self.sharded:
+            return inference_pipeline(self.parts, self.gathered, self.scheduler)
         return inference_pipeline(self.parts, self.accelerator.unwrap_model(self.model), self.scheduler, ema=self.ema)
+
+    def gather_weights(self) -> None:
+        """FSDP (every rank calls it): keeps in self.gathered, on the main process, a plain denoiser holding the
+        whole weights (the EMA's when EMA is on), for the pipeline; a no-op otherwise."""
+        if not self.sharded:
+            return
+        whole = self.ema.gathered() if self.ema is not None else self.accelerator.get_state_dict(self.model)
+        if self.accelerator.is_main_process:
+            self.gathered = self.denoiser_cls.from_config(self.accelerator.unwrap_model(self.model).config)
+            self.gathered.load_state_dict(whole)
+
+    def before_checkpoint(self, state: dict) -> None:
+        self.gather_weights()
 
     def write_extra(self, folder: str, state: dict) -> None:
         self.pipeline().save_pretrained(os.path.join(folder, "pipeline"))
@@ -178,11 +204,25 @@ def prepare_models(cfg: TrainLDMConfig, accelerator, parts: dict) -> tuple[list,
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
     params = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    sharded = accelerator.distributed_type.value == "FSDP"  # its EMA is built on the shards, after prepare
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet),
-                   model_config=unet.config) if cfg.use_ema else None
+                   model_config=unet.config) if cfg.use_ema and not sharded else None
     if cfg.compile:  # in place: parameter names, checkpoints and EMA stay those of the plain module
         unet.compile()
     return params, ema
+
+
+def shard_params_and_ema(cfg: TrainLDMConfig, accelerator, unet) -> tuple[list, object]:
+    """FSDP: returns (the prepared UNet's parameters, its sharded EMA or None) and prints each rank's share."""
+    from ldm.training.fsdp import ShardedEMA, register_sharded_ema, shard_sizes
+
+    local, whole = shard_sizes(unet)
+    print(f"[rank {accelerator.process_index}] FSDP: holds {local} of the UNet's {whole} parameters", flush=True)
+    ema = ShardedEMA(unet, cfg.ema_decay) if cfg.use_ema else None
+    if ema is not None:
+        register_sharded_ema(accelerator, ema)
+    # what clip_grad_norm_ and the optimizer see: fully_shard replaced the parameters by DTensors
+    return list(unet.parameters()), ema
 
 
 def setup(cfg: TrainLDMConfig, accelerator, dataset=None, val_dataset=None) -> LDMTrainer:
@@ -202,6 +242,8 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None, val_dataset=None) -> L
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    if accelerator.distributed_type.value == "FSDP":
+        params, ema = shard_params_and_ema(cfg, accelerator, unet)
     objective = make_objective(cfg.prediction_type, NoiseSchedule.from_config(cfg), ObjectiveSettings.from_config(cfg))
     embed = TextEmbedder(text_encoder, parts["tokenizer"], cfg.cache_text_embeddings, parts.get("text_encoder_2"),
                          parts.get("tokenizer_2"))
@@ -222,7 +264,8 @@ def main(cfg: TrainLDMConfig, dataset=None, val_dataset=None) -> dict:
     "nonfinite_total"}. `dataset` replaces cfg.data; `val_dataset` (same sample format) replaces the images the
     validation loss is measured on (default: the first val_loss_samples of the training data)."""
     accelerator = loop.make_accelerator(cfg, cfg.output_dir, log_with=None if cfg.report_to == "none" else cfg.report_to)
-    for line in distributed_notes(accelerator.distributed_type.value, cfg):  # refuses before any work
+    fsdp_version = 2 if accelerator.is_fsdp2 else 1
+    for line in distributed_notes(accelerator.distributed_type.value, cfg, fsdp_version):  # refuses before any work
         accelerator.print(line)
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
