@@ -55,7 +55,10 @@ logger = logging.getLogger("ldm.data")
 
 def vae_fingerprint(vae) -> str:
     """Returns the sha256 of the VAE's config and every weight (changes whenever the encoder does)."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    # without diffusers' bookkeeping keys: "_use_default_values" lists a set, in an order that changes with each
+    # process's string hashing, so a cache built by one process looked stale to the next (and to the other ranks)
+    config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -1,5 +1,6 @@
 """configs/accelerate/*.yaml: each is read by Accelerate's own loader and launch checks, picks the launcher its
-comment promises, and cpu_2proc.yaml runs the docs' command (docs/src/guides/scale-out.md) on two ranks; EMA under FSDP is refused."""
+comment promises, and cpu_2proc.yaml runs the docs' command (docs/src/guides/scale-out.md) on two ranks; FSDP: the
+GPU and CPU configs differ only where the device requires, what FSDP refuses (tests/test_fsdp.py runs it)."""
 import glob
 import json
 import os
@@ -23,7 +24,8 @@ CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "conf
 # file -> (distributed type, launcher Accelerate's `launch_command` picks for it, processes in all)
 EXPECTED = {"cpu_2proc.yaml": ("MULTI_GPU", "torchrun", 2), "single_gpu.yaml": ("NO", "simple", 1),
             "multi_gpu.yaml": ("MULTI_GPU", "torchrun", 8), "multi_node.yaml": ("MULTI_GPU", "torchrun", 32),
-            "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed", 8), "fsdp.yaml": ("FSDP", "torchrun", 8)}
+            "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed", 8), "fsdp.yaml": ("FSDP", "torchrun", 8),
+            "fsdp_cpu_2proc.yaml": ("FSDP", "torchrun", 2)}
 
 
 def launch_args(name: str):
@@ -57,15 +59,32 @@ def test_config_loads_and_picks_the_promised_launcher(name):
     assert args.mixed_precision in ("no", "bf16")
 
 
-def test_fsdp_fields_are_ones_accelerate_accepts():
-    args, _ = launch_args("fsdp.yaml")
+@pytest.mark.parametrize("name", ["fsdp.yaml", "fsdp_cpu_2proc.yaml"])
+def test_fsdp_fields_build_accelerates_fsdp2_plugin(name, monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args, _ = launch_args(name)
     env = prepare_multi_gpu_env(args)
-    assert env["ACCELERATE_USE_FSDP"] == "true"
-    assert env["FSDP_SHARDING_STRATEGY"] in constants.FSDP_SHARDING_STRATEGY
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     assert env["FSDP_AUTO_WRAP_POLICY"] in constants.FSDP_AUTO_WRAP_POLICY
-    assert env["FSDP_BACKWARD_PREFETCH"] in constants.FSDP_BACKWARD_PREFETCH
     assert env["FSDP_STATE_DICT_TYPE"] in constants.FSDP_STATE_DICT_TYPE
-    assert int(env["FSDP_MIN_NUM_PARAMS"]) > 0
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher sets; raises on bad ones
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    # fully_shard refuses ModuleLists, which size-based wrapping picks in a UNet: one unit per block instead
+    assert plugin.transformer_cls_names_to_wrap == ["ResnetBlock2D", "Transformer2DModel"]
+
+
+def test_fsdp_cpu_config_differs_from_the_gpu_one_only_where_the_device_requires():
+    def load(name):
+        with open(os.path.join(REPO, "configs", "accelerate", name), encoding="utf-8") as f:
+            return yaml.safe_load(f)
+
+    gpu, cpu = load("fsdp.yaml"), load("fsdp_cpu_2proc.yaml")
+    differ = {key for key in gpu.keys() | cpu.keys() if gpu.get(key) != cpu.get(key)}
+    assert differ == {"num_processes", "mixed_precision", "main_process_port"}, differ
+    assert cpu["mixed_precision"] == "no" and cpu["num_processes"] == 2
 
 
 def test_deepspeed_fields_build_accelerates_plugin_and_match_the_sd15_config(monkeypatch):
@@ -115,10 +134,14 @@ def test_cpu_2proc_config_runs_the_readme_command_on_two_ranks(tmp_path):
     assert os.path.isdir(checkpoint / "pipeline")
 
 
-def test_ema_under_fsdp_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"--use_ema false, or DDP/DeepSpeed"):
-        train_ldm.distributed_notes("FSDP", TrainLDMConfig(use_ema=True))
-    assert train_ldm.distributed_notes("FSDP", TrainLDMConfig(use_ema=False)) == []
+def test_fsdp2_takes_ema_fsdp1_and_a_trained_text_encoder_are_refused_with_the_fix():
+    (line,) = train_ldm.distributed_notes("FSDP", TrainLDMConfig(use_ema=True), fsdp_version=2)
+    assert "sharded" in line and "EMA of its own shard" in line
+    with pytest.raises(ValueError, match=r"set fsdp_version: 2 .* or train with --use-ema false"):
+        train_ldm.distributed_notes("FSDP", TrainLDMConfig(use_ema=True), fsdp_version=1)
+    assert len(train_ldm.distributed_notes("FSDP", TrainLDMConfig(use_ema=False), fsdp_version=1)) == 1
+    with pytest.raises(ValueError, match=r"--train-text-encoder false, or DDP"):
+        train_ldm.distributed_notes("FSDP", TrainLDMConfig(train_text_encoder=True))
     assert train_ldm.distributed_notes("MULTI_GPU", TrainLDMConfig(use_ema=True)) == []
 
 
@@ -127,15 +150,17 @@ def test_deepspeed_run_says_the_nonfinite_guard_is_off():
     assert "non-finite-loss guard" in line and "off" in line
 
 
-def test_main_refuses_ema_under_fsdp_before_any_work(tmp_path, monkeypatch):
-    class FsdpAccelerator:  # what Accelerator reports under `accelerate launch --config_file fsdp.yaml`
+def test_main_refuses_fsdp1_with_ema_before_any_work(tmp_path, monkeypatch):
+    class Fsdp1Accelerator:  # what Accelerator reports under an fsdp_version: 1 config
         distributed_type = DistributedType.FSDP
+        is_fsdp2 = False
 
         def __init__(self, **kwargs):
             pass
 
-    monkeypatch.setattr("accelerate.Accelerator", FsdpAccelerator)  # what ldm.training.loop.make_accelerator builds
+    monkeypatch.setattr("accelerate.Accelerator", Fsdp1Accelerator)  # what ldm.training.loop.make_accelerator builds
+    monkeypatch.setattr("ldm.training.fsdp.allow_fsdp_on_cpu", lambda accelerator: None)
     cfg = TrainLDMConfig(model="tiny", output_dir=str(tmp_path / "run"), use_ema=True)
-    with pytest.raises(ValueError, match="use_ema does not work under FSDP"):
+    with pytest.raises(ValueError, match="use_ema under FSDP needs FSDP2"):
         train_ldm.main(cfg)
     assert not os.path.exists(tmp_path / "run")  # nothing written, nothing built

@@ -31,8 +31,10 @@ def fsdp_requested() -> bool:
 def allow_fsdp_on_cpu(accelerator) -> None:
     """Turns a multi-process CPU (gloo) Accelerator into an FSDP one when the launcher asked for FSDP.
 
-    Only FSDP2 (fsdp_version: 2) is enabled: Accelerate's FSDP1 path builds FullyShardedDataParallel with a CUDA
-    device id and streams; raises ValueError naming the fix for fsdp_version 1 on a CPU.
+    Only FSDP2 (fsdp_version: 2): Accelerate's FSDP1 path stops on a CPU, in its plugin with sync_module_states
+    ("There are currently no available devices found, must be one of 'XPU', 'CUDA', ...") or, without it, in
+    FullyShardedDataParallel ("Inconsistent compute device and `device_id` on rank 0: cpu vs cpu:0"); raises
+    ValueError naming the fix for fsdp_version 1.
     """
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
