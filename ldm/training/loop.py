@@ -244,9 +244,10 @@ def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | No
     from ldm.training.fsdp import allow_fsdp_on_cpu
 
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu or several_cpu_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                       mixed_precision=cfg.mixed_precision, log_with=log_with,
-                       project_config=ProjectConfiguration(project_dir=output_dir,
-                                                           logging_dir=os.path.join(output_dir, "logs")))
+    accelerator = Accelerator(cpu=cpu or several_cpu_processes,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=cfg.mixed_precision, log_with=log_with,
+                              project_config=ProjectConfiguration(project_dir=output_dir,
+                                                                  logging_dir=os.path.join(output_dir, "logs")))
     allow_fsdp_on_cpu(accelerator)  # an FSDP launch config on a CPU: FSDP2 over gloo (ldm.training.fsdp)
     return accelerator

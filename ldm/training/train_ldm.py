@@ -98,7 +98,7 @@ def distributed_notes(distributed_type: str, cfg: TrainLDMConfig, fsdp_version: 
         raise ValueError("train_text_encoder does not work under FSDP (Accelerate's FSDP2 prepares one model, the "
                          "UNet); train with --train-text-encoder false, or DDP (configs/accelerate/multi_gpu.yaml)")
     if distributed_type == "FSDP":
-        return ["FSDP2: the UNet's parameters, gradients and optimizer states are sharded across the ranks"
+        return [f"FSDP{fsdp_version}: the UNet's parameters, gradients and optimizer states are sharded across ranks"
                 + ("; each rank keeps the EMA of its own shard" if cfg.use_ema else "")]
     if distributed_type == "DEEPSPEED":
         return ["DeepSpeed: the non-finite-loss guard (max_nonfinite_steps) is off: DeepSpeed clips gradients "
