@@ -90,7 +90,8 @@ def fsdp_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_two_fsdp_ranks_each_hold_half_of_the_unet(fsdp_runs):
     text = fsdp_runs["straight"]
-    assert "train_ldm config (2 process(es))" in text and "FSDP2: the UNet's parameters, gradients and optimizer states are sharded" in text
+    assert "train_ldm config (2 process(es))" in text
+    assert "FSDP2: the UNet's parameters, gradients and optimizer states are sharded" in text
     assert "DDP" not in text  # Accelerate's MULTI_CPU path would have wrapped the UNet in DDP instead
     held = {int(r): (int(n), int(total)) for r, n, total in
             re.findall(r"\[rank (\d)\] FSDP: holds (\d+) of the UNet's (\d+) parameters", text)}
