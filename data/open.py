@@ -9,6 +9,7 @@ Spec forms (a prefix forces the kind; without one it is inferred):
     A+B                              the built-in sources above mixed, e.g. shapes:2000@32+photos:2000@32
     folder:DIR  | DIR                a folder of images (recursive) with captions
     wds:PATTERN | x.tar | "s/{000..009}.tar" | "s/*.tar" | a folder of .tar shards
+    "http(s)://host/s/{000..009}.tar" | "pipe:CMD"   remote .tar shards, streamed (ldm.data.remote)
     parquet:PATH | x.parquet | "p/*.parquet" | a folder of .parquet files
     coco:JSON   | captions_*.json    COCO captions plus its image folder (image_dir= to set it)
     hf:DIR      | a save_to_disk folder
@@ -25,6 +26,7 @@ import numpy as np
 from ldm.data.dataset import ImageTextDataset
 from ldm.data.decode import MAX_PIXELS, MIN_SIDE
 from ldm.data.digits import DEFAULT_RESOLUTION, DigitsDataset, parse_digits
+from ldm.data.remote import is_remote
 from ldm.data.shapes import ShapesDataset
 from ldm.data.sources.coco import CocoSource
 from ldm.data.sources.folder import FolderSource
@@ -76,6 +78,11 @@ def open_mixed(spec: str, two_shape_fraction: float, seed: int):
 
 def infer_kind(spec: str) -> tuple[str, str]:
     """Returns (kind, location) for a spec, inferring the kind from the path when there is no prefix."""
+    if is_remote(spec):  # http(s):// and pipe: name .tar shards (webdataset's convention); nothing else streams
+        if not spec.lower().startswith("pipe:") and not re.search(r"\.(tar|tgz|tar\.gz)\b", spec.lower()):
+            raise ValueError(f"{spec!r}: only webdataset .tar shards stream over http(s); name them, e.g. "
+                             "'http://host:8000/shards/{000000..000031}.tar', or copy other formats locally")
+        return "wds", spec
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KINDS and not os.path.exists(spec):
         return prefix, rest if prefix not in BUILT_IN else spec
@@ -114,7 +121,7 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
                          "masks in their images' alpha channel")
     if not isinstance(spec, str):
         return MapSource(spec), None
-    if "+" in spec and not os.path.exists(spec):
+    if "+" in spec and not os.path.exists(spec) and not is_remote(spec):
         return open_mixed(spec, two_shape_fraction, seed)
     kind, location = infer_kind(spec)
     if kind == "shapes":
