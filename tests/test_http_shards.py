@@ -166,6 +166,16 @@ def test_remote_specs_are_checked_before_any_read():
         open_dataset("pipe: ")
 
 
+def test_prepare_data_packs_http_shards_into_local_ones(served, tmp_path):
+    from ldm.cli import main
+
+    server, _, keys = served
+    assert main(["prepare-data", f"{server.url()}/{{000000..000001}}.tar", "--out", str(tmp_path / "local"),
+                 "--format", "webdataset", "--image-format", "png"]) == 0
+    captions = sorted(s["caption"] for s in open_dataset(str(tmp_path / "local"), resolution=16))
+    assert captions == sorted(f"a square {key}" for key in keys[: 2 * PER_SHARD])  # records renamed NNNNNNNN
+
+
 @pytest.mark.slow
 def test_ldm_train_reads_http_shards(served, tmp_path):
     from ldm.training import train_ldm
@@ -211,3 +221,15 @@ def test_two_rank_accelerate_launch_over_http_sees_each_key_once(served, tmp_pat
     assert process.returncode == 0, out.decode()[-3000:]
     per_rank = [json.load(open(tmp_path / f"{rank}.json"))["keys"] for rank in range(2)]
     assert all(per_rank) and Counter(per_rank[0] + per_rank[1]) == Counter(keys)
+
+
+@pytest.mark.slow
+def test_bench_streaming_quick_mode_prints_both_ratios():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "bench_streaming.py"), "--num-images", "16",
+                          "--image-size", "64", "--resolution", "32", "--shards", "4", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = dict(line.split(": ") for line in out.stdout.strip().splitlines()[-2:])
+    assert sorted(ratios) == ["ratio_http_over_disk_1_workers", "ratio_http_over_disk_2_workers"]
+    assert all(float(v) > 0 for v in ratios.values())
