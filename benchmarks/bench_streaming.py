@@ -6,14 +6,15 @@ crops) from webdataset shards served over HTTP, against the same shards read fro
 
 The shards are scikit-image's sample photographs (ldm.data.photos, in its wheel) packed by ldm prepare-data's
 pack_shards; the server is `python -m http.server` in its own process on 127.0.0.1 (one new connection per
-shard, as with a plain object store). Each figure is the best of --repeats epochs after one warm-up epoch;
-the last lines are the ratios HTTP/disk (1.0: streaming costs nothing over reading the local files).
+shard, as with a plain object store). Each figure is the median of --repeats epochs, disk and HTTP taken in
+turn after one warm-up epoch each; the last lines are the ratios HTTP/disk (1.0: streaming costs nothing over reading the local files).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,21 +44,33 @@ def start_server(folder: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"python -m http.server did not answer on port {port}")
 
 
-def epoch_rate(spec: str, resolution: int, workers: int, batch_size: int, repeats: int) -> tuple[float, int]:
-    """Returns (the best images/s over `repeats` epochs after a warm-up epoch, images per epoch)."""
+def loader_of(spec: str, resolution: int, workers: int, batch_size: int):
     from ldm.data import make_dataloader, open_dataset
 
     dataset = open_dataset(spec, resolution=resolution, center_crop=False, random_flip=True, seed=0)
-    loader = make_dataloader(dataset, batch_size=batch_size, num_workers=workers)
-    rates, count = [], 0
-    for epoch in range(repeats + 1):
-        start = time.perf_counter()
-        count = sum(len(batch["key"]) for batch in loader)
-        if loader.skips.total:
-            raise RuntimeError(f"{spec}: {loader.skips.report()}")
-        if epoch:  # epoch 0 warms the page cache and the server
-            rates.append(count / (time.perf_counter() - start))
-    return max(rates), count
+    return make_dataloader(dataset, batch_size=batch_size, num_workers=workers)
+
+
+def epoch_rate(loader) -> tuple[float, int]:
+    """Returns (images/s, images) of one epoch of `loader`; raises if any sample was skipped."""
+    start = time.perf_counter()
+    count = sum(len(batch["key"]) for batch in loader)
+    if loader.skips.total:
+        raise RuntimeError(loader.skips.report())
+    return count / (time.perf_counter() - start), count
+
+
+def alternating_rates(specs: dict, resolution: int, workers: int, batch_size: int, repeats: int) -> dict:
+    """Returns {name: median images/s} over `repeats` epochs of each spec, taken in turn (disk, HTTP, disk, ...)
+    after one warm-up epoch each, so that a change of machine load hits both alike."""
+    loaders = {name: loader_of(spec, resolution, workers, batch_size) for name, spec in specs.items()}
+    rates = {name: [] for name in specs}
+    for repeat in range(repeats + 1):
+        for name, loader in loaders.items():
+            rate, _ = epoch_rate(loader)
+            if repeat:  # the first pass warms the page cache and the server
+                rates[name].append(rate)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
@@ -67,7 +80,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="side of the random crops")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     from ldm.data.pack import pack_shards
 
@@ -82,12 +95,10 @@ def main() -> None:
                   f"{os.getloadavg()[0]:.1f}")
             ratios = {}
             for workers in (1, 2):
-                disk, n = epoch_rate(os.path.join(tmp, pattern), args.resolution, workers, args.batch_size,
-                                     args.repeats)
-                http, m = epoch_rate(f"{url}/{pattern}", args.resolution, workers, args.batch_size, args.repeats)
-                assert n == m == args.num_images, (n, m)
-                print(f"{workers} worker(s): disk {disk:.1f} images/s, HTTP {http:.1f} images/s")
-                ratios[workers] = http / disk
+                specs = {"disk": os.path.join(tmp, pattern), "HTTP": f"{url}/{pattern}"}
+                rates = alternating_rates(specs, args.resolution, workers, args.batch_size, args.repeats)
+                print(f"{workers} worker(s): disk {rates['disk']:.1f} images/s, HTTP {rates['HTTP']:.1f} images/s")
+                ratios[workers] = rates["HTTP"] / rates["disk"]
         finally:
             server.kill()
             server.wait()

@@ -150,6 +150,13 @@ def test_pipe_specs_stream_command_output(served, tmp_path):
     assert epoch_keys(f"pipe:cat {root}/{{000000..000003}}.tar") == Counter(keys[: 4 * PER_SHARD])
 
 
+def test_braces_that_are_no_pattern_stay_in_a_pipe_command():
+    from ldm.data.sources.webdataset import brace_expand
+
+    assert brace_expand("pipe:cat s/{0..1}.tar | awk '{print}'") == [
+        "pipe:cat s/0.tar | awk '{print}'", "pipe:cat s/1.tar | awk '{print}'"]
+
+
 def test_pipe_failures_and_stalls_are_skipped_and_counted(tmp_path):
     found, skips, seconds = read_all("pipe:echo oops >&2; exit 3", retries=1)
     assert found == [] and skips == {"pipe_failed": 1} and seconds < 5

@@ -41,8 +41,10 @@ def brace_expand(pattern: str) -> list[str]:
         first, last = numbers.groups()
         width = len(first) if first.startswith("0") else 0
         options = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
-    else:
+    elif "," in body:
         options = body.split(",")
+    else:  # "{print}" in a pipe: command is no pattern (bash keeps it as written)
+        return [head + "{" + body + "}" + rest for rest in brace_expand(tail)]
     return [expanded for option in options for expanded in brace_expand(head + option + tail)]
 
 
