@@ -7,12 +7,14 @@ crops) from webdataset shards served over HTTP, against the same shards read fro
 The shards are scikit-image's sample photographs (ldm.data.photos, in its wheel) packed by ldm prepare-data's
 pack_shards; the server is `python -m http.server` in its own process on 127.0.0.1 (one new connection per
 shard, as with a plain object store). Each figure is the median of --repeats epochs, disk and HTTP taken in
-turn after one warm-up epoch each; the last lines are the ratios HTTP/disk (1.0: streaming costs nothing over reading the local files).
+turn after one warm-up epoch each. A first line times the transport alone (tar records read, nothing decoded).
+The last lines are the ratios HTTP/disk (1.0: streaming costs nothing over reading the local files).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -60,6 +62,17 @@ def epoch_rate(loader) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
+def transport_rate(spec: str) -> float:
+    """Returns MB/s of reading every record's bytes (tar parsing only, no decode) of the shards of `spec`."""
+    from ldm.data.open import open_source
+
+    source, _ = open_source(spec)
+    start, size = time.perf_counter(), 0
+    for unit in source.units():
+        size += sum(len(r["image_bytes"]) + len(r["caption"] or b"") for r in source.read(unit, random.Random(0)))
+    return size / 1e6 / (time.perf_counter() - start)
+
+
 def alternating_rates(specs: dict, resolution: int, workers: int, batch_size: int, repeats: int) -> dict:
     """Returns {name: median images/s} over `repeats` epochs of each spec, taken in turn (disk, HTTP, disk, ...)
     after one warm-up epoch each, so that a change of machine load hits both alike."""
@@ -93,17 +106,24 @@ def main() -> None:
             print(f"{args.num_images} JPEGs {args.image_size} px in {args.shards} shards -> {args.resolution} px "
                   f"random crops, batch {args.batch_size}, {os.cpu_count()} CPU cores, load average "
                   f"{os.getloadavg()[0]:.1f}")
-            ratios = {}
+            specs = {"disk": os.path.join(tmp, pattern), "HTTP": f"{url}/{pattern}"}
+            transport = {name: [] for name in specs}
+            for _ in range(args.repeats):
+                for name, spec in specs.items():
+                    transport[name].append(transport_rate(spec))
+            transport = {name: statistics.median(values) for name, values in transport.items()}
+            print(f"tar records only (no decode), one process: disk {transport['disk']:.0f} MB/s, "
+                  f"HTTP {transport['HTTP']:.0f} MB/s")
+            ratios = {"transport": transport["HTTP"] / transport["disk"]}
             for workers in (1, 2):
-                specs = {"disk": os.path.join(tmp, pattern), "HTTP": f"{url}/{pattern}"}
                 rates = alternating_rates(specs, args.resolution, workers, args.batch_size, args.repeats)
                 print(f"{workers} worker(s): disk {rates['disk']:.1f} images/s, HTTP {rates['HTTP']:.1f} images/s")
-                ratios[workers] = rates["HTTP"] / rates["disk"]
+                ratios[f"{workers}_workers"] = rates["HTTP"] / rates["disk"]
         finally:
             server.kill()
             server.wait()
-        for workers, ratio in ratios.items():
-            print(f"ratio_http_over_disk_{workers}_workers: {ratio:.2f}")
+        for name, ratio in ratios.items():
+            print(f"ratio_http_over_disk_{name}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ A shard's worst case is therefore bounded: about (retries + 1) x timeout plus th
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import select
@@ -41,6 +42,7 @@ from urllib.parse import urlparse
 REMOTE_SCHEMES = ("http://", "https://", "pipe:")
 CHUNK = 1 << 20
 PERMANENT_HTTP = (404, 410)
+logger = logging.getLogger("ldm.data")
 
 
 def is_remote(spec: str) -> bool:
@@ -55,7 +57,8 @@ def shard_name(unit: str) -> str:
 
 
 class ShardError(Exception):
-    """A remote shard that failed for good; `reason` is a key of ldm.data.skips.REASONS."""
+    """A failed read of a remote shard; `reason` is a key of ldm.data.skips.REASONS. RemoteShard retries the
+    retryable ones; the caller sees only the one that ends the shard."""
 
     def __init__(self, reason: str, detail: str, retryable: bool = True):
         super().__init__(f"{reason}: {detail}")
@@ -164,7 +167,7 @@ class RemoteShard(io.RawIOBase):
         return True
 
     def _connect(self):
-        if self.unit.startswith("pipe:"):
+        if self.unit.lower().startswith("pipe:"):
             return PipeBody(self.unit[len("pipe:"):], self.offset, self.timeout)
         return HTTPBody(self.unit, self.offset, self.timeout)
 
@@ -182,6 +185,7 @@ class RemoteShard(io.RawIOBase):
                 self.failures += 1
                 if not e.retryable or self.failures > self.retries:
                     raise
+                logger.warning("%s; retry %d of %d from byte %d", e, self.failures, self.retries, self.offset)
                 time.sleep(self.backoff * 2 ** (self.failures - 1))
 
     def readinto(self, buffer) -> int:
@@ -203,7 +207,7 @@ def check_remote(unit: str) -> str:
     """Returns `unit` after checking that it is an http(s) URL with a host or a pipe: with a command."""
     if not is_remote(unit):
         raise ValueError(f"{unit!r} is not remote: write http://..., https://... or pipe:COMMAND")
-    if unit.startswith("pipe:") and not unit[len("pipe:"):].strip():
+    if unit.lower().startswith("pipe:") and not unit[len("pipe:"):].strip():
         raise ValueError(f"{unit!r}: pipe: needs a command that writes the shard to stdout, e.g. "
                          "'pipe:curl -s -L https://host/000000.tar'")
     if urlparse(unit).scheme in ("http", "https") and not urlparse(unit).netloc:

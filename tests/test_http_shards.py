@@ -184,18 +184,27 @@ def test_prepare_data_packs_http_shards_into_local_ones(served, tmp_path):
 
 
 @pytest.mark.slow
-def test_ldm_train_reads_http_shards(served, tmp_path):
+def test_ldm_train_over_http_resumes_mid_epoch_as_if_never_stopped(served, tmp_path):
     from ldm.training import train_ldm
     from ldm.training.ldm_config import TrainLDMConfig
 
     server, _, _ = served
-    cfg = TrainLDMConfig(model="tiny", data=f"{server.url()}/{PATTERN}", resolution=16, batch_size=4, max_steps=1,
-                         lr_warmup_steps=0, output_dir=str(tmp_path / "run"), checkpoint_every=1000,
-                         validation_every=1000, num_validation_prompts=0, val_loss_samples=4, report_to="none",
-                         use_ema=False)
-    cfg.validate()
-    result = train_ldm.main(cfg)
-    assert os.path.isfile(os.path.join(result["checkpoint"], "pipeline", "model_index.json"))
+
+    def run(folder, **overrides):
+        cfg = TrainLDMConfig(**{**dict(model="tiny", data=f"{server.url()}/{PATTERN}", resolution=16, batch_size=4,
+                                       num_workers=2, max_steps=6, lr_warmup_steps=0, learning_rate=2e-3,
+                                       output_dir=str(tmp_path / folder), checkpoint_every=1000, validation_every=1000,
+                                       num_validation_prompts=0, val_loss_samples=4, report_to="none",
+                                       use_ema=False), **overrides})
+        cfg.validate()
+        return train_ldm.main(cfg)
+
+    straight = run("a", checkpoint_every=3)  # 12 batches an epoch: step 3 stops mid-epoch
+    run("b", max_steps=3)
+    resumed = run("b", resume="latest")
+    assert list(resumed["losses"]) == [4, 5, 6]
+    assert all(abs(resumed["losses"][s] - straight["losses"][s]) <= 1e-6 for s in (4, 5, 6))
+    assert os.path.isfile(os.path.join(resumed["checkpoint"], "pipeline", "model_index.json"))
 
 
 RANK_KEYS = """
@@ -237,6 +246,7 @@ def test_bench_streaming_quick_mode_prints_both_ratios():
                           "--image-size", "64", "--resolution", "32", "--shards", "4", "--repeats", "1"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    ratios = dict(line.split(": ") for line in out.stdout.strip().splitlines()[-2:])
-    assert sorted(ratios) == ["ratio_http_over_disk_1_workers", "ratio_http_over_disk_2_workers"]
+    ratios = dict(line.split(": ") for line in out.stdout.strip().splitlines()[-3:])
+    assert sorted(ratios) == ["ratio_http_over_disk_1_workers", "ratio_http_over_disk_2_workers",
+                              "ratio_http_over_disk_transport"]
     assert all(float(v) > 0 for v in ratios.values())
