@@ -143,6 +143,21 @@ def test_a_stalling_server_hits_the_read_timeout_then_is_skipped(served):
     assert len(found) < 2 * PER_SHARD and set(found) < set(keys[6 * PER_SHARD:])
 
 
+def test_a_dead_shard_server_ends_training_input_with_the_counts_not_a_hang(tmp_path):
+    keys = write_shards(str(tmp_path))
+    server = ShardServer(str(tmp_path))
+    source = WebDatasetSource(f"{server.url()}/{PATTERN}", timeout=0.5, retries=0)  # retries: tested above
+    stream = BatchStream(ImageTextDataset(source, ImageTransform(16)), batch_size=2, num_workers=2)
+    batches = iter(stream)
+    assert set(next(batches)["key"]) < set(keys)
+    server.stop()  # mid-epoch: the shards not yet fetched fail, then every shard of the next epoch
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"no batch in a whole epoch \(skipped 8 samples: 8 shard_unreachable"):
+        for _ in batches:
+            pass
+    assert stream.epoch == 1 and time.monotonic() - start < 30
+
+
 def test_pipe_specs_stream_command_output(served, tmp_path):
     server, root, keys = served
     found, skips, _ = read_all(f"pipe:cat {root}/{PATTERN}")

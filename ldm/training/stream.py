@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ldm.data.buckets import bucket_batches
+from ldm.data.skips import SkipCounter
 
 
 def collate_dicts(samples: list[dict]) -> dict:
@@ -40,6 +41,7 @@ class BatchStream:
         self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that overlap with compute
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch_in_epoch = 0, 0
+        self.skips = SkipCounter()
         self.streaming = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
         shapes = None if self.streaming or not hasattr(dataset, "shapes") else dataset.shapes()
         self.shapes = shapes if shapes and len(set(shapes)) > 1 else None  # None: one size, plain batches
@@ -69,6 +71,7 @@ class BatchStream:
             for i, batch in enumerate(loader):
                 if i >= start:  # resuming mid-epoch: the first `start` were consumed before the stop
                     yield batch
+            self.skips = loader.skips  # the whole epoch's, for the message if it yielded no batch
             return
         if self.shapes is not None:  # the same plan on every rank: the ranks' shares are disjoint
             plan = bucket_batches(self.shapes, self.batch_size, random.Random(f"buckets/{self.seed}/{epoch}"))
@@ -90,6 +93,7 @@ class BatchStream:
                 self.batch_in_epoch += 1
                 yield batch
             if produced == 0 and self.batch_in_epoch == 0:
-                raise ValueError("the data set yielded no batch in a whole epoch; is it empty, or smaller "
+                skipped = f" ({self.skips.report()})" if self.skips.total else ""  # e.g. every shard unreachable
+                raise ValueError(f"the data set yielded no batch in a whole epoch{skipped}; is it empty, or smaller "
                                  "than one batch per process?")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
