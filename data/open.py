@@ -113,9 +113,10 @@ def infer_kind(spec: str) -> tuple[str, str]:
 
 def open_source(spec, caption: str | None = None, caption_column: str | None = None, image_dir: str | None = None,
                 split: str = "train", two_shape_fraction: float = 0.25, seed: int = 0, masks: bool = False,
-                mask_dir: str | None = None):
+                mask_dir: str | None = None, shard_timeout: float = 30.0, shard_retries: int = 3):
     """Returns (source, native resolution or None) for a spec string (or a map-style data set of raw samples).
-    masks / mask_dir: a folder's records name their mask files (ldm.data.masks); other sources have alpha only."""
+    masks / mask_dir: a folder's records name their mask files (ldm.data.masks); other sources have alpha only.
+    shard_timeout / shard_retries: remote shards' read timeout (s) and retries (ldm.data.remote)."""
     if mask_dir and (not isinstance(spec, str) or infer_kind(spec)[0] != "folder"):
         raise ValueError(f"--mask-dir works with a folder of images, not {spec!r}; other sources can carry loss "
                          "masks in their images' alpha channel")
@@ -142,7 +143,8 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
         return FolderSource(location, caption=caption, caption_column=caption_column or "text", masks=masks,
                             mask_dir=mask_dir), None
     if kind == "wds":
-        return WebDatasetSource(location, caption_key=caption_column or "caption"), None
+        return WebDatasetSource(location, caption_key=caption_column or "caption", timeout=shard_timeout,
+                                retries=shard_retries), None
     if kind == "parquet":
         return ParquetSource(location, caption_column=caption_column), None
     if kind == "coco":
@@ -157,7 +159,7 @@ def open_dataset(spec, resolution: int | None = None, center_crop: bool = True, 
                  aspect_buckets: bool = False, caption_column: str | None = None, image_dir: str | None = None,
                  split: str = "train", two_shape_fraction: float = 0.25, min_side: int = MIN_SIDE,
                  max_pixels: int = MAX_PIXELS, shuffle_buffer: int = 0, masks: bool = False,
-                 mask_dir: str | None = None) -> ImageTextDataset:
+                 mask_dir: str | None = None, shard_timeout: float = 30.0, shard_retries: int = 3) -> ImageTextDataset:
     """Returns an iterable of {"pixel_values": (3,R,R) in [-1,1], "caption": str, "key": str} for one rank.
 
     resolution: output side (default: the spec's own for shapes:N@R, else 64). caption: instance prompt or
@@ -165,9 +167,11 @@ def open_dataset(spec, resolution: int | None = None, center_crop: bool = True, 
     shuffle: a new unit order (shards, files, indices) each epoch; shuffle_buffer > 1 also mixes records
     within shards. min_side / max_pixels: smaller / larger images are skipped (too_small / too_large).
     masks: samples also hold "mask" (1,R,R) and "has_mask" (ldm.data.masks: NAME.mask.png, mask_dir or alpha).
+    shard_timeout / shard_retries: http(s):// and pipe: shards: seconds without a byte before a retry, and retries
+    (each resumed at the byte reached) before the shard is skipped and counted (ldm.data.remote).
     """
     source, native = open_source(spec, caption, caption_column, image_dir, split, two_shape_fraction, seed, masks,
-                                 mask_dir)
+                                 mask_dir, shard_timeout, shard_retries)
     transform = ImageTransform(resolution or native or 64, center_crop, random_flip, aspect_buckets, masks=masks)
     return ImageTextDataset(source, transform, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
                             min_side=min_side, max_pixels=max_pixels, shuffle_buffer=shuffle_buffer)

@@ -198,6 +198,22 @@ def test_prepare_data_packs_http_shards_into_local_ones(served, tmp_path):
     assert captions == sorted(f"a square {key}" for key in keys[: 2 * PER_SHARD])  # records renamed NNNNNNNN
 
 
+def test_ldm_train_flags_set_the_remote_read_timeout_and_retries(served):
+    from ldm.cli import build_parser
+    from ldm.training import train_ldm
+    from ldm.training.config import config_from_args
+    from ldm.training.ldm_config import TrainLDMConfig
+
+    server, _, _ = served
+    argv = ["train", "--data", f"{server.url()}/{PATTERN}", "--shard-timeout", "2.5", "--shard-retries", "0"]
+    args = build_parser(argv[:1]).parse_args(argv)
+    cfg = config_from_args(TrainLDMConfig, args)
+    train, val = train_ldm.open_training_data(cfg, rank=0, world_size=1)
+    assert (train.source.timeout, train.source.retries) == (val.source.timeout, val.source.retries) == (2.5, 0)
+    with pytest.raises(ValueError, match="shard_retries"):
+        TrainLDMConfig(shard_retries=-1).validate()
+
+
 @pytest.mark.slow
 def test_ldm_train_over_http_resumes_mid_epoch_as_if_never_stopped(served, tmp_path):
     from ldm.training import train_ldm

@@ -71,9 +71,10 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
     from ldm.data import ensure_latent_cache, open_dataset
 
     masks = dict(masks=True, mask_dir=cfg.mask_dir or None) if cfg.masked_loss else {}  # ldm.data.masks
+    remote = dict(shard_timeout=cfg.shard_timeout, shard_retries=cfg.shard_retries)  # ldm.data.remote
     if cfg.latent_cache:
         kwargs = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
-                      device=accelerator.device, **masks)
+                      device=accelerator.device, **masks, **remote)
         if accelerator.is_main_process:
             ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
         accelerator.wait_for_everyone()  # the other ranks read the finished cache, never a half-built one
@@ -81,7 +82,7 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
         return cache, cache
 
     common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
-                  seed=cfg.seed)
+                  seed=cfg.seed, **remote)
     train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common, **masks)
     return train, open_dataset(cfg.data, shuffle=False, **common)
 
