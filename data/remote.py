@@ -80,6 +80,19 @@ def http_error(error: BaseException, url: str) -> ShardError:
     return ShardError("shard_unreachable", f"{url}: {reason}")
 
 
+def discard(body, offset: int, position: int, name: str) -> None:
+    """Reads and drops `body`'s bytes from `position` up to `offset`; closes it and raises if it ends first."""
+    try:
+        while position < offset:
+            data = body.read(min(CHUNK, offset - position))
+            if not data:
+                raise ShardError("truncated_shard", f"{name}: ended before byte {offset} on a retry")
+            position += len(data)
+    except ShardError:
+        body.close()  # RemoteShard never held this body: end its connection or command here
+        raise
+
+
 class HTTPBody:
     """One GET of `url` from byte `offset` on: read(n) -> bytes (b"" at the end), raising ShardError."""
 
@@ -95,9 +108,7 @@ class HTTPBody:
         self.end = (offset if resumed else 0) + int(length) if length is not None else None  # None: chunked
         self.position = offset if resumed else 0
         if offset and not resumed:  # the server ignored Range: skip what the tar reader already has
-            while self.position < offset:
-                if not self.read(min(CHUNK, offset - self.position)):
-                    raise ShardError("truncated_shard", f"{url}: ended before byte {offset} on a retry")
+            discard(self, offset, self.position, url)
 
     def read(self, size: int) -> bytes:
         try:
@@ -122,12 +133,7 @@ class PipeBody:
         self.stderr = tempfile.TemporaryFile()
         self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
                                         start_new_session=True)  # its own group: close() ends its children too
-        skipped = 0
-        while skipped < offset:  # a re-run cannot seek: drop the bytes the tar reader already has
-            data = self.read(min(CHUNK, offset - skipped))
-            if not data:
-                raise ShardError("truncated_shard", f"{command!r} ended before byte {offset} on a retry")
-            skipped += len(data)
+        discard(self, offset, 0, repr(command))  # a re-run cannot seek: drop the bytes the tar reader already has
 
     def read(self, size: int) -> bytes:
         ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)

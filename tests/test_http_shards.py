@@ -165,6 +165,14 @@ def test_pipe_specs_stream_command_output(served, tmp_path):
     assert epoch_keys(f"pipe:cat {root}/{{000000..000003}}.tar") == Counter(keys[: 4 * PER_SHARD])
 
 
+def test_a_pipe_that_fails_mid_shard_is_rerun_and_its_head_dropped(served, tmp_path):
+    server, root, keys = served
+    shard, marker = os.path.join(root, "000001.tar"), tmp_path / "failed-once"
+    command = f"if [ -e {marker} ]; then cat {shard}; else touch {marker}; head -c 3000 {shard}; exit 1; fi"
+    found, skips, _ = read_all(f"pipe:{command}")
+    assert found == keys[PER_SHARD: 2 * PER_SHARD] and skips == {} and marker.exists()
+
+
 def test_braces_that_are_no_pattern_stay_in_a_pipe_command():
     from ldm.data.sources.webdataset import brace_expand
 
