@@ -4,14 +4,19 @@ Shards are given as one path, a folder, a glob (`shards/*.tar`) or a brace patte
 `.tar.gz` streams too. Remote shards: `http(s)://host/shards/{000000..000031}.tar` or `pipe:CMD` (the command
 writes the shard to stdout, e.g. `pipe:aws s3 cp s3://bucket/{000..009}.tar -`), brace-expanded without any
 existence check (HTTP has no listing) and streamed by ldm.data.remote (read timeout, bounded retries that
-resume at the byte reached), never copied to disk. Files are grouped into records by key: the path up to the first dot of the base name
-(`a/0001.jpg` + `a/0001.txt` -> key `a/0001`). Image from jpg/jpeg/png/webp/bmp; caption from `.txt`, else from
-`caption_key` (default "caption", then "text") inside `.json`.
+resume at the byte reached), never copied to disk. Every rank and DataLoader worker opens only its own shards
+(ldm.data.dataset: consumer c of n = ranks x workers takes shards c, c+n, ...: a partition, as webdataset's
+split_by_node then split_by_worker make one, with another assignment).
+
+Files are grouped into records by key: the path up to the first dot of the base name (`a/0001.jpg` +
+`a/0001.txt` -> key `a/0001`). Image from jpg/jpeg/png/webp/bmp; caption from `.txt`, else from `caption_key`
+(default "caption", then "text") inside `.json`.
 
 Yields records {"image_bytes": bytes, "caption": bytes | str | None, "key": str}; a shard cut off in the
-middle yields its complete records then Skip("truncated_shard"); a shard that cannot be opened Skip("unreadable_shard"). A remote shard that fails for good (after its
-retries) yields Skip(reason) with ldm.data.remote's reason (shard_unreachable, shard_http_404, ...): before its
-first record that is the whole shard; mid-way its complete records are kept and the rest is that one skip.
+middle yields its complete records then Skip("truncated_shard"); a shard that cannot be opened
+Skip("unreadable_shard"). A remote shard that fails for good (after its retries) yields Skip(reason) with
+ldm.data.remote's reason (shard_unreachable, shard_http_404, ...): before its first record that is the whole
+shard; mid-way its complete records are kept and the rest of the shard is that one skip.
 """
 from __future__ import annotations
 
