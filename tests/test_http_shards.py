@@ -158,6 +158,15 @@ def test_a_dead_shard_server_ends_training_input_with_the_counts_not_a_hang(tmp_
     assert stream.epoch == 1 and time.monotonic() - start < 30
 
 
+def test_a_stream_stopped_mid_epoch_reports_the_skips_so_far(served):
+    server, _, keys = served
+    dataset = open_dataset(f"{server.url()}/{{missing,000000,000001}}.tar", resolution=16, shuffle=False)
+    stream = BatchStream(dataset, batch_size=2)
+    assert next(iter(stream))["key"] == keys[:2]
+    skipped = stream.skipped()
+    assert dict(skipped.counts) == {"shard_http_404": 1} and "missing.tar" in skipped.report()
+
+
 def test_pipe_specs_stream_command_output(served, tmp_path):
     server, root, keys = served
     found, skips, _ = read_all(f"pipe:cat {root}/{PATTERN}")
@@ -244,6 +253,24 @@ def test_ldm_train_over_http_resumes_mid_epoch_as_if_never_stopped(served, tmp_p
     assert list(resumed["losses"]) == [4, 5, 6]
     assert all(abs(resumed["losses"][s] - straight["losses"][s]) <= 1e-6 for s in (4, 5, 6))
     assert os.path.isfile(os.path.join(resumed["checkpoint"], "pipeline", "model_index.json"))
+
+
+@pytest.mark.slow
+def test_ldm_train_ends_with_the_skip_counts(served, tmp_path, capsys):
+    from ldm.training import train_ldm
+    from ldm.training.ldm_config import TrainLDMConfig
+
+    server, _, _ = served
+    names = ",".join([f"{i:06d}" for i in range(SHARDS)] + ["missing"])  # a 404 among the shards
+    cfg = TrainLDMConfig(model="tiny", data=f"{server.url()}/{{{names}}}.tar", resolution=16, batch_size=8,
+                         max_steps=7, lr_warmup_steps=0, output_dir=str(tmp_path / "run"), checkpoint_every=1000,
+                         validation_every=1000, num_validation_prompts=0, val_loss_samples=4, report_to="none",
+                         use_ema=False)  # 6 batches an epoch: the first epoch, with its 404, is over by step 7
+    cfg.validate()
+    # once in each epoch the run reached: all of the first, the start of the second (its seeded order has the 404
+    # before the first batch)
+    assert train_ldm.main(cfg)["skipped"] == {"shard_http_404": 2}
+    assert "train_ldm: rank 0: skipped 2 samples: 2 shard_http_404" in capsys.readouterr().out
 
 
 RANK_KEYS = """

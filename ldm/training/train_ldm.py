@@ -241,13 +241,16 @@ def main(cfg: TrainLDMConfig, dataset=None, val_dataset=None) -> dict:
     pipeline = os.path.join(result["checkpoint"], "pipeline") if result["checkpoint"] else None
     accelerator.print(where_written("train_ldm", "pipeline folder (ldm generate --model PATH)", pipeline,
                                     cfg.output_dir))
+    skipped = trainer.stream.skipped()  # ldm.data streams: bad samples, unreachable shards, ... of this run
+    if skipped.total:
+        print(f"train_ldm: rank {accelerator.process_index}: {skipped.report()}", flush=True)
     masked = mask_report(trainer.has_mask) if cfg.masked_loss else None
     if masked:
         accelerator.print(f"train_ldm: masked loss: {masked['with_mask']} of {masked['images']} images trained on "
                           f"(this process) had a mask; the others counted every pixel")
     return {"step": result["step"], "losses": result["losses"], "val": result["history"],
             "checkpoint": result["checkpoint"], "stopped_by": result["stopped_by"],
-            "nonfinite_total": result["nonfinite_total"], "masked_images": masked}
+            "nonfinite_total": result["nonfinite_total"], "masked_images": masked, "skipped": dict(skipped.counts)}
 
 
 def mask_report(has_mask: dict[str, bool]) -> dict:
