@@ -9,6 +9,7 @@ Spec forms (a prefix forces the kind; without one it is inferred):
     A+B                              the built-in sources above mixed, e.g. shapes:2000@32+photos:2000@32
     folder:DIR  | DIR                a folder of images (recursive) with captions
     wds:PATTERN | x.tar | "s/{000..009}.tar" | "s/*.tar" | a folder of .tar shards
+    "http(s)://host/s/{000..009}.tar" | "pipe:CMD"   remote .tar shards, streamed (ldm.data.remote)
     parquet:PATH | x.parquet | "p/*.parquet" | a folder of .parquet files
     coco:JSON   | captions_*.json    COCO captions plus its image folder (image_dir= to set it)
     hf:DIR      | a save_to_disk folder
@@ -25,6 +26,7 @@ import numpy as np
 from ldm.data.dataset import ImageTextDataset
 from ldm.data.decode import MAX_PIXELS, MIN_SIDE
 from ldm.data.digits import DEFAULT_RESOLUTION, DigitsDataset, parse_digits
+from ldm.data.remote import is_remote
 from ldm.data.shapes import ShapesDataset
 from ldm.data.sources.coco import CocoSource
 from ldm.data.sources.folder import FolderSource
@@ -76,6 +78,11 @@ def open_mixed(spec: str, two_shape_fraction: float, seed: int):
 
 def infer_kind(spec: str) -> tuple[str, str]:
     """Returns (kind, location) for a spec, inferring the kind from the path when there is no prefix."""
+    if is_remote(spec):  # http(s):// and pipe: name .tar shards (webdataset's convention); nothing else streams
+        if not spec.lower().startswith("pipe:") and not re.search(r"\.(tar|tgz|tar\.gz)\b", spec.lower()):
+            raise ValueError(f"{spec!r}: only webdataset .tar shards stream over http(s); name them, e.g. "
+                             "'http://host:8000/shards/{000000..000031}.tar', or copy other formats locally")
+        return "wds", spec
     prefix, sep, rest = spec.partition(":")
     if sep and prefix in KINDS and not os.path.exists(spec):
         return prefix, rest if prefix not in BUILT_IN else spec
@@ -106,15 +113,16 @@ def infer_kind(spec: str) -> tuple[str, str]:
 
 def open_source(spec, caption: str | None = None, caption_column: str | None = None, image_dir: str | None = None,
                 split: str = "train", two_shape_fraction: float = 0.25, seed: int = 0, masks: bool = False,
-                mask_dir: str | None = None):
+                mask_dir: str | None = None, shard_timeout: float = 30.0, shard_retries: int = 3):
     """Returns (source, native resolution or None) for a spec string (or a map-style data set of raw samples).
-    masks / mask_dir: a folder's records name their mask files (ldm.data.masks); other sources have alpha only."""
+    masks / mask_dir: a folder's records name their mask files (ldm.data.masks); other sources have alpha only.
+    shard_timeout / shard_retries: remote shards' read timeout (s) and retries (ldm.data.remote)."""
     if mask_dir and (not isinstance(spec, str) or infer_kind(spec)[0] != "folder"):
         raise ValueError(f"--mask-dir works with a folder of images, not {spec!r}; other sources can carry loss "
                          "masks in their images' alpha channel")
     if not isinstance(spec, str):
         return MapSource(spec), None
-    if "+" in spec and not os.path.exists(spec):
+    if "+" in spec and not os.path.exists(spec) and not is_remote(spec):
         return open_mixed(spec, two_shape_fraction, seed)
     kind, location = infer_kind(spec)
     if kind == "shapes":
@@ -135,7 +143,8 @@ def open_source(spec, caption: str | None = None, caption_column: str | None = N
         return FolderSource(location, caption=caption, caption_column=caption_column or "text", masks=masks,
                             mask_dir=mask_dir), None
     if kind == "wds":
-        return WebDatasetSource(location, caption_key=caption_column or "caption"), None
+        return WebDatasetSource(location, caption_key=caption_column or "caption", timeout=shard_timeout,
+                                retries=shard_retries), None
     if kind == "parquet":
         return ParquetSource(location, caption_column=caption_column), None
     if kind == "coco":
@@ -150,7 +159,7 @@ def open_dataset(spec, resolution: int | None = None, center_crop: bool = True, 
                  aspect_buckets: bool = False, caption_column: str | None = None, image_dir: str | None = None,
                  split: str = "train", two_shape_fraction: float = 0.25, min_side: int = MIN_SIDE,
                  max_pixels: int = MAX_PIXELS, shuffle_buffer: int = 0, masks: bool = False,
-                 mask_dir: str | None = None) -> ImageTextDataset:
+                 mask_dir: str | None = None, shard_timeout: float = 30.0, shard_retries: int = 3) -> ImageTextDataset:
     """Returns an iterable of {"pixel_values": (3,R,R) in [-1,1], "caption": str, "key": str} for one rank.
 
     resolution: output side (default: the spec's own for shapes:N@R, else 64). caption: instance prompt or
@@ -158,9 +167,11 @@ def open_dataset(spec, resolution: int | None = None, center_crop: bool = True, 
     shuffle: a new unit order (shards, files, indices) each epoch; shuffle_buffer > 1 also mixes records
     within shards. min_side / max_pixels: smaller / larger images are skipped (too_small / too_large).
     masks: samples also hold "mask" (1,R,R) and "has_mask" (ldm.data.masks: NAME.mask.png, mask_dir or alpha).
+    shard_timeout / shard_retries: http(s):// and pipe: shards: seconds without a byte before a retry, and retries
+    (each resumed at the byte reached) before the shard is skipped and counted (ldm.data.remote).
     """
     source, native = open_source(spec, caption, caption_column, image_dir, split, two_shape_fraction, seed, masks,
-                                 mask_dir)
+                                 mask_dir, shard_timeout, shard_retries)
     transform = ImageTransform(resolution or native or 64, center_crop, random_flip, aspect_buckets, masks=masks)
     return ImageTextDataset(source, transform, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
                             min_side=min_side, max_pixels=max_pixels, shuffle_buffer=shuffle_buffer)

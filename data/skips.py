@@ -18,6 +18,12 @@ REASONS = {
     "missing_image": "record without image data",
     "truncated_shard": "shard cut off in the middle (the partial record is dropped)",
     "unreadable_shard": "shard or file that cannot be opened",
+    # remote shards (ldm.data.remote), each after its retries; mid-shard, the shard's remaining records
+    "shard_unreachable": "remote shard whose server cannot be reached (refused, reset, DNS)",
+    "shard_http_404": "remote shard not found (HTTP 404 or 410)",
+    "shard_http_error": "remote shard answered with another HTTP error status",
+    "shard_stalled": "remote shard that sent nothing for the read timeout",
+    "pipe_failed": "pipe: command that exited with an error status",
     "bad_mask": "loss mask file that cannot be read (empty, not an image or corrupt)",
     "mask_size_mismatch": "loss mask whose size is not its image's",
 }

@@ -26,6 +26,10 @@ class TrainLDMConfig(ExposureBias, MaskedLoss, CaptionTags, TrainingConfig):
     num_workers: int = setting(0, "[0, 256]")
     latent_cache: str = ""                 # a folder: VAE latents + token ids cached there on first use, reused
                                            # while VAE and transforms match (ldm.data.ensure_latent_cache)
+    shard_timeout: float = setting(30.0, "(0, 86400]")  # http(s):// and pipe: shards: seconds without a byte
+                                                        # before a retry (ldm.data.remote)
+    shard_retries: int = setting(3, "[0, 100]")  # retries of a failing remote shard, each resumed at the byte
+                                                 # reached, before it is skipped and counted
     # model
     vae: str = ""                          # a VAE folder (from train_vae.py); "" = the model folder's / preset's
     text_encoder: str = ""                 # a folder with text_encoder/ (and tokenizer/) from `ldm train-text-encoder`

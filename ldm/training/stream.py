@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ldm.data.buckets import bucket_batches
+from ldm.data.skips import SkipCounter
 
 
 def collate_dicts(samples: list[dict]) -> dict:
@@ -40,6 +41,8 @@ class BatchStream:
         self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that overlap with compute
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch_in_epoch = 0, 0
+        self.skips = SkipCounter()  # the last whole epoch's
+        self.run_skips, self.loader = SkipCounter(), None  # every finished epoch's of this run; the epoch's loader
         self.streaming = isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__")
         shapes = None if self.streaming or not hasattr(dataset, "shapes") else dataset.shapes()
         self.shapes = shapes if shapes and len(set(shapes)) > 1 else None  # None: one size, plain batches
@@ -58,6 +61,14 @@ class BatchStream:
     def seek(self, position: dict) -> None:
         self.epoch, self.batch_in_epoch = int(position["epoch"]), int(position["batch_in_epoch"])
 
+    def skipped(self) -> SkipCounter:
+        """Returns the samples skipped so far in this run (ldm.data streams): finished epochs and the current one,
+        as far as its batches have arrived; a run that stops mid-epoch reports its partial epoch too."""
+        total = SkipCounter(self.run_skips.counts, self.run_skips.examples)
+        if self.loader is not None:
+            total.update(self.loader.skips)
+        return total
+
     def _epoch_batches(self, epoch: int, start: int):
         """Yields the epoch's batches after the first `start` ones."""
         if self.streaming:
@@ -66,9 +77,12 @@ class BatchStream:
             loader = make_dataloader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                      pin_memory=self.pin_memory)
             loader.set_epoch(epoch)
+            self.loader = loader
             for i, batch in enumerate(loader):
                 if i >= start:  # resuming mid-epoch: the first `start` were consumed before the stop
                     yield batch
+            self.skips, self.loader = loader.skips, None  # the whole epoch's, for the message if it yielded none
+            self.run_skips.update(loader.skips)
             return
         if self.shapes is not None:  # the same plan on every rank: the ranks' shares are disjoint
             plan = bucket_batches(self.shapes, self.batch_size, random.Random(f"buckets/{self.seed}/{epoch}"))
@@ -90,6 +104,7 @@ class BatchStream:
                 self.batch_in_epoch += 1
                 yield batch
             if produced == 0 and self.batch_in_epoch == 0:
-                raise ValueError("the data set yielded no batch in a whole epoch; is it empty, or smaller "
+                skipped = f" ({self.skips.report()})" if self.skips.total else ""  # e.g. every shard unreachable
+                raise ValueError(f"the data set yielded no batch in a whole epoch{skipped}; is it empty, or smaller "
                                  "than one batch per process?")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0

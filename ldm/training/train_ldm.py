@@ -72,9 +72,10 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
     from ldm.data import ensure_latent_cache, open_dataset
 
     masks = dict(masks=True, mask_dir=cfg.mask_dir or None) if cfg.masked_loss else {}  # ldm.data.masks
+    remote = dict(shard_timeout=cfg.shard_timeout, shard_retries=cfg.shard_retries)  # ldm.data.remote
     if cfg.latent_cache:
         kwargs = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
-                      device=accelerator.device, **masks)
+                      device=accelerator.device, **masks, **remote)
         if accelerator.is_main_process:
             ensure_latent_cache(cfg.data, parts["vae"], parts["tokenizer"], cfg.latent_cache, **kwargs)
         accelerator.wait_for_everyone()  # the other ranks read the finished cache, never a half-built one
@@ -82,7 +83,7 @@ def open_training_data(cfg: TrainLDMConfig, rank: int, world_size: int, dataset=
         return cache, cache
 
     common = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, aspect_buckets=cfg.aspect_buckets,
-                  seed=cfg.seed)
+                  seed=cfg.seed, **remote)
     train = open_dataset(cfg.data, random_flip=cfg.random_flip, rank=rank, world_size=world_size, **common, **masks)
     return train, open_dataset(cfg.data, shuffle=False, **common)
 
@@ -283,13 +284,16 @@ def main(cfg: TrainLDMConfig, dataset=None, val_dataset=None) -> dict:
     pipeline = os.path.join(result["checkpoint"], "pipeline") if result["checkpoint"] else None
     accelerator.print(where_written("train_ldm", "pipeline folder (ldm generate --model PATH)", pipeline,
                                     cfg.output_dir))
+    skipped = trainer.stream.skipped()  # ldm.data streams: bad samples, unreachable shards, ... of this run
+    if skipped.total:
+        print(f"train_ldm: rank {accelerator.process_index}: {skipped.report()}", flush=True)
     masked = mask_report(trainer.has_mask) if cfg.masked_loss else None
     if masked:
         accelerator.print(f"train_ldm: masked loss: {masked['with_mask']} of {masked['images']} images trained on "
                           f"(this process) had a mask; the others counted every pixel")
     return {"step": result["step"], "losses": result["losses"], "val": result["history"],
             "checkpoint": result["checkpoint"], "stopped_by": result["stopped_by"],
-            "nonfinite_total": result["nonfinite_total"], "masked_images": masked}
+            "nonfinite_total": result["nonfinite_total"], "masked_images": masked, "skipped": dict(skipped.counts)}
 
 
 def mask_report(has_mask: dict[str, bool]) -> dict:
