@@ -31,6 +31,7 @@ from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
 from ldm.training.config import every
 from ldm.training.optimizers import lr_schedule_for, set_mode
 from ldm.training.optimizers import make_optimizer  # noqa: F401  (re-exported: the trainers call loop.make_optimizer)
+from ldm.training.ranks import collective_timeout, lost_ranks_named
 from ldm.training.signals import StopRequest, agreed_stop_reason
 
 
@@ -186,7 +187,9 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
                     disable=not accelerator.is_local_main_process)
     # Warnings logged while the bar is drawn (the data's skipped-samples report at each epoch's end) go through
     # tqdm.write: each on a line of its own, the bar redrawn below it, instead of glued to the bar's line.
-    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
+    # A rank that dies or hangs: the others stop with an error naming it (ldm.training.ranks), not a bare gloo one.
+    named = lost_ranks_named(accelerator, lambda: resolve_resume("latest", settings.output_dir))
+    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm), named:
         while state["step"] < settings.max_steps:
             set_mode(trainer.optimizer, training=True)  # schedule-free: step from y (validation, checkpoints: x)
             loss, logs = accumulated_step(accelerator, trainer, settings, state)
@@ -231,13 +234,15 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, max_steps: int, n
 
 
 def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | None = None):
-    """Returns the Accelerator of a run: mixed precision and gradient accumulation from `cfg`; several processes on
-    a machine without GPUs join with gloo (cpu=True), as `accelerate launch --multi_gpu` there needs."""
+    """Returns the Accelerator of a run: mixed precision, gradient accumulation and the collectives' timeout
+    (cfg.ddp_timeout) from `cfg`; several processes on a machine without GPUs join with gloo (cpu=True), as
+    `accelerate launch --multi_gpu` there needs."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(cpu=cpu or several_cpu_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        mixed_precision=cfg.mixed_precision, log_with=log_with,
+                       kwargs_handlers=[collective_timeout(cfg.ddp_timeout)],
                        project_config=ProjectConfiguration(project_dir=output_dir,
                                                            logging_dir=os.path.join(output_dir, "logs")))
