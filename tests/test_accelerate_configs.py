@@ -24,7 +24,8 @@ CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "conf
 EXPECTED = {"cpu_2proc.yaml": ("MULTI_GPU", "torchrun", 2), "cpu_2node.yaml": ("MULTI_GPU", "torchrun", 2),
             "single_gpu.yaml": ("NO", "simple", 1),
             "multi_gpu.yaml": ("MULTI_GPU", "torchrun", 8), "multi_node.yaml": ("MULTI_GPU", "torchrun", 32),
-            "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed", 8), "fsdp.yaml": ("FSDP", "torchrun", 8)}
+            "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed", 8), "deepspeed_zero2_cpu.yaml": ("DEEPSPEED", "deepspeed", 2),
+            "fsdp.yaml": ("FSDP", "torchrun", 8)}
 
 
 def launch_args(name: str):

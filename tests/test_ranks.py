@@ -219,3 +219,36 @@ def test_lost_message_names_ranks_and_the_checkpoint():
                     "/runs/x/checkpoints/checkpoint-00000010; relaunch with --resume latest")
     assert "node 0 is gone" in ranks.lost_message(1, 2, None, 3.0, None)
     assert "relaunch from the start" in ranks.lost_message(1, 2, [0], 3.0, None)
+
+
+@pytest.mark.parametrize("seconds", [600, 7.5])
+def test_the_collective_timeout_reaches_init_process_group_even_at_accelerates_default(seconds):
+    assert ranks.collective_timeout(seconds).to_kwargs() == {"timeout": timedelta(seconds=seconds)}
+    assert ranks.collective_timeout(seconds, "gloo").to_kwargs() == {"timeout": timedelta(seconds=seconds),
+                                                                      "backend": "gloo"}
+
+
+ZERO2 = ["--config_file", "configs/accelerate/deepspeed_zero2_cpu.yaml"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_cpu_ranks_shards_the_optimizer_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setitem(ENV, "DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (it would look for CUDA)
+    steps = ["--checkpoint-every", "3", "--use-ema", "false"]
+    straight, resumed_out = tmp_path / "straight", tmp_path / "resumed"
+    text = run_to_end(ZERO2, ["--out", str(straight), "--max-steps", "6", *steps], tmp_path / "straight.log", 600)
+    assert "train_ldm config (2 process(es))" in text and "DeepSpeed: the non-finite-loss guard" in text
+    state = straight / "checkpoints" / "checkpoint-00000006" / "accelerate" / "pytorch_model"
+    assert sorted(os.listdir(state)) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                         "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # ZeRO: one shard per rank
+    from_three = str(straight / "checkpoints" / "checkpoint-00000003")  # a second run continues the first's
+    run_to_end(ZERO2, ["--out", str(resumed_out), "--max-steps", "6", *steps, "--resume", from_three], tmp_path / "res.log")
+    resumed, reference = losses(resumed_out), losses(straight)
+    assert sorted(resumed) == [4, 5, 6] and sorted(reference) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(resumed[s] - reference[s]) for s in resumed) <= 1e-6
+    unet = os.path.join("checkpoints", "checkpoint-00000006", "pipeline", "unet", "diffusion_pytorch_model.safetensors")
+    a, b = load_file(straight / unet), load_file(resumed_out / unet)  # the trained weights (no EMA), gathered by rank 0
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline.from_pretrained(str(straight / "checkpoints" / "checkpoint-00000006" / "pipeline"))

@@ -241,8 +241,12 @@ def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | No
     from accelerate.utils import ProjectConfiguration
 
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(cpu=cpu or several_cpu_processes, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    # DeepSpeed on CPUs (DS_ACCELERATOR=cpu): Accelerate starts DeepSpeed only when cpu=False, and counts its
+    # processes only when given a backend (it has none for a machine without an accelerator): name gloo.
+    deepspeed = several_cpu_processes and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(cpu=cpu or (several_cpu_processes and not deepspeed),
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        mixed_precision=cfg.mixed_precision, log_with=log_with,
-                       kwargs_handlers=[collective_timeout(cfg.ddp_timeout)],
+                       kwargs_handlers=[collective_timeout(cfg.ddp_timeout, "gloo" if deepspeed else None)],
                        project_config=ProjectConfiguration(project_dir=output_dir,
                                                            logging_dir=os.path.join(output_dir, "logs")))

@@ -32,11 +32,17 @@ class RanksLost(RuntimeError):
     """A collective failed because these ranks are gone (dead or hung)."""
 
 
-def collective_timeout(seconds: float):
-    """Returns Accelerate's InitProcessGroupKwargs whose timeout bounds every collective (gloo and NCCL alike)."""
+def collective_timeout(seconds: float, backend: str | None = None):
+    """Returns Accelerate's InitProcessGroupKwargs whose timeout bounds every collective (gloo and NCCL alike);
+    `backend` None leaves the backend to Accelerate."""
     from accelerate.utils import InitProcessGroupKwargs
 
-    return InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
+    handler = InitProcessGroupKwargs(**({"backend": backend} if backend else {}), timeout=timedelta(seconds=seconds))
+    # Accelerate passes on only the values that differ from a default instance's (timeout 600 s): a --ddp-timeout
+    # of 600 would be dropped and torch's gloo default (1800 s) used instead. Pass what was asked, always.
+    asked = {"timeout": handler.timeout, **({"backend": backend} if backend else {})}
+    handler.to_kwargs = lambda: dict(asked)
+    return handler
 
 
 def _key(rank: int) -> str:
