@@ -244,9 +244,10 @@ def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | No
     # DeepSpeed on CPUs (DS_ACCELERATOR=cpu): Accelerate starts DeepSpeed only when cpu=False, and counts its
     # processes only when given a backend (it has none for a machine without an accelerator): name gloo.
     deepspeed = several_cpu_processes and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    init = collective_timeout(cfg.ddp_timeout, "gloo" if deepspeed else None)  # None: Accelerate's defaults
     return Accelerator(cpu=cpu or (several_cpu_processes and not deepspeed),
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                        mixed_precision=cfg.mixed_precision, log_with=log_with,
-                       kwargs_handlers=[collective_timeout(cfg.ddp_timeout, "gloo" if deepspeed else None)],
+                       kwargs_handlers=[init] if init else None,
                        project_config=ProjectConfiguration(project_dir=output_dir,
                                                            logging_dir=os.path.join(output_dir, "logs")))

@@ -7,8 +7,8 @@ its sockets, so a gloo collective waiting on it fails at once ("Connection reset
 
 What is added here, for what the agent cannot see:
 - a hung rank (stopped, deadlocked, its machine unplugged: no socket is closed) leaves the others in a collective
-  until the process group's timeout; `collective_timeout` sets it from --ddp-timeout (torch's own default, 30 min,
-  otherwise).
+  until the process group's timeout; `collective_timeout` sets it from --ddp-timeout (0: torch's default, 30 min
+  for gloo, 10 min for NCCL).
 - on another node (several `accelerate launch` agents, one per machine) a rank's agent reports only its own
   ranks: a surviving rank's error names an address ("Read error [127.0.0.1]:65180"), not the rank that died.
   While training, each rank's `Heartbeat` thread counts up a key of its own in the rendezvous store (c10d's
@@ -24,8 +24,8 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 
-BEAT_S = 0.5          # each rank's heartbeat period
-SILENT_AFTER_S = 3.0  # a count unchanged this long = a lost rank; well under the agent's 30 s SIGTERM grace
+BEAT_S = 1.0          # each rank's heartbeat period (1 store write a second per rank)
+SILENT_AFTER_S = 5.0  # a count unchanged this long = a lost rank; well under the agent's 30 s SIGTERM grace
 
 
 class RanksLost(RuntimeError):
@@ -33,14 +33,18 @@ class RanksLost(RuntimeError):
 
 
 def collective_timeout(seconds: float, backend: str | None = None):
-    """Returns Accelerate's InitProcessGroupKwargs whose timeout bounds every collective (gloo and NCCL alike);
-    `backend` None leaves the backend to Accelerate."""
+    """Returns Accelerate's InitProcessGroupKwargs that bounds every collective (gloo and NCCL alike) by `seconds`
+    (0: torch's default, 30 min for gloo, 10 min for NCCL) and names `backend` (None: Accelerate's choice), or None
+    when there is nothing to pass."""
     from accelerate.utils import InitProcessGroupKwargs
 
-    handler = InitProcessGroupKwargs(**({"backend": backend} if backend else {}), timeout=timedelta(seconds=seconds))
+    asked = {"timeout": timedelta(seconds=seconds), "backend": backend}
+    asked = {key: value for key, value in asked.items() if value}  # timedelta(0) is falsy too
+    if not asked:
+        return None
+    handler = InitProcessGroupKwargs(**asked)
     # Accelerate passes on only the values that differ from a default instance's (timeout 600 s): a --ddp-timeout
     # of 600 would be dropped and torch's gloo default (1800 s) used instead. Pass what was asked, always.
-    asked = {"timeout": handler.timeout, **({"backend": backend} if backend else {})}
     handler.to_kwargs = lambda: dict(asked)
     return handler
 
@@ -110,8 +114,8 @@ def lost_message(rank: int, world_size: int, missing: list[int] | None, wait_s: 
     if missing is None:
         who = "the rendezvous store (held by node 0's launcher) is unreachable: node 0 is gone"
     else:
-        who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {world_size} "
-               f"{'have' if len(missing) > 1 else 'has'} not beaten for {wait_s:g} s: dead (killed, out of memory, its machine gone) or stopped")
+        who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {world_size} sent no "
+               f"heartbeat for {wait_s:g} s: dead (killed, out of memory, its machine gone) or stopped")
     resume = (f"the last complete checkpoint is {latest}; relaunch with --resume latest" if latest
               else "no checkpoint was written yet; relaunch from the start")
     return f"rank {rank} stops: a collective failed and {who}; {resume}"
