@@ -51,7 +51,7 @@ def collective_timeout(seconds: float, backend: str | None = None):
 
 def _key(rank: int) -> str:
     # the agent's store outlives a restart (--max_restarts): an earlier attempt's counts must not count
-    return f"ldm/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
+    return f"ldm-heartbeat:{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}:{rank}"
 
 
 def connect_store(timeout_s: float = 10.0):
