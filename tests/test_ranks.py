@@ -1,7 +1,9 @@
 """A dead, stopped or remote rank on real two-rank launches over gloo (CPU): kill -9 of a rank makes the other exit
 within a bound, naming it, and --resume latest then continues exactly; a stopped rank is named after --ddp-timeout;
 two "nodes" on localhost (configs/accelerate/cpu_2node.yaml) train end to end, and kill -9 of node 1 stops node 0
-naming rank 1. The roll-call logic itself (ldm.training.ranks) is checked in-process against a real TCPStore."""
+naming rank 1; DeepSpeed ZeRO-2 on two CPU ranks (deepspeed_zero2_cpu.yaml) shards the optimiser, resumes exactly
+and writes a pipeline folder. The heartbeat roll call itself (ldm.training.ranks) is checked in-process against a
+real TCPStore."""
 import json
 import os
 import signal
