@@ -22,9 +22,11 @@ from ldm.training.ldm_config import TrainLDMConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "accelerate", "*.yaml")))
 # file -> (distributed type, launcher Accelerate's `launch_command` picks for it, processes in all)
-EXPECTED = {"cpu_2proc.yaml": ("MULTI_GPU", "torchrun", 2), "single_gpu.yaml": ("NO", "simple", 1),
+EXPECTED = {"cpu_2proc.yaml": ("MULTI_GPU", "torchrun", 2), "cpu_2node.yaml": ("MULTI_GPU", "torchrun", 2),
+            "single_gpu.yaml": ("NO", "simple", 1),
             "multi_gpu.yaml": ("MULTI_GPU", "torchrun", 8), "multi_node.yaml": ("MULTI_GPU", "torchrun", 32),
-            "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed", 8), "fsdp.yaml": ("FSDP", "torchrun", 8),
+            "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed", 8),
+            "deepspeed_zero2_cpu.yaml": ("DEEPSPEED", "deepspeed", 2), "fsdp.yaml": ("FSDP", "torchrun", 8),
             "fsdp_cpu_2proc.yaml": ("FSDP", "torchrun", 2)}
 
 

@@ -42,6 +42,9 @@ class TrainingConfig:
     checkpoints_total_limit: int = setting(2, "[0, 1e6]")  # keep the newest this many; 0 = keep every checkpoint
     resume: str = ""                       # "", "latest" or a checkpoint folder
     seed: int = setting(0, "[0, 4294967295]")
+    ddp_timeout: float = setting(0.0, "[0, 1e7]")  # seconds a collective waits for a hung rank before the others
+                                                   # stop (a dead one is seen at once); 0 = torch's default (30 min
+                                                   # gloo, 10 min NCCL); above the longest validation or checkpoint
 
     def validate(self) -> None:
         """Raises ValueError naming the first shared setting out of its range or choices; a command's validate()

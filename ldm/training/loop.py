@@ -31,6 +31,7 @@ from ldm.training.checkpoint import read_state, resolve_resume, save_checkpoint
 from ldm.training.config import every
 from ldm.training.optimizers import lr_schedule_for, set_mode
 from ldm.training.optimizers import make_optimizer  # noqa: F401  (re-exported: the trainers call loop.make_optimizer)
+from ldm.training.ranks import collective_timeout, lost_ranks_named
 from ldm.training.signals import StopRequest, agreed_stop_reason
 
 
@@ -190,7 +191,9 @@ def train(accelerator, trainer: Trainer, settings: LoopSettings) -> dict:
                     disable=not accelerator.is_local_main_process)
     # Warnings logged while the bar is drawn (the data's skipped-samples report at each epoch's end) go through
     # tqdm.write: each on a line of its own, the bar redrawn below it, instead of glued to the bar's line.
-    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
+    # A rank that dies or hangs: the others stop with an error naming it (ldm.training.ranks), not a bare gloo one.
+    named = lost_ranks_named(accelerator, lambda: resolve_resume("latest", settings.output_dir))
+    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm), named:
         while state["step"] < settings.max_steps:
             set_mode(trainer.optimizer, training=True)  # schedule-free: step from y (validation, checkpoints: x)
             loss, logs = accumulated_step(accelerator, trainer, settings, state)
@@ -235,18 +238,23 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, max_steps: int, n
 
 
 def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | None = None):
-    """Returns the Accelerator of a run: mixed precision and gradient accumulation from `cfg`; several processes on
-    a machine without GPUs join with gloo (cpu=True), as `accelerate launch --multi_gpu` there needs, and shard
-    the model with FSDP2 when launched with an FSDP config."""
+    """Returns the Accelerator of a run: mixed precision, gradient accumulation and the collectives' timeout
+    (cfg.ddp_timeout) from `cfg`; several processes on a machine without GPUs join with gloo (cpu=True), as
+    `accelerate launch --multi_gpu` there needs, and shard the model with FSDP2 when launched with an FSDP config."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     from ldm.training.fsdp import allow_fsdp_on_cpu
 
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu or several_cpu_processes,
+    # DeepSpeed on CPUs (DS_ACCELERATOR=cpu): Accelerate starts DeepSpeed only when cpu=False, and counts its
+    # processes only when given a backend (it has none for a machine without an accelerator): name gloo.
+    deepspeed = several_cpu_processes and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    init = collective_timeout(cfg.ddp_timeout, "gloo" if deepspeed else None)  # None: Accelerate's defaults
+    accelerator = Accelerator(cpu=cpu or (several_cpu_processes and not deepspeed),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision, log_with=log_with,
+                              kwargs_handlers=[init] if init else None,
                               project_config=ProjectConfiguration(project_dir=output_dir,
                                                                   logging_dir=os.path.join(output_dir, "logs")))
     allow_fsdp_on_cpu(accelerator)  # an FSDP launch config on a CPU: FSDP2 over gloo (ldm.training.fsdp)
