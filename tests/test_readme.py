@@ -96,7 +96,8 @@ def plan(command: str) -> str:
         return re.sub(r"checkpoint-\d{8}", "checkpoint-00000002", f"{command} {TINY_TRAINING}")
     if words[:2] == ["ldm", "generate"]:
         return re.sub(r"checkpoint-\d{8}", "checkpoint-00000002", command)  # the shortened run's checkpoint
-    if words[:2] in (["ldm", "diagnose"], ["ldm", "convert"], ["python", "-c"]) or " ".join(words[:2]) in SERVERS:
+    if words[:2] in (["ldm", "diagnose"], ["ldm", "convert"], ["python", "-c"], ["accelerate", "launch"]) \
+            or " ".join(words[:2]) in SERVERS:
         return command
     raise AssertionError(f"README command {command!r} is run neither by .ci/run nor by tests/test_readme.py: "
                          "add a rule to plan() (and run it in test_readme_commands_run) or drop it from the README")
@@ -170,7 +171,8 @@ def test_readme_commands_run(tmp_path):
     """Runs every README command that .ci/run does not, in order, then the README's Python blocks."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     (tmp_path / "docs").symlink_to(ROOT / "docs")  # `mkdocs serve -f docs/mkdocs.yml` runs from the repository root
-    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
+    for folder in ("benchmarks", "configs", "train"):  # accelerate launch --config_file configs/... train/...
+        (tmp_path / folder).symlink_to(ROOT / folder)
     ran = []
     for command in readme_commands():
         if run_by_ci(command):
