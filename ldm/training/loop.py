@@ -258,4 +258,6 @@ def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | No
                               project_config=ProjectConfiguration(project_dir=output_dir,
                                                                   logging_dir=os.path.join(output_dir, "logs")))
     allow_fsdp_on_cpu(accelerator)  # an FSDP launch config on a CPU: FSDP2 over gloo (ldm.training.fsdp)
+    if accelerator.state.deepspeed_plugin is not None:  # every trainer: our batch streams are no DataLoader it reads
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     return accelerator

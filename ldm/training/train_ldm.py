@@ -236,8 +236,6 @@ def setup(cfg: TrainLDMConfig, accelerator, dataset=None, val_dataset=None) -> L
                                     cfg.prodigy_d_coef)
     lr_scheduler = loop.make_lr_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, cfg.max_steps, world)
     unet, text_encoder = denoiser_of(parts), parts["text_encoder"]
-    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants it; our BatchStream is no DataLoader it reads
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     if cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
