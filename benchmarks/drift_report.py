@@ -1,0 +1,119 @@
+"""Tables and plots of benchmarks/compare_drift.py's results.json: drift, per-t bias and quality per (case, training
+remedy, sampling remedy, steps), the mean over seeds with the spread. Reads results.json only:
+
+    python benchmarks/drift_report.py runs/drift            # prints the tables, writes the PNGs beside results.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from statistics import mean
+
+from objectives_report import _pyplot
+
+METRICS = {"final_mean_gap": "final x0 mean gap", "peak_w2": "peak W2(x_t, q(x_t))", "quality": "quality",
+           "brightness_gap": "brightness gap"}
+
+
+def rows_of(results: dict) -> dict:
+    """Returns {(case, training, sampling, steps): [row per seed]} with each row's "peak_w2" added."""
+    table = {}
+    for case, seeds in results["runs"].items():
+        for runs in seeds.values():
+            for training, result in runs.items():
+                for row in result["rows"]:
+                    row = {**row, "peak_w2": max(row["w2"] + [row["final_w2"]])}
+                    table.setdefault((case, training, row["sampling"], row["steps"]), []).append(row)
+    return table
+
+
+def cell(rows: list[dict], key: str, percent: bool = False) -> str:
+    """Returns the seeds' mean of `key`, with the range when there are several: "0.31 (0.28-0.35)"."""
+    values = [r[key] for r in rows]
+    f = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:+.2f}" if "gap" in key else f"{v:.2f}")
+    spread = f" ({f(min(values))}..{f(max(values))})" if len(values) > 1 else ""
+    return f"{f(mean(values))}{spread}"
+
+
+def metric_table(results: dict, key: str) -> str:
+    """Returns a markdown table of one metric: a row per (case, training, sampling), a column per step count."""
+    table, steps = rows_of(results), results["settings"]["sample_steps"]
+    lines = [f"| case | training | sampling | " + " | ".join(f"{n} steps" for n in steps) + " |",
+             "|---" * (3 + len(steps)) + "|"]
+    for case, training, sampling in dict.fromkeys(k[:3] for k in table):
+        cells = [cell(table[(case, training, sampling, n)], key, key == "quality") for n in steps]
+        lines.append(f"| {case} | {training} | {sampling} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bias_table(results: dict) -> str:
+    """Returns a markdown table of the per-t bias (mean over channels, first seed) per (case, training remedy)."""
+    lines, header = [], None
+    for case, seeds in results["runs"].items():
+        for training, result in next(iter(seeds.values())).items():
+            bias = result["bias"]
+            if header is None:
+                header = "| case | training | " + " | ".join(f"t/T {t:.2f}" for t in bias["t"]) + " | max abs z |"
+                lines += [header, "|---" * (3 + len(bias["t"])) + "|"]
+            lines.append(f"| {case} | {training} | " + " | ".join(f"{b:+.3f}" for b in bias["bias"])
+                         + f" | {max(bias['max_z']):.0f} |")
+    return "\n".join(lines)
+
+
+def plot_traces(results: dict, case: str, steps: int, path: str) -> None:
+    """Plots the mean gap of x_t per sampling step (first seed) at `steps`: left, each training remedy sampled
+    plainly; right, the plain model under each sampling remedy."""
+    plt = _pyplot()
+    runs = next(iter(results["runs"][case].values()))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    for ax, pick, title in ((axes[0], lambda tr, s: s == "none", "training remedies (plain DDIM)"),
+                            (axes[1], lambda tr, s: tr == "none", "sampling remedies (plain training)")):
+        for training, result in runs.items():
+            for row in result["rows"]:
+                if row["steps"] == steps and pick(training, row["sampling"]):
+                    label = training if ax is axes[0] else row["sampling"]
+                    x = [i / len(row["mean_gap"]) for i in range(len(row["mean_gap"]) + 1)]
+                    ax.plot(x, row["mean_gap"] + [row["final_mean_gap"]], label=label)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set(title=title, xlabel="fraction of the sampling run")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean of x_t - mean of q(x_t)")
+    fig.suptitle(f"{case}: {steps} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_bias(results: dict, path: str) -> None:
+    """Plots the per-t bias (first seed), one panel per case, one line per training remedy."""
+    plt = _pyplot()
+    names = list(results["runs"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, case in zip(axes[0], names):
+        for training, result in next(iter(results["runs"][case].values())).items():
+            ax.plot(result["bias"]["t"], result["bias"]["bias"], marker=".", label=training)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set(title=case, xlabel="t/T (flow: sigma)")
+    axes[0][0].set_ylabel("mean of eps_pred - eps")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: str) -> None:
+    """Writes the plots to `out` and prints the tables."""
+    steps = results["settings"]["sample_steps"]
+    for case in results["runs"]:
+        plot_traces(results, case, steps[min(2, len(steps) - 1)], os.path.join(out, f"trace_{case}.png"))
+    plot_bias(results, os.path.join(out, "bias.png"))
+    for key, title in METRICS.items():
+        print(f"\n### {title}\n\n{metric_table(results, key)}")
+    print(f"\n### per-t bias\n\n{bias_table(results)}\n")
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1] if len(sys.argv) > 1 else "runs/drift"
+    with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+        write_report(json.load(f), folder)
