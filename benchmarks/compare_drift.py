@@ -46,13 +46,14 @@ class Settings:
     images_per_prompt: int = 2               # digits: 2 per digit; shapes: 20 held-out prompts x 1
     shapes_prompts: int = 20
     sample_steps: tuple = (10, 25, 50, 1000)
+    remedy_steps: tuple = (10, 25, 50)      # the sampling remedies' step counts (the plain sampler: all of them)
     sampling_remedies: tuple = ("none", "eps_scale", "restart", "dynamic_thresholding")
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "Settings":
         return cls(under_steps=3, normal_steps=3, vae_steps=3, num_samples=32, images_per_prompt=1,
-                   shapes_prompts=2, sample_steps=(10,))
+                   shapes_prompts=2, sample_steps=(10,), remedy_steps=(10,))
 
 
 def sampling_kwargs(remedy: str, threshold_max: float) -> dict:
@@ -153,7 +154,7 @@ def evaluate(pipe_dir: str, case: Case, data, settings: Settings, out: str) -> d
     mean, std = data["mean"], data["std"]
     rows = []
     for remedy in ("none",) if flow else settings.sampling_remedies:
-        for steps in settings.sample_steps:
+        for steps in settings.sample_steps if remedy == "none" else settings.remedy_steps:
             images, trace, final = sample(pipe, case, prompts, steps, settings.seed,
                                           sampling_kwargs(remedy, data["threshold_max"]))
             image_grid(images, columns=10).save(os.path.join(out, f"samples_{remedy}_{steps}.png"))
@@ -229,7 +230,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--quick", action="store_true", help="a smoke run: 3 training steps, 10 sampling steps")
     p.add_argument("--cases", nargs="+", default=list(cases(0, 0)), choices=list(cases(0, 0)))
     p.add_argument("--training-remedies", nargs="+", default=list(TRAINING_REMEDIES), choices=list(TRAINING_REMEDIES))
-    p.add_argument("--normal-remedies", nargs="+", default=["none", "flow"], choices=list(TRAINING_REMEDIES),
+    p.add_argument("--normal-remedies", nargs="+", default=["none"], choices=list(TRAINING_REMEDIES),
                    help="the training remedies of the normal cases (digits, shapes); all of them are trained on the "
                         "under-capacity cases")
     p.add_argument("--under-steps", type=int)

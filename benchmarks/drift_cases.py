@@ -3,6 +3,7 @@ training through the one training loop (ldm.training.train_ldm.main), with or wi
 
 A case is a data set, a space and a denoiser size:
     digits-pixel-under   digits in pixel space, 8x8 RGB, black background (-1 in most pixels), an under-capacity UNet
+    digits-pixel         the same with the `small` preset's UNet: the adequate-capacity control
     digits-latent-under  digits at 32 px through the small VAE (4x8x8 latents), the same under-capacity UNet
     digits               digits, latent, the `small` preset's UNet (the demo's), trained as compare_objectives does
     shapes               the demo's shapes, latent, `small`; single shapes captioned in 8 of 12 wordings (the other
@@ -45,6 +46,7 @@ class Case:
 def cases(under_steps: int, normal_steps: int) -> dict[str, Case]:
     """Returns the cases by name."""
     return {c.name: c for c in (Case("digits-pixel-under", "digits", True, True, under_steps),
+                                Case("digits-pixel", "digits", True, False, normal_steps),
                                 Case("digits-latent-under", "digits", False, True, under_steps),
                                 Case("digits", "digits", False, False, normal_steps),
                                 Case("shapes", "shapes", False, False, normal_steps))}
@@ -99,7 +101,8 @@ class PixelLatents(torch.utils.data.Dataset):
 
 def pixel_dataset(case: Case, seed: int, num_samples: int, resolution: int):
     """Returns the case's training images as a PixelDataset (ldm.training.demo): the digits train split in its
-    canonical wording, white on black (ldm renders them black on white; compare_drift.grade inverts them back), or the demo's shapes with the held-out wordings left out."""
+    canonical wording, white on black (ldm renders them black on white; compare_drift.grade inverts them back),
+    or the demo's shapes with the held-out wordings left out."""
     from ldm.data.digits import DigitsDataset
     from ldm.data.transforms import to_tensor
     from ldm.training.demo import PixelDataset

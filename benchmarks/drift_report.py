@@ -42,7 +42,8 @@ def metric_table(results: dict, key: str) -> str:
     lines = [f"| case | training | sampling | " + " | ".join(f"{n} steps" for n in steps) + " |",
              "|---" * (3 + len(steps)) + "|"]
     for case, training, sampling in dict.fromkeys(k[:3] for k in table):
-        cells = [cell(table[(case, training, sampling, n)], key, key == "quality") for n in steps]
+        cells = [cell(table[(case, training, sampling, n)], key, key == "quality")
+                 if (case, training, sampling, n) in table else "-" for n in steps]
         lines.append(f"| {case} | {training} | {sampling} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
