@@ -40,7 +40,7 @@ EPS_SCALE = 1.005                                 # Ning et al. 2024's constant 
 @dataclass
 class Settings:
     under_steps: int = 800
-    normal_steps: int = 800
+    normal_steps: int = 600
     vae_steps: int = 400                     # the digits and shapes VAEs (compare_objectives' recipe)
     num_samples: int = 2000                  # shapes rendered for training
     images_per_prompt: int = 2               # digits: 2 per digit; shapes: 20 held-out prompts x 1

@@ -48,6 +48,32 @@ def metric_table(results: dict, key: str) -> str:
     return "\n".join(lines)
 
 
+def effect(rows: list[dict], base: list[dict]) -> str:
+    """Returns a remedy's effect against the plain run, seeds' means: the final x0's W2 to the data and its
+    quality, "W2 0.89->0.30, 30%->60%"."""
+    w2, w2_base = (mean(r["final_w2"] for r in x) for x in (rows, base))
+    q, q_base = (mean(r["quality"] for r in x) for x in (rows, base))
+    return f"W2 {w2_base:.2f}->{w2:.2f}, {q_base:.0%}->{q:.0%}"
+
+
+def verdict_table(results: dict, steps: int) -> str:
+    """Returns a markdown table, a row per remedy and a column per case: its effect at `steps` sampling steps
+    against plain training and plain DDIM (effect)."""
+    table = rows_of(results)
+    names = list(results["runs"])
+    remedies = [("training", tr) for tr in dict.fromkeys(k[1] for k in table) if tr != "none"]
+    remedies = [("sampling", s) for s in dict.fromkeys(k[2] for k in table) if s != "none"] + remedies
+    lines = ["| remedy | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for kind, name in remedies:
+        cells = []
+        for case in names:
+            key = (case, "none", name, steps) if kind == "sampling" else (case, name, "none", steps)
+            base = table.get((case, "none", "none", steps))
+            cells.append(effect(table[key], base) if key in table and base else "-")
+        lines.append(f"| {name} ({kind}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bias_table(results: dict) -> str:
     """Returns a markdown table of the per-t bias (mean over channels, first seed) per (case, training remedy)."""
     lines, header = [], None
@@ -109,6 +135,8 @@ def write_report(results: dict, out: str) -> None:
     for case in results["runs"]:
         plot_traces(results, case, steps[min(2, len(steps) - 1)], os.path.join(out, f"trace_{case}.png"))
     plot_bias(results, os.path.join(out, "bias.png"))
+    print(f"\n### effect of each remedy at {steps[min(2, len(steps) - 1)]} steps (plain -> remedy)\n\n"
+          f"{verdict_table(results, steps[min(2, len(steps) - 1)])}")
     for key, title in METRICS.items():
         print(f"\n### {title}\n\n{metric_table(results, key)}")
     print(f"\n### per-t bias\n\n{bias_table(results)}\n")

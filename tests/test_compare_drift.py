@@ -18,6 +18,7 @@ def benchmarks_path():
     sys.path.pop(0)
 
 
+@pytest.mark.slow  # a subprocess that trains two models and samples them: like the other benchmarks' smoke runs
 def test_compare_drift_quick_writes_results_plots_and_tables(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_drift.py"), "--quick", "--out",
                           str(tmp_path), "--seeds", "0", "--cases", "digits-pixel-under", "--training-remedies",
@@ -75,3 +76,20 @@ def test_under_capacity_digits_drift_and_the_normal_model_does_not(benchmarks_pa
     assert under["final_mean_gap"] > 0.15 and under["final_w2"] > 0.4, under
     assert under["mean_gap"][-1] > under["mean_gap"][len(under["mean_gap"]) // 2] > under["mean_gap"][0]  # it grows
     assert abs(normal["final_mean_gap"]) < 0.08 and normal["final_w2"] < 0.2, normal
+
+
+def test_report_tables_give_the_seeds_mean_and_range_and_mark_untested_cells(benchmarks_path):
+    from drift_report import metric_table, rows_of
+
+    def row(sampling, steps, gap, w2):
+        return {"sampling": sampling, "steps": steps, "quality": 0.5, "brightness_gap": 0.0, "w2": [0.1, w2],
+                "final_w2": 0.2, "mean_gap": [0.0], "final_mean_gap": gap}
+
+    results = {"settings": {"sample_steps": [10, 1000]}, "runs": {"c": {
+        "0": {"none": {"rows": [row("none", 10, 0.1, 0.5), row("none", 1000, 0.3, 0.1), row("restart", 10, 0.0, 0.1)]}},
+        "1": {"none": {"rows": [row("none", 10, 0.3, 0.7), row("none", 1000, 0.3, 0.1), row("restart", 10, 0.0, 0.1)]}}}}}
+    assert [r["peak_w2"] for r in rows_of(results)[("c", "none", "none", 10)]] == [0.5, 0.7]
+    gap = metric_table(results, "final_mean_gap").splitlines()
+    assert gap[2] == "| c | none | none | +0.20 (+0.10..+0.30) | +0.30 (+0.30..+0.30) |"
+    assert gap[3] == "| c | none | restart | +0.00 (+0.00..+0.00) | - |"  # the remedies skip 1000 steps
+    assert metric_table(results, "peak_w2").splitlines()[2].startswith("| c | none | none | 0.60 (0.50..0.70) |")
