@@ -233,6 +233,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--normal-remedies", nargs="+", default=["none"], choices=list(TRAINING_REMEDIES),
                    help="the training remedies of the normal cases (digits, shapes); all of them are trained on the "
                         "under-capacity cases")
+    p.add_argument("--case-remedies", nargs="+", default=[], metavar="CASE=R1,R2",
+                   help="a case's own training remedies, e.g. digits-latent-under=none,flow (overrides the two above)")
     p.add_argument("--under-steps", type=int)
     p.add_argument("--normal-steps", type=int)
     p.add_argument("--sample-steps", type=int, nargs="+")
@@ -241,6 +243,19 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     given = {"under_steps": args.under_steps, "normal_steps": args.normal_steps,
              "sample_steps": tuple(args.sample_steps) if args.sample_steps else None}
     return args, replace(settings, **{k: v for k, v in given.items() if v is not None})
+
+
+def case_remedies(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Returns {case: training remedies} from --case-remedies CASE=R1,R2; raises ValueError naming a bad one."""
+    chosen = {}
+    for spec in args.case_remedies:
+        name, _, remedies = spec.partition("=")
+        chosen[name] = remedies.split(",")
+        unknown = [r for r in chosen[name] if r not in TRAINING_REMEDIES] + ([name] if name not in cases(0, 0) else [])
+        if unknown:
+            raise ValueError(f"--case-remedies {spec!r}: unknown {unknown}; cases {list(cases(0, 0))}, remedies "
+                             f"{list(TRAINING_REMEDIES)}")
+    return chosen
 
 
 def main(argv=None) -> int:
@@ -256,7 +271,7 @@ def main(argv=None) -> int:
         for name in args.cases:
             case = by_name[name]
             data = case_data(case, run, os.path.join(args.out, f"seed{seed}"))
-            remedies = args.training_remedies if case.under else args.normal_remedies
+            remedies = case_remedies(args).get(name) or (args.training_remedies if case.under else args.normal_remedies)
             results["runs"].setdefault(name, {}).setdefault(str(seed), {})
             for remedy in remedies:
                 result = run_model(case, remedy, data, run, os.path.join(args.out, f"seed{seed}"))

@@ -129,9 +129,31 @@ def plot_bias(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_samples(results: dict, out: str, steps: int, path: str) -> None:
+    """Shows the first seed's sample grids at `steps` of each case: plain, dynamic thresholding, and flow where
+    trained (compare_drift writes them to OUT/seed<k>/<case>/<training>/samples_<sampling>_<steps>.png)."""
+    from PIL import Image
+
+    seed = results["seeds"][0]
+    picks = [(case, training, sampling) for case in results["runs"]
+             for training, sampling in (("none", "none"), ("none", "dynamic_thresholding"), ("flow", "none"))
+             if os.path.isfile(os.path.join(out, f"seed{seed}", case, training, f"samples_{sampling}_{steps}.png"))]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(picks), 1, figsize=(6, 0.75 * len(picks) + 0.3), squeeze=False)
+    for ax, (case, training, sampling) in zip(axes[:, 0], picks):
+        grid = Image.open(os.path.join(out, f"seed{seed}", case, training, f"samples_{sampling}_{steps}.png"))
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{case}, training {training}, sampling {sampling}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(results: dict, out: str) -> None:
     """Writes the plots to `out` and prints the tables."""
     steps = results["settings"]["sample_steps"]
+    plot_samples(results, out, steps[min(2, len(steps) - 1)], os.path.join(out, "samples.png"))
     for case in results["runs"]:
         plot_traces(results, case, steps[min(2, len(steps) - 1)], os.path.join(out, f"trace_{case}.png"))
     plot_bias(results, os.path.join(out, "bias.png"))
