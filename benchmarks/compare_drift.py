@@ -7,7 +7,8 @@ Per (case, training remedy, seed) it records
   (a) the per-t prediction bias: the mean over channels of eps_pred - eps (a flow model: of its velocity) on a
       fixed probe (the first PROBE_IMAGES training images x 10 timestep bins, ldm.diagnostics.probe/bias), and the
       largest |z| of a channel's bias in each bin;
-  (b) per sampling remedy and step count (DDIM, eta 0, guidance 1; flow: Euler and no sampling remedy):
+  (b) per sampling remedy and step count (DDIM, eta 0, guidance 1; the sampling remedies on the plainly trained
+      model, at 10, 25 and 50 steps; the training remedies and flow (Euler) sampled plainly, at every step count):
       the drift, per step, of x_t from the forward marginal q(x_t) (ldm.diagnostics.sampling.trace_report:
       marginal_w2_mean, and the mean gap: x_t's mean - sqrt(alpha_bar_t) x the data's mean, over channels), and of
       the final x_0 from the data (W2 and mean gap); the quality: digits read by the classifier (accuracy) and the
@@ -140,8 +141,10 @@ def probe_bias(pipe, data: torch.Tensor, captions: list[str], seed: int) -> dict
             "max_z": [max(r["bias_z"]) for r in rows]}
 
 
-def evaluate(pipe_dir: str, case: Case, data, settings: Settings, out: str) -> dict:
-    """Returns {"bias", "rows"}: the probe bias and one row per (sampling remedy, steps); writes sample grids."""
+def evaluate(pipe_dir: str, case: Case, data, settings: Settings, out: str, plain: bool = True) -> dict:
+    """Returns {"bias", "rows"}: the probe bias and one row per (sampling remedy, steps); writes sample grids.
+    The sampling remedies run on the plainly trained model only (plain=True); a training remedy's model and a
+    flow model are sampled plainly."""
     from ldm.images import image_grid
     from ldm.objectives import objective_for
     from ldm.pipelines import Pipeline
@@ -153,7 +156,7 @@ def evaluate(pipe_dir: str, case: Case, data, settings: Settings, out: str) -> d
     prompts = prompts_for(case, settings)
     mean, std = data["mean"], data["std"]
     rows = []
-    for remedy in ("none",) if flow else settings.sampling_remedies:
+    for remedy in settings.sampling_remedies if plain and not flow else ("none",):
         for steps in settings.sample_steps if remedy == "none" else settings.remedy_steps:
             images, trace, final = sample(pipe, case, prompts, steps, settings.seed,
                                           sampling_kwargs(remedy, data["threshold_max"]))
@@ -216,7 +219,7 @@ def run_model(case: Case, remedy: str, data: dict, settings: Settings, out: str)
     if evaluated is None:
         print(f"[{case.name}] sampling {remedy}", flush=True)
         started = time.time()
-        evaluated = {**evaluate(trained["pipeline"], case, data, settings, folder),
+        evaluated = {**evaluate(trained["pipeline"], case, data, settings, folder, remedy == "none"),
                      "minutes": (time.time() - started) / 60, "key": eval_key}
         write_json(os.path.join(folder, "eval.json"), evaluated)
     return {"train_minutes": trained["minutes"], "val_loss": trained["val_loss"],
