@@ -1,7 +1,7 @@
 """Sampling drift (issue #35), reproduced and every remedy measured: the cases of drift_cases.py (an under-capacity
 UNet on digits in pixel and in latent space, the normal digits and shapes models), each trained plainly and with
-each training remedy (drift_cases.TRAINING_REMEDIES; flow matching as the comparison point), each sampled plainly
-and with each sampling remedy (SAMPLING_REMEDIES, training-free), at several step counts, on fixed seeds.
+each training remedy (drift_cases.TRAINING_REMEDIES; flow matching as the comparison point); the plain model also
+sampled with each sampling remedy (sampling_kwargs, training-free); at several step counts, on fixed seeds.
 
 Per (case, training remedy, seed) it records
   (a) the per-t prediction bias: the mean over channels of eps_pred - eps (a flow model: of its velocity) on a
@@ -16,8 +16,10 @@ Per (case, training remedy, seed) it records
 A trained model is reused from --out when its settings match (drift_cases.py), and so is its evaluation; results.json
 and the plots and tables of drift_report.py go to --out.
 
-    python benchmarks/compare_drift.py --out runs/drift                 # the full run (docs/src/reports/drift.md)
-    python benchmarks/compare_drift.py --quick --out /tmp/drift         # a smoke run, seconds
+    python benchmarks/compare_drift.py --out runs/drift                 # every case, every remedy, seeds 0 and 1
+    python benchmarks/compare_drift.py --cases digits-pixel-under digits-pixel digits-latent-under shapes \
+        --case-remedies digits-latent-under=none,flow --out runs/drift  # the run of docs/src/reports/drift.md
+    python benchmarks/compare_drift.py --quick --out /tmp/drift         # a smoke run
 """
 from __future__ import annotations
 
