@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 import yaml
@@ -156,6 +157,7 @@ def test_main_refuses_fsdp1_with_ema_before_any_work(tmp_path, monkeypatch):
     class Fsdp1Accelerator:  # what Accelerator reports under an fsdp_version: 1 config
         distributed_type = DistributedType.FSDP
         is_fsdp2 = False
+        state = types.SimpleNamespace(deepspeed_plugin=None)
 
         def __init__(self, **kwargs):
             pass
