@@ -147,3 +147,24 @@ def test_training_heatmap_reads_tensorboard_logs(tmp_path):
 def test_diagnose_errors_are_clear(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_diagnose_sampling_applies_and_records_the_drift_remedies(tiny_folder, tmp_path):
+    def run(name, *flags):
+        out = tmp_path / name
+        assert main(["diagnose", "sampling", "--model", tiny_folder, "--prompt", "a red circle", "--out", str(out),
+                     "--schedulers", "ddim", "--steps", "4", "--strip", "2", "--num-images", "1", *flags]) == 0
+        return json.loads((out / "sampling.json").read_text())
+
+    plain, neutral = run("plain"), run("neutral", "--eps-scale", "1")
+    assert plain["remedies"] == {} and neutral["remedies"] == {}
+    assert neutral["schedulers"] == plain["schedulers"]  # a remedy at its neutral setting changes nothing
+    scaled = run("scaled", "--eps-scale", "1.5")
+    assert scaled["remedies"] == {"eps_scale": 1.5}
+    first, plain_first = scaled["schedulers"]["ddim"]["steps"][0], plain["schedulers"]["ddim"]["steps"][0]
+    assert first["latent_mean"] == plain_first["latent_mean"]  # the same noise enters; its x0 prediction differs
+    assert first["x0_std"] != plain_first["x0_std"]
+    assert scaled["schedulers"]["ddim"]["steps"][-1]["latent_mean"] != plain["schedulers"]["ddim"]["steps"][-1]["latent_mean"]
+    restarted = run("restart", "--restart", "300", "800", "1")
+    assert restarted["remedies"] == {"restart": [300.0, 800.0, 1]}
+    assert len(restarted["schedulers"]["ddim"]["steps"]) > len(plain["schedulers"]["ddim"]["steps"])  # steps re-run

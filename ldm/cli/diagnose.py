@@ -36,6 +36,8 @@ def _add_timesteps(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
+    from ldm.cli.generate import add_drift_arguments
+
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True)
@@ -52,6 +54,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="data source whose latent mean/std define the forward marginal "
                    "(default: mean 0, std 1 per channel)")
     p.add_argument("--device", default=None)
+    add_drift_arguments(p)  # the same remedy flags as ldm generate, applied to every sampler of the run
 
 
 def _add_schedule(p: argparse.ArgumentParser) -> None:
@@ -103,14 +106,17 @@ def _timesteps(args) -> dict:
 
 
 def _sampling(args) -> dict:
+    from ldm.cli.generate import drift_values
     from ldm.diagnostics.probe import latent_channel_stats
     from ldm.diagnostics.render import load_pipeline
     from ldm.diagnostics.sampling_report import diagnose_sampling
+    from ldm.pipelines.drift import recorded_drift
 
     pipe = load_pipeline(args.model, args.device)
     mean, std = latent_channel_stats(pipe, args.data) if args.data else (None, None)
+    remedies = recorded_drift(drift_values(args))
     return diagnose_sampling(pipe, args.prompt, args.out, args.schedulers, args.steps, args.seed, args.guidance_scale,
-                             args.guidance_rescale, args.strip, mean, std, args.num_images)
+                             args.guidance_rescale, args.strip, mean, std, args.num_images, remedies)
 
 
 def _schedule(args) -> dict:

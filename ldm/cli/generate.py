@@ -157,13 +157,23 @@ def request_from_args(args):
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerateRequest) if f.name not in EDIT_FLAGS}
     values.update(edit_values(args))
-    for name in ("guidance_interval", "original_size", "crops_coords_top_left", "target_size",
-                 "dynamic_thresholding", "restart"):
+    values.update(drift_values(args))
+    for name in ("guidance_interval", "original_size", "crops_coords_top_left", "target_size"):
+        if values[name] is not None:
+            values[name] = tuple(values[name])
+    return GenerateRequest(**values)
+
+
+def drift_values(args) -> dict:
+    """Returns the remedy flags' values (add_drift_arguments): the two-number and three-number ones as tuples,
+    Restart's K as a count when it is whole."""
+    values = {name: getattr(args, name) for name in ("eps_scale", "eps_scale_slope", "dynamic_thresholding", "restart")}
+    for name in ("dynamic_thresholding", "restart"):
         if values[name] is not None:
             values[name] = tuple(values[name])
     if values["restart"] is not None and float(values["restart"][2]).is_integer():  # K is a count
         values["restart"] = (*values["restart"][:2], int(values["restart"][2]))
-    return GenerateRequest(**values)
+    return values
 
 
 def run(args) -> int:

@@ -90,24 +90,28 @@ def default_samplers(pipe) -> list[str]:
 def diagnose_sampling(pipe, prompt: str, out_dir: str, schedulers: list[str] | None = None, steps: int = 20,
                       seed: int = 0, guidance_scale: float = 7.5, guidance_rescale: float = 0.0, num_strip: int = 6,
                       data_mean: torch.Tensor | None = None, data_std: torch.Tensor | None = None,
-                      num_images: int = 4) -> dict:
+                      num_images: int = 4, remedies: dict | None = None) -> dict:
     """Samples `prompt` (num_images samples) per scheduler (default: `default_samplers`) from the same seed with
     trace=True; writes the files; returns the report. Statistics pool the samples; the strip shows the first.
-    A flow model's report says "prediction": "velocity": its predictions (and guidance branches) are velocities."""
+    A flow model's report says "prediction": "velocity": its predictions (and guidance branches) are velocities.
+    `remedies`: sampling-drift remedies for every sampler, as ldm.pipelines.drift.recorded_drift gives them
+    ({"eps_scale": 1.005, "restart": [t_min, t_max, K], ...}); the report records them."""
     from ldm.objectives import is_flow_scheduler
+    from ldm.pipelines.drift import drift_arguments
 
     os.makedirs(out_dir, exist_ok=True)
     schedulers = list(schedulers or default_samplers(pipe))
     chosen = strip_steps(steps, num_strip)
     report = {"prompt": prompt, "seed": seed, "num_images": num_images, "steps": steps, "guidance_scale": guidance_scale,
               "guidance_rescale": guidance_rescale, "strip_steps": chosen,
-              "prediction": "velocity" if is_flow_scheduler(pipe.scheduler) else "noise", "schedulers": {}}
+              "prediction": "velocity" if is_flow_scheduler(pipe.scheduler) else "noise", "remedies": remedies or {},
+              "schedulers": {}}
     files, strips = [], []
     for name in schedulers:
         pipe.set_scheduler(name)
         out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                    num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
-                   output_type="latent", trace=True)
+                   output_type="latent", trace=True, **drift_arguments(remedies or {}))
         rep = trace_report(out.trace, pipe.scheduler, guidance_scale, guidance_rescale, data_mean, data_std)
         rep["strip_steps"] = strip_steps(len(out.trace), num_strip)  # Heun: 2 model calls a step, 2N - 1 records
         report["schedulers"][name] = rep
