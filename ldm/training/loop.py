@@ -247,6 +247,8 @@ def make_accelerator(cfg, output_dir: str, cpu: bool = False, log_with: str | No
     from ldm.training.fsdp import allow_fsdp_on_cpu
 
     several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if not torch.cuda.is_available():  # Accelerate's unwrap_model imports DeepSpeed when installed; name its choice
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (the CPU) so that it does not warn it found no accelerator
     # DeepSpeed on CPUs (DS_ACCELERATOR=cpu): Accelerate starts DeepSpeed only when cpu=False, and counts its
     # processes only when given a backend (it has none for a machine without an accelerator): name gloo.
     deepspeed = several_cpu_processes and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
