@@ -19,7 +19,8 @@ and the plots and tables of drift_report.py go to --out.
     python benchmarks/compare_drift.py --out runs/drift                 # every case, every remedy, seeds 0 and 1
     python benchmarks/compare_drift.py --cases digits-pixel-under digits-pixel digits-latent-under shapes \
         --case-remedies digits-latent-under=none,flow,input_perturbation,self_step,huber \
-        digits-pixel=none,flow,huber,input_perturbation,self_step --out runs/drift  # docs/src/reports/drift.md's run
+        digits-pixel=none,flow,huber,input_perturbation,self_step shapes=none,flow,huber,input_perturbation,self_step \
+        --out runs/drift                                                  # docs/src/reports/drift.md's run
     python benchmarks/compare_drift.py --quick --out /tmp/drift         # a smoke run
 """
 from __future__ import annotations
