@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from compare_objectives import pixel_mean, reuse, rounded, to_images, train_vae_once, write_json
+from compare_objectives import cached, pixel_mean, rounded, to_images, train_vae_once, write_json
 from drift_cases import TRAINING_REMEDIES, Case, PixelLatents, cases, pixel_dataset, train
 
 PROBE_IMAGES = 32
@@ -212,20 +212,21 @@ def run_model(case: Case, remedy: str, data: dict, settings: Settings, out: str)
     folder = os.path.join(out, case.name, remedy)
     train_key = {"case": asdict(case), "remedy": TRAINING_REMEDIES[remedy], "seed": settings.seed,
                  "vae_steps": settings.vae_steps}
-    trained = reuse(os.path.join(folder, "train.json"), train_key)
-    if trained is None:
-        shutil.rmtree(folder, ignore_errors=True)
+
+    def train_afresh() -> dict:
+        shutil.rmtree(folder, ignore_errors=True)  # a run of other settings: start afresh
         print(f"[{case.name}] training with {remedy}", flush=True)
-        trained = {**train(case, remedy, folder, data["vae_dir"], data["dataset"], settings.seed), "key": train_key}
-        write_json(os.path.join(folder, "train.json"), trained)
-    eval_key = {**train_key, "settings": json.loads(json.dumps(asdict(settings)))}
-    evaluated = reuse(os.path.join(folder, "eval.json"), eval_key)
-    if evaluated is None:
+        return train(case, remedy, folder, data["vae_dir"], data["dataset"], settings.seed)
+
+    def sample_and_grade() -> dict:
         print(f"[{case.name}] sampling {remedy}", flush=True)
         started = time.time()
-        evaluated = {**evaluate(trained["pipeline"], case, data, settings, folder, remedy == "none"),
-                     "minutes": (time.time() - started) / 60, "key": eval_key}
-        write_json(os.path.join(folder, "eval.json"), evaluated)
+        return {**evaluate(trained["pipeline"], case, data, settings, folder, remedy == "none"),
+                "minutes": (time.time() - started) / 60}
+
+    trained = cached(os.path.join(folder, "train.json"), train_key, train_afresh)
+    eval_key = {**train_key, "settings": json.loads(json.dumps(asdict(settings)))}
+    evaluated = cached(os.path.join(folder, "eval.json"), eval_key, sample_and_grade)
     return {"train_minutes": trained["minutes"], "val_loss": trained["val_loss"],
             **{k: v for k, v in evaluated.items() if k != "key"}}
 

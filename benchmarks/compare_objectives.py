@@ -117,6 +117,16 @@ def reuse(path: str, key: dict) -> dict | None:
     return saved if saved.get("key") == key else None
 
 
+def cached(path: str, key: dict, compute) -> dict:
+    """Returns the JSON at `path` when it was written with the same `key`, else compute()'s dict, saved there with
+    the key (a trained model's or an evaluation's record, reused across runs of the same settings)."""
+    saved = reuse(path, key)
+    if saved is None:
+        saved = {**compute(), "key": key}
+        write_json(path, saved)
+    return saved
+
+
 def write_json(path: str, data: dict, indent: int | None = 1) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
